@@ -1,0 +1,42 @@
+// Helpers shared by the CUDA kernels: launch plumbing and explicit fused multiply-adds (the build
+// uses --fmad=false so NF4 decoding rounds like bitsandbytes; matmul loops ask for FMA by name).
+#pragma once
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstdint>
+
+namespace lora_fused {
+namespace cuda {
+
+template <typename T>
+__host__ __device__ constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Grids are at most 2^31-1 blocks in x; every launcher here stays far below that for tensors
+// that fit in memory, but say so rather than launch a truncated grid.
+inline unsigned int grid_x(int64_t blocks, const char* op) {
+  TORCH_CHECK(blocks <= 0x7fffffffLL, op, ": the problem needs ", blocks, " thread blocks, more than a CUDA grid holds");
+  return static_cast<unsigned int>(blocks < 1 ? 1 : blocks);
+}
+
+}  // namespace cuda
+}  // namespace lora_fused

@@ -1,0 +1,57 @@
+// The one list of lora_fused ops: every schema is declared here, once. Each backend registers its
+// implementation beside its kernels (csrc/cpu/*.cpp, csrc/cuda/*.cu); Python adds fake kernels and
+// autograd (lora_fused/_ops.py, lora_fused/_autograd.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef LORA_FUSED_VERSION
+#define LORA_FUSED_VERSION "unknown"
+#endif
+#ifndef LORA_FUSED_TORCH_VERSION
+#define LORA_FUSED_TORCH_VERSION "unknown"
+#endif
+#ifdef LORA_FUSED_WITH_CUDA
+#include <cuda.h>  // CUDA_VERSION
+#define LF_STR2(x) #x
+#define LF_STR(x) LF_STR2(x)
+#define LF_CUDA_VERSION LF_STR(CUDA_VERSION)
+#else
+#define LF_CUDA_VERSION ""
+#define LORA_FUSED_ARCH_LIST ""
+#endif
+
+TORCH_LIBRARY(lora_fused, m) {
+  // u = scale * x @ lora_A^T.  x: [M, k], lora_A: [r, k] -> u: [M, r] in x's dtype (fp32 accumulation).
+  m.def("lora_shrink(Tensor x, Tensor lora_A, float scale=1.0) -> Tensor");
+  // out = y + scale * u @ lora_B^T.  y: [M, d], u: [M, r], lora_B: [d, r] -> out: [M, d] in y's dtype.
+  m.def("lora_expand(Tensor y, Tensor u, Tensor lora_B, float scale=1.0) -> Tensor");
+  // NF4 (bitsandbytes layout): w (any shape, fp32/fp16/bf16) -> (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks]).
+  m.def("nf4_quantize(Tensor w, int blocksize) -> (Tensor, Tensor)");
+  // Inverse of nf4_quantize. absmax is fp32 [blocks], or uint8 codes [blocks] when double-quantized, in which
+  // case absmax_i = nested_code[absmax[i]] * nested_absmax[i // nested_blocksize] + offset.
+  m.def(
+      "nf4_dequantize(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
+      "int blocksize, int nested_blocksize, int[] shape, ScalarType dtype) -> Tensor");
+  // 8-bit blockwise quantization to the nearest entry of a sorted 256-entry code (double quantization of
+  // NF4's absmax): x fp32 [n] -> (codes uint8 [n], absmax fp32 [ceil(n / blocksize)]).
+  m.def("blockwise_quantize(Tensor x, Tensor code, int blocksize) -> (Tensor, Tensor)");
+}
+
+// `import lora_fused._C` loads this library, which runs the registrations above; the module itself
+// only carries what the build was.
+static PyModuleDef lora_fused_module = {PyModuleDef_HEAD_INIT, "_C", "lora_fused compiled ops", -1, nullptr};
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&lora_fused_module);
+  if (m == nullptr) return nullptr;
+#ifdef LORA_FUSED_WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  PyModule_AddStringConstant(m, "VERSION", LORA_FUSED_VERSION);
+  PyModule_AddStringConstant(m, "TORCH_VERSION", LORA_FUSED_TORCH_VERSION);
+  PyModule_AddStringConstant(m, "CUDA_VERSION", LF_CUDA_VERSION);
+  PyModule_AddStringConstant(m, "CUDA_ARCH_LIST", LORA_FUSED_ARCH_LIST);
+  return m;
+}

@@ -1,0 +1,89 @@
+"""Typed wrappers over the compiled ops (torch.ops.lora_fused.*) and their fake kernels.
+
+The schemas live in csrc/registration.cpp; the fake kernels here give torch.compile and
+torch.library.opcheck the output metadata without running anything.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ._extension import load_extension
+
+load_extension()
+_ops = torch.ops.lora_fused
+
+
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """u = scale * x @ lora_A.T for x [M, k], lora_A [r, k]; u is [M, r] in x's dtype."""
+    return _ops.lora_shrink.default(x, lora_A, float(scale))
+
+
+def lora_expand(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """y + scale * u @ lora_B.T for y [M, d], u [M, r], lora_B [d, r] (a new tensor)."""
+    return _ops.lora_expand.default(y, u, lora_B, float(scale))
+
+
+def nf4_quantize(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 [(n+1)//2, 1], absmax fp32 [ceil(n/blocksize)]) in bitsandbytes' NF4 layout."""
+    return _ops.nf4_quantize.default(w, int(blocksize))
+
+
+def nf4_dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: float,
+    blocksize: int,
+    nested_blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    return _ops.nf4_dequantize.default(
+        packed, absmax, nested_absmax, nested_code, float(offset), int(blocksize), int(nested_blocksize),
+        list(shape), dtype,
+    )
+
+
+def blockwise_quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of fp32 x to the nearest entry of a sorted 256-value code."""
+    return _ops.blockwise_quantize.default(x, code, int(blocksize))
+
+
+@torch.library.register_fake("lora_fused::lora_shrink")
+def _lora_shrink_fake(x, lora_A, scale=1.0):
+    torch._check(x.dim() == 2 and lora_A.dim() == 2, lambda: "lora_shrink: x and lora_A must be 2-D")
+    torch._check(x.shape[1] == lora_A.shape[1], lambda: "lora_shrink: x [M, k] and lora_A [r, k] disagree on k")
+    return x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+@torch.library.register_fake("lora_fused::lora_expand")
+def _lora_expand_fake(y, u, lora_B, scale=1.0):
+    torch._check(y.dim() == 2 and u.dim() == 2 and lora_B.dim() == 2, lambda: "lora_expand: operands must be 2-D")
+    torch._check(u.shape[0] == y.shape[0], lambda: "lora_expand: y [M, d] and u [M, r] disagree on M")
+    torch._check(lora_B.shape[0] == y.shape[1], lambda: "lora_expand: y [M, d] and lora_B [d, r] disagree on d")
+    torch._check(lora_B.shape[1] == u.shape[1], lambda: "lora_expand: u [M, r] and lora_B [d, r] disagree on r")
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lora_fused::nf4_quantize")
+def _nf4_quantize_fake(w, blocksize):
+    n = w.numel()
+    packed = w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = w.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32)
+    return packed, absmax
+
+
+@torch.library.register_fake("lora_fused::nf4_dequantize")
+def _nf4_dequantize_fake(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.register_fake("lora_fused::blockwise_quantize")
+def _blockwise_quantize_fake(x, code, blocksize):
+    q = torch.empty_like(x, dtype=torch.uint8, memory_format=torch.contiguous_format)
+    absmax = x.new_empty(((x.numel() + blocksize - 1) // blocksize,), dtype=torch.float32)
+    return q, absmax

@@ -1,0 +1,125 @@
+# Builds lora_fused._C: a CUDA extension when nvcc is found, a CPU-only one otherwise.
+# Knobs come from the environment only (never sys.argv):
+#   LORA_FUSED_CPU_ONLY=1   build without CUDA even when nvcc is there
+#   TORCH_CUDA_ARCH_LIST    GPU targets (default "8.0;8.6;8.9;9.0a"; Hopper-only code needs 9.0a)
+#   CUDA_HOME / CUDA_PATH   the toolkit root, when it cannot be found from nvcc
+#   MAX_JOBS, NVCC_THREADS  build parallelism (MAX_JOBS defaults to what memory allows)
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0a"
+VERSION = "0.1.0"
+
+
+def _is_cuda_root(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def find_cuda_home():
+    """The toolkit root: from the environment, from where nvcc really lives, or from nvcc itself.
+
+    nvcc on PATH may be a wrapper script (as on our CI machines), so its directory's parent is
+    only a candidate; `nvcc --dryrun` prints the real TOP directory as a last resort."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if _is_cuda_root(c):
+            return os.path.realpath(c)
+    if nvcc:
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True, timeout=60)
+            m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
+            if m and _is_cuda_root(os.path.dirname(m.group(1).rstrip("/"))):
+                return os.path.realpath(os.path.dirname(m.group(1).rstrip("/")))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return None
+
+
+def wheel_cuda_include_dirs(cuda_home):
+    """cuBLAS/cuSPARSE headers from torch's nvidia-* wheels, when the toolkit lacks them."""
+    if all(os.path.isfile(os.path.join(cuda_home, "include", h)) for h in ("cublas_v2.h", "cusparse.h")):
+        return []
+    dirs = []
+    for sp in sys.path:
+        nv = os.path.join(sp, "nvidia")
+        if not os.path.isdir(nv):
+            continue
+        for pattern in ("cu[0-9]*/include", "cublas/include", "cusparse/include", "cuda_runtime/include"):
+            dirs += [d for d in sorted(glob.glob(os.path.join(nv, pattern))) if os.path.isdir(d)]
+        if dirs:
+            break
+    return dirs
+
+
+def default_max_jobs():
+    """One compile job per ~4 GiB of memory (nvcc on CUTLASS-sized files needs ~3.4 GB), capped by cores."""
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = 8
+    return max(1, min(os.cpu_count() or 1, int(mem_gib // 4)))
+
+
+cpu_only_requested = os.environ.get("LORA_FUSED_CPU_ONLY", "0") not in ("", "0")
+cuda_home = None if cpu_only_requested else find_cuda_home()
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # torch.utils.cpp_extension reads it at import
+os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+cpp_sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+# -ffp-contract=off: NF4 decoding must round like bitsandbytes (a*b then +c, never a fused a*b+c).
+cxx_flags = [
+    "-O3",
+    "-ffp-contract=off",
+    f'-DLORA_FUSED_VERSION="{VERSION}"',
+    f'-DLORA_FUSED_TORCH_VERSION="{torch.__version__}"',
+]
+include_dirs = [os.path.join(ROOT, "csrc")]
+
+if cuda_home:
+    arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    include_dirs += wheel_cuda_include_dirs(cuda_home)
+    defines = ["-DLORA_FUSED_WITH_CUDA=1", f'-DLORA_FUSED_ARCH_LIST="{arch_list}"']
+    nvcc_flags = [
+        "-O3",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+        "--fmad=false",  # see -ffp-contract=off above; the matmul kernels opt back in with fmaf()
+        f"--threads={os.environ.get('NVCC_THREADS', '1')}",
+    ] + defines + [f'-DLORA_FUSED_VERSION="{VERSION}"']
+    ext = CUDAExtension(
+        "lora_fused._C",
+        cpp_sources + cuda_sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags},
+    )
+    print(f"lora_fused: building the CUDA extension for TORCH_CUDA_ARCH_LIST={arch_list} with {cuda_home}")
+else:
+    why = "LORA_FUSED_CPU_ONLY=1" if cpu_only_requested else "no CUDA toolkit (nvcc) was found"
+    ext = CppExtension("lora_fused._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+    print(f"lora_fused: building the CPU-only extension ({why}); CUDA ops will not be available")
+
+setup(
+    name="lora_fused",
+    version=VERSION,
+    packages=["lora_fused"],
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

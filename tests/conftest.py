@@ -1,0 +1,59 @@
+"""Shared test helpers: devices, seeds, the per-dtype error rule, output poisoning."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+import lora_fused
+
+HAS_CUDA = lora_fused.cuda_available()
+CUDA_SKIP_REASON = (
+    "no CUDA device" if lora_fused.build_info()["cuda"] else "lora_fused was built CPU-only (no nvcc at build time)"
+)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)])]
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+# Relative error allowed on top of "at most 2x PyTorch's own error in the same dtype", for cases where
+# PyTorch happens to be (nearly) exact.
+ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A fresh, reproducible stream per test, derived from its id (LORA_FUSED_TEST_SEED shifts all).
+    seed = int(os.environ.get("LORA_FUSED_TEST_SEED", "0")) + zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    yield
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a64, r64 = a.detach().double().cpu(), ref.detach().double().cpu()
+    denom = r64.norm().item()
+    return (a64 - r64).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_error_rule(ours: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor, what: str = ""):
+    """ours must be finite where the reference is, and its error against the float64 reference at
+    most 2x that of PyTorch computing the same thing in the same dtype (plus a small floor)."""
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    assert not torch.isnan(ours).any(), f"{what}: NaN in the output (unwritten or poisoned elements?)"
+    e_ours, e_torch = rel_err(ours, ref64), rel_err(torch_same_dtype, ref64)
+    bound = 2.0 * e_torch + ERROR_FLOOR[ours.dtype]
+    assert e_ours <= bound, f"{what}: relative error {e_ours:.3e} > bound {bound:.3e} (PyTorch {e_torch:.3e})"
+
+
+def poison_allocator(device: str, nbytes: int = 64 << 20):
+    """Fill memory the caching allocator will hand out next with NaN, so elements an op forgets
+    to write show up as NaN."""
+    if device == "cuda":
+        t = torch.full((nbytes // 4,), float("nan"), device=device)
+        del t
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float32) * scale).to(device=device, dtype=dtype)

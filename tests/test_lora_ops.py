@@ -1,0 +1,109 @@
+"""lora_shrink and lora_expand against float64 references, gradients, opcheck, bad inputs."""
+
+import pytest
+import torch
+
+from lora_fused import _ops, reference
+from conftest import DEVICES, DTYPES, assert_error_rule, poison_allocator, randn
+
+SHAPES = [(1, 17, 1), (7, 64, 8), (64, 129, 16), (33, 1000, 64), (5, 255, 256), (4097, 96, 16)]
+
+
+def _x(M, k, dtype, device, layout):
+    if layout == "contiguous":
+        return randn(M, k, dtype=dtype, device=device)
+    if layout == "row_strided":  # a column slice: row stride > k
+        return randn(M, k + 9, dtype=dtype, device=device)[:, 3 : 3 + k]
+    return randn(k, M, dtype=dtype, device=device).t()  # transposed: inner stride != 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,k,r", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided", "transposed"])
+def test_lora_shrink_matches_reference(device, dtype, M, k, r, layout):
+    x = _x(M, k, dtype, device, layout)
+    a = randn(r, k, dtype=dtype, device=device, scale=k**-0.5)
+    poison_allocator(device)
+    u = _ops.lora_shrink(x, a, 0.75)
+    ref = reference.lora_shrink(x, a, 0.75)
+    assert u.dtype == dtype and u.device.type == device
+    assert_error_rule(u, ref, 0.75 * (x @ a.t()), f"lora_shrink {M}x{k} r={r} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,d,r", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided"])
+def test_lora_expand_matches_reference(device, dtype, M, d, r, layout):
+    y = _x(M, d, dtype, device, layout)
+    u = randn(M, r, dtype=dtype, device=device)
+    b = randn(d, r, dtype=dtype, device=device, scale=r**-0.5)
+    poison_allocator(device)
+    out = _ops.lora_expand(y, u, b, 2.0)
+    ref = reference.lora_expand(y, u, b, 2.0)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_error_rule(out, ref, y + 2.0 * (u @ b.t()), f"lora_expand {M}x{d} r={r} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_weight_operands(device):
+    # The backward passes B^T to lora_shrink and A^T to lora_expand as views.
+    x = randn(9, 40, device=device)
+    a_t = randn(40, 5, device=device).t()  # [5, 40], strides (1, 5)
+    assert_error_rule(_ops.lora_shrink(x, a_t), reference.lora_shrink(x, a_t), x @ a_t.t(), "strided A")
+    y, u = randn(9, 40, device=device), randn(9, 5, device=device)
+    b_t = randn(5, 40, device=device).t()  # [40, 5], strides (1, 40)
+    assert_error_rule(_ops.lora_expand(y, u, b_t), reference.lora_expand(y, u, b_t), y + u @ b_t.t(), "strided B")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device):
+    x = torch.randn(6, 11, dtype=torch.float64, device=device, requires_grad=True)
+    a = torch.randn(3, 11, dtype=torch.float64, device=device, requires_grad=True)
+    y = torch.randn(6, 13, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(13, 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a: _ops.lora_shrink(x, a, 0.5), (x, a))
+    u = torch.randn(6, 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y, u, b: _ops.lora_expand(y, u, b, 1.5), (y, u, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    x = randn(5, 24, dtype=dtype, device=device).requires_grad_()
+    a = randn(4, 24, dtype=dtype, device=device).requires_grad_()
+    torch.library.opcheck(torch.ops.lora_fused.lora_shrink.default, (x, a, 0.5))
+    y = randn(5, 10, dtype=dtype, device=device).requires_grad_()
+    u = randn(5, 4, dtype=dtype, device=device).requires_grad_()
+    b = randn(10, 4, dtype=dtype, device=device).requires_grad_()
+    torch.library.opcheck(torch.ops.lora_fused.lora_expand.default, (y, u, b, 2.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    x, a = randn(0, 8, device=device), randn(4, 8, device=device)
+    assert _ops.lora_shrink(x, a).shape == (0, 4)
+    assert _ops.lora_expand(randn(0, 6, device=device), randn(0, 4, device=device), randn(6, 4, device=device)).shape == (0, 6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_give_clear_errors(device):
+    x, a = randn(4, 8, device=device), randn(2, 8, device=device)
+    with pytest.raises(ValueError, match="last dimensions must agree"):
+        _ops.lora_shrink(x, randn(2, 9, device=device))
+    with pytest.raises(ValueError, match="must have 2 dimensions"):
+        _ops.lora_shrink(randn(2, 4, 8, device=device), a)
+    with pytest.raises(ValueError, match="at least 1"):
+        _ops.lora_shrink(x, randn(0, 8, device=device))
+    with pytest.raises(TypeError, match="same dtype"):
+        _ops.lora_shrink(x, a.to(torch.bfloat16))
+    with pytest.raises(TypeError, match="bfloat16, float16, float32 or float64"):
+        _ops.lora_shrink(x.to(torch.int32), a.to(torch.int32))
+    with pytest.raises(ValueError, match=r"expected y \[M, d\], u \[M, r\], lora_B \[d, r\]"):
+        _ops.lora_expand(randn(4, 6, device=device), randn(4, 2, device=device), randn(5, 2, device=device))
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="same device"):
+            _ops.lora_shrink(x, a.cpu())
+        # The context is still healthy after the errors above.
+        assert torch.isfinite(_ops.lora_shrink(x, a)).all()
