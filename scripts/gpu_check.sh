@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: build lora_fused for the GPU at hand only, run the whole test
+# suite (GPU tests included), run the benchmarks, and write logs and JSON to $OUT (or ./gpu-out).
+#
+#   scripts/gpu_check.sh            build + tests + quick benchmarks
+#   scripts/gpu_check.sh --full     build + tests + full benchmark grid
+#   scripts/gpu_check.sh --no-bench build + tests only
+#
+# Python packages missing on the machine (bitsandbytes, ...) can be carried as wheels in ./.whl;
+# they are installed into a private folder first (no network needed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BENCH=quick
+for arg in "$@"; do
+  case "$arg" in
+    --full) BENCH=full ;;
+    --no-bench) BENCH=none ;;
+    *) echo "gpu_check.sh: unknown option $arg (use --full or --no-bench)"; exit 2 ;;
+  esac
+done
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lf-site .whl/*.whl \
+    || { echo "gpu_check.sh: installing carried wheels failed"; exit 1; }
+  export PYTHONPATH=/tmp/lf-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+  nvcc --version | tail -1
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# The GPU at hand only: sm_90a on Hopper (wgmma/TMA code needs the "a" target), else its own arch.
+ARCH=$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if (M, m) == (9, 0) else ''))")
+export TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-$(nproc)}
+start=$(date +%s)
+if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -v . > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "gpu_check.sh: BUILD FAILED (log: build.log)"; exit 1
+fi
+echo "build for TORCH_CUDA_ARCH_LIST=$ARCH took $(( $(date +%s) - start )) s"
+
+# Run from outside the source tree so Python imports the installed package, not ./lora_fused.
+RUN_DIR=$(mktemp -d)
+cp -r tests "$RUN_DIR/"
+(cd "$RUN_DIR" && "$PY" -c "import lora_fused, json; print(json.dumps(lora_fused.build_info()))") | tee "$OUT/build_info.json"
+(cd "$RUN_DIR" && "$PY" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/junit.xml" 2>&1) > "$OUT/pytest.log"
+TEST_RC=$?
+tail -25 "$OUT/pytest.log"
+
+BENCH_RC=0
+if [ "$BENCH" != none ]; then
+  (cd "$RUN_DIR" && "$PY" -m lora_fused.bench $([ "$BENCH" = quick ] && echo --quick) --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1) > "$OUT/bench.txt"
+  BENCH_RC=$?
+  tail -60 "$OUT/bench.txt"
+fi
+echo "gpu_check.sh: tests rc=$TEST_RC, bench ($BENCH) rc=$BENCH_RC, outputs in $OUT"
+[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ]
