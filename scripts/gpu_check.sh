@@ -33,6 +33,7 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
   nvcc --version | tail -1
+  echo "CC=${CC:-} CXX=${CXX:-}"; c++ --version | head -1; ${CC:-cc} --version | head -1
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
@@ -49,7 +50,9 @@ echo "build for TORCH_CUDA_ARCH_LIST=$ARCH took $(( $(date +%s) - start )) s"
 RUN_DIR=$(mktemp -d)
 cp -r tests "$RUN_DIR/"
 (cd "$RUN_DIR" && "$PY" -c "import lora_fused, json; print(json.dumps(lora_fused.build_info()))") | tee "$OUT/build_info.json"
-(cd "$RUN_DIR" && "$PY" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/junit.xml" 2>&1) > "$OUT/pytest.log"
+# xdist workers (when installed) keep one crashing test from taking the whole run down.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
+(cd "$RUN_DIR" && "$PY" -m pytest tests -q -rs -p no:cacheprovider $XDIST --junitxml="$OUT/junit.xml" 2>&1) > "$OUT/pytest.log"
 TEST_RC=$?
 tail -25 "$OUT/pytest.log"
 

@@ -1,0 +1,127 @@
+// Definitions of the argument checks declared in checks.h.
+#include "checks.h"
+
+#include <sstream>
+
+namespace lora_fused {
+
+std::string describe(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.scalar_type() << " tensor of shape " << t.sizes() << " on " << t.device();
+  return s.str();
+}
+
+bool is_lora_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+void check_lora_dtype(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(is_lora_dtype(t.scalar_type()), op, ": ", name,
+                   " must be bfloat16, float16, float32 or float64; got a ", describe(t));
+}
+
+void check_rank(const at::Tensor& t, int64_t rank, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == rank, op, ": ", name, " must have ", rank, " dimensions; got a ", describe(t));
+}
+
+void check_same(const at::Tensor& a, const char* na, const at::Tensor& b, const char* nb, const char* op) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", na, " and ", nb, " must be on the same device; got ", describe(a),
+              " and ", describe(b));
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": ", na, " and ", nb,
+                   " must have the same dtype; got ", describe(a), " and ", describe(b));
+}
+
+void check_device(const at::Tensor& t, at::DeviceType want, const char* op, const char* name) {
+  TORCH_CHECK(t.device().type() == want, op, ": ", name, " must be on ", want, "; got a ", describe(t));
+}
+
+void check_lora_shrink_args(const at::Tensor& x, const at::Tensor& a) {
+  const char* op = "lora_fused.lora_shrink";
+  check_lora_dtype(x, op, "x");
+  check_rank(x, 2, op, "x");
+  check_rank(a, 2, op, "lora_A");
+  check_same(x, "x", a, "lora_A", op);
+  TORCH_CHECK_VALUE(a.size(0) >= 1, op, ": the rank r = lora_A.shape[0] must be at least 1; got ", describe(a));
+  TORCH_CHECK_VALUE(x.size(1) == a.size(1), op, ": x is [M, k] and lora_A is [r, k], so their last dimensions must agree; got x ",
+                    x.sizes(), " and lora_A ", a.sizes());
+}
+
+void check_lora_expand_args(const at::Tensor& y, const at::Tensor& u, const at::Tensor& b) {
+  const char* op = "lora_fused.lora_expand";
+  check_lora_dtype(y, op, "y");
+  check_rank(y, 2, op, "y");
+  check_rank(u, 2, op, "u");
+  check_rank(b, 2, op, "lora_B");
+  check_same(y, "y", u, "u", op);
+  check_same(y, "y", b, "lora_B", op);
+  TORCH_CHECK_VALUE(b.size(1) >= 1, op, ": the rank r = lora_B.shape[1] must be at least 1; got ", describe(b));
+  TORCH_CHECK_VALUE(u.size(0) == y.size(0) && u.size(1) == b.size(1) && b.size(0) == y.size(1), op,
+                    ": expected y [M, d], u [M, r], lora_B [d, r]; got y ", y.sizes(), ", u ", u.sizes(), ", lora_B ",
+                    b.sizes());
+}
+
+void check_blocksize(int64_t blocksize, int64_t lo, int64_t hi, const char* op) {
+  TORCH_CHECK_VALUE(blocksize >= lo && blocksize <= hi && (blocksize & (blocksize - 1)) == 0, op,
+                    ": blocksize must be a power of two from ", lo, " to ", hi, "; got ", blocksize);
+}
+
+void check_nf4_quantize_args(const at::Tensor& w, int64_t blocksize) {
+  const char* op = "lora_fused.nf4_quantize";
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16,
+                   op, ": w must be bfloat16, float16 or float32; got a ", describe(w));
+  check_blocksize(blocksize, 32, 4096, op);
+}
+
+void check_nf4_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
+                                      const c10::optional<at::Tensor>& nested_absmax,
+                                      const c10::optional<at::Tensor>& nested_code, int64_t blocksize,
+                                      int64_t nested_blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
+  const char* op = "lora_fused.nf4_dequantize";
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must hold uint8 NF4 data; got a ", describe(packed));
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": the output dtype must be bfloat16, float16 or float32; got ", dtype);
+  check_blocksize(blocksize, 32, 4096, op);
+  int64_t n = 1;
+  for (auto s : shape) {
+    TORCH_CHECK_VALUE(s >= 0, op, ": shape must not be negative; got ", shape);
+    n *= s;
+  }
+  TORCH_CHECK_VALUE(packed.numel() == (n + 1) / 2, op, ": a weight of shape ", shape, " (", n, " elements) packs into ",
+                    (n + 1) / 2, " bytes; packed holds ", packed.numel(), " (", describe(packed), ")");
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK_VALUE(absmax.dim() == 1 && absmax.numel() == blocks, op, ": ", n, " elements in blocks of ", blocksize,
+                    " need absmax of ", blocks, " values; got a ", describe(absmax));
+  TORCH_CHECK(absmax.device() == packed.device(), op, ": packed and absmax must be on the same device; got ",
+              describe(packed), " and ", describe(absmax));
+  const bool nested = absmax.scalar_type() == at::kByte;
+  TORCH_CHECK_TYPE(nested || absmax.scalar_type() == at::kFloat, op,
+                   ": absmax must be float32, or uint8 codes when double-quantized; got a ", describe(absmax));
+  TORCH_CHECK_VALUE(nested == (nested_absmax.has_value() && nested_code.has_value()), op,
+                    nested ? ": uint8 (double-quantized) absmax needs nested_absmax and nested_code"
+                           : ": float32 absmax takes no nested_absmax/nested_code (those come with uint8 absmax)");
+  if (nested) {
+    TORCH_CHECK_VALUE(nested_blocksize >= 1, op, ": nested_blocksize must be positive; got ", nested_blocksize);
+    const at::Tensor& na = *nested_absmax;
+    const at::Tensor& nc = *nested_code;
+    const int64_t nblocks2 = (blocks + nested_blocksize - 1) / nested_blocksize;
+    TORCH_CHECK_TYPE(na.scalar_type() == at::kFloat && nc.scalar_type() == at::kFloat, op,
+                     ": nested_absmax and nested_code must be float32; got ", describe(na), " and ", describe(nc));
+    TORCH_CHECK_VALUE(na.dim() == 1 && na.numel() == nblocks2, op, ": ", blocks, " absmax codes in blocks of ",
+                      nested_blocksize, " need nested_absmax of ", nblocks2, " values; got a ", describe(na));
+    TORCH_CHECK_VALUE(nc.dim() == 1 && nc.numel() == 256, op, ": nested_code must hold 256 values; got a ", describe(nc));
+    TORCH_CHECK(na.device() == packed.device() && nc.device() == packed.device(), op,
+                ": nested_absmax and nested_code must be on packed's device; got ", describe(na), " and ", describe(nc));
+  }
+}
+
+void check_blockwise_quantize_args(const at::Tensor& x, const at::Tensor& code, int64_t blocksize) {
+  const char* op = "lora_fused.blockwise_quantize";
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, op, ": x must be float32; got a ", describe(x));
+  TORCH_CHECK_TYPE(code.scalar_type() == at::kFloat && code.dim() == 1 && code.numel() == 256, op,
+                   ": code must be a float32 tensor of 256 sorted values; got a ", describe(code));
+  TORCH_CHECK(code.device() == x.device(), op, ": x and code must be on the same device; got ", describe(x), " and ",
+              describe(code));
+  check_blocksize(blocksize, 2, 4096, op);
+}
+
+}  // namespace lora_fused
