@@ -34,17 +34,27 @@ fi
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
   nvcc --version | tail -1
   echo "CC=${CC:-} CXX=${CXX:-}"; c++ --version | head -1; ${CC:-cc} --version | head -1
+  [ -n "${CXX:-}" ] && head -c 800 "$CXX" | grep -a -v "^\s*$" | head -20
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+# The image's CC/CXX (/opt/gcc/bin/*) are wrappers whose links carry no dynamic libstdc++: an
+# extension built through them crashed on its first C++ exception (thrown under one C++ runtime,
+# caught under torch's). Build with the system compiler, and check the result below.
+[ -x /usr/bin/g++ ] && export CC=/usr/bin/gcc CXX=/usr/bin/g++
 # The GPU at hand only: sm_90a on Hopper (wgmma/TMA code needs the "a" target), else its own arch.
 ARCH=$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if (M, m) == (9, 0) else ''))")
 export TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-$(nproc)}
+rm -rf build  # a stale object built by another compiler must not be reused
 start=$(date +%s)
 if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -v . > "$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; echo "gpu_check.sh: BUILD FAILED (log: build.log)"; exit 1
 fi
-echo "build for TORCH_CUDA_ARCH_LIST=$ARCH took $(( $(date +%s) - start )) s"
+echo "build for TORCH_CUDA_ARCH_LIST=$ARCH with CXX=${CXX:-c++} took $(( $(date +%s) - start )) s"
+SO=$(cd / && "$PY" -c "import lora_fused._C as m; print(m.__file__)")
+if ! ldd "$SO" | grep -q "libstdc++"; then
+  echo "gpu_check.sh: $SO does not link libstdc++ dynamically; C++ exceptions from it would crash. Fix the compiler (CXX)."; exit 1
+fi
 
 # Run from outside the source tree so Python imports the installed package, not ./lora_fused.
 RUN_DIR=$(mktemp -d)

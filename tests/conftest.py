@@ -23,6 +23,12 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 
+def pytest_configure(config):
+    # Registered here as well as in pyproject.toml, so a copy of tests/ run elsewhere knows them.
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU and the CUDA build (skipped otherwise, with the reason)")
+    config.addinivalue_line("markers", "slow: long randomized runs (scripts/gpu_check.sh --full)")
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # A fresh, reproducible stream per test, derived from its id (LORA_FUSED_TEST_SEED shifts all).
