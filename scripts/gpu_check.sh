@@ -58,6 +58,7 @@ fi
 
 # Run from outside the source tree so Python imports the installed package, not ./lora_fused.
 RUN_DIR=$(mktemp -d)
+export LORA_FUSED_EXPECT_CUDA=1
 cp -r tests "$RUN_DIR/"
 (cd "$RUN_DIR" && "$PY" -c "import lora_fused, json; print(json.dumps(lora_fused.build_info()))") | tee "$OUT/build_info.json"
 # xdist workers (when installed) keep one crashing test from taking the whole run down.
