@@ -1,0 +1,431 @@
+"""python -m lora_fused.bench: lora_fused beside eager PyTorch, PEFT and bitsandbytes, on the GPU at hand.
+
+Every case is checked against an fp32 reference before it is timed (a wrong result is reported as
+WRONG, never as a time); times are device-event medians (triton.testing.do_bench) after warm-up, on
+random data, all providers measured in this one process. Ratios are provider time / lora_fused time
+(> 1: lora_fused is faster). Without a GPU the CPU implementations run on small shapes; those
+figures say nothing about GPU speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import lora_fused
+from lora_fused import nf4, reference
+
+# Layer shapes (in_features -> out_features) of common models: Llama 7B/8B/70B.
+SHAPES_FULL = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (8192, 28672)]
+M_FULL = [1, 16, 512, 4096, 16384]
+R_FULL = [8, 16, 64]
+SHAPES_QUICK = [(4096, 4096), (4096, 11008)]
+M_QUICK = [1, 16, 4096]
+R_QUICK = [16]
+SHAPES_CPU = [(256, 384)]
+M_CPU = [1, 64]
+R_CPU = [8]
+OPS = ["lora_linear", "nf4_dequantize"]
+MODES = ["fwd", "bwd", "fwdbwd"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Result:
+    op: str
+    mode: str
+    provider: str
+    M: int
+    k: int
+    d: int
+    r: int
+    dtype: str
+    ms: Optional[float] = None
+    status: str = "ok"  # ok | WRONG | error | skipped
+    detail: str = ""
+    rel_err: Optional[float] = None
+    tbps: Optional[float] = None
+    tflops: Optional[float] = None
+    speedup: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def _timer(device: str) -> Callable[[Callable[[], object]], float]:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+    def cpu_median_ms(fn):
+        fn()
+        times = []
+        deadline = time.perf_counter() + 0.5
+        while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 100):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+    return cpu_median_ms
+
+
+def measure_ceilings(device: str, bench) -> dict:
+    """Copy bandwidth (bytes read + written per second) and the bf16 GEMM rate, measured here."""
+    if device != "cuda":
+        return {}
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src))
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    mm_ms = bench(lambda: a @ b)
+    del src, dst, a, b
+    return {"copy_TBps": 2 * (1 << 30) / copy_ms / 1e9, "bf16_gemm_TFLOPs": 2 * n**3 / mm_ms / 1e9}
+
+
+# ------------------------------------------------------------------------------------ lora_linear cases
+
+
+def _peft_layer(weight, lora_A, lora_B, alpha):
+    """PEFT's own LoRA layer (get_peft_model + LoraConfig, its defaults), with our adapter weights."""
+    from peft import LoraConfig, get_peft_model
+
+    d, k = weight.shape
+    holder = torch.nn.Module()
+    holder.proj = torch.nn.Linear(k, d, bias=False, device=weight.device, dtype=weight.dtype)
+    holder.proj.weight.data = weight
+    model = get_peft_model(holder, LoraConfig(r=lora_A.shape[0], lora_alpha=alpha, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_A)
+        layer.lora_B["default"].weight.copy_(lora_B)
+    return layer
+
+
+def lora_linear_providers(x, weight, lora_A, lora_B, scaling, alpha, with_peft: bool):
+    """name -> (forward function, the tensors whose gradients a training step needs)."""
+    A = lora_A.detach().requires_grad_()
+    B = lora_B.detach().requires_grad_()
+    xg = x.detach().requires_grad_()
+    providers = {
+        "lora_fused": (lambda: lora_fused.lora_linear(xg, weight, A, B, scaling), [xg, A, B]),
+        "torch": (lambda: F.linear(xg, weight) + scaling * F.linear(F.linear(xg, A), B), [xg, A, B]),
+        "base_gemm": (lambda: F.linear(xg, weight), [xg]),
+    }
+    if with_peft:
+        layer = _peft_layer(weight, lora_A, lora_B, alpha)
+        pa, pb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        providers["peft"] = (lambda: layer(xg), [xg, pa, pb])
+    return providers
+
+
+def run_lora_linear(M, k, d, r, dtype, device, modes, bench, with_peft) -> list[Result]:
+    x = torch.randn(M, k, device=device, dtype=dtype)
+    weight = torch.randn(d, k, device=device, dtype=dtype) * k**-0.5
+    lora_A = torch.randn(r, k, device=device, dtype=dtype) * k**-0.5
+    lora_B = torch.randn(d, r, device=device, dtype=dtype) * r**-0.5  # nonzero: the branch must count
+    alpha = 2 * r
+    scaling = alpha / r
+    g = torch.randn(M, d, device=device, dtype=dtype)
+    # fp32 reference (TF32 off) for the output and the input gradient.
+    xr = x.float().requires_grad_()
+    with _no_tf32():
+        ref = F.linear(xr, weight.float()) + scaling * F.linear(F.linear(xr, lora_A.float()), lora_B.float())
+        (ref_dx,) = torch.autograd.grad(ref, xr, g.float())
+    ref_base = F.linear(x.float(), weight.float())
+    results = []
+    for name, (fwd, params) in lora_linear_providers(x, weight, lora_A, lora_B, scaling, alpha, with_peft).items():
+        expected = ref_base if name == "base_gemm" else ref.detach()
+        for mode in modes:
+            res = Result("lora_linear", mode, name, M, k, d, r, _dtype_name(dtype))
+            try:
+                y = fwd()
+                err = _rel(y, expected)
+                if mode != "fwd" and name != "base_gemm":
+                    grads = torch.autograd.grad(y, params, g)
+                    err = max(err, _rel(grads[0], ref_dx))
+                res.rel_err = err
+                if not err <= _tolerance(dtype):
+                    res.status, res.detail = "WRONG", f"relative error {err:.2e} > {_tolerance(dtype):.0e}"
+                    results.append(res)
+                    continue
+                if mode == "fwd":
+                    res.ms = bench(fwd)
+                elif mode == "bwd":
+                    y = fwd()
+                    res.ms = bench(lambda: torch.autograd.grad(y, params, g, retain_graph=True))
+                else:
+                    res.ms = bench(lambda: torch.autograd.grad(fwd(), params, g))
+                flops = 2 * M * k * d * (1 if mode == "fwd" else 2 if mode == "bwd" else 3)
+                res.tflops = flops / res.ms / 1e9
+            except Exception as e:  # a provider that fails is reported, the run goes on
+                res.status, res.detail = "error", f"{type(e).__name__}: {e}"[:200]
+            results.append(res)
+    return results
+
+
+# --------------------------------------------------------------------------------- nf4_dequantize cases
+
+
+def run_nf4_dequantize(k, d, dtype, device, bench, with_bnb) -> list[Result]:
+    w = (torch.randn(d, k, device=device) * 0.02).to(dtype)
+    packed, state = nf4.quantize(w, 64)
+    n = w.numel()
+    nbytes = n // 2 + state.absmax.numel() + n * w.element_size()  # read codes + scales, write output
+    expected = reference.nf4_dequantize(packed, state).to(device=device, dtype=torch.float32)
+    providers = {"lora_fused": lambda: nf4.dequantize(packed, state)}
+    if with_bnb:
+        import bitsandbytes.functional as bnbF
+
+        p2, s2 = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        providers["bitsandbytes"] = lambda: bnbF.dequantize_4bit(p2, s2)
+    results = []
+    for name, fn in providers.items():
+        res = Result("nf4_dequantize", "fwd", name, 0, k, d, 0, _dtype_name(dtype))
+        try:
+            err = _rel(fn(), expected)
+            res.rel_err = err
+            if not err <= 2e-2:
+                res.status, res.detail = "WRONG", f"relative error {err:.2e}"
+            else:
+                res.ms = bench(fn)
+                res.tbps = nbytes / res.ms / 1e9
+        except Exception as e:
+            res.status, res.detail = "error", f"{type(e).__name__}: {e}"[:200]
+        results.append(res)
+    return results
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def add_speedups(results: list[Result]) -> None:
+    """speedup[p] = time of provider p / time of lora_fused, for the same case."""
+    ours = {(r.op, r.mode, r.M, r.k, r.d, r.r): r for r in results if r.provider == "lora_fused"}
+    for key, mine in ours.items():
+        if mine.ms is None:
+            continue
+        for r in results:
+            if (r.op, r.mode, r.M, r.k, r.d, r.r) == key and r.provider != "lora_fused" and r.ms is not None:
+                mine.speedup[r.provider] = r.ms / mine.ms
+
+
+def format_table(results: list[Result], ceilings: dict) -> str:
+    lines = []
+    if ceilings:
+        lines.append(
+            f"ceilings measured here: copy {ceilings['copy_TBps']:.2f} TB/s, bf16 GEMM {ceilings['bf16_gemm_TFLOPs']:.0f} TFLOP/s"
+        )
+    header = f"{'op':<15}{'mode':<7}{'k->d':>12}{'M':>7}{'r':>4}  {'provider':<13}{'ms':>9}  {'rate':>14}  {'status / speedup of lora_fused':<40}"
+    lines += [header, "-" * len(header)]
+    order = {"lora_fused": 0}
+    for r in sorted(results, key=lambda r: (r.op, r.k, r.d, r.r, r.M, MODES.index(r.mode), order.get(r.provider, 1))):
+        rate = ""
+        if r.tbps is not None:
+            frac = f" ({100 * r.tbps / ceilings['copy_TBps']:.0f}%)" if ceilings else ""
+            rate = f"{r.tbps:.2f} TB/s{frac}"
+        elif r.tflops is not None:
+            frac = f" ({100 * r.tflops / ceilings['bf16_gemm_TFLOPs']:.0f}%)" if ceilings else ""
+            rate = f"{r.tflops:.3g} TF/s{frac}"
+        ms = f"{r.ms:.4f}" if r.ms is not None else "-"
+        if r.status != "ok":
+            note = f"{r.status}: {r.detail}"
+        else:
+            note = "  ".join(f"vs {p} {s:.2f}x" for p, s in r.speedup.items())
+        lines.append(f"{r.op:<15}{r.mode:<7}{f'{r.k}->{r.d}':>12}{r.M:>7}{r.r:>4}  {r.provider:<13}{ms:>9}  {rate:>14}  {note}")
+    return "\n".join(lines)
+
+
+def write_plot(results: list[Result], path: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    series: dict = {}
+    for r in results:
+        if r.provider != "lora_fused" or r.op != "lora_linear":
+            continue
+        for p, s in r.speedup.items():
+            series.setdefault((r.mode, p, r.k, r.d, r.r), []).append((r.M, s))
+    modes = sorted({key[0] for key in series}) or ["fwd"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for (m, p, k, d, rr), pts in sorted(series.items()):
+            if m != mode:
+                continue
+            pts.sort()
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=f"vs {p} {k}->{d} r={rr}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("time(provider) / time(lora_fused)")
+        ax.set_title(f"lora_linear {mode}")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"plot written to {path}"
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="lora-fused-bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small grid, under a minute")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {OPS}")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
+    ap.add_argument("--shapes", default=None, help="comma-separated k:d, e.g. 4096:4096,4096:11008")
+    ap.add_argument("--M", default=None, help="comma-separated token counts")
+    ap.add_argument("--r", default=None, help="comma-separated LoRA ranks")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--json", default=None, help="write every figure to this JSON file")
+    ap.add_argument("--plot", default=None, help="write a PNG of speedup against M")
+    ap.add_argument("--no-peft", action="store_true", help="skip the PEFT baseline")
+    ap.add_argument("--no-bnb", action="store_true", help="skip the bitsandbytes baseline")
+    args = ap.parse_args(argv)
+
+    device = args.device or ("cuda" if lora_fused.cuda_available() else "cpu")
+    if device == "cuda" and not lora_fused.cuda_available():
+        ap.error("--device cuda: no CUDA device, or lora_fused was built without CUDA")
+    dtype = DTYPES[args.dtype]
+    if device == "cpu":
+        print("NOTE: no GPU here (or a CPU-only build): timing the CPU implementations on small shapes. "
+              "These figures say nothing about GPU speed.")
+        shapes, ms_, rs = SHAPES_CPU, M_CPU, R_CPU
+    elif args.quick:
+        shapes, ms_, rs = SHAPES_QUICK, M_QUICK, R_QUICK
+    else:
+        shapes, ms_, rs = SHAPES_FULL, M_FULL, R_FULL
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
+    if args.M:
+        ms_ = [int(v) for v in args.M.split(",")]
+    if args.r:
+        rs = [int(v) for v in args.r.split(",")]
+    ops = [o for o in args.ops.split(",") if o]
+    modes = [m for m in args.modes.split(",") if m]
+    for o in ops:
+        if o not in OPS:
+            ap.error(f"unknown op {o!r}; available: {OPS} (nf4_linear and qlora_linear are not implemented yet)")
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"unknown mode {m!r}; available: {MODES}")
+    with_peft = not args.no_peft and _importable("peft")
+    with_bnb = not args.no_bnb and _importable("bitsandbytes")
+
+    bench = _timer(device)
+    torch.manual_seed(0)
+    ceilings = measure_ceilings(device, bench)
+    meta = _environment(device)
+    print(f"lora_fused {lora_fused.__version__} on {meta['device_name']}, torch {torch.__version__}, {args.dtype}; "
+          f"baselines: torch eager, cuBLAS base GEMM{', PEFT ' + meta['peft'] if with_peft else ''}"
+          f"{', bitsandbytes ' + meta['bitsandbytes'] if with_bnb else ''}", flush=True)
+
+    results: list[Result] = []
+    cases = [("lora_linear", k, d, M, r) for (k, d) in shapes for r in rs for M in ms_] if "lora_linear" in ops else []
+    cases += [("nf4_dequantize", k, d, 0, 0) for (k, d) in shapes] if "nf4_dequantize" in ops else []
+    t0 = time.time()
+    for i, (op, k, d, M, r) in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {op} {k}->{d} M={M} r={r} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+        if op == "lora_linear":
+            results += run_lora_linear(M, k, d, r, dtype, device, modes, bench, with_peft)
+        else:
+            results += run_nf4_dequantize(k, d, dtype, device, bench, with_bnb)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    add_speedups(results)
+    print(format_table(results, ceilings))
+    wrong = [r for r in results if r.status == "WRONG"]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "ceilings": ceilings, "args": vars(args), "results": [asdict(r) for r in results]}, f, indent=1)
+        print(f"JSON written to {args.json}")
+    if args.plot:
+        print(write_plot(results, args.plot))
+    if wrong:
+        print(f"{len(wrong)} case(s) gave WRONG results (see the table)")
+    return 1 if wrong else 0
+
+
+def _environment(device: str) -> dict:
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else "CPU",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "lora_fused": lora_fused.__version__,
+        "build": lora_fused.build_info(),
+        "commit": _git_commit(),
+    }
+    for mod in ("peft", "bitsandbytes", "triton"):
+        meta[mod] = _version_of(mod)
+    return meta
+
+
+def _git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or os.environ.get("LORA_FUSED_COMMIT", "unknown")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("LORA_FUSED_COMMIT", "unknown")
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except Exception:
+        return False
+
+
+def _version_of(name: str) -> str:
+    try:
+        return getattr(__import__(name), "__version__", "?")
+    except Exception:
+        return ""
+
+
+class _no_tf32:
+    def __enter__(self):
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a32 = a.detach().float()
+    return ((a32 - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
