@@ -82,7 +82,7 @@ os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-cpp_sources = ["csrc/registration.cpp", "csrc/checks.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 # -ffp-contract=off: NF4 decoding must round like bitsandbytes (a*b then +c, never a fused a*b+c).
 cxx_flags = [

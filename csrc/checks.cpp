@@ -60,6 +60,27 @@ void check_lora_expand_args(const at::Tensor& y, const at::Tensor& u, const at::
                     b.sizes());
 }
 
+void check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
+                            const c10::optional<at::Tensor>& bias, const char* op) {
+  check_lora_dtype(x, op, "x");
+  check_rank(x, 2, op, "x");
+  check_rank(weight, 2, op, "weight");
+  check_rank(a, 2, op, "lora_A");
+  check_rank(b, 2, op, "lora_B");
+  check_same(x, "x", weight, "weight", op);
+  check_same(x, "x", a, "lora_A", op);
+  check_same(x, "x", b, "lora_B", op);
+  const int64_t d = weight.size(0), k = weight.size(1), r = a.size(0);
+  TORCH_CHECK_VALUE(r >= 1 && x.size(1) == k && a.size(1) == k && b.size(0) == d && b.size(1) == r, op,
+                    ": expected x [M, k], weight [d, k], lora_A [r, k], lora_B [d, r] with r >= 1; got x ", x.sizes(),
+                    ", weight ", weight.sizes(), ", lora_A ", a.sizes(), ", lora_B ", b.sizes());
+  if (bias.has_value()) {
+    check_same(x, "x", *bias, "bias", op);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d, op, ": bias must have shape [", d, "]; got a ",
+                      describe(*bias));
+  }
+}
+
 void check_blocksize(int64_t blocksize, int64_t lo, int64_t hi, const char* op) {
   TORCH_CHECK_VALUE(blocksize >= lo && blocksize <= hi && (blocksize & (blocksize - 1)) == 0, op,
                     ": blocksize must be a power of two from ", lo, " to ", hi, "; got ", blocksize);

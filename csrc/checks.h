@@ -27,6 +27,10 @@ void check_lora_shrink_args(const at::Tensor& x, const at::Tensor& a);
 // y: [M, d], u: [M, r], lora_B: [d, r], r >= 1.
 void check_lora_expand_args(const at::Tensor& y, const at::Tensor& u, const at::Tensor& b);
 
+// x: [M, k], weight: [d, k], lora_A: [r, k], lora_B: [d, r], bias: [d] or none; one dtype and device.
+void check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
+                            const c10::optional<at::Tensor>& bias, const char* op);
+
 void check_blocksize(int64_t blocksize, int64_t lo, int64_t hi, const char* op);
 
 void check_nf4_quantize_args(const at::Tensor& w, int64_t blocksize);

@@ -25,6 +25,9 @@ TORCH_LIBRARY(lora_fused, m) {
   m.def("lora_shrink(Tensor x, Tensor lora_A, float scale=1.0) -> Tensor");
   // out = y + scale * u @ lora_B^T.  y: [M, d], u: [M, r], lora_B: [d, r] -> out: [M, d] in y's dtype.
   m.def("lora_expand(Tensor y, Tensor u, Tensor lora_B, float scale=1.0) -> Tensor");
+  // out = x @ weight^T + scale * (x @ lora_A^T) @ lora_B^T + bias, no autograd (inference). CUDA: a fused
+  // kernel streaming the weight once for M <= 16 (bf16/fp16), the composed cuBLAS path otherwise.
+  m.def("lora_decode(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? bias=None) -> Tensor");
   // NF4 (bitsandbytes layout): w (any shape, fp32/fp16/bf16) -> (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks]).
   m.def("nf4_quantize(Tensor w, int blocksize) -> (Tensor, Tensor)");
   // Inverse of nf4_quantize. absmax is fp32 [blocks], or uint8 codes [blocks] when double-quantized, in which

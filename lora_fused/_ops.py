@@ -26,6 +26,18 @@ def lora_expand(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scale: f
     return _ops.lora_expand.default(y, u, lora_B, float(scale))
 
 
+def lora_decode(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x @ weight.T + scale * (x @ lora_A.T) @ lora_B.T + bias for 2-D x, without autograd (inference)."""
+    return _ops.lora_decode.default(x, weight, lora_A, lora_B, float(scale), bias)
+
+
 def nf4_quantize(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 [(n+1)//2, 1], absmax fp32 [ceil(n/blocksize)]) in bitsandbytes' NF4 layout."""
     return _ops.nf4_quantize.default(w, int(blocksize))
@@ -67,6 +79,13 @@ def _lora_expand_fake(y, u, lora_B, scale=1.0):
     torch._check(lora_B.shape[0] == y.shape[1], lambda: "lora_expand: y [M, d] and lora_B [d, r] disagree on d")
     torch._check(lora_B.shape[1] == u.shape[1], lambda: "lora_expand: u [M, r] and lora_B [d, r] disagree on r")
     return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lora_fused::lora_decode")
+def _lora_decode_fake(x, weight, lora_A, lora_B, scale, bias=None):
+    torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "lora_decode: x and weight must be 2-D")
+    torch._check(x.shape[1] == weight.shape[1], lambda: "lora_decode: x [M, k] and weight [d, k] disagree on k")
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.library.register_fake("lora_fused::nf4_quantize")

@@ -170,7 +170,8 @@ def run_lora_linear(M, k, d, r, dtype, device, modes, bench, with_peft) -> list[
                     res.ms = bench(lambda: torch.autograd.grad(y, params, g, retain_graph=True))
                 else:
                     res.ms = bench(lambda: torch.autograd.grad(fwd(), params, g))
-                flops = 2 * M * k * d * (1 if mode == "fwd" else 2 if mode == "bwd" else 3)
+                # The frozen weight gets no gradient: backward is one base-sized GEMM (dX), not two.
+                flops = 2 * M * k * d * (2 if mode == "fwdbwd" else 1)
                 res.tflops = flops / res.ms / 1e9
             except Exception as e:  # a provider that fails is reported, the run goes on
                 res.status, res.detail = "error", f"{type(e).__name__}: {e}"[:200]

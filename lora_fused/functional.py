@@ -38,6 +38,9 @@ def _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p):
         raise TypeError(f"lora_fused.lora_linear: x and weight must have the same dtype; got {x.dtype} and {weight.dtype}")
 
 
+DECODE_MAX_M = 16  # lora_decode's fused kernel covers M <= 16
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -54,14 +57,24 @@ def lora_linear(
     bias: [d] or None. Adapters in another dtype than x (fp32 adapters on a bf16 model, as PEFT
     keeps them) are used in x's dtype; their gradients flow back in their own dtype.
 
-    This version composes the base GEMM (cuBLAS, bias fused) with the lora_shrink and lora_expand
-    kernels; dropout uses torch's (its mask is kept for backward).
+    Inference with at most 16 tokens on CUDA runs lora_decode's fused kernel (the weight streamed
+    once, LoRA in the same pass). Otherwise the layer is three cuBLAS GEMMs with the LoRA term folded
+    into the base GEMM's epilogue (beta = 1), so no separate scale or add pass; dropout is torch's
+    (its mask is kept for backward).
     """
     _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p)
-    k = weight.shape[1]
+    k, d = weight.shape[1], weight.shape[0]
     x2 = x.reshape(-1, k)
-    base = F.linear(x2, weight.detach(), bias)
-    xl = F.dropout(x2, dropout_p, training=True) if (dropout_p > 0.0 and training) else x2
-    u = _ops.lora_shrink(xl, lora_A.to(x.dtype))
-    y = _ops.lora_expand(base, u, lora_B.to(x.dtype), float(scaling))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    dropping = dropout_p > 0.0 and training
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)
+    )
+    if not needs_grad and not dropping and x2.shape[0] <= DECODE_MAX_M and x2.is_cuda:
+        y = _ops.lora_decode(x2, weight, A, B, float(scaling), bias)
+    else:
+        xl = F.dropout(x2, dropout_p, training=True) if dropping else x2
+        u = torch.mm(xl, A.t())
+        lora = torch.addmm(bias, u, B.t(), alpha=scaling) if bias is not None else torch.mm(u * scaling, B.t())
+        y = torch.addmm(lora, x2, weight.detach().t())
+    return y.reshape(*x.shape[:-1], d)

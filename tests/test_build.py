@@ -7,7 +7,7 @@ import torch
 
 import lora_fused
 
-OPS = ["lora_shrink", "lora_expand", "nf4_quantize", "nf4_dequantize", "blockwise_quantize"]
+OPS = ["lora_shrink", "lora_expand", "lora_decode", "nf4_quantize", "nf4_dequantize", "blockwise_quantize"]
 
 
 def test_build_info_fields():

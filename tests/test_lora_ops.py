@@ -107,3 +107,37 @@ def test_bad_inputs_give_clear_errors(device):
             _ops.lora_shrink(x, a.cpu())
         # The context is still healthy after the errors above.
         assert torch.isfinite(_ops.lora_shrink(x, a)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 13, 16, 17])
+@pytest.mark.parametrize("k,d,r", [(64, 40, 1), (512, 136, 16), (1544, 33, 64), (1032, 72, 256), (100, 24, 8), (72, 16, 300)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_decode_matches_reference(device, dtype, M, k, d, r, bias):
+    # k = 100 (not a multiple of 8), r = 300 and fp32 exercise the composed fallback; the rest the kernel.
+    x = randn(M, k, dtype=dtype, device=device)
+    w = randn(d, k, dtype=dtype, device=device, scale=k**-0.5)
+    a = randn(r, k, dtype=dtype, device=device, scale=k**-0.5)
+    b = randn(d, r, dtype=dtype, device=device, scale=r**-0.5)
+    bias_t = randn(d, dtype=dtype, device=device) if bias else None
+    poison_allocator(device)
+    y = _ops.lora_decode(x, w, a, b, 1.5, bias_t)
+    ref = reference.lora_linear(x, w, a, b, 1.5, bias_t)
+    same = x @ w.t() + 1.5 * ((x @ a.t()) @ b.t()) + (bias_t if bias else 0)
+    assert_error_rule(y, ref, same, f"lora_decode M={M} {k}->{d} r={r} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_decode_strided_x_and_opcheck(device):
+    x = randn(4, 264, dtype=torch.bfloat16, device=device)[:, 8:]  # row stride 264, 16-byte aligned rows
+    w = randn(48, 256, dtype=torch.bfloat16, device=device, scale=1 / 16)
+    a, b = randn(8, 256, dtype=torch.bfloat16, device=device, scale=1 / 16), randn(48, 8, dtype=torch.bfloat16, device=device)
+    y = _ops.lora_decode(x, w, a, b, 2.0)
+    assert_error_rule(y, reference.lora_linear(x, w, a, b, 2.0), x @ w.t() + 2.0 * ((x @ a.t()) @ b.t()), "strided x")
+    x_odd = randn(3, 257, dtype=torch.bfloat16, device=device)[:, 1:]  # misaligned rows: fallback path
+    assert_error_rule(_ops.lora_decode(x_odd, w, a, b, 2.0), reference.lora_linear(x_odd, w, a, b, 2.0),
+                      x_odd @ w.t() + 2.0 * ((x_odd @ a.t()) @ b.t()), "misaligned x")
+    torch.library.opcheck(torch.ops.lora_fused.lora_decode.default, (x.contiguous(), w, a, b, 2.0, None))
+    with pytest.raises(ValueError, match=r"expected x \[M, k\], weight \[d, k\]"):
+        _ops.lora_decode(x, w[:, :255], a, b, 2.0)
