@@ -1,6 +1,7 @@
 """python -m lora_fused.bench: lora_fused beside eager PyTorch, PEFT and bitsandbytes, on the GPU at hand.
 
-Every case is checked against an fp32 reference before it is timed (a wrong result is reported as
+Modes: fwd is inference (no autograd graph), bwd the backward of a recorded forward, fwdbwd a
+training step's forward and backward. Every case is checked against an fp32 reference before it is timed (a wrong result is reported as
 WRONG, never as a time); times are device-event medians (triton.testing.do_bench) after warm-up, on
 random data, all providers measured in this one process. Ratios are provider time / lora_fused time
 (> 1: lora_fused is faster). Without a GPU the CPU implementations run on small shapes; those
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 import lora_fused
 from lora_fused import nf4, reference
 
-# Layer shapes (in_features -> out_features) of common models: Llama 7B/8B/70B.
-SHAPES_FULL = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (8192, 28672)]
+# Layer shapes (in_features -> out_features) of common models: Llama 7B/8B/70B (and 8192 -> 8192).
+SHAPES_FULL = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (4096, 14336), (8192, 28672)]
 M_FULL = [1, 16, 512, 4096, 16384]
 R_FULL = [8, 16, 64]
 SHAPES_QUICK = [(4096, 4096), (4096, 11008)]
@@ -163,8 +164,9 @@ def run_lora_linear(M, k, d, r, dtype, device, modes, bench, with_peft) -> list[
                     res.status, res.detail = "WRONG", f"relative error {err:.2e} > {_tolerance(dtype):.0e}"
                     results.append(res)
                     continue
-                if mode == "fwd":
-                    res.ms = bench(fwd)
+                if mode == "fwd":  # inference: no autograd graph, for every provider alike
+                    with torch.no_grad():
+                        res.ms = bench(fwd)
                 elif mode == "bwd":
                     y = fwd()
                     res.ms = bench(lambda: torch.autograd.grad(y, params, g, retain_graph=True))

@@ -76,5 +76,9 @@ def lora_linear(
         xl = F.dropout(x2, dropout_p, training=True) if dropping else x2
         u = torch.mm(xl, A.t())
         lora = torch.addmm(bias, u, B.t(), alpha=scaling) if bias is not None else torch.mm(u * scaling, B.t())
-        y = torch.addmm(lora, x2, weight.detach().t())
+        if x2.shape[0] <= DECODE_MAX_M:
+            # At a handful of rows cuBLAS serves mm with its GEMV but addmm with a tiled GEMM.
+            y = torch.mm(x2, weight.detach().t()) + lora
+        else:
+            y = torch.addmm(lora, x2, weight.detach().t())
     return y.reshape(*x.shape[:-1], d)
