@@ -41,6 +41,53 @@ def _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p):
 DECODE_MAX_M = 16  # lora_decode's fused kernel covers M <= 16
 
 
+def _base_plus(x2: torch.Tensor, weight: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """c + x2 @ weight^T, with c folded into the GEMM's epilogue (beta = 1) where that is fast."""
+    if x2.shape[0] <= DECODE_MAX_M:
+        # At a handful of rows cuBLAS serves mm with its GEMV but addmm with a tiled GEMM.
+        return torch.mm(x2, weight.t()) + c
+    return torch.addmm(c, x2, weight.t())
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """y = x W^T + bias + s (xl A^T) B^T, xl = x or dropout(x), as cuBLAS GEMMs with the LoRA term in
+    the base GEMM's epilogue. Backward: dU = s dY B, dB = s dY^T u, dA = dU^T xl and, without
+    dropout, dX = dU A + dY W as one GEMM (beta = 1) instead of two GEMMs and an add."""
+
+    @staticmethod
+    def forward(ctx, x2, xl, weight, A, B, bias, scaling):
+        # xl is None without dropout (torch.compile cannot trace one tensor passed twice).
+        ctx.same_input = xl is None
+        xl = x2 if xl is None else xl
+        u = torch.mm(xl, A.t())
+        lora = torch.addmm(bias, u, B.t(), alpha=scaling) if bias is not None else torch.mm(u * scaling, B.t())
+        ctx.scaling, ctx.has_bias = scaling, bias is not None
+        ctx.save_for_backward(xl, weight, A, B, u)
+        return _base_plus(x2, weight, lora)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xl, weight, A, B, u = ctx.saved_tensors
+        need_x, need_xl, _, need_a, need_b, need_bias, _ = ctx.needs_input_grad
+        s = ctx.scaling
+        dx = dxl = dA = dB = dbias = None
+        du = torch.mm(dy, B).mul_(s) if (need_x or need_xl or need_a) else None
+        if need_b:
+            dB = torch.mm(dy.t(), u).mul_(s)
+        if need_a:
+            dA = torch.mm(du.t(), xl)
+        if ctx.same_input and (need_x or need_xl):
+            dx = _base_plus(dy, weight.t(), torch.mm(du, A))
+        else:
+            if need_x:
+                dx = torch.mm(dy, weight)
+            if need_xl:
+                dxl = torch.mm(du, A)
+        if need_bias and ctx.has_bias:
+            dbias = dy.sum(0)
+        return dx, dxl, None, dA, dB, dbias, None
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -58,9 +105,9 @@ def lora_linear(
     keeps them) are used in x's dtype; their gradients flow back in their own dtype.
 
     Inference with at most 16 tokens on CUDA runs lora_decode's fused kernel (the weight streamed
-    once, LoRA in the same pass). Otherwise the layer is three cuBLAS GEMMs with the LoRA term folded
-    into the base GEMM's epilogue (beta = 1), so no separate scale or add pass; dropout is torch's
-    (its mask is kept for backward).
+    once, LoRA in the same pass). Otherwise the layer is cuBLAS GEMMs with the LoRA term folded into
+    the base GEMM's epilogue (beta = 1), so no separate scale or add pass, and a backward that folds
+    the LoRA part of dX the same way; dropout is torch's (its mask is kept for backward).
     """
     _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p)
     k, d = weight.shape[1], weight.shape[0]
@@ -73,12 +120,6 @@ def lora_linear(
     if not needs_grad and not dropping and x2.shape[0] <= DECODE_MAX_M and x2.is_cuda:
         y = _ops.lora_decode(x2, weight, A, B, float(scaling), bias)
     else:
-        xl = F.dropout(x2, dropout_p, training=True) if dropping else x2
-        u = torch.mm(xl, A.t())
-        lora = torch.addmm(bias, u, B.t(), alpha=scaling) if bias is not None else torch.mm(u * scaling, B.t())
-        if x2.shape[0] <= DECODE_MAX_M:
-            # At a handful of rows cuBLAS serves mm with its GEMV but addmm with a tiled GEMM.
-            y = torch.mm(x2, weight.detach().t()) + lora
-        else:
-            y = torch.addmm(lora, x2, weight.detach().t())
+        xl = F.dropout(x2, dropout_p, training=True) if dropping else None
+        y = _LoraLinearFunction.apply(x2, xl, weight.detach(), A, B, bias, float(scaling))
     return y.reshape(*x.shape[:-1], d)

@@ -208,3 +208,14 @@ def test_bad_inputs_give_clear_errors(device):
         d = state.as_dict(packed=True)
         d["quant_map"] = d["quant_map"].flip(0)
         nf4.QuantState.from_dict(d)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(40, 72), (33, 65)])
+def test_dequantize_misaligned_packed_data(device, shape):
+    # A packed tensor that starts one byte into its storage takes the per-byte path; same result.
+    w = _weight(shape, torch.bfloat16, device)
+    packed, state = nf4.quantize(w, 32)
+    buf = torch.empty(packed.numel() + 1, 1, dtype=torch.uint8, device=device)
+    buf[1:].copy_(packed)
+    assert torch.equal(nf4.dequantize(buf[1:], state), nf4.dequantize(packed, state))
