@@ -38,12 +38,15 @@ def _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p):
         raise TypeError(f"lora_fused.lora_linear: x and weight must have the same dtype; got {x.dtype} and {weight.dtype}")
 
 
-DECODE_MAX_M = 16  # lora_decode's fused kernel covers M <= 16
+GEMV_MAX_M = 16  # up to here cuBLAS serves mm with its GEMV
+# lora_decode's kernel supports M <= 16, but on an H100 it beat the cuBLAS path only at M = 1
+# (M = 16: 2.6-4.3x the base GEMV, against eager's ~1.4x; see benchmarks/RESULTS.md).
+FUSED_DECODE_MAX_M = 1
 
 
 def _base_plus(x2: torch.Tensor, weight: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """c + x2 @ weight^T, with c folded into the GEMM's epilogue (beta = 1) where that is fast."""
-    if x2.shape[0] <= DECODE_MAX_M:
+    if x2.shape[0] <= GEMV_MAX_M:
         # At a handful of rows cuBLAS serves mm with its GEMV but addmm with a tiled GEMM.
         return torch.mm(x2, weight.t()) + c
     return torch.addmm(c, x2, weight.t())
@@ -104,8 +107,8 @@ def lora_linear(
     bias: [d] or None. Adapters in another dtype than x (fp32 adapters on a bf16 model, as PEFT
     keeps them) are used in x's dtype; their gradients flow back in their own dtype.
 
-    Inference with at most 16 tokens on CUDA runs lora_decode's fused kernel (the weight streamed
-    once, LoRA in the same pass). Otherwise the layer is cuBLAS GEMMs with the LoRA term folded into
+    Inference on one token on CUDA runs lora_decode's fused kernel (the weight streamed once, LoRA
+    in the same pass). Otherwise the layer is cuBLAS GEMMs with the LoRA term folded into
     the base GEMM's epilogue (beta = 1), so no separate scale or add pass, and a backward that folds
     the LoRA part of dX the same way; dropout is torch's (its mask is kept for backward).
     """
@@ -117,7 +120,7 @@ def lora_linear(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)
     )
-    if not needs_grad and not dropping and x2.shape[0] <= DECODE_MAX_M and x2.is_cuda:
+    if not needs_grad and not dropping and x2.shape[0] <= FUSED_DECODE_MAX_M and x2.is_cuda:
         y = _ops.lora_decode(x2, weight, A, B, float(scaling), bias)
     else:
         xl = F.dropout(x2, dropout_p, training=True) if dropping else None
