@@ -149,21 +149,13 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
   if (!fast) return lora_linear_composed(x, weight, lora_a, lora_b, scale, bias);
   const at::Tensor u = at::mm(x, lora_a.t());  // [M, r], cuBLAS
   at::Tensor out = at::empty({M, weight.size(0)}, x.options());
-  AT_DISPATCH_SWITCH(dt, "lora_decode_cuda",
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      if (M == 1) launch<scalar_t, 1>(x, weight, u, lora_b, bias, out, scale);
-      else if (M <= 2) launch<scalar_t, 2>(x, weight, u, lora_b, bias, out, scale);
-      else if (M <= 4) launch<scalar_t, 4>(x, weight, u, lora_b, bias, out, scale);
-      else if (M <= 8) launch<scalar_t, 8>(x, weight, u, lora_b, bias, out, scale);
-      else launch<scalar_t, 16>(x, weight, u, lora_b, bias, out, scale);
-    })
-    AT_DISPATCH_CASE(at::kHalf, [&] {
-      if (M == 1) launch<scalar_t, 1>(x, weight, u, lora_b, bias, out, scale);
-      else if (M <= 2) launch<scalar_t, 2>(x, weight, u, lora_b, bias, out, scale);
-      else if (M <= 4) launch<scalar_t, 4>(x, weight, u, lora_b, bias, out, scale);
-      else if (M <= 8) launch<scalar_t, 8>(x, weight, u, lora_b, bias, out, scale);
-      else launch<scalar_t, 16>(x, weight, u, lora_b, bias, out, scale);
-    }));
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "lora_decode_cuda", [&] {
+    if (M == 1) launch<scalar_t, 1>(x, weight, u, lora_b, bias, out, scale);
+    else if (M <= 2) launch<scalar_t, 2>(x, weight, u, lora_b, bias, out, scale);
+    else if (M <= 4) launch<scalar_t, 4>(x, weight, u, lora_b, bias, out, scale);
+    else if (M <= 8) launch<scalar_t, 8>(x, weight, u, lora_b, bias, out, scale);
+    else launch<scalar_t, 16>(x, weight, u, lora_b, bias, out, scale);
+  });
   return out;
 }
 
