@@ -3,7 +3,7 @@
 # suite (GPU tests included), run the benchmarks, and write logs and JSON to $OUT (or ./gpu-out).
 #
 #   scripts/gpu_check.sh            build + tests + quick benchmarks
-#   scripts/gpu_check.sh --full     build + tests + full benchmark grid
+#   scripts/gpu_check.sh --full     build + tests (1000 randomized cases per op) + full benchmark grid
 #   scripts/gpu_check.sh --no-bench build + tests only
 #   scripts/gpu_check.sh --full --no-tests   build + full benchmark grid only
 #
@@ -62,6 +62,8 @@ fi
 # Run from outside the source tree so Python imports the installed package, not ./lora_fused.
 RUN_DIR=$(mktemp -d)
 export LORA_FUSED_EXPECT_CUDA=1
+# The randomized tests (tests/test_fuzz.py) draw 40 cases per op in a normal run, 1000 with --full.
+[ "$BENCH" = full ] && export LORA_FUSED_FUZZ_CASES=${LORA_FUSED_FUZZ_CASES:-1000}
 cp -r tests "$RUN_DIR/"
 (cd "$RUN_DIR" && "$PY" -c "import lora_fused, json; print(json.dumps(lora_fused.build_info()))") | tee "$OUT/build_info.json"
 # xdist workers (when installed) keep one crashing test from taking the whole run down.

@@ -1,0 +1,107 @@
+"""Randomized tests: every op against its reference on drawn cases (sizes of 1, primes, tile
+boundaries +-1; strided and transposed inputs; every dtype; ranks; blocksizes; bias on/off).
+
+LORA_FUSED_FUZZ_CASES sets the number of cases per op and device (default 40: the CI slice;
+`scripts/gpu_check.sh --full` runs 1000). LORA_FUSED_FUZZ_SEED picks the stream. A failure prints one
+line per failing case that reproduces it:
+
+    python -c "import sys; sys.path.insert(0, 'tests'); from test_fuzz import run_case; run_case(...)"
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+import lora_fused
+from lora_fused import _ops, nf4, reference
+from conftest import DEVICES, assert_error_rule
+
+N_CASES = int(os.environ.get("LORA_FUSED_FUZZ_CASES", "40"))
+SEED = int(os.environ.get("LORA_FUSED_FUZZ_SEED", "1234"))
+SIZES = [1, 2, 3, 5, 7, 8, 13, 15, 16, 17, 31, 32, 33, 63, 64, 65, 97, 127, 128, 129, 255, 256, 257, 509, 1021, 1024, 1025]
+RANKS = [1, 2, 7, 8, 16, 33, 64, 128, 256]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _draw(op: str, rng: random.Random) -> dict:
+    case = {"dtype": rng.choice(list(DTYPES)), "seed": rng.randrange(2**31)}
+    if op in ("lora_shrink", "lora_expand", "lora_decode", "lora_linear"):
+        case.update(M=rng.choice(SIZES), k=rng.choice(SIZES), d=rng.choice(SIZES), r=rng.choice(RANKS),
+                    strided=rng.random() < 0.3, scale=rng.choice([0.5, 1.0, 2.0, 16.0]), bias=rng.random() < 0.5)
+        if op == "lora_decode":
+            case["M"] = rng.choice([1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 33])
+            case["k"] = rng.choice([8, 16, 24, 64, 256, 264, 512, 520, 1024, 1032, 2048, 4096, 4104, 100, 33])
+    else:  # nf4
+        case.update(rows=rng.choice(SIZES), cols=rng.choice(SIZES), blocksize=rng.choice(nf4.BLOCKSIZES),
+                    double_quant=rng.random() < 0.7)
+        if case["dtype"] == "fp32" and rng.random() < 0.5:
+            case["dtype"] = "bf16"
+    return case
+
+
+def _rand(shape, dtype, device, g, scale=1.0, strided=False):
+    if strided and len(shape) == 2:  # a column slice (row stride > width) of a wider tensor
+        t = torch.randn(shape[0], shape[1] + 5, generator=g)[:, 3 : 3 + shape[1]]
+    else:
+        t = torch.randn(*shape, generator=g)
+    return (t * scale).to(device=device, dtype=dtype)
+
+
+def run_case(op: str, case: dict, device: str) -> None:
+    """Check one case; raises AssertionError with the numbers on a mismatch."""
+    g = torch.Generator().manual_seed(case["seed"])
+    dt = DTYPES[case["dtype"]]
+    if op in ("lora_shrink", "lora_expand", "lora_decode", "lora_linear"):
+        M, k, d, r, s = case["M"], case["k"], case["d"], case["r"], case["scale"]
+        x = _rand((M, k), dt, device, g, strided=case["strided"])
+        w = _rand((d, k), dt, device, g, k**-0.5)
+        a = _rand((r, k), dt, device, g, k**-0.5)
+        b = _rand((d, r), dt, device, g, r**-0.5)
+        bias = _rand((d,), dt, device, g) if case["bias"] else None
+        if op == "lora_shrink":
+            assert_error_rule(_ops.lora_shrink(x, a, s), reference.lora_shrink(x, a, s), s * (x @ a.t()), op)
+        elif op == "lora_expand":
+            y = _rand((M, d), dt, device, g, strided=case["strided"])
+            u = _rand((M, r), dt, device, g)
+            assert_error_rule(_ops.lora_expand(y, u, b, s), reference.lora_expand(y, u, b, s), y + s * (u @ b.t()), op)
+        elif op == "lora_decode":
+            same = x @ w.t() + s * ((x @ a.t()) @ b.t()) + (bias if bias is not None else 0)
+            assert_error_rule(_ops.lora_decode(x, w, a, b, s, bias), reference.lora_linear(x, w, a, b, s, bias), same, op)
+        else:
+            params = [x.requires_grad_(), a.requires_grad_(), b.requires_grad_()]
+            y = lora_fused.lora_linear(x, w, a, b, s, bias)
+            same = x @ w.t() + s * ((x @ a.t()) @ b.t()) + (bias if bias is not None else 0)
+            assert_error_rule(y.detach(), reference.lora_linear(x, w, a, b, s, bias), same.detach(), "forward")
+            gy = _rand(tuple(y.shape), dt, device, g)
+            p64 = [p.detach().double().requires_grad_() for p in params]
+            refs = torch.autograd.grad(reference.lora_linear(p64[0], w, p64[1], p64[2], s, bias), p64, gy.double())
+            for name, o, rf, t in zip(("dx", "dA", "dB"), torch.autograd.grad(y, params, gy), refs,
+                                      torch.autograd.grad(same, params, gy)):
+                assert_error_rule(o, rf, t, name)
+    else:
+        wt = _rand((case["rows"], case["cols"]), dt, device, g)
+        packed, state = nf4.quantize(wt, case["blocksize"], double_quant=case["double_quant"])
+        ref_packed, ref_absmax = reference.nf4_quantize(wt, case["blocksize"])
+        assert torch.equal(packed.cpu(), ref_packed), "packed bytes differ from the format's definition"
+        if not case["double_quant"]:
+            assert torch.equal(state.absmax.cpu(), ref_absmax), "absmax differs"
+        out = nf4.dequantize(packed, state)
+        assert not torch.isnan(out).any(), "NaN in the dequantized weight"
+        assert torch.equal(out.cpu(), reference.nf4_dequantize(packed, state).float().to(dt)), "dequantize differs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["lora_shrink", "lora_expand", "lora_decode", "lora_linear", "nf4"])
+def test_fuzz(op, device):
+    rng = random.Random(f"{SEED}-{op}-{device}")
+    failures = []
+    for i in range(N_CASES):
+        case = _draw(op, rng)
+        try:
+            run_case(op, case, device)
+        except AssertionError as e:
+            first = str(e).splitlines()[0] if str(e) else "assertion failed"
+            failures.append(f"case {i}: {first} | reproduce: run_case({op!r}, {case!r}, {device!r})")
+    assert not failures, f"{len(failures)} of {N_CASES} {op} cases failed on {device}:\n" + "\n".join(failures[:25])
