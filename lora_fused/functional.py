@@ -11,6 +11,9 @@ from . import _autograd  # noqa: F401  (registers the backward formulas)
 from . import _ops
 
 
+_LORA_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
 def _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p):
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
@@ -34,6 +37,10 @@ def _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p):
     devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
     if len(devices) != 1:
         raise RuntimeError(f"lora_fused.lora_linear: all tensors must be on one device; got {sorted(map(str, devices))}")
+    if x.dtype not in _LORA_DTYPES:
+        raise TypeError(
+            f"lora_fused.lora_linear: x must be bfloat16, float16, float32 or float64; got {x.dtype}"
+        )
     if x.dtype != weight.dtype:
         raise TypeError(f"lora_fused.lora_linear: x and weight must have the same dtype; got {x.dtype} and {weight.dtype}")
 
