@@ -11,7 +11,8 @@ from . import _ops as ops
 from . import nf4
 from .functional import lora_linear
 from .modules import LoraLinear
+from .patch import PatchReport, patch, unpatch
 
 __version__ = build_info()["version"]
 
-__all__ = ["LoraLinear", "build_info", "cuda_available", "lora_linear", "nf4", "ops"]
+__all__ = ["LoraLinear", "PatchReport", "build_info", "cuda_available", "lora_linear", "nf4", "ops", "patch", "unpatch"]

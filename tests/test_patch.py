@@ -1,0 +1,97 @@
+"""patch()/unpatch() on PEFT models and plain nn.Linear: same outputs and gradients, same Parameter
+objects (an optimizer made before the patch keeps training them), same adapter state dict, and what
+cannot be fused is left and reported."""
+
+import pytest
+import torch
+from torch import nn
+
+import lora_fused
+from conftest import DEVICES
+
+peft = pytest.importorskip("peft", reason="peft is not installed")
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(32, 48)
+        self.v_proj = nn.Linear(48, 32, bias=False)
+        self.out = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.v_proj(torch.relu(self.q_proj(x)))))
+
+
+def _peft_model(device, **cfg):
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **cfg)
+    model = peft.get_peft_model(Tiny().to(device), config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)  # a trained adapter, not PEFT's zero start
+    return model
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_peft_model_same_outputs_gradients_and_parameters(device):
+    model = _peft_model(device)
+    x = torch.randn(5, 7, 32, device=device)
+    params_before = {n: p for n, p in model.named_parameters()}
+    keys_before = set(peft.get_peft_model_state_dict(model))
+    y0, g0 = _step(model, x)
+    report = lora_fused.patch(model)
+    assert sorted(n.rsplit(".", 1)[-1] for n in report.patched) == ["q_proj", "v_proj"] and not report.left
+    y1, g1 = _step(model, x)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5)
+    assert all(params_before[n] is p for n, p in model.named_parameters())  # the same Parameter objects
+    assert set(peft.get_peft_model_state_dict(model)) == keys_before
+    assert lora_fused.unpatch(model)
+    y2, _ = _step(model, x)
+    torch.testing.assert_close(y2, y0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_optimizer_made_before_the_patch_trains_the_same_tensors(device):
+    ref, fused = _peft_model(device), _peft_model(device)
+    x = torch.randn(16, 32, device=device)
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (ref, fused)]
+    lora_fused.patch(fused)
+    for m, opt in zip((ref, fused), opts):
+        for _ in range(3):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for (n, a), (_, b) in zip(ref.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_what_cannot_be_fused_is_left_and_reported():
+    model = _peft_model("cpu", use_dora=True)
+    report = lora_fused.patch(model)
+    assert not report.patched and len(report.left) == 2
+    assert all("DoRA" in why for why in report.left.values())
+    assert "left" in str(report)
+
+
+def test_plain_linear_target_modules_and_unpatch():
+    torch.manual_seed(0)
+    model = Tiny()
+    q = model.q_proj
+    x = torch.randn(3, 32)
+    y0 = model(x)
+    report = lora_fused.patch(model, target_modules=["q_proj"], r=4, lora_alpha=8)
+    assert report.patched == ["q_proj"] and isinstance(model.q_proj, lora_fused.LoraLinear)
+    assert model.q_proj.weight is q.weight and model.q_proj.bias is q.bias
+    torch.testing.assert_close(model(x), y0)  # B starts at zero, as in PEFT
+    assert lora_fused.unpatch(model) == ["q_proj"] and model.q_proj is q
