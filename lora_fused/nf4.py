@@ -212,10 +212,11 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) ->
     state = QuantState(absmax=absmax, shape=w.shape, code=nf4_code(w.device), blocksize=blocksize, dtype=w.dtype)
     if double_quant:
         offset = absmax.mean()
-        codes, absmax2 = _ops.blockwise_quantize(absmax - offset, dynamic_map(w.device), NESTED_BLOCKSIZE)
+        code2 = dynamic_map(w.device)
+        codes, absmax2 = _ops.blockwise_quantize(absmax - offset, code2, NESTED_BLOCKSIZE)
         state.absmax = codes
         state.offset = offset.item()
-        state.state2 = NestedState(absmax=absmax2, code=dynamic_map(w.device))
+        state.state2 = NestedState(absmax=absmax2, code=code2)
     return packed, state
 
 

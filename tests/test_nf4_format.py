@@ -88,14 +88,7 @@ def test_dynamic_map_is_bitsandbytes():
     assert torch.equal(nf4.nf4_code(), F.get_4bit_type("nf4", device="cpu"))
 
 
-def _bnb_devices():
-    devs = ["cpu"]
-    if HAS_CUDA:
-        devs.append(pytest.param("cuda", marks=pytest.mark.cuda))
-    return devs
-
-
-@pytest.mark.parametrize("device", _bnb_devices())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,blocksize", [((17, 33), 32), ((128, 100), 64), ((300, 513), 64), ((256, 1000), 128), ((64, 4097), 4096)])
 def test_bytes_match_bitsandbytes(device, dtype, shape, blocksize):
