@@ -1,6 +1,8 @@
 // Definitions of the argument checks declared in checks.h.
 #include "checks.h"
 
+#include "nf4_linear.h"
+
 #include <sstream>
 
 namespace lora_fused {
@@ -94,10 +96,10 @@ void check_nf4_quantize_args(const at::Tensor& w, int64_t blocksize) {
 }
 
 void check_nf4_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
-                                      const c10::optional<at::Tensor>& nested_absmax,
-                                      const c10::optional<at::Tensor>& nested_code, int64_t blocksize,
-                                      int64_t nested_blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
-  const char* op = "lora_fused.nf4_dequantize";
+                               const c10::optional<at::Tensor>& nested_absmax,
+                               const c10::optional<at::Tensor>& nested_code, int64_t blocksize,
+                               int64_t nested_blocksize, at::IntArrayRef shape, at::ScalarType dtype,
+                               const char* op) {
   TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, op, ": packed must hold uint8 NF4 data; got a ", describe(packed));
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
                    ": the output dtype must be bfloat16, float16 or float32; got ", dtype);
@@ -143,6 +145,62 @@ void check_blockwise_quantize_args(const at::Tensor& x, const at::Tensor& code, 
   TORCH_CHECK(code.device() == x.device(), op, ": x and code must be on the same device; got ", describe(x), " and ",
               describe(code));
   check_blocksize(blocksize, 2, 4096, op);
+}
+
+Nf4Weight make_nf4_weight(const at::Tensor& other, const at::Tensor& packed, const at::Tensor& absmax,
+                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                          double offset, int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
+                          int64_t in_features, const char* op) {
+  const bool grad = std::string(op).find("grad_input") != std::string::npos;
+  const char* name = grad ? "grad_out" : "x";
+  const at::ScalarType t = other.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kBFloat16 || t == at::kHalf || t == at::kFloat, op, ": ", name,
+                   " must be bfloat16, float16 or float32 (the weight is decoded to its dtype); got a ", describe(other));
+  check_rank(other, 2, op, name);
+  TORCH_CHECK_VALUE(out_features >= 1 && in_features >= 1, op, ": the weight must have at least one row and column; got [",
+                    out_features, ", ", in_features, "]");
+  const int64_t want = grad ? out_features : in_features;
+  TORCH_CHECK_VALUE(other.size(1) == want, op, ": ", name, " must be [M, ", want, "] for a weight of shape [", out_features,
+                    ", ", in_features, "]; got a ", describe(other));
+  check_nf4_dequantize_args(packed, absmax, nested_absmax, nested_code, blocksize, nested_blocksize,
+                            {out_features, in_features}, t, op);
+  TORCH_CHECK(packed.device() == other.device(), op, ": ", name, " and the NF4 weight must be on the same device; got ",
+              describe(other), " and packed ", describe(packed));
+  Nf4Weight w;
+  w.packed = packed.contiguous();
+  w.absmax = absmax.contiguous();
+  if (nested_absmax.has_value()) w.nested_absmax = nested_absmax->contiguous();
+  if (nested_code.has_value()) w.nested_code = nested_code->contiguous();
+  w.offset = offset;
+  w.blocksize = blocksize;
+  w.nested_blocksize = nested_blocksize;
+  w.out_features = out_features;
+  w.in_features = in_features;
+  return w;
+}
+
+void check_nf4_linear_extras(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B) {
+  const char* op = "lora_fused.nf4_linear";
+  const int64_t n = w.out_features;
+  if (bias.has_value()) {
+    check_same(x, "x", *bias, "bias", op);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "]; got a ",
+                      describe(*bias));
+  }
+  TORCH_CHECK_VALUE(lora_u.has_value() == lora_B.has_value(), op, ": lora_u and lora_B come together; got only ",
+                    lora_u.has_value() ? "lora_u" : "lora_B");
+  if (lora_u.has_value()) {
+    const at::Tensor& u = *lora_u;
+    const at::Tensor& b = *lora_B;
+    check_rank(u, 2, op, "lora_u");
+    check_rank(b, 2, op, "lora_B");
+    check_same(x, "x", u, "lora_u", op);
+    check_same(x, "x", b, "lora_B", op);
+    TORCH_CHECK_VALUE(u.size(1) >= 1 && u.size(0) == x.size(0) && b.size(0) == n && b.size(1) == u.size(1), op,
+                      ": expected x [M, k], lora_u [M, r], lora_B [", n, ", r] with r >= 1; got x ", x.sizes(),
+                      ", lora_u ", u.sizes(), ", lora_B ", b.sizes());
+  }
 }
 
 }  // namespace lora_fused

@@ -38,7 +38,8 @@ void check_nf4_quantize_args(const at::Tensor& w, int64_t blocksize);
 void check_nf4_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
                                const c10::optional<at::Tensor>& nested_absmax,
                                const c10::optional<at::Tensor>& nested_code, int64_t blocksize,
-                               int64_t nested_blocksize, at::IntArrayRef shape, at::ScalarType dtype);
+                               int64_t nested_blocksize, at::IntArrayRef shape, at::ScalarType dtype,
+                               const char* op = "lora_fused.nf4_dequantize");
 
 void check_blockwise_quantize_args(const at::Tensor& x, const at::Tensor& code, int64_t blocksize);
 

@@ -38,6 +38,17 @@ TORCH_LIBRARY(lora_fused, m) {
   // 8-bit blockwise quantization to the nearest entry of a sorted 256-entry code (double quantization of
   // NF4's absmax): x fp32 [n] -> (codes uint8 [n], absmax fp32 [ceil(n / blocksize)]).
   m.def("blockwise_quantize(Tensor x, Tensor code, int blocksize) -> (Tensor, Tensor)");
+  // out = x @ W^T + bias + lora_u @ lora_B^T with W [out_features, K] the NF4 weight (arguments as
+  // nf4_dequantize's; K = x.shape[1]) decoded to x's dtype on the fly, never as a whole 16-bit copy.
+  // x: [M, K] bf16/fp16/fp32; bias: [N]; lora_u: [M, r] (already scaled), lora_B: [N, r].
+  m.def(
+      "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
+      "int blocksize, int nested_blocksize, int out_features, Tensor? bias=None, Tensor? lora_u=None, "
+      "Tensor? lora_B=None) -> Tensor");
+  // grad_x = grad_out @ W for nf4_linear's backward: grad_out [M, N] -> [M, in_features].
+  m.def(
+      "nf4_linear_grad_input(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, float offset, int blocksize, int nested_blocksize, int in_features) -> Tensor");
 }
 
 // `import lora_fused._C` loads this library, which runs the registrations above; the module itself

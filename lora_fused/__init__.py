@@ -4,15 +4,30 @@
     y = lora_fused.lora_linear(x, weight, lora_A, lora_B, scaling)   # functional
     layer = lora_fused.LoraLinear.from_linear(linear, r=16, lora_alpha=32)
     packed, state = lora_fused.nf4.quantize(w)                       # bitsandbytes-compatible NF4
+    y = lora_fused.qlora_linear(x, packed, state, lora_A, lora_B, scaling)   # QLoRA, NF4 base
 """
 
 from ._extension import build_info, cuda_available
 from . import _ops as ops
 from . import nf4
-from .functional import lora_linear
-from .modules import LoraLinear
+from .functional import lora_linear, nf4_linear, qlora_linear
+from .modules import LoraLinear, NF4Linear, QLoraLinear
 from .patch import PatchReport, patch, unpatch
 
 __version__ = build_info()["version"]
 
-__all__ = ["LoraLinear", "PatchReport", "build_info", "cuda_available", "lora_linear", "nf4", "ops", "patch", "unpatch"]
+__all__ = [
+    "LoraLinear",
+    "NF4Linear",
+    "PatchReport",
+    "QLoraLinear",
+    "build_info",
+    "cuda_available",
+    "lora_linear",
+    "nf4",
+    "nf4_linear",
+    "ops",
+    "patch",
+    "qlora_linear",
+    "unpatch",
+]

@@ -2,6 +2,8 @@
 
 lora_shrink:  u = s * x @ A^T     ->  dx = s * du @ A,            dA = s * du^T @ x
 lora_expand:  out = y + s * u @ B^T -> dy = dout, du = s * dout @ B,  dB = s * dout^T @ u
+nf4_linear:   out = x @ W^T + b + u @ B^T -> dx = dout @ W (nf4_linear_grad_input, W frozen),
+              db = sum(dout), du = dout @ B, dB = dout^T @ u
 """
 
 from __future__ import annotations
@@ -39,5 +41,43 @@ def _expand_backward(ctx, dout):
     return dy, du, dB, None
 
 
+def _nf4_needs(ctx) -> tuple:
+    # Trailing arguments left at their defaults may be missing from the inputs.
+    return tuple(ctx.needs_input_grad) + (False,) * (12 - len(ctx.needs_input_grad))
+
+
+def _nf4_linear_setup(ctx, inputs, output):
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, n = inputs[:9]
+    bias, lora_u, lora_B = (tuple(inputs[9:]) + (None, None, None))[:3]
+    ctx.nf4 = (offset, blocksize, nested_blocksize, x.shape[1])
+    ctx.n_inputs = len(inputs)
+    ctx.has_bias, ctx.has_lora = bias is not None, lora_u is not None
+    need_u, need_b = _nf4_needs(ctx)[10:12]
+    ctx.save_for_backward(
+        packed, absmax, nested_absmax, nested_code,
+        lora_u if need_b else None, lora_B if need_u else None,
+    )
+
+
+def _nf4_linear_backward(ctx, dout):
+    packed, absmax, nested_absmax, nested_code, lora_u, lora_B = ctx.saved_tensors
+    offset, blocksize, nested_blocksize, k = ctx.nf4
+    needs = _nf4_needs(ctx)
+    dout = dout.contiguous()
+    dx = db = du = dB = None
+    if needs[0]:
+        dx = _ops.nf4_linear_grad_input(
+            dout, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, k
+        )
+    if needs[9] and ctx.has_bias:
+        db = dout.sum(0)
+    if needs[10] and ctx.has_lora:
+        du = torch.mm(dout, lora_B)
+    if needs[11] and ctx.has_lora:
+        dB = torch.mm(dout.t(), lora_u)
+    return (dx, None, None, None, None, None, None, None, None, db, du, dB)[: ctx.n_inputs]
+
+
 torch.library.register_autograd("lora_fused::lora_shrink", _shrink_backward, setup_context=_shrink_setup)
 torch.library.register_autograd("lora_fused::lora_expand", _expand_backward, setup_context=_expand_setup)
+torch.library.register_autograd("lora_fused::nf4_linear", _nf4_linear_backward, setup_context=_nf4_linear_setup)

@@ -60,6 +60,45 @@ def nf4_dequantize(
     )
 
 
+def nf4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: float,
+    blocksize: int,
+    nested_blocksize: int,
+    out_features: int,
+    bias: Optional[torch.Tensor] = None,
+    lora_u: Optional[torch.Tensor] = None,
+    lora_B: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x @ W^T + bias + lora_u @ lora_B^T for x [M, K] and the NF4 weight W [out_features, K]."""
+    return _ops.nf4_linear.default(
+        x, packed, absmax, nested_absmax, nested_code, float(offset), int(blocksize), int(nested_blocksize),
+        int(out_features), bias, lora_u, lora_B,
+    )
+
+
+def nf4_linear_grad_input(
+    grad_out: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: float,
+    blocksize: int,
+    nested_blocksize: int,
+    in_features: int,
+) -> torch.Tensor:
+    """grad_out @ W for grad_out [M, N] and the NF4 weight W [N, in_features]."""
+    return _ops.nf4_linear_grad_input.default(
+        grad_out, packed, absmax, nested_absmax, nested_code, float(offset), int(blocksize), int(nested_blocksize),
+        int(in_features),
+    )
+
+
 def blockwise_quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization of fp32 x to the nearest entry of a sorted 256-value code."""
     return _ops.blockwise_quantize.default(x, code, int(blocksize))
@@ -99,6 +138,21 @@ def _nf4_quantize_fake(w, blocksize):
 @torch.library.register_fake("lora_fused::nf4_dequantize")
 def _nf4_dequantize_fake(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape, dtype):
     return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.register_fake("lora_fused::nf4_linear")
+def _nf4_linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
+                     bias=None, lora_u=None, lora_B=None):
+    torch._check(x.dim() == 2, lambda: "nf4_linear: x must be [M, K]")
+    torch._check(packed.numel() == (out_features * x.shape[1] + 1) // 2, lambda: "nf4_linear: packed does not hold W")
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.register_fake("lora_fused::nf4_linear_grad_input")
+def _nf4_linear_grad_input_fake(grad_out, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                nested_blocksize, in_features):
+    torch._check(grad_out.dim() == 2, lambda: "nf4_linear_grad_input: grad_out must be [M, N]")
+    return grad_out.new_empty((grad_out.shape[0], in_features))
 
 
 @torch.library.register_fake("lora_fused::blockwise_quantize")

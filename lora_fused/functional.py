@@ -1,4 +1,4 @@
-"""Functional entry points: lora_linear (and, as the NF4/QLoRA issues land, nf4_linear and qlora_linear)."""
+"""Functional entry points: lora_linear, nf4_linear and qlora_linear."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from . import _autograd  # noqa: F401  (registers the backward formulas)
 from . import _ops
+from .nf4 import QuantState
 
 
 _LORA_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -133,3 +134,77 @@ def lora_linear(
         xl = F.dropout(x2, dropout_p, training=True) if dropping else None
         y = _LoraLinearFunction.apply(x2, xl, weight.detach(), A, B, bias, float(scaling))
     return y.reshape(*x.shape[:-1], d)
+
+
+_NF4_COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _nf4_args(fn: str, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> tuple:
+    if not isinstance(x, torch.Tensor) or not isinstance(packed, torch.Tensor):
+        raise TypeError(f"lora_fused.{fn}: x and packed must be tensors; got {type(x).__name__}, {type(packed).__name__}")
+    if not isinstance(state, QuantState):
+        raise TypeError(f"lora_fused.{fn}: state must be a lora_fused.nf4.QuantState; got {type(state).__name__}")
+    if len(state.shape) != 2:
+        raise ValueError(f"lora_fused.{fn}: the NF4 weight must be 2-D [out_features, in_features]; got {tuple(state.shape)}")
+    if x.dtype not in _NF4_COMPUTE_DTYPES:
+        raise TypeError(f"lora_fused.{fn}: x must be bfloat16, float16 or float32 (the compute dtype); got {x.dtype}")
+    n, k = int(state.shape[0]), int(state.shape[1])
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"lora_fused.{fn}: x must be [..., {k}] for a weight of shape [{n}, {k}]; got {tuple(x.shape)}")
+    s2 = state.state2
+    return (
+        packed, state.absmax, s2.absmax if s2 is not None else None, s2.code if s2 is not None else None,
+        state.offset if state.offset is not None else 0.0, state.blocksize, s2.blocksize if s2 is not None else 256, n,
+    )
+
+
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ dequantize(packed, state)^T + bias, with the NF4 weight decoded inside the kernels.
+
+    x: [..., K] in the compute dtype (bf16, fp16 or fp32); packed/state: an NF4 weight [N, K] as
+    lora_fused.nf4.quantize (or bitsandbytes) makes it; bias: [N] in x's dtype or None. Gradients flow
+    to x and bias; the weight is frozen. On CUDA, up to 16 rows run a kernel that streams the 4-bit
+    weight once; more rows decode the weight one bounded slab at a time (at most max(2^20, N*K/16),
+    capped at 2^23 elements) into cuBLAS, never the whole 16-bit weight.
+    """
+    args = _nf4_args("nf4_linear", x, packed, state)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _ops.nf4_linear(x2, *args, bias)
+    return y.reshape(*x.shape[:-1], args[-1])
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """x @ dequantize(W)^T + bias + scaling * (dropout(x) @ lora_A^T) @ lora_B^T with an NF4 base W.
+
+    lora_A: [r, K], lora_B: [N, r] (any float dtype; used in x's dtype, gradients in their own).
+    The LoRA term enters the NF4 matmul's output directly: in the decode kernel's epilogue (M <= 16 on
+    CUDA), or as the accumulator the slab GEMMs add onto (beta = 1), so it costs no extra pass.
+    """
+    args = _nf4_args("qlora_linear", x, packed, state)
+    n, k = args[-1], x.shape[-1]
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"lora_fused.qlora_linear: {name} must be a tensor; got {type(t).__name__}")
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] < 1 or lora_A.shape[1] != k or tuple(lora_B.shape) != (n, lora_A.shape[0]):
+        raise ValueError(
+            f"lora_fused.qlora_linear: expected lora_A [r, {k}] and lora_B [{n}, r] with r >= 1; got "
+            f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_fused.qlora_linear: dropout_p must be in [0, 1); got {dropout_p}")
+    x2 = x.reshape(-1, k)
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    xl = F.dropout(x2, dropout_p, training=True) if dropout_p > 0.0 and training else x2
+    u = torch.mm(xl, A.t()) * scaling
+    y = _ops.nf4_linear(x2, *args, bias, u, B)
+    return y.reshape(*x.shape[:-1], n)

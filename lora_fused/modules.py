@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as LF
+from . import nf4 as _nf4
 
 
 class LoraLinear(nn.Module):
@@ -119,3 +120,221 @@ class LoraLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, bias={self.bias is not None}"
         )
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer stored in NF4 (bitsandbytes' Linear4bit format): y = x dequant(W)^T + b,
+    computed in `compute_dtype` without ever making a 16-bit copy of W.
+
+    `weight` is the packed uint8 tensor [(N*K+1)//2, 1] (a Parameter with requires_grad=False, as
+    bitsandbytes keeps it); the quantization state lives in buffers that move with the module. The
+    state dict has bitsandbytes' keys (`weight`, `weight.absmax`, `weight.quant_map`,
+    `weight.nested_absmax`, `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`, `bias`),
+    so it loads into a `bitsandbytes.nn.Linear4bit` and takes one from it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        device: Optional[Union[torch.device, str]] = None,
+        *,
+        _weight: Optional[torch.Tensor] = None,
+        _bias: Optional[torch.Tensor] = None,
+    ):
+        super().__init__()
+        if compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"{type(self).__name__}: compute_dtype must be bfloat16, float16 or float32; got {compute_dtype}")
+        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
+        if _weight is None:
+            _weight = torch.empty(out_features, in_features, device=device, dtype=compute_dtype)
+            nn.init.kaiming_uniform_(_weight, a=math.sqrt(5))
+        if tuple(_weight.shape) != (out_features, in_features):
+            raise ValueError(f"{type(self).__name__}: weight must be [{out_features}, {in_features}]; got {tuple(_weight.shape)}")
+        packed, state = _nf4.quantize(_weight.detach(), blocksize=blocksize, double_quant=double_quant)
+        self._set_quantized(packed, state)
+        if _bias is not None:
+            self.bias = _bias if isinstance(_bias, nn.Parameter) else nn.Parameter(_bias)
+        elif bias:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=compute_dtype).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, blocksize: int = 64, compute_dtype: Optional[torch.dtype] = None, double_quant: bool = True
+    ) -> "NF4Linear":
+        """Quantize an nn.Linear's weight to NF4 (its bias is reused as is)."""
+        dt = compute_dtype or (linear.weight.dtype if linear.weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+        return cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dt, blocksize=blocksize,
+            double_quant=double_quant, device=linear.weight.device, _weight=linear.weight, _bias=linear.bias,
+        )
+
+    @classmethod
+    def from_bnb(cls, layer: nn.Module) -> "NF4Linear":
+        """Take a bitsandbytes Linear4bit (nf4) as it is: same packed bytes, quantization state and
+        bias Parameter, no requantization."""
+        packed, state = _bnb_weight(layer)
+        obj = cls.__new__(cls)
+        nn.Module.__init__(obj)
+        obj.in_features, obj.out_features = layer.in_features, layer.out_features
+        obj.compute_dtype = getattr(layer, "compute_dtype", None) or state.dtype
+        obj._set_quantized(packed, state)
+        obj.bias = layer.bias
+        return obj
+
+    def _set_quantized(self, packed: torch.Tensor, state: "_nf4.QuantState") -> None:
+        if state.quant_type != "nf4" or len(state.shape) != 2:
+            raise ValueError(f"{type(self).__name__}: need a 2-D NF4 weight; got {state.quant_type} of shape {tuple(state.shape)}")
+        state.validate()
+        self.weight = nn.Parameter(packed.detach(), requires_grad=False)
+        self.register_buffer("nf4_absmax", state.absmax, persistent=False)
+        self.register_buffer("nf4_quant_map", state.code, persistent=False)
+        s2 = state.state2
+        self.register_buffer("nf4_nested_absmax", s2.absmax if s2 is not None else None, persistent=False)
+        self.register_buffer("nf4_nested_quant_map", s2.code if s2 is not None else None, persistent=False)
+        self.blocksize, self.quant_dtype, self.nf4_offset = state.blocksize, state.dtype, state.offset
+        self.nested_blocksize = s2.blocksize if s2 is not None else _nf4.NESTED_BLOCKSIZE
+
+    @property
+    def quant_state(self) -> "_nf4.QuantState":
+        s2 = None
+        if self.nf4_nested_absmax is not None:
+            s2 = _nf4.NestedState(absmax=self.nf4_nested_absmax, code=self.nf4_nested_quant_map, blocksize=self.nested_blocksize)
+        return _nf4.QuantState(
+            absmax=self.nf4_absmax, shape=torch.Size((self.out_features, self.in_features)), code=self.nf4_quant_map,
+            blocksize=self.blocksize, dtype=self.quant_dtype, offset=self.nf4_offset, state2=s2,
+        )
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return _nf4.dequantize(self.weight, self.quant_state, dtype or self.compute_dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        qs_prefix = prefix + "weight."
+        qs = {k[len(qs_prefix):]: state_dict[k] for k in list(state_dict) if k.startswith(qs_prefix)}
+        if qs:
+            try:
+                state = _nf4.QuantState.from_dict(qs, device=self.weight.device)
+                if tuple(state.shape) != (self.out_features, self.in_features):
+                    raise ValueError(f"the state is for a weight of shape {tuple(state.shape)}")
+            except ValueError as e:
+                error_msgs.append(f"{type(self).__name__} at {prefix!r}: cannot load the NF4 state: {e}")
+                return
+            packed = state_dict.get(prefix + "weight")
+            if packed is not None:
+                self._set_quantized(packed.to(self.weight.device), state)
+        own = {k: v for k, v in state_dict.items() if not k.startswith(qs_prefix)}
+        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _nf4_input(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
+        return x.to(self.compute_dtype), bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc, bias = self._nf4_input(x)
+        return LF.nf4_linear(xc, self.weight, self.quant_state, bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"compute_dtype={self.compute_dtype}, blocksize={self.blocksize}, double_quant={self.nf4_nested_absmax is not None}"
+        )
+
+
+class QLoraLinear(NF4Linear):
+    """An NF4 base (as NF4Linear) with a LoRA adapter, PEFT's parameterisation (as LoraLinear):
+    y = x dequant(W)^T + b + scaling * dropout(x) A^T B^T. Parameters `lora_A` [r, K], `lora_B` [N, r]
+    (in `lora_dtype`, default the compute dtype), `bias`; the base is frozen."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        lora_dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[torch.device, str]] = None,
+        *,
+        _weight: Optional[torch.Tensor] = None,
+        _bias: Optional[torch.Tensor] = None,
+    ):
+        super().__init__(
+            in_features, out_features, bias=bias, compute_dtype=compute_dtype, blocksize=blocksize,
+            double_quant=double_quant, device=device, _weight=_weight, _bias=_bias,
+        )
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
+
+    def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype) -> None:
+        if r < 1:
+            raise ValueError(f"QLoraLinear: r must be at least 1; got {r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"QLoraLinear: lora_dropout must be in [0, 1); got {lora_dropout}")
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, lora_dropout, use_rslora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        lf = {"dtype": lora_dtype or self.compute_dtype, "device": self.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **lf))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **lf))
+        LoraLinear.reset_lora_parameters(self, init_lora_weights)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, blocksize: int = 64,
+                    compute_dtype: Optional[torch.dtype] = None, double_quant: bool = True, **lora_kwargs) -> "QLoraLinear":
+        """Quantize an nn.Linear's weight to NF4 and add a LoRA adapter (its bias is reused)."""
+        dt = compute_dtype or (linear.weight.dtype if linear.weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+        return cls(
+            linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha, bias=linear.bias is not None,
+            compute_dtype=dt, blocksize=blocksize, double_quant=double_quant, device=linear.weight.device,
+            _weight=linear.weight, _bias=linear.bias, **lora_kwargs,
+        )
+
+    @classmethod
+    def from_bnb(cls, layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
+                 lora_dtype: Optional[torch.dtype] = None) -> "QLoraLinear":
+        """A bitsandbytes Linear4bit (nf4) as the base, as it is, with a new LoRA adapter."""
+        obj = NF4Linear.from_bnb.__func__(cls, layer)
+        obj._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
+        return obj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc, bias = self._nf4_input(x)
+        y = LF.qlora_linear(
+            xc, self.weight, self.quant_state, self.lora_A, self.lora_B, self.scaling, bias, self.lora_dropout, self.training
+        )
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
+
+
+def _bnb_weight(layer: nn.Module) -> tuple[torch.Tensor, "_nf4.QuantState"]:
+    """(packed, QuantState) of a bitsandbytes Linear4bit, through its own state dict entries."""
+    w = getattr(layer, "weight", None)
+    qs = getattr(w, "quant_state", None)
+    if qs is None:
+        raise ValueError(
+            f"expected a quantized bitsandbytes Linear4bit (weight.quant_state set: move it to its device first); "
+            f"got {type(layer).__name__}"
+        )
+    if getattr(qs, "quant_type", None) != "nf4":
+        raise ValueError(f"only NF4 Linear4bit layers are supported; got quant_type {getattr(qs, 'quant_type', None)!r}")
+    state = _nf4.QuantState.from_dict(qs.as_dict(packed=True), device=w.device)
+    return w.data, state

@@ -76,3 +76,25 @@ def nf4_dequantize(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     levels = torch.tensor(NF4_LEVELS, dtype=torch.float64)[nib[:n]]
     scales = nf4_block_scales(state).double()[torch.arange(n) // state.blocksize]
     return (levels * scales).reshape(state.shape)
+
+
+def nf4_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    bias: Optional[torch.Tensor] = None,
+    lora_A: Optional[torch.Tensor] = None,
+    lora_B: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    lora_input: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x @ W^T (+ bias) (+ scaling * (lora_input @ A^T) @ B^T) in float64 with W the exact decoded
+    NF4 weight (level * block scale); on x's device."""
+    w = nf4_dequantize(packed, state).to(x.device)
+    y = x.double() @ w.t()
+    if bias is not None:
+        y = y + bias.double()
+    if lora_A is not None:
+        xl = x.double() if lora_input is None else lora_input.double()
+        y = y + scaling * ((xl @ lora_A.double().t()) @ lora_B.double().t())
+    return y

@@ -12,6 +12,7 @@
 
 #include "checks.h"
 #include "cuda/common.cuh"
+#include "cuda/nf4_decode.cuh"
 #include "nf4_format.h"
 
 namespace lora_fused {
@@ -21,38 +22,10 @@ constexpr int kThreads = 256;
 constexpr int kUnroll = 4;                               // 4-byte groups per thread
 constexpr int64_t kBlockBytes = 4LL * kThreads * kUnroll;  // packed bytes per thread block
 
-struct BlockScales {
-  const float* absmax;          // fp32 scales, or nullptr when double-quantized
-  const uint8_t* codes;         // double-quantized: 8-bit code per block
-  const float* nested_absmax;   // one per nested_blocksize codes
-  const float* nested_code;     // 256 entries
-  int64_t nested_blocksize;
-  float offset;
-
-  __device__ __forceinline__ float operator()(int64_t block) const {
-    if (absmax != nullptr) return absmax[block];
-    return __fadd_rn(__fmul_rn(nested_code[codes[block]], nested_absmax[block / nested_blocksize]), offset);
-  }
-};
-
-template <typename out_t>
-__device__ __forceinline__ void store8(out_t* dst, const uint32_t word, const float s, const float* levels) {
-  alignas(16) out_t v[8];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t b = (word >> (8 * j)) & 0xffu;  // little-endian: byte j of the group
-    v[2 * j] = static_cast<out_t>(levels[b >> 4] * s);
-    v[2 * j + 1] = static_cast<out_t>(levels[b & 15] * s);
-  }
-#pragma unroll
-  for (int q = 0; q < static_cast<int>(sizeof(v) / 16); ++q)
-    reinterpret_cast<uint4*>(dst)[q] = reinterpret_cast<const uint4*>(v)[q];
-}
-
 template <typename out_t, bool kVector>
 __global__ void __launch_bounds__(kThreads)
     nf4_dequantize_kernel(const uint8_t* __restrict__ packed, int64_t nbytes, int64_t n, int64_t blocksize,
-                          BlockScales scales, out_t* __restrict__ out) {
+                          cuda::BlockScales scales, out_t* __restrict__ out) {
   __shared__ float levels[16];
   if (threadIdx.x < 16) levels[threadIdx.x] = nf4::level(threadIdx.x);
   __syncthreads();
@@ -72,7 +45,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t elem0 = 2 * byte0;
     const float s = scales(elem0 / blocksize);
     if (full[u]) {
-      store8(out + elem0, words[u], s, levels);
+      cuda::store8(out + elem0, words[u], s, levels);
       continue;
     }
     for (int j = 0; j < 4 && byte0 + j < nbytes; ++j) {
@@ -94,18 +67,9 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed_in, const at::Tensor& ab
   const c10::cuda::CUDAGuard guard(packed_in.device());
   const at::Tensor packed = packed_in.contiguous();
   const at::Tensor absmax = absmax_in.contiguous();
-  at::Tensor na, nc;
-  BlockScales scales{nullptr, nullptr, nullptr, nullptr, 1, static_cast<float>(offset)};
-  if (absmax.scalar_type() == at::kByte) {
-    na = nested_absmax->contiguous();
-    nc = nested_code->contiguous();
-    scales.codes = absmax.data_ptr<uint8_t>();
-    scales.nested_absmax = na.data_ptr<float>();
-    scales.nested_code = nc.data_ptr<float>();
-    scales.nested_blocksize = nested_blocksize;
-  } else {
-    scales.absmax = absmax.data_ptr<float>();
-  }
+  const c10::optional<at::Tensor> na = nested_absmax.has_value() ? c10::optional<at::Tensor>(nested_absmax->contiguous()) : c10::nullopt;
+  const c10::optional<at::Tensor> nc = nested_code.has_value() ? c10::optional<at::Tensor>(nested_code->contiguous()) : c10::nullopt;
+  const cuda::BlockScales scales = cuda::make_block_scales(absmax, na, nc, offset, nested_blocksize);
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   const int64_t n = out.numel(), nbytes = packed.numel();
   if (n == 0) return out;

@@ -1,0 +1,86 @@
+// nf4_linear and nf4_linear_grad_input on CPU: the tiled path (nf4_linear_tiled.cpp) over a plain
+// decoder of a rectangle of the weight. Scales decode as nf4_dequantize decodes them, so a slab
+// holds exactly the values nf4_dequantize gives.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "nf4_format.h"
+#include "nf4_linear.h"
+
+namespace lora_fused {
+namespace {
+
+at::Tensor nf4_dequantize_rect_cpu(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+                                   at::ScalarType dtype) {
+  const int64_t k = w.in_features, bs = w.blocksize;
+  const uint8_t* bytes = w.packed.data_ptr<uint8_t>();
+  const bool nested = w.absmax.scalar_type() == at::kByte;
+  const float* absmax = nested ? nullptr : w.absmax.data_ptr<float>();
+  const uint8_t* codes = nested ? w.absmax.data_ptr<uint8_t>() : nullptr;
+  const float* a2 = nested ? w.nested_absmax->data_ptr<float>() : nullptr;
+  const float* c2 = nested ? w.nested_code->data_ptr<float>() : nullptr;
+  const int64_t nbs = w.nested_blocksize;
+  const float off = static_cast<float>(w.offset);
+  at::Tensor out = at::empty({rows, cols}, w.packed.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nf4_dequantize_rect_cpu", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t block = -1;
+        float s = 0.0f;
+        for (int64_t c = 0; c < cols; ++c) {
+          const int64_t f = (row0 + r) * k + col0 + c;
+          if (f / bs != block) {
+            block = f / bs;
+            if (nested) {
+              const float prod = c2[codes[block]] * a2[block / nbs];
+              s = prod + off;
+            } else {
+              s = absmax[block];
+            }
+          }
+          const uint8_t b = bytes[f >> 1];
+          dst[r * cols + c] = static_cast<scalar_t>(nf4::level((f & 1) ? (b & 15) : (b >> 4)) * s);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                          double offset, int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
+                          const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_u,
+                          const c10::optional<at::Tensor>& lora_B) {
+  const char* op = "lora_fused.nf4_linear";
+  check_device(x, at::kCPU, op, "x");
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [M, K]; got a ", describe(x));
+  const Nf4Weight w = make_nf4_weight(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                      nested_blocksize, out_features, x.size(1), op);
+  check_nf4_linear_extras(x, w, bias, lora_u, lora_B);
+  return nf4_linear_tiled(x, w, bias, lora_u, lora_B, nf4_dequantize_rect_cpu);
+}
+
+at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+                                     const c10::optional<at::Tensor>& nested_absmax,
+                                     const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                                     int64_t nested_blocksize, int64_t in_features) {
+  const char* op = "lora_fused.nf4_linear_grad_input";
+  check_device(grad_out, at::kCPU, op, "grad_out");
+  TORCH_CHECK_VALUE(grad_out.dim() == 2, op, ": grad_out must be [M, N]; got a ", describe(grad_out));
+  const Nf4Weight w = make_nf4_weight(grad_out, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                      nested_blocksize, grad_out.size(1), in_features, op);
+  return nf4_linear_grad_input_tiled(grad_out, w, nf4_dequantize_rect_cpu);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_fused, CPU, m) {
+  m.impl("nf4_linear", &nf4_linear_cpu);
+  m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cpu);
+}
+
+}  // namespace lora_fused

@@ -1,0 +1,91 @@
+// Decodes a rectangle [row0, row0 + rows) x [col0, col0 + cols) of an NF4 weight [N, K] into a
+// contiguous [rows, cols] tensor: the slab the tiled nf4_linear path feeds to cuBLAS. When K, col0
+// and cols are multiples of 8 (every Llama-sized layer), each thread loads 4 packed bytes (8
+// elements, one quantization block since blocksize >= 32) per group with kUnroll groups in flight,
+// and stores 16 bytes, like nf4_dequantize; otherwise one element per thread.
+#include <ATen/Dispatch.h>
+
+#include "cuda/common.cuh"
+#include "cuda/nf4_decode.cuh"
+
+namespace lora_fused {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
+
+template <typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    nf4_dequantize_rect_vec_kernel(const uint8_t* __restrict__ packed, int64_t k, int64_t row0, int64_t col0,
+                                   int64_t rows, int64_t groups_per_row, int bs_shift, cuda::BlockScales scales,
+                                   out_t* __restrict__ out) {
+  __shared__ float levels[16];
+  if (threadIdx.x < 16) levels[threadIdx.x] = nf4::level(threadIdx.x);
+  __syncthreads();
+  const int64_t total = rows * groups_per_row;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kUnroll + threadIdx.x;
+  uint32_t words[kUnroll];
+  int64_t flat[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {  // all loads first
+    const int64_t i = base + static_cast<int64_t>(u) * kThreads;
+    const int64_t r = i / groups_per_row, g = i - r * groups_per_row;
+    flat[u] = (row0 + r) * k + col0 + 8 * g;
+    words[u] = i < total ? __ldg(reinterpret_cast<const uint32_t*>(packed + flat[u] / 2)) : 0u;
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = base + static_cast<int64_t>(u) * kThreads;
+    if (i >= total) continue;
+    cuda::store8(out + 8 * i, words[u], scales(flat[u] >> bs_shift), levels);
+  }
+}
+
+template <typename out_t>
+__global__ void __launch_bounds__(kThreads)
+    nf4_dequantize_rect_scalar_kernel(const uint8_t* __restrict__ packed, int64_t k, int64_t row0, int64_t col0,
+                                      int64_t rows, int64_t cols, int bs_shift, cuda::BlockScales scales,
+                                      out_t* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= rows * cols) return;
+  const int64_t r = i / cols, c = i - r * cols;
+  const int64_t f = (row0 + r) * k + col0 + c;
+  const uint8_t b = packed[f >> 1];
+  out[i] = static_cast<out_t>(nf4::level((f & 1) ? (b & 15) : (b >> 4)) * scales(f >> bs_shift));
+}
+
+}  // namespace
+
+at::Tensor nf4_dequantize_rect_cuda(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+                                    at::ScalarType dtype) {
+  const char* op = "lora_fused.nf4_dequantize_rect";
+  TORCH_CHECK(row0 >= 0 && col0 >= 0 && row0 + rows <= w.out_features && col0 + cols <= w.in_features, op,
+              ": rectangle out of range");
+  at::Tensor out = at::empty({rows, cols}, w.packed.options().dtype(dtype));
+  if (rows * cols == 0) return out;
+  const int bs_shift = cuda::log2_exact(w.blocksize);
+  TORCH_CHECK(bs_shift >= 0, op, ": blocksize must be a power of two; got ", w.blocksize);
+  const cuda::BlockScales scales = cuda::make_block_scales(w);
+  const int64_t k = w.in_features;
+  const bool vec = k % 8 == 0 && col0 % 8 == 0 && cols % 8 == 0 &&
+                   reinterpret_cast<uintptr_t>(w.packed.data_ptr()) % 4 == 0;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const uint8_t* packed = w.packed.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nf4_dequantize_rect_cuda", [&] {
+    auto* dst = out.data_ptr<scalar_t>();
+    if (vec) {
+      const int64_t groups = rows * (cols / 8);
+      const unsigned int grid = cuda::grid_x(cuda::ceil_div<int64_t>(groups, kThreads * kUnroll), op);
+      nf4_dequantize_rect_vec_kernel<scalar_t>
+          <<<grid, kThreads, 0, stream>>>(packed, k, row0, col0, rows, cols / 8, bs_shift, scales, dst);
+    } else {
+      const unsigned int grid = cuda::grid_x(cuda::ceil_div<int64_t>(rows * cols, kThreads), op);
+      nf4_dequantize_rect_scalar_kernel<scalar_t>
+          <<<grid, kThreads, 0, stream>>>(packed, k, row0, col0, rows, cols, bs_shift, scales, dst);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace lora_fused

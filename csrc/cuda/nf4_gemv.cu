@@ -1,0 +1,287 @@
+// nf4_linear for a few rows of x (M <= 16, decode): out = x @ W^T + bias + lora_u @ lora_B^T with the
+// NF4 weight W [N, K] streamed once from memory and decoded in registers, on tensor cores.
+//
+// Tiling: a thread block takes R strips of 16 weight rows (persistent over the strips of N); its 8
+// warps split K. A warp step is a 16-row x 128-column tile of W: the 4 lanes of each row group load
+// 16 bytes (32 elements) of rows g and g+8, and 8 mma.m16n8k16 per strip consume them against
+// ceil(M/8) tiles of 8 tokens. The partial sums of the 8 warps meet in shared memory; the epilogue
+// adds bias and the LoRA term in fp32 and rounds once.
+//
+// Why the k-permutation is right: an mma sums over its 16 k positions in any order, so any bijection
+// between the 16 logical k of the fragment layout and 16 physical columns works if A and B use the
+// same one. Lane t of a row group holds logical k {2t, 2t+1, 2t+8, 2t+9}; we map them, at step s of
+// 8, to physical columns 32c + 4s + {0, 1, 2, 3} of its 32-column chunk c. A's pairs then come from
+// one packed byte each, and B's pairs from x[token][32c + 4s ...], contiguous.
+//
+// Weights are decoded exactly as nf4_dequantize does (fp32 level * fp32 scale, rounded once to
+// bf16/fp16), from a byte -> (level hi, level lo) table replicated per lane so that the lookups of
+// a warp never conflict on shared-memory banks.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <atomic>
+
+#include "cuda/common.cuh"
+#include "cuda/nf4_decode.cuh"
+
+namespace lora_fused {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kTableEntries = 256 * 32;  // byte x lane
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<at::BFloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<at::Half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<at::BFloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+template <>
+__device__ __forceinline__ void mma16816<at::Half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+// Streaming 16-byte load: the weight is read once, keep it out of L1.
+__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+struct GemvArgs {
+  const void* x;  // [m, k], row stride k
+  const uint8_t* packed;
+  cuda::BlockScales scales;
+  int bs_shift;
+  int m;
+  int64_t n, k;
+  const void* bias;    // [n] or nullptr
+  const void* lora_u;  // [m, r] or nullptr
+  const void* lora_B;  // [n, r]
+  int r;
+  void* out;  // [m, n]
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t decode_pair(const float2* table, uint32_t byte, float s) {
+  const float2 v = table[(byte << 5) + (threadIdx.x & 31)];
+  return pack2<T>(v.x * s, v.y * s);  // element 2j (high nibble) first: the lower k, the low half
+}
+
+template <typename T, int R, int NT>
+__global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs args) {
+  extern __shared__ float4 smem_raw[];
+  float2* table = reinterpret_cast<float2*>(smem_raw);
+  constexpr int kRows = 16 * R, kCols = 8 * NT, kRedStride = kCols + 1;
+  float* red = reinterpret_cast<float*>(table + kTableEntries);  // [kWarps][kRows][kRedStride]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  for (int i = threadIdx.x; i < kTableEntries; i += kThreads) {
+    const int b = i >> 5;
+    table[i] = make_float2(nf4::level(b >> 4), nf4::level(b & 15));
+  }
+  __syncthreads();
+  const T* x = static_cast<const T*>(args.x);
+  const int64_t n = args.n, k = args.k, chunks = k / 32;
+  const int64_t strips = cuda::ceil_div<int64_t>(n, kRows);
+  for (int64_t strip = blockIdx.x; strip < strips; strip += gridDim.x) {
+    const int64_t nbase = strip * kRows;
+    float acc[R][NT][4];
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+    // Warp-uniform loop (mma.sync needs the whole warp); lanes past the last chunk load zeros.
+    for (int64_t c0 = 4 * warp; c0 < chunks; c0 += 4 * kWarps) {
+      const int64_t c = c0 + t;
+      const bool valid = c < chunks;
+      uint4 wq[R][2];
+      float sc[R][2];
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t row = nbase + 16 * i + 8 * h + g;
+          const bool ok = valid && row < n;
+          const int64_t f = row * k + 32 * c;
+          wq[i][h] = ok ? load_stream(args.packed + f / 2) : make_uint4(0, 0, 0, 0);
+          sc[i][h] = ok ? args.scales(f >> args.bs_shift) : 0.0f;
+        }
+      uint4 xq[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int tok = 8 * j + g;
+        const bool ok = valid && tok < args.m;
+        const uint4* src = reinterpret_cast<const uint4*>(x + tok * k + 32 * c);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xq[j][q] = ok ? __ldg(src + q) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        // Step s: columns 4s..4s+3 of the chunk = packed bytes 2s, 2s+1 = word s/2, bytes 2(s%2), +1.
+        const int shift = 16 * (s & 1);
+        uint32_t b0[NT], b1[NT];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          b0[j] = word_of(xq[j][s / 2], (2 * s) % 4);
+          b1[j] = word_of(xq[j][s / 2], (2 * s) % 4 + 1);
+        }
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const uint32_t lo = word_of(wq[i][0], s / 2) >> shift, hi = word_of(wq[i][1], s / 2) >> shift;
+          uint32_t a[4];
+          a[0] = decode_pair<T>(table, lo & 0xffu, sc[i][0]);         // row g,   columns 4s, 4s+1
+          a[1] = decode_pair<T>(table, hi & 0xffu, sc[i][1]);         // row g+8, columns 4s, 4s+1
+          a[2] = decode_pair<T>(table, (lo >> 8) & 0xffu, sc[i][0]);  // row g,   columns 4s+2, 4s+3
+          a[3] = decode_pair<T>(table, (hi >> 8) & 0xffu, sc[i][1]);  // row g+8, columns 4s+2, 4s+3
+#pragma unroll
+          for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], a, b0[j], b1[j]);
+        }
+      }
+    }
+    // acc[i][j]: rows 16i + g (q = 0, 1) and 16i + g + 8 (q = 2, 3), tokens 8j + 2t + (q & 1).
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int row = 16 * i + g + 8 * (q >> 1), col = 8 * j + 2 * t + (q & 1);
+          red[(warp * kRows + row) * kRedStride + col] = acc[i][j][q];
+        }
+    __syncthreads();
+    const T* bias = static_cast<const T*>(args.bias);
+    const T* u = static_cast<const T*>(args.lora_u);
+    const T* lb = static_cast<const T*>(args.lora_B);
+    T* out = static_cast<T*>(args.out);
+    for (int idx = threadIdx.x; idx < kRows * kCols; idx += kThreads) {
+      const int row = idx % kRows, tok = idx / kRows;  // consecutive threads: consecutive outputs of a token
+      const int64_t gn = nbase + row;
+      if (gn >= n || tok >= args.m) continue;
+      float v = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += red[(w * kRows + row) * kRedStride + tok];
+      if (bias != nullptr) v += static_cast<float>(bias[gn]);
+      if (u != nullptr) {
+        float l = 0.0f;
+        for (int q = 0; q < args.r; ++q)
+          l = cuda::fma_acc(static_cast<float>(u[tok * args.r + q]), static_cast<float>(lb[gn * args.r + q]), l);
+        v += l;
+      }
+      out[tok * n + gn] = static_cast<T>(v);
+    }
+    __syncthreads();  // red is reused by the next strip
+  }
+}
+
+template <typename T, int R, int NT>
+void launch(const GemvArgs& a, cudaStream_t stream, int sms) {
+  constexpr size_t smem = sizeof(float2) * kTableEntries + sizeof(float) * kWarps * 16 * R * (8 * NT + 1);
+  auto kernel = nf4_gemv_kernel<T, R, NT>;
+  // More than 48 KiB of dynamic shared memory needs an opt-in, once per device.
+  static std::atomic<uint64_t> opted_in{0};
+  const int dev = at::cuda::current_device();
+  const uint64_t bit = uint64_t{1} << (dev % 64);
+  if ((opted_in.load() & bit) == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    opted_in.fetch_or(bit);
+  }
+  const int64_t strips = cuda::ceil_div<int64_t>(a.n, 16 * R);
+  const int grid = static_cast<int>(std::min<int64_t>(strips, 2LL * sms));
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int NT>
+void launch_rows(const GemvArgs& a, cudaStream_t stream, int sms) {
+  // Enough strips for two resident blocks per SM, and as many rows per block as that allows (more
+  // rows per block = more 16-byte loads in flight per warp).
+  if (a.n >= 64LL * 2 * sms) {
+    launch<T, 4, NT>(a, stream, sms);
+  } else if (a.n >= 32LL * 2 * sms) {
+    launch<T, 2, NT>(a, stream, sms);
+  } else {
+    launch<T, 1, NT>(a, stream, sms);
+  }
+}
+
+}  // namespace
+
+bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
+                   const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B, at::Tensor& out) {
+  const int64_t m = x_in.size(0), k = w.in_features;
+  const at::ScalarType t = x_in.scalar_type();
+  if (m < 1 || m > 16 || k % 32 != 0 || (t != at::kBFloat16 && t != at::kHalf)) return false;
+  if (reinterpret_cast<uintptr_t>(w.packed.data_ptr()) % 16 != 0) return false;
+  const auto props = at::cuda::getCurrentDeviceProperties();
+  if (props->major < 8) return false;
+  const int bs_shift = cuda::log2_exact(w.blocksize);
+  if (bs_shift < 5) return false;  // a 32-element chunk must sit in one quantization block
+  at::Tensor x = x_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) x = x.clone();
+  at::Tensor u, b;
+  GemvArgs a{};
+  a.x = x.data_ptr();
+  a.packed = w.packed.data_ptr<uint8_t>();
+  a.scales = cuda::make_block_scales(w);
+  a.bs_shift = bs_shift;
+  a.m = static_cast<int>(m);
+  a.n = w.out_features;
+  a.k = k;
+  c10::optional<at::Tensor> bias_c = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
+  a.bias = bias_c.has_value() ? bias_c->data_ptr() : nullptr;
+  if (lora_u.has_value()) {
+    u = lora_u->contiguous();
+    b = lora_B->contiguous();
+    a.lora_u = u.data_ptr();
+    a.lora_B = b.data_ptr();
+    a.r = static_cast<int>(u.size(1));
+  }
+  out = at::empty({m, w.out_features}, x.options());
+  a.out = out.data_ptr();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int sms = props->multiProcessorCount;
+  if (t == at::kBFloat16) {
+    if (m <= 8) launch_rows<at::BFloat16, 1>(a, stream, sms); else launch_rows<at::BFloat16, 2>(a, stream, sms);
+  } else {
+    if (m <= 8) launch_rows<at::Half, 1>(a, stream, sms); else launch_rows<at::Half, 2>(a, stream, sms);
+  }
+  return true;
+}
+
+}  // namespace lora_fused

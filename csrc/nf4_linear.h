@@ -1,0 +1,52 @@
+// Host declarations shared by the CPU and CUDA implementations of nf4_linear and
+// nf4_linear_grad_input: the NF4 weight as the ops receive it, and the tiled path that decodes a
+// bounded slab of the weight at a time and multiplies it with the backend's GEMM.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <functional>
+
+namespace lora_fused {
+
+// An NF4 weight [out_features, in_features] in bitsandbytes' layout (see nf4_format.h).
+struct Nf4Weight {
+  at::Tensor packed;  // uint8, (N*K + 1) / 2 bytes, contiguous
+  at::Tensor absmax;  // fp32 [blocks], or uint8 codes [blocks] when double-quantized
+  c10::optional<at::Tensor> nested_absmax, nested_code;
+  double offset = 0.0;
+  int64_t blocksize = 64, nested_blocksize = 256;
+  int64_t out_features = 0, in_features = 0;  // N, K
+};
+
+// Checks what both ops receive and returns the weight with contiguous tensors. `other` is x
+// ([M, K]) for nf4_linear and grad_out ([M, N]) for nf4_linear_grad_input.
+Nf4Weight make_nf4_weight(const at::Tensor& other, const at::Tensor& packed, const at::Tensor& absmax,
+                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                          double offset, int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
+                          int64_t in_features, const char* op);
+
+// Checks nf4_linear's optional operands: bias [N]; lora_u [M, r] and lora_B [N, r] together.
+void check_nf4_linear_extras(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B);
+
+// Decodes rows [row0, row0 + rows) x columns [col0, col0 + cols) of the weight into a new contiguous
+// [rows, cols] tensor of `dtype` on the weight's device.
+using DequantRect = std::function<at::Tensor(const Nf4Weight&, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+                                             at::ScalarType dtype)>;
+
+// Elements of 16-bit weight a tiled call decodes at once: max(2^20, N*K/16), at most 2^23 (16 MiB in
+// bf16, which stays in an H100's L2 between the decode and the GEMM reading it), unless
+// LORA_FUSED_NF4_SLAB_ELEMS says otherwise (tests use it to force many slabs).
+int64_t nf4_slab_elems(int64_t n, int64_t k);
+
+// out = x @ W^T + bias + lora_u @ lora_B^T, one slab of rows of W at a time: each slab's GEMM writes
+// its column block of out, accumulating onto the bias/LoRA term where there is one (beta = 1).
+at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
+                            const DequantRect& dequant);
+
+// grad_x = grad_out @ W, one slab of columns of W at a time (each slab's GEMM writes its column block
+// of grad_x, so nothing is summed across slabs).
+at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weight& w, const DequantRect& dequant);
+
+}  // namespace lora_fused
