@@ -37,7 +37,8 @@ R_QUICK = [16]
 SHAPES_CPU = [(256, 384)]
 M_CPU = [1, 64]
 R_CPU = [8]
-OPS = ["lora_linear", "nf4_dequantize"]
+OPS = ["lora_linear", "nf4_linear", "qlora_linear", "nf4_dequantize"]
+LAYER_OPS = ("lora_linear", "nf4_linear", "qlora_linear")
 MODES = ["fwd", "bwd", "fwdbwd"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -152,7 +153,57 @@ def lora_linear_providers(x, weight, lora_A, lora_B, scaling, alpha, with_peft: 
     return providers
 
 
-def run_lora_linear(M, k, d, r, dtype, device, modes, bench, graph_bench, with_peft) -> list[Result]:
+def _bnb_linear4bit(packed, state, k, d, dtype):
+    """A bitsandbytes Linear4bit holding exactly our NF4 bytes (as transformers loads a checkpoint)."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(k, d, bias=False, compute_dtype=dtype, quant_type="nf4", device="meta")
+    stats = state.as_dict(packed=True)
+    layer.weight = bnb.nn.Params4bit.from_prequantized(packed, stats, device=packed.device, module=layer)
+    return layer
+
+
+def nf4_linear_providers(x, packed, state, w16, with_bnb: bool):
+    xg = x.detach().requires_grad_()
+    providers = {
+        "lora_fused": (lambda: lora_fused.nf4_linear(xg, packed, state), [xg]),
+        "base_gemm": (lambda: F.linear(xg, w16), [xg]),
+    }
+    if with_bnb:
+        layer = _bnb_linear4bit(packed, state, x.shape[1], w16.shape[0], x.dtype)
+        providers["bitsandbytes"] = (lambda: layer(xg), [xg])
+    return providers
+
+
+def qlora_linear_providers(x, packed, state, w16, lora_A, lora_B, scaling, alpha, with_peft: bool, with_bnb: bool):
+    A = lora_A.detach().requires_grad_()
+    B = lora_B.detach().requires_grad_()
+    xg = x.detach().requires_grad_()
+    providers = {
+        "lora_fused": (lambda: lora_fused.qlora_linear(xg, packed, state, A, B, scaling), [xg, A, B]),
+        "base_gemm": (lambda: F.linear(xg, w16), [xg]),  # the bf16 base alone, no LoRA: the goal's yardstick
+    }
+    if with_bnb:
+        layer = _bnb_linear4bit(packed, state, x.shape[1], w16.shape[0], x.dtype)
+        providers["bnb+torch"] = (lambda: layer(xg) + scaling * F.linear(F.linear(xg, A), B), [xg, A, B])
+        if with_peft:
+            from peft import LoraConfig, get_peft_model
+
+            holder = torch.nn.Module()
+            holder.proj = layer
+            model = get_peft_model(holder, LoraConfig(r=lora_A.shape[0], lora_alpha=alpha, target_modules=["proj"]))
+            pl = model.base_model.model.proj
+            with torch.no_grad():
+                pl.lora_A["default"].weight.copy_(lora_A)
+                pl.lora_B["default"].weight.copy_(lora_B)
+            providers["peft+bnb"] = (lambda: pl(xg), [xg, pl.lora_A["default"].weight, pl.lora_B["default"].weight])
+    return providers
+
+
+def run_layer(op, M, k, d, r, dtype, device, modes, bench, graph_bench, with_peft, with_bnb) -> list[Result]:
+    """One layer case (lora_linear, nf4_linear or qlora_linear): every provider checked against an
+    fp32 reference, then timed for each mode."""
+    r = max(r, 1)  # nf4_linear cases carry r = 0 (no adapter)
     x = torch.randn(M, k, device=device, dtype=dtype)
     weight = torch.randn(d, k, device=device, dtype=dtype) * k**-0.5
     lora_A = torch.randn(r, k, device=device, dtype=dtype) * k**-0.5
@@ -160,23 +211,38 @@ def run_lora_linear(M, k, d, r, dtype, device, modes, bench, graph_bench, with_p
     alpha = 2 * r
     scaling = alpha / r
     g = torch.randn(M, d, device=device, dtype=dtype)
+    if op == "lora_linear":
+        w_ref = weight.float()
+        providers = lora_linear_providers(x, weight, lora_A, lora_B, scaling, alpha, with_peft)
+    else:
+        packed, state = nf4.quantize(weight, 64)
+        w16 = nf4.dequantize(packed, state, dtype)
+        w_ref = nf4.dequantize(packed, state, torch.float32)
+        if op == "nf4_linear":
+            providers = nf4_linear_providers(x, packed, state, w16, with_bnb)
+        else:
+            providers = qlora_linear_providers(x, packed, state, w16, lora_A, lora_B, scaling, alpha, with_peft, with_bnb)
+    has_lora = op != "nf4_linear"
     # fp32 reference (TF32 off) for the output and the input gradient.
     xr = x.float().requires_grad_()
     with _no_tf32():
-        ref = F.linear(xr, weight.float()) + scaling * F.linear(F.linear(xr, lora_A.float()), lora_B.float())
-        (ref_dx,) = torch.autograd.grad(ref, xr, g.float())
-    ref_base = F.linear(x.float(), weight.float())
+        ref_base = F.linear(xr, w_ref)
+        ref = ref_base + scaling * F.linear(F.linear(xr, lora_A.float()), lora_B.float()) if has_lora else ref_base
+        (ref_dx,) = torch.autograd.grad(ref, xr, g.float(), retain_graph=True)
+        (ref_base_dx,) = torch.autograd.grad(ref_base, xr, g.float())
+    weight_bytes = d * k * (dtype.itemsize if op == "lora_linear" else 0.5)
     results = []
-    for name, (fwd, params) in lora_linear_providers(x, weight, lora_A, lora_B, scaling, alpha, with_peft).items():
-        expected = ref_base if name == "base_gemm" else ref.detach()
+    for name, (fwd, params) in providers.items():
+        base = name == "base_gemm"
+        expected, expected_dx = (ref_base, ref_base_dx) if base else (ref, ref_dx)
         for mode in modes:
-            res = Result("lora_linear", mode, name, M, k, d, r, _dtype_name(dtype))
+            res = Result(op, mode, name, M, k, d, r if has_lora else 0, _dtype_name(dtype))
             try:
                 y = fwd()
-                err = _rel(y, expected)
-                if mode != "fwd" and name != "base_gemm":
+                err = _rel(y, expected.detach())
+                if mode != "fwd":
                     grads = torch.autograd.grad(y, params, g)
-                    err = max(err, _rel(grads[0], ref_dx))
+                    err = max(err, _rel(grads[0], expected_dx))
                 res.rel_err = err
                 if not err <= _tolerance(dtype):
                     res.status, res.detail = "WRONG", f"relative error {err:.2e} > {_tolerance(dtype):.0e}"
@@ -193,6 +259,9 @@ def run_lora_linear(M, k, d, r, dtype, device, modes, bench, graph_bench, with_p
                 # The frozen weight gets no gradient: backward is one base-sized GEMM (dX), not two.
                 flops = 2 * M * k * d * (2 if mode == "fwdbwd" else 1)
                 res.tflops = flops / res.ms / 1e9
+                if mode == "fwd" and M <= 16:  # decode is memory-bound: the weight's bytes per second
+                    wb = d * k * dtype.itemsize if base else weight_bytes
+                    res.tbps = wb / res.ms / 1e9
             except Exception as e:  # a provider that fails is reported, the run goes on
                 res.status, res.detail = "error", f"{type(e).__name__}: {e}"[:200]
             results.append(res)
@@ -347,7 +416,7 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     for o in ops:
         if o not in OPS:
-            ap.error(f"unknown op {o!r}; available: {OPS} (nf4_linear and qlora_linear are not implemented yet)")
+            ap.error(f"unknown op {o!r}; available: {OPS}")
     for m in modes:
         if m not in MODES:
             ap.error(f"unknown mode {m!r}; available: {MODES}")
@@ -365,12 +434,14 @@ def main(argv=None) -> int:
 
     results: list[Result] = []
     cases = [("lora_linear", k, d, M, r) for (k, d) in shapes for r in rs for M in ms_] if "lora_linear" in ops else []
+    cases += [("nf4_linear", k, d, M, 0) for (k, d) in shapes for M in ms_] if "nf4_linear" in ops else []
+    cases += [("qlora_linear", k, d, M, r) for (k, d) in shapes for r in rs for M in ms_] if "qlora_linear" in ops else []
     cases += [("nf4_dequantize", k, d, 0, 0) for (k, d) in shapes] if "nf4_dequantize" in ops else []
     t0 = time.time()
     for i, (op, k, d, M, r) in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {op} {k}->{d} M={M} r={r} ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
-        if op == "lora_linear":
-            results += run_lora_linear(M, k, d, r, dtype, device, modes, bench, graph_bench, with_peft)
+        if op in LAYER_OPS:
+            results += run_layer(op, M, k, d, r, dtype, device, modes, bench, graph_bench, with_peft, with_bnb)
         else:
             results += run_nf4_dequantize(k, d, dtype, device, bench, with_bnb)
         if device == "cuda":
