@@ -2,7 +2,7 @@
 // NF4 weight W [N, K] streamed once from memory and decoded in registers, on tensor cores.
 //
 // Tiling: a thread block takes R strips of 16 weight rows (persistent over the strips of N); its 8
-// warps split K. A warp step is a 16-row x 128-column tile of W: the 4 lanes of each row group load
+// warps split K, each with the next step's loads in flight while it computes the current one. A warp step is a 16-row x 128-column tile of W: the 4 lanes of each row group load
 // 16 bytes (32 elements) of rows g and g+8, and 8 mma.m16n8k16 per strip consume them against
 // ceil(M/8) tiles of 8 tokens. The partial sums of the 8 warps meet in shared memory; the epilogue
 // adds bias and the LoRA term in fp32 and rounds once.
@@ -102,17 +102,54 @@ __device__ __forceinline__ uint32_t decode_pair(const float2* table, uint32_t by
   return pack2<T>(v.x * s, v.y * s);  // element 2j (high nibble) first: the lower k, the low half
 }
 
+// What a warp step reads from memory for its R strips: 16 packed bytes of rows g and g+8, and the
+// raw block scale (fp32 bits, or the 8-bit code and its nested fp32 scale).
+template <int R>
+struct Stage {
+  uint4 w[R][2];
+  uint32_t raw[R][2];
+  float s2[R][2];
+};
+
+constexpr uint32_t kZeroNibbles = 0x77777777u;  // level 7 is 0.0: rows/chunks past the end add nothing
+
+template <int R>
+__device__ __forceinline__ void load_stage(Stage<R>& st, const GemvArgs& a, int64_t nbase, int64_t c, bool valid) {
+  const int g = (threadIdx.x & 31) >> 2;
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = nbase + 16 * i + 8 * h + g;
+      const bool ok = valid && row < a.n;
+      const int64_t f = row * a.k + 32 * c;
+      const int64_t blk = f >> a.bs_shift;
+      st.w[i][h] = ok ? load_stream(a.packed + f / 2) : make_uint4(kZeroNibbles, kZeroNibbles, kZeroNibbles, kZeroNibbles);
+      if (a.scales.absmax != nullptr) {
+        st.raw[i][h] = ok ? __float_as_uint(__ldg(a.scales.absmax + blk)) : 0u;
+        st.s2[i][h] = 0.0f;
+      } else {
+        st.raw[i][h] = ok ? a.scales.codes[blk] : 0u;
+        const int64_t b2 = a.scales.nested_shift >= 0 ? blk >> a.scales.nested_shift : blk / a.scales.nested_blocksize;
+        st.s2[i][h] = ok ? __ldg(a.scales.nested_absmax + b2) : 0.0f;
+      }
+    }
+}
+
 template <typename T, int R, int NT>
 __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs args) {
   extern __shared__ float4 smem_raw[];
   float2* table = reinterpret_cast<float2*>(smem_raw);
+  float* code2 = reinterpret_cast<float*>(table + kTableEntries);  // the 256-entry nested code
   constexpr int kRows = 16 * R, kCols = 8 * NT, kRedStride = kCols + 1;
-  float* red = reinterpret_cast<float*>(table + kTableEntries);  // [kWarps][kRows][kRedStride]
+  float* red = code2 + 256;  // [kWarps][kRows][kRedStride]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   for (int i = threadIdx.x; i < kTableEntries; i += kThreads) {
     const int b = i >> 5;
     table[i] = make_float2(nf4::level(b >> 4), nf4::level(b & 15));
   }
+  const bool nested = args.scales.absmax == nullptr;
+  if (nested) code2[threadIdx.x] = args.scales.nested_code[threadIdx.x];
   __syncthreads();
   const T* x = static_cast<const T*>(args.x);
   const int64_t n = args.n, k = args.k, chunks = k / 32;
@@ -126,22 +163,13 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs ar
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
-    // Warp-uniform loop (mma.sync needs the whole warp); lanes past the last chunk load zeros.
+    // Warp-uniform loop (mma.sync needs the whole warp); lanes past the last chunk read zero nibbles.
+    // The next step's weight bytes and scales are in flight while this step computes.
+    Stage<R> cur, nxt;
+    load_stage(cur, args, nbase, 4 * warp + t, 4 * warp + t < chunks);
     for (int64_t c0 = 4 * warp; c0 < chunks; c0 += 4 * kWarps) {
       const int64_t c = c0 + t;
       const bool valid = c < chunks;
-      uint4 wq[R][2];
-      float sc[R][2];
-#pragma unroll
-      for (int i = 0; i < R; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t row = nbase + 16 * i + 8 * h + g;
-          const bool ok = valid && row < n;
-          const int64_t f = row * k + 32 * c;
-          wq[i][h] = ok ? load_stream(args.packed + f / 2) : make_uint4(0, 0, 0, 0);
-          sc[i][h] = ok ? args.scales(f >> args.bs_shift) : 0.0f;
-        }
       uint4 xq[NT][4];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
@@ -151,6 +179,15 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs ar
 #pragma unroll
         for (int q = 0; q < 4; ++q) xq[j][q] = ok ? __ldg(src + q) : make_uint4(0, 0, 0, 0);
       }
+      const int64_t cn = c0 + 4 * kWarps + t;
+      if (c0 + 4 * kWarps < chunks) load_stage(nxt, args, nbase, cn, cn < chunks);
+      float sc[R][2];
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          sc[i][h] = nested ? __fadd_rn(__fmul_rn(code2[cur.raw[i][h]], cur.s2[i][h]), args.scales.offset)
+                            : __uint_as_float(cur.raw[i][h]);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         // Step s: columns 4s..4s+3 of the chunk = packed bytes 2s, 2s+1 = word s/2, bytes 2(s%2), +1.
@@ -163,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs ar
         }
 #pragma unroll
         for (int i = 0; i < R; ++i) {
-          const uint32_t lo = word_of(wq[i][0], s / 2) >> shift, hi = word_of(wq[i][1], s / 2) >> shift;
+          const uint32_t lo = word_of(cur.w[i][0], s / 2) >> shift, hi = word_of(cur.w[i][1], s / 2) >> shift;
           uint32_t a[4];
           a[0] = decode_pair<T>(table, lo & 0xffu, sc[i][0]);         // row g,   columns 4s, 4s+1
           a[1] = decode_pair<T>(table, hi & 0xffu, sc[i][1]);         // row g+8, columns 4s, 4s+1
@@ -173,6 +210,7 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs ar
           for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], a, b0[j], b1[j]);
         }
       }
+      cur = nxt;
     }
     // acc[i][j]: rows 16i + g (q = 0, 1) and 16i + g + 8 (q = 2, 3), tokens 8j + 2t + (q & 1).
 #pragma unroll
@@ -211,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs ar
 
 template <typename T, int R, int NT>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms) {
-  constexpr size_t smem = sizeof(float2) * kTableEntries + sizeof(float) * kWarps * 16 * R * (8 * NT + 1);
+  constexpr size_t smem = sizeof(float2) * kTableEntries + sizeof(float) * (256 + kWarps * 16 * R * (8 * NT + 1));
   auto kernel = nf4_gemv_kernel<T, R, NT>;
   // More than 48 KiB of dynamic shared memory needs an opt-in, once per device.
   static std::atomic<uint64_t> opted_in{0};
@@ -230,10 +268,9 @@ void launch(const GemvArgs& a, cudaStream_t stream, int sms) {
 template <typename T, int NT>
 void launch_rows(const GemvArgs& a, cudaStream_t stream, int sms) {
   // Enough strips for two resident blocks per SM, and as many rows per block as that allows (more
-  // rows per block = more 16-byte loads in flight per warp).
-  if (a.n >= 64LL * 2 * sms) {
-    launch<T, 4, NT>(a, stream, sms);
-  } else if (a.n >= 32LL * 2 * sms) {
+  // rows per block = more 16-byte loads in flight per warp; R = 4 with the prefetch stage would
+  // exceed 128 registers).
+  if (a.n >= 32LL * 2 * sms) {
     launch<T, 2, NT>(a, stream, sms);
   } else {
     launch<T, 1, NT>(a, stream, sms);

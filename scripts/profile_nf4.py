@@ -1,0 +1,59 @@
+"""Where the time of the NF4 layer goes, kernel by kernel (torch.profiler), on the GPU at hand.
+
+    python scripts/profile_nf4.py [--shapes 4096:4096,8192:28672] [--M 1,16,4096]
+
+For each shape and M: nf4_linear forward, nf4_linear_grad_input (backward dX), and the cuBLAS bf16
+GEMMs they stand beside, each run a few times under the profiler; prints the summed CUDA time per
+kernel name. A development tool: the benchmark CLI (python -m lora_fused.bench) is what users run.
+"""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import lora_fused
+from lora_fused import _ops, nf4
+
+
+def show(title, fn, reps=5):
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    print(f"== {title} (per call)")
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.count >= reps:
+            rows.append((t / reps, e.count // reps, e.key))
+    for us, n, key in sorted(rows, reverse=True)[:8]:
+        print(f"  {us:9.1f} us  x{n:<3d} {key[:110]}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="4096:4096,8192:28672")
+    ap.add_argument("--M", default="1,16,4096")
+    args = ap.parse_args()
+    for spec in args.shapes.split(","):
+        k, d = (int(v) for v in spec.split(":"))
+        w = torch.randn(d, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        packed, state = nf4.quantize(w)
+        w16 = nf4.dequantize(packed, state, torch.bfloat16)
+        s2 = state.state2
+        nf4_args = (packed, state.absmax, s2.absmax, s2.code, state.offset, state.blocksize, s2.blocksize)
+        for m in (int(v) for v in args.M.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            dy = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+            show(f"{k}->{d} M={m} nf4_linear", lambda: lora_fused.nf4_linear(x, packed, state))
+            show(f"{k}->{d} M={m} cuBLAS x @ W^T", lambda: x @ w16.t())
+            show(f"{k}->{d} M={m} nf4_linear_grad_input", lambda: _ops.nf4_linear_grad_input(dy, *nf4_args, k))
+            show(f"{k}->{d} M={m} cuBLAS dy @ W", lambda: dy @ w16)
+        show(f"{k}->{d} nf4_dequantize (whole weight)", lambda: nf4.dequantize(packed, state, torch.bfloat16))
+
+
+if __name__ == "__main__":
+    main()
