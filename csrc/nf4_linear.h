@@ -34,9 +34,10 @@ void check_nf4_linear_extras(const at::Tensor& x, const Nf4Weight& w, const c10:
 using DequantRect = std::function<at::Tensor(const Nf4Weight&, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
                                              at::ScalarType dtype)>;
 
-// Elements of 16-bit weight a tiled call decodes at once: max(2^20, N*K/16), at most 2^23 (16 MiB in
-// bf16, which stays in an H100's L2 between the decode and the GEMM reading it), unless
-// LORA_FUSED_NF4_SLAB_ELEMS says otherwise (tests use it to force many slabs).
+// Elements of 16-bit weight a tiled call decodes at once: N*K/4 clamped to [2^22, 2^24] (8 to 32 MiB
+// in bf16), unless LORA_FUSED_NF4_SLAB_ELEMS says otherwise (tests use it to force many slabs).
+// Measured on an H100 at M = 4096 (benchmarks/RESULTS.md): 2^24 slabs ran forward at 0.92-0.96x
+// the bf16 cuBLAS time, 2^20 slabs at 0.38-0.55x (skinny GEMMs, many launches).
 int64_t nf4_slab_elems(int64_t n, int64_t k);
 
 // out = x @ W^T + bias + lora_u @ lora_B^T, one slab of rows of W at a time: each slab's GEMM writes

@@ -12,8 +12,8 @@ int64_t nf4_slab_elems(int64_t n, int64_t k) {
     const long long v = std::atoll(env);
     if (v > 0) return v;
   }
-  const int64_t sixteenth = n * k / 16;
-  return std::min<int64_t>(std::max<int64_t>(sixteenth, int64_t{1} << 20), int64_t{1} << 23);
+  const int64_t quarter = n * k / 4;
+  return std::min<int64_t>(std::max<int64_t>(quarter, int64_t{1} << 22), int64_t{1} << 24);
 }
 
 namespace {

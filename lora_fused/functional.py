@@ -164,8 +164,9 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: O
     x: [..., K] in the compute dtype (bf16, fp16 or fp32); packed/state: an NF4 weight [N, K] as
     lora_fused.nf4.quantize (or bitsandbytes) makes it; bias: [N] in x's dtype or None. Gradients flow
     to x and bias; the weight is frozen. On CUDA, up to 16 rows run a kernel that streams the 4-bit
-    weight once; more rows decode the weight one bounded slab at a time (at most max(2^20, N*K/16),
-    capped at 2^23 elements) into cuBLAS, never the whole 16-bit weight.
+    weight once; more rows decode the weight one bounded slab at a time into cuBLAS: N*K/4 elements
+    clamped to [2^22, 2^24] (LORA_FUSED_NF4_SLAB_ELEMS overrides), so at most a quarter of the
+    16-bit weight beyond 4M-element (8 MiB) layers, never more than 32 MiB.
     """
     args = _nf4_args("nf4_linear", x, packed, state)
     x2 = x.reshape(-1, x.shape[-1])
