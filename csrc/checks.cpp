@@ -147,21 +147,24 @@ void check_blockwise_quantize_args(const at::Tensor& x, const at::Tensor& code, 
   check_blocksize(blocksize, 2, 4096, op);
 }
 
-Nf4Weight make_nf4_weight(const at::Tensor& other, const at::Tensor& packed, const at::Tensor& absmax,
-                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
-                          double offset, int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
-                          int64_t in_features, const char* op) {
-  const bool grad = std::string(op).find("grad_input") != std::string::npos;
+namespace {
+
+// The checks both NF4 matmul ops share. `other` is x [M, K] (forward) or grad_out [M, N] (grad).
+Nf4Weight make_nf4_weight(const at::Tensor& other, bool grad, at::DeviceType device, const at::Tensor& packed,
+                          const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
+                          const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                          int64_t nested_blocksize, int64_t features, const char* op) {
   const char* name = grad ? "grad_out" : "x";
+  check_device(other, device, op, name);
+  TORCH_CHECK_VALUE(other.dim() == 2, op, ": ", name, " must be [M, ", grad ? "N" : "K", "]; got a ", describe(other));
+  // The weight is [out_features, in_features]; the op names one and `other` gives the other.
+  const int64_t out_features = grad ? other.size(1) : features;
+  const int64_t in_features = grad ? features : other.size(1);
   const at::ScalarType t = other.scalar_type();
   TORCH_CHECK_TYPE(t == at::kBFloat16 || t == at::kHalf || t == at::kFloat, op, ": ", name,
                    " must be bfloat16, float16 or float32 (the weight is decoded to its dtype); got a ", describe(other));
-  check_rank(other, 2, op, name);
   TORCH_CHECK_VALUE(out_features >= 1 && in_features >= 1, op, ": the weight must have at least one row and column; got [",
                     out_features, ", ", in_features, "]");
-  const int64_t want = grad ? out_features : in_features;
-  TORCH_CHECK_VALUE(other.size(1) == want, op, ": ", name, " must be [M, ", want, "] for a weight of shape [", out_features,
-                    ", ", in_features, "]; got a ", describe(other));
   check_nf4_dequantize_args(packed, absmax, nested_absmax, nested_code, blocksize, nested_blocksize,
                             {out_features, in_features}, t, op);
   TORCH_CHECK(packed.device() == other.device(), op, ": ", name, " and the NF4 weight must be on the same device; got ",
@@ -179,9 +182,16 @@ Nf4Weight make_nf4_weight(const at::Tensor& other, const at::Tensor& packed, con
   return w;
 }
 
-void check_nf4_linear_extras(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
-                             const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B) {
+}  // namespace
+
+Nf4Weight check_nf4_linear_args(const at::Tensor& x, at::DeviceType device, const at::Tensor& packed,
+                                const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
+                                const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                                int64_t nested_blocksize, int64_t out_features, const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B) {
   const char* op = "lora_fused.nf4_linear";
+  Nf4Weight w = make_nf4_weight(x, false, device, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                nested_blocksize, out_features, op);
   const int64_t n = w.out_features;
   if (bias.has_value()) {
     check_same(x, "x", *bias, "bias", op);
@@ -201,6 +211,15 @@ void check_nf4_linear_extras(const at::Tensor& x, const Nf4Weight& w, const c10:
                       ": expected x [M, k], lora_u [M, r], lora_B [", n, ", r] with r >= 1; got x ", x.sizes(),
                       ", lora_u ", u.sizes(), ", lora_B ", b.sizes());
   }
+  return w;
+}
+
+Nf4Weight check_nf4_linear_grad_input_args(const at::Tensor& grad_out, at::DeviceType device, const at::Tensor& packed,
+                                           const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
+                                           const c10::optional<at::Tensor>& nested_code, double offset,
+                                           int64_t blocksize, int64_t nested_blocksize, int64_t in_features) {
+  return make_nf4_weight(grad_out, true, device, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                         nested_blocksize, in_features, "lora_fused.nf4_linear_grad_input");
 }
 
 }  // namespace lora_fused

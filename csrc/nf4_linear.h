@@ -18,16 +18,17 @@ struct Nf4Weight {
   int64_t out_features = 0, in_features = 0;  // N, K
 };
 
-// Checks what both ops receive and returns the weight with contiguous tensors. `other` is x
-// ([M, K]) for nf4_linear and grad_out ([M, N]) for nf4_linear_grad_input.
-Nf4Weight make_nf4_weight(const at::Tensor& other, const at::Tensor& packed, const at::Tensor& absmax,
-                          const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
-                          double offset, int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
-                          int64_t in_features, const char* op);
-
-// Checks nf4_linear's optional operands: bias [N]; lora_u [M, r] and lora_B [N, r] together.
-void check_nf4_linear_extras(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
-                             const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B);
+// Check what the ops receive (device, ranks, dtypes, shapes, the NF4 state; for nf4_linear also
+// bias [N] and lora_u [M, r] with lora_B [N, r]) and return the weight with contiguous tensors.
+Nf4Weight check_nf4_linear_args(const at::Tensor& x, at::DeviceType device, const at::Tensor& packed,
+                                const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
+                                const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
+                                int64_t nested_blocksize, int64_t out_features, const c10::optional<at::Tensor>& bias,
+                                const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B);
+Nf4Weight check_nf4_linear_grad_input_args(const at::Tensor& grad_out, at::DeviceType device, const at::Tensor& packed,
+                                           const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
+                                           const c10::optional<at::Tensor>& nested_code, double offset,
+                                           int64_t blocksize, int64_t nested_blocksize, int64_t in_features);
 
 // Decodes rows [row0, row0 + rows) x columns [col0, col0 + cols) of the weight into a new contiguous
 // [rows, cols] tensor of `dtype` on the weight's device.

@@ -34,13 +34,8 @@ class LoraLinear(nn.Module):
         _bias: Optional[torch.Tensor] = None,
     ):
         super().__init__()
-        if r < 1:
-            raise ValueError(f"LoraLinear: r must be at least 1; got {r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"LoraLinear: lora_dropout must be in [0, 1); got {lora_dropout}")
-        self.in_features, self.out_features, self.r = in_features, out_features, r
-        self.lora_alpha, self.lora_dropout, self.use_rslora = lora_alpha, lora_dropout, use_rslora
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        _set_lora_hyperparameters(self, r, lora_alpha, lora_dropout, use_rslora)
+        self.in_features, self.out_features = in_features, out_features
         factory = {"dtype": dtype, "device": device}
         if _weight is None:
             w = torch.empty(out_features, in_features, **factory)
@@ -170,7 +165,7 @@ class NF4Linear(nn.Module):
         cls, linear: nn.Linear, blocksize: int = 64, compute_dtype: Optional[torch.dtype] = None, double_quant: bool = True
     ) -> "NF4Linear":
         """Quantize an nn.Linear's weight to NF4 (its bias is reused as is)."""
-        dt = compute_dtype or (linear.weight.dtype if linear.weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+        dt = _compute_dtype_for(linear, compute_dtype)
         return cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=dt, blocksize=blocksize,
             double_quant=double_quant, device=linear.weight.device, _weight=linear.weight, _bias=linear.bias,
@@ -283,12 +278,7 @@ class QLoraLinear(NF4Linear):
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype) -> None:
-        if r < 1:
-            raise ValueError(f"QLoraLinear: r must be at least 1; got {r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"QLoraLinear: lora_dropout must be in [0, 1); got {lora_dropout}")
-        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, lora_dropout, use_rslora
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        _set_lora_hyperparameters(self, r, lora_alpha, lora_dropout, use_rslora)
         lf = {"dtype": lora_dtype or self.compute_dtype, "device": self.weight.device}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **lf))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **lf))
@@ -298,7 +288,7 @@ class QLoraLinear(NF4Linear):
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, blocksize: int = 64,
                     compute_dtype: Optional[torch.dtype] = None, double_quant: bool = True, **lora_kwargs) -> "QLoraLinear":
         """Quantize an nn.Linear's weight to NF4 and add a LoRA adapter (its bias is reused)."""
-        dt = compute_dtype or (linear.weight.dtype if linear.weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16)
+        dt = _compute_dtype_for(linear, compute_dtype)
         return cls(
             linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha, bias=linear.bias is not None,
             compute_dtype=dt, blocksize=blocksize, double_quant=double_quant, device=linear.weight.device,
@@ -310,7 +300,7 @@ class QLoraLinear(NF4Linear):
                  use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
                  lora_dtype: Optional[torch.dtype] = None) -> "QLoraLinear":
         """A bitsandbytes Linear4bit (nf4) as the base, as it is, with a new LoRA adapter."""
-        obj = NF4Linear.from_bnb.__func__(cls, layer)
+        obj = super().from_bnb(layer)
         obj._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
         return obj
 
@@ -323,6 +313,24 @@ class QLoraLinear(NF4Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}"
+
+
+def _set_lora_hyperparameters(module: nn.Module, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
+    """r, lora_alpha, lora_dropout, use_rslora and PEFT's scaling (alpha / r, alpha / sqrt(r) with rsLoRA)."""
+    name = type(module).__name__
+    if r < 1:
+        raise ValueError(f"{name}: r must be at least 1; got {r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"{name}: lora_dropout must be in [0, 1); got {lora_dropout}")
+    module.r, module.lora_alpha, module.lora_dropout, module.use_rslora = r, lora_alpha, lora_dropout, use_rslora
+    module.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def _compute_dtype_for(linear: nn.Linear, compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The compute dtype asked for, else the linear's own 16-bit dtype, else bf16."""
+    if compute_dtype is not None:
+        return compute_dtype
+    return linear.weight.dtype if linear.weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
 def _bnb_weight(layer: nn.Module) -> tuple[torch.Tensor, "_nf4.QuantState"]:

@@ -17,13 +17,9 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
                            double offset, int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_u,
                            const c10::optional<at::Tensor>& lora_B) {
-  const char* op = "lora_fused.nf4_linear";
-  check_device(x, at::kCUDA, op, "x");
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [M, K]; got a ", describe(x));
+  const Nf4Weight w = check_nf4_linear_args(x, at::kCUDA, packed, absmax, nested_absmax, nested_code, offset,
+                                            blocksize, nested_blocksize, out_features, bias, lora_u, lora_B);
   const c10::cuda::CUDAGuard guard(x.device());
-  const Nf4Weight w = make_nf4_weight(x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                      nested_blocksize, out_features, x.size(1), op);
-  check_nf4_linear_extras(x, w, bias, lora_u, lora_B);
   at::Tensor out;
   if (nf4_gemv_cuda(x, w, bias, lora_u, lora_B, out)) return out;
   return nf4_linear_tiled(x, w, bias, lora_u, lora_B, nf4_dequantize_rect_cuda);
@@ -33,12 +29,9 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tens
                                       const c10::optional<at::Tensor>& nested_absmax,
                                       const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
                                       int64_t nested_blocksize, int64_t in_features) {
-  const char* op = "lora_fused.nf4_linear_grad_input";
-  check_device(grad_out, at::kCUDA, op, "grad_out");
-  TORCH_CHECK_VALUE(grad_out.dim() == 2, op, ": grad_out must be [M, N]; got a ", describe(grad_out));
+  const Nf4Weight w = check_nf4_linear_grad_input_args(grad_out, at::kCUDA, packed, absmax, nested_absmax,
+                                                       nested_code, offset, blocksize, nested_blocksize, in_features);
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  const Nf4Weight w = make_nf4_weight(grad_out, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                      nested_blocksize, grad_out.size(1), in_features, op);
   return nf4_linear_grad_input_tiled(grad_out, w, nf4_dequantize_rect_cuda);
 }
 
