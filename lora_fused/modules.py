@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as LF
+from . import _nf4_storage as _storage
 from . import nf4 as _nf4
 
 
@@ -122,8 +123,9 @@ class NF4Linear(nn.Module):
     computed in `compute_dtype` without ever making a 16-bit copy of W.
 
     `weight` is the packed uint8 tensor [(N*K+1)//2, 1] (a Parameter with requires_grad=False, as
-    bitsandbytes keeps it); the quantization state lives in buffers that move with the module. The
-    state dict has bitsandbytes' keys (`weight`, `weight.absmax`, `weight.quant_map`,
+    bitsandbytes keeps it); the quantization state lives in `nf4_state` (see _nf4_storage: laid out so
+    that DDP, FSDP2 and torch.distributed.checkpoint shard, move and save it). The state dict has
+    bitsandbytes' keys (`weight`, `weight.absmax`, `weight.quant_map`,
     `weight.nested_absmax`, `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`, `bias`),
     so it loads into a `bitsandbytes.nn.Linear4bit` and takes one from it.
     """
@@ -189,48 +191,101 @@ class NF4Linear(nn.Module):
             raise ValueError(f"{type(self).__name__}: need a 2-D NF4 weight; got {state.quant_type} of shape {tuple(state.shape)}")
         state.validate()
         self.weight = nn.Parameter(packed.detach(), requires_grad=False)
-        self.register_buffer("nf4_absmax", state.absmax, persistent=False)
-        self.register_buffer("nf4_quant_map", state.code, persistent=False)
-        s2 = state.state2
-        self.register_buffer("nf4_nested_absmax", s2.absmax if s2 is not None else None, persistent=False)
-        self.register_buffer("nf4_nested_quant_map", s2.code if s2 is not None else None, persistent=False)
+        setattr(self, _storage.HOLDER, _storage.NF4StateHolder(state))
+        self._set_quant_metadata(state)
+
+    def _set_quant_metadata(self, state: "_nf4.QuantState") -> None:
         self.blocksize, self.quant_dtype, self.nf4_offset = state.blocksize, state.dtype, state.offset
-        self.nested_blocksize = s2.blocksize if s2 is not None else _nf4.NESTED_BLOCKSIZE
+        self.nested_blocksize = state.state2.blocksize if state.state2 is not None else _nf4.NESTED_BLOCKSIZE
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # torch.distributed.checkpoint: `weight.absmax` & co. live under `nf4_state.weight` (see _nf4_storage).
+        return {"weight": _storage.HOLDER}
+
+    @property
+    def _stored_state(self) -> "_storage.NF4QuantState":
+        return getattr(self, _storage.HOLDER).weight
 
     @property
     def quant_state(self) -> "_nf4.QuantState":
-        s2 = None
-        if self.nf4_nested_absmax is not None:
-            s2 = _nf4.NestedState(absmax=self.nf4_nested_absmax, code=self.nf4_nested_quant_map, blocksize=self.nested_blocksize)
+        s = self._stored_state
+        nested = s.nested_absmax is not None
+        absmax = _storage.as_uint8(s.absmax) if nested else s.absmax
+        s2 = _nf4.NestedState(absmax=s.nested_absmax, code=s.nested_quant_map, blocksize=self.nested_blocksize) if nested else None
         return _nf4.QuantState(
-            absmax=self.nf4_absmax, shape=torch.Size((self.out_features, self.in_features)), code=self.nf4_quant_map,
+            absmax=absmax, shape=torch.Size((self.out_features, self.in_features)), code=s.quant_map,
             blocksize=self.blocksize, dtype=self.quant_dtype, offset=self.nf4_offset, state2=s2,
         )
 
+    @property
+    def packed_weight(self) -> torch.Tensor:
+        """The packed NF4 bytes as the kernels take them (uint8 even if FSDP cast the all-gather)."""
+        return _storage.as_uint8(self.weight)
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return _nf4.dequantize(self.weight, self.quant_state, dtype or self.compute_dtype)
+        return _nf4.dequantize(self.packed_weight, self.quant_state, dtype or self.compute_dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for k, v in self.quant_state.as_dict(packed=True).items():
+        s = self._stored_state
+        nested = s.nested_absmax is not None
+        entries = {"absmax": s.absmax, "quant_map": s.quant_map}
+        if nested:
+            entries.update(nested_absmax=s.nested_absmax, nested_quant_map=s.nested_quant_map)
+        entries[_nf4.QS_KEY] = getattr(s.quant_state, _storage.JSON_KEY)
+        for k, v in entries.items():
             destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         qs_prefix = prefix + "weight."
         qs = {k[len(qs_prefix):]: state_dict[k] for k in list(state_dict) if k.startswith(qs_prefix)}
+        own = {k: v for k, v in state_dict.items() if not k.startswith(qs_prefix)}
         if qs:
             try:
-                state = _nf4.QuantState.from_dict(qs, device=self.weight.device)
-                if tuple(state.shape) != (self.out_features, self.in_features):
-                    raise ValueError(f"the state is for a weight of shape {tuple(state.shape)}")
-            except ValueError as e:
+                self._load_nf4_state(qs, own.get(prefix + "weight"), bool(local_metadata.get("assign_to_params_buffers")))
+            except (ValueError, RuntimeError) as e:
                 error_msgs.append(f"{type(self).__name__} at {prefix!r}: cannot load the NF4 state: {e}")
                 return
-            packed = state_dict.get(prefix + "weight")
-            if packed is not None:
-                self._set_quantized(packed.to(self.weight.device), state)
-        own = {k: v for k, v in state_dict.items() if not k.startswith(qs_prefix)}
+        elif strict:
+            missing_keys.extend(qs_prefix + k for k in ("absmax", "quant_map", _nf4.QS_KEY))
         super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    @torch.no_grad()
+    def _load_nf4_state(self, qs: dict, packed: Optional[torch.Tensor], assign: bool) -> None:
+        """Copy bitsandbytes' `weight.*` entries into the stored state (in place, so optimizers and
+        FSDP keep their tensors; DTensor entries into sharded parameters). A state of another layout
+        (blocksize, double quantization) replaces the stored one, which a sharded layer cannot do."""
+        state = _nf4.QuantState.from_dict(qs, device=self._stored_state.quant_map.device)
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"the state is for a weight of shape {tuple(state.shape)}")
+        s = self._stored_state
+        sharded = hasattr(s.absmax, "placements") or hasattr(self.weight, "placements")  # DTensors under FSDP2
+        same_layout = (
+            state.blocksize == self.blocksize and state.nested == (s.nested_absmax is not None)
+            and (not state.nested or state.state2.blocksize == self.nested_blocksize)
+        )
+        if not same_layout:
+            if sharded:
+                raise ValueError(
+                    f"a sharded layer keeps its layout (blocksize {self.blocksize}, double_quant "
+                    f"{s.nested_absmax is not None}); the state has blocksize {state.blocksize}, double_quant {state.nested}"
+                )
+            if packed is None:
+                raise ValueError("the state has another layout, so it needs its packed `weight` too")
+            self._set_quantized(packed.to(self.weight.device), state)
+            return
+        if assign and isinstance(s.absmax, nn.Parameter):
+            s.absmax = nn.Parameter(state.absmax, requires_grad=False)
+        elif assign:
+            s.absmax = state.absmax
+        else:
+            s.absmax.copy_(state.absmax)
+        s.quant_map.copy_(state.code)
+        if state.nested:
+            s.nested_absmax.copy_(state.state2.absmax)
+            s.nested_quant_map.copy_(state.state2.code)
+        setattr(s.quant_state, _storage.JSON_KEY, qs[_nf4.QS_KEY].to(s.quant_map.device))
+        self._set_quant_metadata(state)
 
     def _nf4_input(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         bias = self.bias.to(self.compute_dtype) if self.bias is not None else None
@@ -238,12 +293,12 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc, bias = self._nf4_input(x)
-        return LF.nf4_linear(xc, self.weight, self.quant_state, bias).to(x.dtype)
+        return LF.nf4_linear(xc, self.packed_weight, self.quant_state, bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"compute_dtype={self.compute_dtype}, blocksize={self.blocksize}, double_quant={self.nf4_nested_absmax is not None}"
+            f"compute_dtype={self.compute_dtype}, blocksize={self.blocksize}, double_quant={self._stored_state.nested_absmax is not None}"
         )
 
 
@@ -307,7 +362,7 @@ class QLoraLinear(NF4Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc, bias = self._nf4_input(x)
         y = LF.qlora_linear(
-            xc, self.weight, self.quant_state, self.lora_A, self.lora_B, self.scaling, bias, self.lora_dropout, self.training
+            xc, self.packed_weight, self.quant_state, self.lora_A, self.lora_B, self.scaling, bias, self.lora_dropout, self.training
         )
         return y.to(x.dtype)
 

@@ -41,7 +41,7 @@ NF4_LEVELS = (
 )
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-_QS_KEY = "quant_state.bitsandbytes__nf4"
+QS_KEY = "quant_state.bitsandbytes__nf4"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -131,7 +131,7 @@ class QuantState:
             return d
         out = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
         meta = {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
-        out[_QS_KEY] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+        out[QS_KEY] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
         return out
 
     @classmethod
@@ -140,7 +140,7 @@ class QuantState:
         `weight.*` entries (any key prefix is ignored)."""
         items: dict[str, Any] = {}
         for k, v in d.items():
-            if k.endswith(_QS_KEY):
+            if k.endswith(QS_KEY):
                 items.update(json.loads(bytes(v.cpu().tolist()).decode("utf-8")))
             elif "bitsandbytes__" in k:
                 raise ValueError(f"lora_fused.nf4: only NF4 quantization is supported; got state entry {k!r}")
