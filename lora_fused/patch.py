@@ -16,13 +16,15 @@ import types
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+import torch
 from torch import nn
 
 from .functional import lora_linear
-from .modules import LoraLinear
+from .modules import LoraLinear, QLoraLinear
 
 _ORIGINAL_FORWARD = "_lora_fused_original_forward"
 _ORIGINAL_MODULE = "_lora_fused_original_module"
+_PATCHED_FROM_LINEAR = "_lora_fused_quantized_by_patch"
 
 
 @dataclass
@@ -90,14 +92,21 @@ def patch(
     r: int = 8,
     lora_alpha: float = 8,
     lora_dropout: float = 0.0,
+    quantize: Optional[str] = None,
+    blocksize: int = 64,
+    double_quant: bool = True,
 ) -> PatchReport:
     """Put the fused LoRA path into `model`, in place, and report what was fused and what was left.
 
     - PEFT LoRA layers on nn.Linear: their forward becomes lora_fused.lora_linear over the SAME
       parameters (the active adapter).
     - Plain nn.Linear layers whose name is, or ends with, one of `target_modules` (as in PEFT's
-      LoraConfig): replaced by LoraLinear(r, lora_alpha, lora_dropout) sharing the weight and bias.
+      LoraConfig): replaced by LoraLinear(r, lora_alpha, lora_dropout) sharing the weight and bias;
+      with quantize="nf4", by QLoraLinear (QLoRA: the weight quantized to NF4 with `blocksize` and
+      `double_quant`, the 16-bit weight released; unpatch() gives back its dequantized copy).
     """
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"lora_fused.patch: quantize must be None or 'nf4'; got {quantize!r}")
     report = PatchReport()
     peft_linear = _peft_lora_linear_class()
     targets = list(target_modules or [])
@@ -116,9 +125,16 @@ def patch(
         elif targets and type(module) is nn.Linear and _matches(name, targets):
             if peft_linear is not None and any(isinstance(m, peft_linear) and m.base_layer is module for m in model.modules()):
                 continue  # the base layer inside a PEFT layer: handled through the PEFT layer
-            fused = LoraLinear.from_linear(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+            if quantize == "nf4":
+                fused = QLoraLinear.from_linear(
+                    module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, blocksize=blocksize, double_quant=double_quant
+                )
+            else:
+                fused = LoraLinear.from_linear(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+                setattr(fused, _ORIGINAL_MODULE, module)
             fused.train(module.training)
-            setattr(fused, _ORIGINAL_MODULE, module)
+            if quantize == "nf4":
+                setattr(fused, _PATCHED_FROM_LINEAR, True)
             _set_submodule(model, name, fused)
             report.patched.append(name)
     return report
@@ -126,7 +142,8 @@ def patch(
 
 def unpatch(model: nn.Module) -> list[str]:
     """Undo patch(): PEFT layers get their own forward back, LoraLinears from target_modules are
-    replaced by the original nn.Linear (whose weight they shared). Returns the names restored."""
+    replaced by the original nn.Linear (whose weight they shared), QLoraLinears it quantized by an
+    nn.Linear holding the dequantized weight (the adapter is dropped). Returns the names restored."""
     restored = []
     for name, module in list(model.named_modules()):
         if hasattr(module, _ORIGINAL_FORWARD):
@@ -135,6 +152,16 @@ def unpatch(model: nn.Module) -> list[str]:
             restored.append(name)
         elif isinstance(module, LoraLinear) and hasattr(module, _ORIGINAL_MODULE):
             _set_submodule(model, name, getattr(module, _ORIGINAL_MODULE))
+            restored.append(name)
+        elif type(module) is QLoraLinear and getattr(module, _PATCHED_FROM_LINEAR, False):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device=module.weight.device, dtype=module.quant_dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantize(module.quant_dtype))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            linear.train(module.training)
+            _set_submodule(model, name, linear)
             restored.append(name)
     return restored
 

@@ -6,6 +6,7 @@
 #   scripts/gpu_check.sh --full     build + tests (1000 randomized cases per op) + full benchmark grid
 #   scripts/gpu_check.sh --no-bench build + tests only
 #   scripts/gpu_check.sh --full --no-tests   build + full benchmark grid only
+#   LORA_FUSED_TESTS="tests/test_distributed.py" scripts/gpu_check.sh --no-bench   a subset of the tests
 #
 # Python packages missing on the machine (bitsandbytes, ...) can be carried as wheels in ./.whl;
 # they are installed into a private folder first (no network needed).
@@ -64,13 +65,13 @@ RUN_DIR=$(mktemp -d)
 export LORA_FUSED_EXPECT_CUDA=1
 # The randomized tests (tests/test_fuzz.py) draw 40 cases per op in a normal run, 1000 with --full.
 [ "$BENCH" = full ] && export LORA_FUSED_FUZZ_CASES=${LORA_FUSED_FUZZ_CASES:-1000}
-cp -r tests "$RUN_DIR/"
+cp -r tests examples "$RUN_DIR/"
 (cd "$RUN_DIR" && "$PY" -c "import lora_fused, json; print(json.dumps(lora_fused.build_info()))") | tee "$OUT/build_info.json"
 # xdist workers (when installed) keep one crashing test from taking the whole run down.
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
 TEST_RC=0
 if [ $TESTS = 1 ]; then
-  (cd "$RUN_DIR" && "$PY" -m pytest tests -q -rs -p no:cacheprovider $XDIST --junitxml="$OUT/junit.xml" 2>&1) > "$OUT/pytest.log"
+  (cd "$RUN_DIR" && "$PY" -m pytest ${LORA_FUSED_TESTS:-tests} -q -rs -p no:cacheprovider $XDIST --junitxml="$OUT/junit.xml" 2>&1) > "$OUT/pytest.log"
   TEST_RC=$?
   tail -25 "$OUT/pytest.log"
 fi

@@ -95,3 +95,33 @@ def test_plain_linear_target_modules_and_unpatch():
     assert model.q_proj.weight is q.weight and model.q_proj.bias is q.bias
     torch.testing.assert_close(model(x), y0)  # B starts at zero, as in PEFT
     assert lora_fused.unpatch(model) == ["q_proj"] and model.q_proj is q
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_plain_linear_quantize_nf4_gives_qlora_layers(device):
+    torch.manual_seed(0)
+    model = Tiny().to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    x = torch.randn(3, 32, device=device, dtype=model.q_proj.weight.dtype)
+    w16 = {n: model.get_submodule(n).weight.detach().clone() for n in ("q_proj", "v_proj")}
+    report = lora_fused.patch(model, target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, quantize="nf4")
+    assert sorted(report.patched) == ["q_proj", "v_proj"]
+    for n, w in w16.items():
+        layer = model.get_submodule(n)
+        assert type(layer) is lora_fused.QLoraLinear and layer.weight.dtype == torch.uint8
+        # the NF4 weight is the quantized 16-bit one (error of 4-bit levels, not garbage)
+        err = (layer.dequantize(w.dtype).float() - w.float()).norm() / w.float().norm()
+        assert err < 0.15, f"{n}: NF4 relative error {err:.3f}"
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    assert trainable == ["q_proj.lora_A", "q_proj.lora_B", "v_proj.lora_A", "v_proj.lora_B"]
+    y = model(x)
+    y.float().square().sum().backward()
+    assert model.q_proj.lora_B.grad is not None and torch.isfinite(model.q_proj.lora_B.grad).all()
+    assert sorted(lora_fused.unpatch(model)) == ["q_proj", "v_proj"]
+    assert type(model.q_proj) is nn.Linear
+    back = model.q_proj.weight.detach().float()
+    assert (back - w16["q_proj"].float()).norm() / w16["q_proj"].float().norm() < 0.15  # the dequantized weight
+
+
+def test_patch_rejects_unknown_quantization():
+    with pytest.raises(ValueError, match="quantize must be None or 'nf4'"):
+        lora_fused.patch(Tiny(), target_modules=["q_proj"], quantize="int8")
