@@ -183,9 +183,10 @@ def distributed(args) -> None:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (world,))
+        # ignored_params: only on PyTorch < 2.12, whose FSDP2 cannot shard the uint8 NF4 storage
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, ignored_params=lora_fused.fsdp_ignored_params(layer))
+        fully_shard(model, mesh=mesh, ignored_params=lora_fused.fsdp_ignored_params(model))
     else:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

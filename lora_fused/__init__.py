@@ -10,6 +10,7 @@
 from ._extension import build_info, cuda_available
 from . import _ops as ops
 from . import nf4
+from .distributed import fsdp_ignored_params
 from .functional import lora_linear, nf4_linear, qlora_linear
 from .modules import LoraLinear, NF4Linear, QLoraLinear
 from .patch import PatchReport, patch, unpatch
@@ -23,6 +24,7 @@ __all__ = [
     "QLoraLinear",
     "build_info",
     "cuda_available",
+    "fsdp_ignored_params",
     "lora_linear",
     "nf4",
     "nf4_linear",

@@ -1,6 +1,6 @@
 """Where the time of the NF4 layer goes, kernel by kernel (torch.profiler), on the GPU at hand.
 
-    python scripts/profile_nf4.py [--shapes 4096:4096,8192:28672] [--M 1,16,4096]
+    python scripts/profile_nf4.py [--shapes 4096:4096,8192:28672] [--M 1,16,4096] [--qlora]
 
 For each shape and M: nf4_linear forward, nf4_linear_grad_input (backward dX), and the cuBLAS bf16
 GEMMs they stand beside, each run a few times under the profiler; prints the summed CUDA time per
@@ -29,7 +29,8 @@ def show(title, fn, reps=5):
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0 and e.count >= reps:
             rows.append((t / reps, e.count // reps, e.key))
-    for us, n, key in sorted(rows, reverse=True)[:8]:
+    print(f"  {sum(us for us, _, _ in rows):9.1f} us  total")
+    for us, n, key in sorted(rows, reverse=True)[:12]:
         print(f"  {us:9.1f} us  x{n:<3d} {key[:110]}")
 
 
@@ -37,7 +38,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096:4096,8192:28672")
     ap.add_argument("--M", default="1,16,4096")
+    ap.add_argument("--qlora", action="store_true", help="profile qlora_linear forward+backward (r=16) instead")
     args = ap.parse_args()
+    if args.qlora:
+        return profile_qlora(args)
     for spec in args.shapes.split(","):
         k, d = (int(v) for v in spec.split(":"))
         w = torch.randn(d, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
@@ -53,6 +57,21 @@ def main():
             show(f"{k}->{d} M={m} nf4_linear_grad_input", lambda: _ops.nf4_linear_grad_input(dy, *nf4_args, k))
             show(f"{k}->{d} M={m} cuBLAS dy @ W", lambda: dy @ w16)
         show(f"{k}->{d} nf4_dequantize (whole weight)", lambda: nf4.dequantize(packed, state, torch.bfloat16))
+
+
+def profile_qlora(args, r=16):
+    """qlora_linear forward+backward beside nf4_linear forward+backward, same x, W and dY."""
+    for spec in args.shapes.split(","):
+        k, d = (int(v) for v in spec.split(":"))
+        w = torch.randn(d, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        packed, state = nf4.quantize(w)
+        A = (torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * k**-0.5).requires_grad_()
+        B = (torch.randn(d, r, device="cuda", dtype=torch.bfloat16) * 0.1).requires_grad_()
+        for m in (int(v) for v in args.M.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dy = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+            show(f"{k}->{d} M={m} nf4_linear fwd+bwd", lambda: lora_fused.nf4_linear(x, packed, state).backward(dy))
+            show(f"{k}->{d} M={m} qlora_linear fwd+bwd", lambda: lora_fused.qlora_linear(x, packed, state, A, B, 2.0).backward(dy), reps=5)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lora_fused as LF
+from lora_fused.distributed import FSDP2_SHARDS_INTEGER_PARAMS, nf4_storage_params
 
 K, H, N, BATCH, STEPS, LR = 96, 80, 40, 8, 2, 0.05
 NF4_LAYERS = ("0", "4")  # names in the Sequential
@@ -124,22 +125,31 @@ def ddp_case(rank: int, world: int, port: int, backend: str, tmpdir: str) -> Non
     dist.destroy_process_group()
 
 
-def shard(model: nn.Module, mp_policy=None) -> nn.Module:
+def shard(model: nn.Module, mp_policy=None, nf4_whole: bool = False) -> nn.Module:
+    """fully_shard per layer and at the root, as users do; the NF4 storage ignored (kept whole) where
+    lora_fused.fsdp_ignored_params says so, or always with nf4_whole."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     kw = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    ignored = nf4_storage_params if nf4_whole else LF.fsdp_ignored_params
     for layer in model:
         if any(True for _ in layer.parameters()):
-            fully_shard(layer, **kw)
-    fully_shard(model, **kw)
+            fully_shard(layer, ignored_params=ignored(layer), **kw)
+    fully_shard(model, ignored_params=ignored(model), **kw)
     return model
 
 
-def assert_nf4_sharded(model: nn.Module) -> None:
+def assert_nf4_sharded(model: nn.Module, nf4_whole: bool) -> None:
+    """The NF4 storage is sharded (PyTorch >= 2.12), or kept whole where FSDP2 cannot hold uint8
+    parameters (it was passed as ignored_params: see lora_fused.distributed)."""
     world = dist.get_world_size()
+    if nf4_whole or not FSDP2_SHARDS_INTEGER_PARAMS:
+        for p in nf4_storage_params(model):
+            assert not hasattr(p, "to_local") and p.dtype == torch.uint8, f"NF4 storage {type(p).__name__} {p.dtype}"
+        return
     for name in NF4_LAYERS:
         layer = model.get_submodule(name)
         absmax = layer.nf4_state.weight.absmax
@@ -155,18 +165,23 @@ def assert_nf4_sharded(model: nn.Module) -> None:
             assert local <= -(-rows // world) and local < rows, f"layer {name} {what}: {local} of {rows} rows on this rank"
 
 
-def fsdp_case(rank: int, world: int, port: int, backend: str, tmpdir: str) -> None:
+def fsdp_nf4_whole_case(rank: int, world: int, port: int, backend: str, tmpdir: str) -> None:
+    """fsdp_case with the NF4 storage passed as ignored_params (what PyTorch < 2.12 needs)."""
+    fsdp_case(rank, world, port, backend, tmpdir, nf4_whole=True)
+
+
+def fsdp_case(rank: int, world: int, port: int, backend: str, tmpdir: str, nf4_whole: bool = False) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     device = init(rank, world, port, backend)
     model, ref, ref_outs, x, t, rows = reference(device)
-    model = shard(model)
-    assert_nf4_sharded(model)
+    model = shard(model, nf4_whole=nf4_whole)
+    assert_nf4_sharded(model, nf4_whole)
     outs = train(model, x, t)
     for step, (o, r) in enumerate(zip(outs, ref_outs)):
         torch.testing.assert_close(o, r[rows], **tol(device), msg=lambda m: f"FSDP2 step {step} output: {m}")
-    assert_nf4_sharded(model)  # still sharded after forward/backward (resharded, not left gathered)
+    assert_nf4_sharded(model, nf4_whole)  # still sharded after forward/backward (resharded, not left gathered)
 
     # the state dict gathered from the shards is the unsharded model's, with bitsandbytes' keys
     ref_sd = ref.state_dict()
@@ -182,7 +197,7 @@ def fsdp_case(rank: int, world: int, port: int, backend: str, tmpdir: str) -> No
     # a sharded checkpoint (torch.distributed.checkpoint) loads into a differently initialised sharded model
     ckpt = os.path.join(tmpdir, "dcp")
     dcp.save(model.state_dict(), checkpoint_id=ckpt)
-    other = shard(build_model(device, seed=99))
+    other = shard(build_model(device, seed=99), nf4_whole=nf4_whole)
     sd = other.state_dict()
     dcp.load(sd, checkpoint_id=ckpt)
     other.load_state_dict(sd)
@@ -194,7 +209,7 @@ def fsdp_case(rank: int, world: int, port: int, backend: str, tmpdir: str) -> No
         ("full_state_dict", full_sd, StateDictOptions(full_state_dict=True)),
         ("broadcast_from_rank0", rank0_sd, StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)),
     ):
-        third = shard(build_model(device, seed=98))
+        third = shard(build_model(device, seed=98), nf4_whole=nf4_whole)
         set_model_state_dict(third, dict(sd), options=opts)  # (it puts the sharded tensors into the dict)
         with torch.no_grad():
             torch.testing.assert_close(third(x), want, rtol=0, atol=0, msg=lambda m: f"set_model_state_dict({how}): {m}")

@@ -56,5 +56,24 @@ def test_fsdp2_shards_nf4_trains_and_checkpoints(backend, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_with_nf4_storage_ignored_trains_and_checkpoints(backend, tmp_path):
+    _spawn(cases.fsdp_nf4_whole_case, backend, tmp_path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fsdp2_bf16_mixed_precision_keeps_nf4_storage(backend, tmp_path):
     _spawn(cases.fsdp_mixed_precision_case, backend, tmp_path)
+
+
+def test_fsdp_ignored_params_names_the_nf4_storage_where_fsdp2_cannot_shard_it():
+    import lora_fused
+    from lora_fused.distributed import FSDP2_SHARDS_INTEGER_PARAMS, nf4_storage_params
+
+    q = lora_fused.QLoraLinear(64, 32, r=4, compute_dtype=torch.float32)
+    nf = lora_fused.NF4Linear(32, 16, compute_dtype=torch.float32, double_quant=False)
+    model = torch.nn.Sequential(q, lora_fused.LoraLinear(32, 32), nf)
+    want = {q.weight, q.nf4_state.weight.absmax, nf.weight}  # fp32 absmax is a buffer, not a parameter
+    assert nf4_storage_params(model) == want
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    assert FSDP2_SHARDS_INTEGER_PARAMS == ((major, minor) >= (2, 12))
+    assert lora_fused.fsdp_ignored_params(model) == (set() if FSDP2_SHARDS_INTEGER_PARAMS else want)
