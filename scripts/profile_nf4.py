@@ -8,9 +8,11 @@ kernel name. A development tool: the benchmark CLI (python -m lora_fused.bench) 
 """
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from triton.testing import do_bench
 
 import lora_fused
 from lora_fused import _ops, nf4
@@ -19,17 +21,25 @@ from lora_fused import _ops, nf4
 def show(title, fn, reps=5):
     fn()
     torch.cuda.synchronize()
+    # Wall time (device events, median) and host time to enqueue one call: when the host time
+    # exceeds the kernels' sum, the GPU idles between kernels and the wall time shows it.
+    wall_us = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host_us = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
-    print(f"== {title} (per call)")
+    print(f"== {title} (per call): wall {wall_us:.1f} us, host enqueue {host_us:.1f} us")
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0 and e.count >= reps:
             rows.append((t / reps, e.count // reps, e.key))
-    print(f"  {sum(us for us, _, _ in rows):9.1f} us  total")
+    print(f"  {sum(us for us, _, _ in rows):9.1f} us  kernels in all")
     for us, n, key in sorted(rows, reverse=True)[:12]:
         print(f"  {us:9.1f} us  x{n:<3d} {key[:110]}")
 
