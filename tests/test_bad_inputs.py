@@ -66,8 +66,26 @@ CASES = [
     ("nf4: nested code short", lambda dv: _deq(_nf4(dv)[1], _nf4(dv)[2], nested_code=_nf4(dv)[2].state2.code[:255]), ValueError, "256 values"),
     ("nf4: from_dict missing keys", lambda dv: nf4.QuantState.from_dict({"absmax": torch.ones(2)}), ValueError, "missing"),
     ("nf4: from_dict fp4", lambda dv: nf4.QuantState.from_dict({"quant_state.bitsandbytes__fp4": torch.tensor([1], dtype=torch.uint8)}), ValueError, "only NF4"),
+    ("nf4_linear: x last dim", lambda dv: lora_fused.nf4_linear(torch.ones(3, 63, device=dv), *_nf4(dv)[1:]), ValueError, r"x must be \[\.\.\., 64\]"),
+    ("nf4_linear: x int32", lambda dv: lora_fused.nf4_linear(torch.ones(3, 64, dtype=torch.int32, device=dv), *_nf4(dv)[1:]), TypeError, "bfloat16, float16 or float32"),
+    ("nf4_linear: state is a dict", lambda dv: lora_fused.nf4_linear(torch.ones(3, 64, device=dv), _nf4(dv)[1], {}), TypeError, "QuantState"),
+    ("nf4_linear: packed float", lambda dv: lora_fused.nf4_linear(torch.ones(3, 64, device=dv), _nf4(dv)[1].float(), _nf4(dv)[2]), TypeError, "uint8"),
+    ("nf4_linear: bias shape", lambda dv: lora_fused.nf4_linear(torch.ones(3, 64, device=dv), *_nf4(dv)[1:], torch.ones(15, device=dv)), ValueError, "bias must have shape"),
+    ("qlora_linear: r = 0", lambda dv: lora_fused.qlora_linear(torch.ones(3, 64, device=dv), *_nf4(dv)[1:], torch.ones(0, 64, device=dv), torch.ones(16, 0, device=dv), 1.0), ValueError, "r >= 1"),
+    ("qlora_linear: lora_B rows", lambda dv: lora_fused.qlora_linear(torch.ones(3, 64, device=dv), *_nf4(dv)[1:], torch.ones(4, 64, device=dv), torch.ones(15, 4, device=dv), 1.0), ValueError, r"lora_B \[16, r\]"),
+    ("qlora_linear: dropout 1.0", lambda dv: lora_fused.qlora_linear(torch.ones(3, 64, device=dv), *_nf4(dv)[1:], torch.ones(4, 64, device=dv), torch.ones(16, 4, device=dv), 1.0, dropout_p=1.0), ValueError, "dropout_p"),
+    ("NF4Linear: blocksize 48", lambda dv: lora_fused.NF4Linear(64, 16, blocksize=48, device=dv), ValueError, "blocksize must be one of"),
+    ("NF4Linear: compute int8", lambda dv: lora_fused.NF4Linear(64, 16, compute_dtype=torch.int8, device=dv), TypeError, "compute_dtype"),
+    ("QLoraLinear: r = 0", lambda dv: lora_fused.QLoraLinear(64, 16, r=0, device=dv), ValueError, "r must be at least 1"),
+    ("QLoraLinear.from_bnb: plain Linear", lambda dv: lora_fused.QLoraLinear.from_bnb(torch.nn.Linear(4, 4)), ValueError, "Linear4bit"),
+    ("NF4Linear: state of another shape", lambda dv: _load_other_shape(dv), RuntimeError, "state is for a weight of shape"),
     ("blockwise: code of 255", lambda dv: _ops.blockwise_quantize(torch.ones(300, device=dv), torch.ones(255, device=dv), 256), TypeError, "256 sorted values"),
 ]
+
+
+def _load_other_shape(device):
+    layer = lora_fused.NF4Linear(64, 16, compute_dtype=torch.float32, device=device)
+    layer.load_state_dict(lora_fused.NF4Linear(64, 32, compute_dtype=torch.float32, device=device).state_dict())
 
 
 def _kw(device, exclude=None, **override):
@@ -111,6 +129,14 @@ def test_documented_results(device):
     x[1, 5] = float("nan")
     y = lora_fused.lora_linear(x, t["w"], t["a"], t["b"], 2.0)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
+    # The same for the NF4 matmul, on both CUDA paths (4 rows: decode kernel; 40: slabs).
+    _, packed, state = _nf4(device)
+    for m in (4, 40):
+        x = torch.randn(m, 64, device=device, dtype=torch.bfloat16)  # bf16: the decode kernel takes M <= 16
+        assert lora_fused.nf4_linear(x[:0], packed, state).shape == (0, 16)
+        x[1, 5] = float("nan")
+        y = lora_fused.nf4_linear(x, packed, state)
+        assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
     _valid_call_works(device)
 
 

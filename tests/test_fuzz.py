@@ -1,5 +1,6 @@
 """Randomized tests: every op against its reference on drawn cases (sizes of 1, primes, tile
-boundaries +-1; strided and transposed inputs; every dtype; ranks; blocksizes; bias on/off).
+boundaries +-1; strided and transposed inputs; every dtype; ranks; blocksizes; double quantization
+and bias on/off; for the NF4 matmuls both CUDA paths, decode kernel and slabs).
 
 LORA_FUSED_FUZZ_CASES sets the number of cases per op and device (default 40: the CI slice;
 `scripts/gpu_check.sh --full` runs 1000). LORA_FUSED_FUZZ_SEED picks the stream. A failure prints one
@@ -33,6 +34,12 @@ def _draw(op: str, rng: random.Random) -> dict:
         if op == "lora_decode":
             case["M"] = rng.choice([1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 33])
             case["k"] = rng.choice([8, 16, 24, 64, 256, 264, 512, 520, 1024, 1032, 2048, 4096, 4104, 100, 33])
+    elif op in ("nf4_linear", "qlora_linear"):
+        # M <= 16 with K % 32 == 0 takes the CUDA decode kernel, the rest the slab path: draw both
+        case.update(M=rng.choice(SIZES + [4, 9, 12]), k=rng.choice(SIZES + [96, 160, 480, 544, 2048, 4128]),
+                    d=rng.choice(SIZES), blocksize=rng.choice(nf4.BLOCKSIZES), double_quant=rng.random() < 0.7,
+                    strided=rng.random() < 0.3, bias=rng.random() < 0.5, r=rng.choice(RANKS),
+                    scale=rng.choice([0.5, 1.0, 2.0, 16.0]))
     else:  # nf4
         case.update(rows=rng.choice(SIZES), cols=rng.choice(SIZES), blocksize=rng.choice(nf4.BLOCKSIZES),
                     double_quant=rng.random() < 0.7)
@@ -80,6 +87,8 @@ def run_case(op: str, case: dict, device: str) -> None:
             for name, o, rf, t in zip(("dx", "dA", "dB"), torch.autograd.grad(y, params, gy), refs,
                                       torch.autograd.grad(same, params, gy)):
                 assert_error_rule(o, rf, t, name)
+    elif op in ("nf4_linear", "qlora_linear"):
+        _run_nf4_linear_case(op, case, dt, device, g)
     else:
         wt = _rand((case["rows"], case["cols"]), dt, device, g)
         packed, state = nf4.quantize(wt, case["blocksize"], double_quant=case["double_quant"])
@@ -92,8 +101,40 @@ def run_case(op: str, case: dict, device: str) -> None:
         assert torch.equal(out.cpu(), reference.nf4_dequantize(packed, state).float().to(dt)), "dequantize differs"
 
 
+def _run_nf4_linear_case(op: str, case: dict, dt: torch.dtype, device: str, g: torch.Generator) -> None:
+    """nf4_linear / qlora_linear forward and every gradient against float64 with the exact decoded
+    weight; PyTorch's yardstick is the same matmuls in dt over the decoded weight."""
+    M, k, d, r, s = case["M"], case["k"], case["d"], case["r"], case["scale"]
+    wt = _rand((d, k), dt, device, g, k**-0.5)
+    packed, state = nf4.quantize(wt, case["blocksize"], double_quant=case["double_quant"])
+    w = nf4.dequantize(packed, state, dt)
+    x = _rand((M, k), dt, device, g, strided=case["strided"]).requires_grad_()
+    bias = _rand((d,), dt, device, g).requires_grad_() if case["bias"] else None
+    params = [x] + ([bias] if bias is not None else [])
+    if op == "qlora_linear":
+        a = _rand((r, k), dt, device, g, k**-0.5).requires_grad_()
+        b = _rand((d, r), dt, device, g, r**-0.5).requires_grad_()
+        params += [a, b]
+        y = lora_fused.qlora_linear(x, packed, state, a, b, s, bias)
+        same = x @ w.t() + s * ((x @ a.t()) @ b.t())
+    else:
+        y = lora_fused.nf4_linear(x, packed, state, bias)
+        same = x @ w.t()
+    same = same + bias if bias is not None else same
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    b64 = p64[1] if bias is not None else None
+    lora64 = {"lora_A": p64[-2], "lora_B": p64[-1], "scaling": s} if op == "qlora_linear" else {}
+    ref = reference.nf4_linear(p64[0], packed, state, b64, **lora64)
+    assert_error_rule(y.detach(), ref.detach(), same.detach(), f"{op} forward")
+    gy = _rand(tuple(y.shape), dt, device, g)
+    names = ["dx"] + (["dbias"] if bias is not None else []) + (["dA", "dB"] if op == "qlora_linear" else [])
+    for name, o, rf, t in zip(names, torch.autograd.grad(y, params, gy), torch.autograd.grad(ref, p64, gy.double()),
+                              torch.autograd.grad(same, params, gy)):
+        assert_error_rule(o, rf, t, f"{op} {name}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", ["lora_shrink", "lora_expand", "lora_decode", "lora_linear", "nf4"])
+@pytest.mark.parametrize("op", ["lora_shrink", "lora_expand", "lora_decode", "lora_linear", "nf4", "nf4_linear", "qlora_linear"])
 def test_fuzz(op, device):
     rng = random.Random(f"{SEED}-{op}-{device}")
     failures = []
