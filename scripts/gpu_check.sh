@@ -7,6 +7,8 @@
 #   scripts/gpu_check.sh --no-bench build + tests only
 #   scripts/gpu_check.sh --full --no-tests   build + full benchmark grid only
 #   LORA_FUSED_TESTS="tests/test_distributed.py" scripts/gpu_check.sh --no-bench   a subset of the tests
+#   scripts/gpu_check.sh --sanitize --no-tests --no-bench   build + compute-sanitizer (memcheck,
+#                                   racecheck, initcheck, synccheck) over scripts/sanitize_slice.py
 #
 # Python packages missing on the machine (bitsandbytes, ...) can be carried as wheels in ./.whl;
 # they are installed into a private folder first (no network needed).
@@ -17,12 +19,14 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BENCH=quick
 TESTS=1
+SANITIZE=0
 for arg in "$@"; do
   case "$arg" in
     --full) BENCH=full ;;
     --no-bench) BENCH=none ;;
     --no-tests) TESTS=0 ;;
-    *) echo "gpu_check.sh: unknown option $arg (use --full, --no-bench or --no-tests)"; exit 2 ;;
+    --sanitize) SANITIZE=1 ;;
+    *) echo "gpu_check.sh: unknown option $arg (use --full, --no-bench, --no-tests or --sanitize)"; exit 2 ;;
   esac
 done
 export PYTHONUNBUFFERED=1
@@ -76,11 +80,27 @@ if [ $TESTS = 1 ]; then
   tail -25 "$OUT/pytest.log"
 fi
 
+SAN_RC=0
+if [ $SANITIZE = 1 ]; then
+  # Only lora_fused's kernels are instrumented (torch's and cuBLAS's are not ours to fix, and
+  # initcheck reports their padding reads); the slice checks its own results against float64.
+  cp scripts/sanitize_slice.py "$RUN_DIR/"
+  for tool in memcheck racecheck initcheck synccheck; do
+    (cd "$RUN_DIR" && compute-sanitizer --tool $tool --kernel-name kns=lora_fused --error-exitcode 9 \
+       "$PY" sanitize_slice.py > "$OUT/sanitize_$tool.log" 2>&1)
+    rc=$?
+    summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize_$tool.log" | tail -1)
+    ran=$(grep -c "^ok " "$OUT/sanitize_$tool.log")
+    echo "sanitize $tool: rc=$rc, $ran checks ran, ${summary:-no summary line}"
+    if [ $rc -ne 0 ] || ! grep -q "all kernels ran" "$OUT/sanitize_$tool.log"; then SAN_RC=1; tail -15 "$OUT/sanitize_$tool.log"; fi
+  done
+fi
+
 BENCH_RC=0
 if [ "$BENCH" != none ]; then
   (cd "$RUN_DIR" && "$PY" -m lora_fused.bench $([ "$BENCH" = quick ] && echo --quick) --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1) > "$OUT/bench.txt"
   BENCH_RC=$?
   tail -60 "$OUT/bench.txt"
 fi
-echo "gpu_check.sh: tests $([ $TESTS = 1 ] && echo "rc=$TEST_RC" || echo skipped), bench ($BENCH) rc=$BENCH_RC, outputs in $OUT"
-[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ]
+echo "gpu_check.sh: tests $([ $TESTS = 1 ] && echo "rc=$TEST_RC" || echo skipped), sanitize $([ $SANITIZE = 1 ] && echo "rc=$SAN_RC" || echo skipped), bench ($BENCH) rc=$BENCH_RC, outputs in $OUT"
+[ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] && [ $SAN_RC -eq 0 ]
