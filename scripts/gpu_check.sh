@@ -20,12 +20,14 @@ PY=${PYTHON:-python3}
 BENCH=quick
 TESTS=1
 SANITIZE=0
+BUILD=1
 for arg in "$@"; do
   case "$arg" in
     --full) BENCH=full ;;
     --no-bench) BENCH=none ;;
     --no-tests) TESTS=0 ;;
     --sanitize) SANITIZE=1 ;;
+    --no-build) BUILD=0 ;;  # reuse the build a previous call on this (still warm) machine installed
     *) echo "gpu_check.sh: unknown option $arg (use --full, --no-bench, --no-tests or --sanitize)"; exit 2 ;;
   esac
 done
@@ -53,12 +55,14 @@ cat "$OUT/env.txt"
 # The GPU at hand only: sm_90a on Hopper (wgmma/TMA code needs the "a" target), else its own arch.
 ARCH=$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if (M, m) == (9, 0) else ''))")
 export TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-$(nproc)}
-rm -rf build  # a stale object built by another compiler must not be reused
-start=$(date +%s)
-if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -v . > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "gpu_check.sh: BUILD FAILED (log: build.log)"; exit 1
+if [ $BUILD = 1 ]; then
+  rm -rf build  # a stale object built by another compiler must not be reused
+  start=$(date +%s)
+  if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -v . > "$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"; echo "gpu_check.sh: BUILD FAILED (log: build.log)"; exit 1
+  fi
+  echo "build for TORCH_CUDA_ARCH_LIST=$ARCH with CXX=${CXX:-c++} took $(( $(date +%s) - start )) s"
 fi
-echo "build for TORCH_CUDA_ARCH_LIST=$ARCH with CXX=${CXX:-c++} took $(( $(date +%s) - start )) s"
 SO=$(cd / && "$PY" -c "import lora_fused._C as m; print(m.__file__)")
 if ! ldd "$SO" | grep -q "libstdc++"; then
   echo "gpu_check.sh: $SO does not link libstdc++ dynamically; C++ exceptions from it would crash. Fix the compiler (CXX)."; exit 1
