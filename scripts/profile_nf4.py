@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--shapes", default="4096:4096,8192:28672")
     ap.add_argument("--M", default="1,16,4096")
     ap.add_argument("--qlora", action="store_true", help="profile qlora_linear forward+backward (r=16) instead")
+    ap.add_argument("--host", action="store_true", help="with --qlora: where the host (CPU) time goes, per op")
     args = ap.parse_args()
     if args.qlora:
         return profile_qlora(args)
@@ -82,6 +83,12 @@ def profile_qlora(args, r=16):
             dy = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
             show(f"{k}->{d} M={m} nf4_linear fwd+bwd", lambda: lora_fused.nf4_linear(x, packed, state).backward(dy))
             show(f"{k}->{d} M={m} qlora_linear fwd+bwd", lambda: lora_fused.qlora_linear(x, packed, state, A, B, 2.0).backward(dy), reps=5)
+            if args.host:
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(5):
+                        lora_fused.qlora_linear(x, packed, state, A, B, 2.0).backward(dy)
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
 if __name__ == "__main__":
