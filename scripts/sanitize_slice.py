@@ -1,10 +1,14 @@
 """Every CUDA kernel of lora_fused once or twice, at small odd sizes, for compute-sanitizer
 (scripts/gpu_check.sh --sanitize runs it under memcheck, racecheck, initcheck and synccheck,
 checking only lora_fused's own kernels). Each call's result is checked against float64 too, so a
-run that computes garbage fails here even where no tool reports.
+run that computes garbage fails here even where no tool reports. lora_linear's training path is
+not here: it is cuBLAS GEMMs only (no lora_fused kernel), and racecheck (CUDA 13.0) fails with an
+internal "failed to handle a hardware exception" on those cuBLAS calls (scripts/racecheck_probe.py).
 
     compute-sanitizer --tool memcheck --kernel-name kns=lora_fused python3 scripts/sanitize_slice.py
 """
+
+import sys
 
 import torch
 
@@ -22,26 +26,22 @@ def main():
     dev, bf = "cuda", torch.bfloat16
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s, dt=bf, sc=1.0: (torch.randn(*s, generator=g) * sc).to(dev, dt)  # noqa: E731
-    for M, k, d, r in ((1, 96, 40, 8), (7, 129, 33, 5), (37, 256, 72, 16)):
+    quick = "--quick" in sys.argv  # initcheck is slow: one case per kernel family
+    for M, k, d, r in ((1, 96, 40, 8), (7, 129, 33, 5), (37, 256, 72, 16))[: 1 if quick else 3]:
         x, w, a, b = rnd(M, k), rnd(d, k, sc=k**-0.5), rnd(r, k, sc=k**-0.5), rnd(d, r, sc=0.3)
         close(_ops.lora_shrink(x, a, 2.0), reference.lora_shrink(x, a, 2.0), f"lora_shrink M={M}", 2e-2)
         y, u = rnd(M, d), rnd(M, r)
         close(_ops.lora_expand(y, u, b, 2.0), reference.lora_expand(y, u, b, 2.0), f"lora_expand M={M}", 2e-2)
         if M <= 16:
             close(_ops.lora_decode(x, w, a, b, 2.0, None), reference.lora_linear(x, w, a, b, 2.0), f"lora_decode M={M}", 2e-2)
-        xg, ag, bg = (t.clone().requires_grad_() for t in (x, a, b))
-        out = lora_fused.lora_linear(xg, w, ag, bg, 2.0, dropout_p=0.1)
-        out.float().square().sum().backward()
-        assert all(torch.isfinite(t.grad).all() for t in (xg, ag, bg)), "lora_linear gradients"
-        print(f"ok lora_linear fwd+bwd with dropout M={M}", flush=True)
-    for rows, cols, bs, dq in ((33, 96, 64, True), (40, 160, 128, False), (5, 4128, 4096, True)):
+    for rows, cols, bs, dq in ((33, 96, 64, True), (40, 160, 128, False), (5, 4128, 4096, True))[: 2 if quick else 3]:
         wt = rnd(rows, cols, dt=torch.float32, sc=cols**-0.5)
         packed, state = nf4.quantize(wt, bs, double_quant=dq)
         ref_packed, _ = reference.nf4_quantize(wt, bs)
         assert torch.equal(packed.cpu(), ref_packed), "nf4_quantize bytes"
         deq = nf4.dequantize(packed, state, bf)
         close(deq, reference.nf4_dequantize(packed, state), f"nf4 (de)quantize {rows}x{cols} bs={bs}", 1e-2)
-        for M in (1, 9, 16, 23):  # decode kernel (bf16, K % 32 == 0, M <= 16) and the slab path
+        for M in (1, 16, 23) if quick else (1, 9, 16, 23):  # decode kernel (bf16, K % 32 == 0, M <= 16) and the slab path
             x = rnd(M, cols).requires_grad_()
             A, B = rnd(8, cols, sc=cols**-0.5).requires_grad_(), rnd(rows, 8, sc=0.3).requires_grad_()
             bias = rnd(rows)
