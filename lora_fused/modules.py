@@ -284,7 +284,7 @@ class NF4Linear(nn.Module):
         if state.nested:
             s.nested_absmax.copy_(state.state2.absmax)
             s.nested_quant_map.copy_(state.state2.code)
-        setattr(s.quant_state, _storage.JSON_KEY, qs[_nf4.QS_KEY].to(s.quant_map.device))
+        setattr(s.quant_state, _storage.JSON_KEY, _storage.padded_json(qs[_nf4.QS_KEY].cpu()).to(s.quant_map.device))
         self._set_quant_metadata(state)
 
     def _nf4_input(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
