@@ -33,6 +33,13 @@ def init(rank: int, world: int, port: int, backend: str) -> torch.device:
     return torch.device("cpu")
 
 
+def finish() -> None:
+    """Every rank reaches here before any tears the group down: a rank that exits while the other
+    still runs a collective aborts in gloo's teardown ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def build_model(device: torch.device, seed: int = 1234) -> nn.Sequential:
     g = torch.Generator().manual_seed(seed)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -122,7 +129,7 @@ def ddp_case(rank: int, world: int, port: int, backend: str, tmpdir: str) -> Non
     fresh.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), ddp.module(x), rtol=0, atol=0)
-    dist.destroy_process_group()
+    finish()
 
 
 def shard(model: nn.Module, mp_policy=None, nf4_whole: bool = False) -> nn.Module:
@@ -218,7 +225,7 @@ def fsdp_case(rank: int, world: int, port: int, backend: str, tmpdir: str, nf4_w
     plain.load_state_dict({k: v.to(device) for k, v in full_sd.items()})
     with torch.no_grad():
         torch.testing.assert_close(plain(x), want, rtol=0, atol=0, msg=lambda m: f"unsharded load: {m}")
-    dist.destroy_process_group()
+    finish()
 
 
 def fsdp_mixed_precision_case(rank: int, world: int, port: int, backend: str, tmpdir: str) -> None:
@@ -237,4 +244,4 @@ def fsdp_mixed_precision_case(rank: int, world: int, port: int, backend: str, tm
     for name in NF4_LAYERS:  # the NF4 state is untouched by the bf16 policy
         for key in ("weight", "weight.absmax"):
             assert torch.equal(full(sd[f"{name}.{key}"]).cpu(), ref.state_dict()[f"{name}.{key}"].cpu()), f"{name}.{key} changed"
-    dist.destroy_process_group()
+    finish()
