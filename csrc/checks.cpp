@@ -184,6 +184,21 @@ Nf4Weight make_nf4_weight(const at::Tensor& other, bool grad, at::DeviceType dev
 
 }  // namespace
 
+// The two LoRA operands an NF4 op takes together (forward: lora_u, lora_B; backward: lora_du,
+// lora_A): both or neither, 2-D, on x's device in x's dtype. True when they are given.
+static bool check_lora_pair(const at::Tensor& x, const char* x_name, const c10::optional<at::Tensor>& first,
+                            const char* first_name, const c10::optional<at::Tensor>& second, const char* second_name,
+                            const char* op) {
+  TORCH_CHECK_VALUE(first.has_value() == second.has_value(), op, ": ", first_name, " and ", second_name,
+                    " come together; got only ", first.has_value() ? first_name : second_name);
+  if (!first.has_value()) return false;
+  check_rank(*first, 2, op, first_name);
+  check_rank(*second, 2, op, second_name);
+  check_same(x, x_name, *first, first_name, op);
+  check_same(x, x_name, *second, second_name, op);
+  return true;
+}
+
 Nf4Weight check_nf4_linear_args(const at::Tensor& x, at::DeviceType device, const at::Tensor& packed,
                                 const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
                                 const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
@@ -198,15 +213,9 @@ Nf4Weight check_nf4_linear_args(const at::Tensor& x, at::DeviceType device, cons
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "]; got a ",
                       describe(*bias));
   }
-  TORCH_CHECK_VALUE(lora_u.has_value() == lora_B.has_value(), op, ": lora_u and lora_B come together; got only ",
-                    lora_u.has_value() ? "lora_u" : "lora_B");
-  if (lora_u.has_value()) {
+  if (check_lora_pair(x, "x", lora_u, "lora_u", lora_B, "lora_B", op)) {
     const at::Tensor& u = *lora_u;
     const at::Tensor& b = *lora_B;
-    check_rank(u, 2, op, "lora_u");
-    check_rank(b, 2, op, "lora_B");
-    check_same(x, "x", u, "lora_u", op);
-    check_same(x, "x", b, "lora_B", op);
     TORCH_CHECK_VALUE(u.size(1) >= 1 && u.size(0) == x.size(0) && b.size(0) == n && b.size(1) == u.size(1), op,
                       ": expected x [M, k], lora_u [M, r], lora_B [", n, ", r] with r >= 1; got x ", x.sizes(),
                       ", lora_u ", u.sizes(), ", lora_B ", b.sizes());
@@ -217,9 +226,22 @@ Nf4Weight check_nf4_linear_args(const at::Tensor& x, at::DeviceType device, cons
 Nf4Weight check_nf4_linear_grad_input_args(const at::Tensor& grad_out, at::DeviceType device, const at::Tensor& packed,
                                            const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
                                            const c10::optional<at::Tensor>& nested_code, double offset,
-                                           int64_t blocksize, int64_t nested_blocksize, int64_t in_features) {
-  return make_nf4_weight(grad_out, true, device, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                         nested_blocksize, in_features, "lora_fused.nf4_linear_grad_input");
+                                           int64_t blocksize, int64_t nested_blocksize, int64_t in_features,
+                                           const c10::optional<at::Tensor>& lora_du,
+                                           const c10::optional<at::Tensor>& lora_A) {
+  const char* op = "lora_fused.nf4_linear_grad_input";
+  Nf4Weight w = make_nf4_weight(grad_out, true, device, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                nested_blocksize, in_features, op);
+  if (check_lora_pair(grad_out, "grad_out", lora_du, "lora_du", lora_A, "lora_A", op)) {
+    const at::Tensor& du = *lora_du;
+    const at::Tensor& a = *lora_A;
+    TORCH_CHECK_VALUE(du.size(1) >= 1 && du.size(0) == grad_out.size(0) && a.size(0) == du.size(1) &&
+                          a.size(1) == in_features,
+                      op, ": expected grad_out [M, n], lora_du [M, r], lora_A [r, ", in_features,
+                      "] with r >= 1; got grad_out ", grad_out.sizes(), ", lora_du ", du.sizes(), ", lora_A ",
+                      a.sizes());
+  }
+  return w;
 }
 
 }  // namespace lora_fused

@@ -19,7 +19,8 @@ struct Nf4Weight {
 };
 
 // Check what the ops receive (device, ranks, dtypes, shapes, the NF4 state; for nf4_linear also
-// bias [N] and lora_u [M, r] with lora_B [N, r]) and return the weight with contiguous tensors.
+// bias [N] and lora_u [M, r] with lora_B [N, r]; for the gradient lora_du [M, r] with lora_A [r, K])
+// and return the weight with contiguous tensors.
 Nf4Weight check_nf4_linear_args(const at::Tensor& x, at::DeviceType device, const at::Tensor& packed,
                                 const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
                                 const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
@@ -28,7 +29,9 @@ Nf4Weight check_nf4_linear_args(const at::Tensor& x, at::DeviceType device, cons
 Nf4Weight check_nf4_linear_grad_input_args(const at::Tensor& grad_out, at::DeviceType device, const at::Tensor& packed,
                                            const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
                                            const c10::optional<at::Tensor>& nested_code, double offset,
-                                           int64_t blocksize, int64_t nested_blocksize, int64_t in_features);
+                                           int64_t blocksize, int64_t nested_blocksize, int64_t in_features,
+                                           const c10::optional<at::Tensor>& lora_du,
+                                           const c10::optional<at::Tensor>& lora_A);
 
 // Decodes rows [row0, row0 + rows) x columns [col0, col0 + cols) of the weight into a new contiguous
 // [rows, cols] tensor of `dtype` on the weight's device.
@@ -47,8 +50,10 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
                             const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
                             const DequantRect& dequant);
 
-// grad_x = grad_out @ W, one slab of columns of W at a time (each slab's GEMM writes its column block
-// of grad_x, so nothing is summed across slabs).
-at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weight& w, const DequantRect& dequant);
+// grad_x = grad_out @ W + lora_du @ lora_A, one slab of columns of W at a time: each slab's GEMM
+// writes its column block of grad_x, or accumulates onto the LoRA term there (beta = 1).
+at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weight& w,
+                                       const c10::optional<at::Tensor>& lora_du,
+                                       const c10::optional<at::Tensor>& lora_A, const DequantRect& dequant);
 
 }  // namespace lora_fused

@@ -64,17 +64,28 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
   return out;
 }
 
-at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weight& w, const DequantRect& dequant) {
+at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weight& w,
+                                       const c10::optional<at::Tensor>& lora_du,
+                                       const c10::optional<at::Tensor>& lora_A, const DequantRect& dequant) {
   const int64_t m = grad_out.size(0), n = w.out_features, k = w.in_features;
   const at::ScalarType t = grad_out.scalar_type();
   if (m == 0) return at::empty({0, k}, grad_out.options());
   const int64_t cols = slab_extent(nf4_slab_elems(n, k), n, k, 64);
-  if (cols == k) return at::mm(grad_out, dequant(w, 0, n, 0, k, t));
-  at::Tensor out = at::empty({m, k}, grad_out.options());
+  if (!lora_du.has_value()) {
+    if (cols == k) return at::mm(grad_out, dequant(w, 0, n, 0, k, t));
+    at::Tensor out = at::empty({m, k}, grad_out.options());
+    for (int64_t k0 = 0; k0 < k; k0 += cols) {
+      const int64_t c = std::min(cols, k - k0);
+      at::Tensor block = out.narrow(1, k0, c);
+      at::mm_out(block, grad_out, dequant(w, 0, n, k0, c, t));
+    }
+    return out;
+  }
+  // The LoRA term first (one skinny GEMM), then every slab's GEMM adds onto its column block.
+  at::Tensor out = at::mm(*lora_du, *lora_A);
   for (int64_t k0 = 0; k0 < k; k0 += cols) {
     const int64_t c = std::min(cols, k - k0);
-    at::Tensor block = out.narrow(1, k0, c);
-    at::mm_out(block, grad_out, dequant(w, 0, n, k0, c, t));
+    out.narrow(1, k0, c).addmm_(grad_out, dequant(w, 0, n, k0, c, t));
   }
   return out;
 }

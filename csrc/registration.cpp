@@ -45,10 +45,12 @@ TORCH_LIBRARY(lora_fused, m) {
       "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
       "int blocksize, int nested_blocksize, int out_features, Tensor? bias=None, Tensor? lora_u=None, "
       "Tensor? lora_B=None) -> Tensor");
-  // grad_x = grad_out @ W for nf4_linear's backward: grad_out [M, N] -> [M, in_features].
+  // grad_x = grad_out @ W + lora_du @ lora_A for nf4_linear's / qlora_linear's backward: grad_out [M, N],
+  // lora_du [M, r], lora_A [r, in_features] -> [M, in_features]; the LoRA term is the GEMMs' accumulator.
   m.def(
       "nf4_linear_grad_input(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
-      "Tensor? nested_code, float offset, int blocksize, int nested_blocksize, int in_features) -> Tensor");
+      "Tensor? nested_code, float offset, int blocksize, int nested_blocksize, int in_features, "
+      "Tensor? lora_du=None, Tensor? lora_A=None) -> Tensor");
 }
 
 // `import lora_fused._C` loads this library, which runs the registrations above; the module itself

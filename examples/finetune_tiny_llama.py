@@ -1,15 +1,16 @@
-"""QLoRA fine-tuning of a small Llama: PEFT + bitsandbytes beside lora_fused, or lora_fused alone on
-several processes (DDP or FSDP2).
+"""QLoRA fine-tuning of a small Llama: PEFT + bitsandbytes, then the same script with one line added,
+`lora_fused.patch(model)`; or lora_fused alone on several processes (DDP or FSDP2).
 
     python examples/finetune_tiny_llama.py                        # one device: both, side by side
-    python examples/finetune_tiny_llama.py --which fused          # lora_fused only
-    torchrun --nproc_per_node 2 examples/finetune_tiny_llama.py --dist fsdp --save adapter.pt
+    python examples/finetune_tiny_llama.py --which fused --save out/   # patched only; PEFT-format adapter
+    torchrun --nproc_per_node 2 examples/finetune_tiny_llama.py --dist fsdp --save out/
 
 The model is built by transformers from a config with random weights (nothing is downloaded), its
-attention and MLP projections quantized to NF4 (double quantization) with a LoRA adapter on each, and
-trained on synthetic token sequences (random segments repeated, so the loss can fall). Both runs start
-from the same NF4 bytes and the same adapter and see the same batches. On a CPU it runs a much
-smaller model, and says so.
+attention and MLP projections quantized to NF4 by bitsandbytes (double quantization) with a PEFT LoRA
+adapter on each, and trained on synthetic token sequences (random segments repeated, so the loss can
+fall). Both runs build the same model (same NF4 bytes, same adapter) and see the same batches; the
+second is patched. Under torchrun the model is quantized by lora_fused.patch(quantize="nf4") instead,
+whose NF4 layers FSDP2 can shard. On a CPU it runs a much smaller model, and says so.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def build_llama(args, device, dtype) -> nn.Module:
     return model
 
 
-def fused_model(args, device, dtype) -> nn.Module:
+def nf4_fused_model(args, device, dtype) -> nn.Module:
+    """A plain transformers model quantized and adapted by lora_fused itself (the torchrun mode)."""
     model = build_llama(args, device, dtype)
     report = lora_fused.patch(model, target_modules=TARGETS, r=args.r, lora_alpha=args.alpha, quantize="nf4")
     assert not report.left, str(report)
@@ -83,17 +85,6 @@ def peft_bnb_model(args, device, dtype) -> nn.Module:
     model = model.to(device)  # bitsandbytes quantizes as the weights move
     config = peft.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGETS, lora_dropout=0.0)
     return peft.get_peft_model(model, config)
-
-
-def copy_adapters(src: nn.Module, dst: nn.Module) -> None:
-    """Give dst (lora_fused) the PEFT model's initial adapter, so both runs start equal."""
-    peft_A = {n.replace("base_model.model.", "").replace(".lora_A.default.weight", ""): p
-              for n, p in src.named_parameters() if n.endswith("lora_A.default.weight")}
-    with torch.no_grad():
-        for name, layer in dst.named_modules():
-            if isinstance(layer, lora_fused.QLoraLinear):
-                layer.lora_A.copy_(peft_A[name])
-                layer.lora_B.zero_()
 
 
 def batch(args, step: int, rank: int, device) -> torch.Tensor:
@@ -138,24 +129,20 @@ def single(args) -> None:
     if device.type == "cpu":
         print(f"no GPU: a small model on the CPU (hidden {args.hidden}, {args.layers} layers, {args.steps} steps)")
     runs: dict[str, tuple[list[float], list[float], float]] = {}
-    peft_model = None
     for which in (["peft", "fused"] if args.which == "both" else [args.which]):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        if which == "peft":
-            model = peft_model = peft_bnb_model(args, device, dtype)
-        else:
-            model = fused_model(args, device, dtype)
-            if peft_model is not None:
-                copy_adapters(peft_model, model)
-                del peft_model
-                peft_model = None
+        model = peft_bnb_model(args, device, dtype)
+        if which == "fused":
+            report = lora_fused.patch(model)  # the one line: PEFT's QLoRA layers now run lora_fused
+            assert not report.left, str(report)
         print(f"{which}: training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} adapter parameters")
         losses, times = train(model, args, device)
         runs[which] = (losses, times, peak_mib(device))
         if which == "fused" and args.save:
-            save_adapter(model.state_dict(), args.save)
+            model.save_pretrained(args.save)  # PEFT's own save: the parameters are PEFT's
+            print(f"saved the adapter (PEFT format) to {args.save}")
         del model
     print(f"\n{'':8s}{'median step':>14s}{'peak memory':>14s}{'final loss':>12s}")
     for which, (losses, times, peak) in runs.items():
@@ -177,7 +164,8 @@ def distributed(args) -> None:
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = fused_model(args, device, dtype)
+    model = nf4_fused_model(args, device, dtype)
+    plain = model
     if args.dist == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -205,14 +193,9 @@ def distributed(args) -> None:
 
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
-            save_adapter(sd, args.save)
+            lora_fused.save_adapter(plain, args.save, state_dict=sd)  # PEFT's format, from the gathered tensors
+            print(f"saved the adapter (PEFT format) to {args.save}")
     dist.destroy_process_group()
-
-
-def save_adapter(state_dict: dict, path: str) -> None:
-    lora = {k: v.detach().cpu() for k, v in state_dict.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
-    torch.save(lora, path)
-    print(f"saved the adapter ({len(lora)} tensors) to {path}")
 
 
 if __name__ == "__main__":

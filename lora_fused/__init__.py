@@ -5,9 +5,12 @@
     layer = lora_fused.LoraLinear.from_linear(linear, r=16, lora_alpha=32)
     packed, state = lora_fused.nf4.quantize(w)                       # bitsandbytes-compatible NF4
     y = lora_fused.qlora_linear(x, packed, state, lora_A, lora_B, scaling)   # QLoRA, NF4 base
+    lora_fused.patch(model)                                          # fused layers into a PEFT model
+    lora_fused.save_adapter(model, "out/")                           # PEFT's adapter format
 """
 
 from ._extension import build_info, cuda_available
+from .adapters import load_adapter, save_adapter
 from . import _ops as ops
 from . import nf4
 from .distributed import fsdp_ignored_params
@@ -25,11 +28,13 @@ __all__ = [
     "build_info",
     "cuda_available",
     "fsdp_ignored_params",
+    "load_adapter",
     "lora_linear",
     "nf4",
     "nf4_linear",
     "ops",
     "patch",
     "qlora_linear",
+    "save_adapter",
     "unpatch",
 ]

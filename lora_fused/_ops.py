@@ -91,11 +91,14 @@ def nf4_linear_grad_input(
     blocksize: int,
     nested_blocksize: int,
     in_features: int,
+    lora_du: Optional[torch.Tensor] = None,
+    lora_A: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """grad_out @ W for grad_out [M, N] and the NF4 weight W [N, in_features]."""
+    """grad_out @ W + lora_du @ lora_A for grad_out [M, N], the NF4 weight W [N, in_features] and
+    the optional LoRA pair lora_du [M, r], lora_A [r, in_features]."""
     return _ops.nf4_linear_grad_input.default(
         grad_out, packed, absmax, nested_absmax, nested_code, float(offset), int(blocksize), int(nested_blocksize),
-        int(in_features),
+        int(in_features), lora_du, lora_A,
     )
 
 
@@ -150,8 +153,9 @@ def _nf4_linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, bloc
 
 @torch.library.register_fake("lora_fused::nf4_linear_grad_input")
 def _nf4_linear_grad_input_fake(grad_out, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                nested_blocksize, in_features):
+                                nested_blocksize, in_features, lora_du=None, lora_A=None):
     torch._check(grad_out.dim() == 2, lambda: "nf4_linear_grad_input: grad_out must be [M, N]")
+    torch._check((lora_du is None) == (lora_A is None), lambda: "nf4_linear_grad_input: lora_du and lora_A come together")
     return grad_out.new_empty((grad_out.shape[0], in_features))
 
 

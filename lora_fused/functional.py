@@ -158,6 +158,75 @@ def _nf4_args(fn: str, x: torch.Tensor, packed: torch.Tensor, state: QuantState)
     )
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """s * a @ b as one GEMM (alpha = s; beta = 0, so the uninitialised input is never read)."""
+    if s == 1.0:
+        return torch.mm(a, b)
+    return torch.addmm(a.new_empty((a.shape[0], b.shape[1])), a, b, beta=0, alpha=s)
+
+
+class _NF4LinearFunction(torch.autograd.Function):
+    """y = x W^T + bias [+ (s xl A^T) B^T], W the frozen NF4 weight, xl = x or dropout(x), as one
+    autograd node (the op's generated autograd and the eager LoRA ops around it cost the host more
+    than the GPU work at M = 4096: benchmarks/RESULTS.md, session 3). Forward: u = s xl A^T, then
+    nf4_linear with u B^T as the slab GEMMs' accumulator. Backward: dU = s dY B, dB = dY^T u,
+    dA = dU^T xl and, without dropout, dX = dY W + dU A with dU A as the accumulator of the
+    nf4_linear_grad_input slab GEMMs (no [M, K] add)."""
+
+    @staticmethod
+    def forward(ctx, x2, xl, A, B, bias, scaling, nf4, n):
+        y, u = _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n)
+        ctx.scaling, ctx.nf4, ctx.k = scaling, nf4[4:], x2.shape[1]
+        ctx.same_input, ctx.has_lora, ctx.has_bias = xl is None, A is not None, bias is not None
+        need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
+        need_du = need_x or need_xl or need_a
+        ctx.save_for_backward(
+            (x2 if xl is None else xl) if need_a else None, A if (need_x or need_xl) else None,
+            B if need_du else None, u if need_b else None, *nf4[:4],
+        )
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xl, A, B, u, packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
+        need_x, need_xl, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        weight = (packed, absmax, nested_absmax, nested_code, *ctx.nf4)
+        dy = dy.contiguous()
+        dx = dxl = dA = dB = dbias = None
+        du = None
+        if ctx.has_lora and (need_x or need_xl or need_a):
+            du = _scaled_mm(dy, B, ctx.scaling)
+        if ctx.has_lora and need_b:
+            dB = torch.mm(dy.t(), u)
+        if ctx.has_lora and need_a:
+            dA = torch.mm(du.t(), xl)
+        fold = ctx.has_lora and ctx.same_input and need_x
+        if need_x:
+            dx = _ops.nf4_linear_grad_input(dy, *weight, ctx.k, du if fold else None, A if fold else None)
+        if ctx.has_lora and not ctx.same_input and need_xl:
+            dxl = torch.mm(du, A)
+        if need_bias and ctx.has_bias:
+            dbias = dy.sum(0)
+        return dx, dxl, dA, dB, dbias, None, None, None
+
+
+def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n):
+    """(y, u): the forward of _NF4LinearFunction, also run directly where no gradient is needed."""
+    u = _scaled_mm(x2 if xl is None else xl, A.t(), scaling) if A is not None else None
+    return _ops.nf4_linear(x2, *nf4, n, bias, u, B), u
+
+
+def _nf4_apply(x2, xl, A, B, bias, scaling, args):
+    """Runs the NF4 layer through the autograd node only when a gradient is wanted."""
+    nf4, n = args[:-1], args[-1]
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x2, xl, A, B, bias)
+    )
+    if wants_grad:
+        return _NF4LinearFunction.apply(x2, xl, A, B, bias, float(scaling), nf4, n)
+    return _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)[0]
+
+
 def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ dequantize(packed, state)^T + bias, with the NF4 weight decoded inside the kernels.
 
@@ -170,7 +239,7 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: O
     """
     args = _nf4_args("nf4_linear", x, packed, state)
     x2 = x.reshape(-1, x.shape[-1])
-    y = _ops.nf4_linear(x2, *args, bias)
+    y = _nf4_apply(x2, None, None, None, bias, 1.0, args)
     return y.reshape(*x.shape[:-1], args[-1])
 
 
@@ -189,7 +258,8 @@ def qlora_linear(
 
     lora_A: [r, K], lora_B: [N, r] (any float dtype; used in x's dtype, gradients in their own).
     The LoRA term enters the NF4 matmul's output directly: in the decode kernel's epilogue (M <= 16 on
-    CUDA), or as the accumulator the slab GEMMs add onto (beta = 1), so it costs no extra pass.
+    CUDA), or as the accumulator the slab GEMMs add onto (beta = 1), so it costs no extra pass; in
+    backward dU A is likewise the accumulator of dX's slab GEMMs. One autograd node for the layer.
     """
     args = _nf4_args("qlora_linear", x, packed, state)
     n, k = args[-1], x.shape[-1]
@@ -205,7 +275,6 @@ def qlora_linear(
         raise ValueError(f"lora_fused.qlora_linear: dropout_p must be in [0, 1); got {dropout_p}")
     x2 = x.reshape(-1, k)
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    xl = F.dropout(x2, dropout_p, training=True) if dropout_p > 0.0 and training else x2
-    u = torch.mm(xl, A.t()) * scaling
-    y = _ops.nf4_linear(x2, *args, bias, u, B)
+    xl = F.dropout(x2, dropout_p, training=True) if dropout_p > 0.0 and training else None
+    y = _nf4_apply(x2, xl, A, B, bias, scaling, args)
     return y.reshape(*x.shape[:-1], n)

@@ -7,6 +7,7 @@
 #   scripts/gpu_check.sh --no-bench build + tests only
 #   scripts/gpu_check.sh --full --no-tests   build + full benchmark grid only
 #   LORA_FUSED_TESTS="tests/test_distributed.py" scripts/gpu_check.sh --no-bench   a subset of the tests
+#   LORA_FUSED_BENCH_ARGS="--ops qlora_linear --M 4096" scripts/gpu_check.sh        a chosen benchmark grid
 #   scripts/gpu_check.sh --sanitize --no-tests --no-bench   build + compute-sanitizer (memcheck,
 #                                   racecheck, initcheck, synccheck) over scripts/sanitize_slice.py
 #
@@ -102,7 +103,9 @@ fi
 
 BENCH_RC=0
 if [ "$BENCH" != none ]; then
-  (cd "$RUN_DIR" && "$PY" -m lora_fused.bench $([ "$BENCH" = quick ] && echo --quick) --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1) > "$OUT/bench.txt"
+  # LORA_FUSED_BENCH_ARGS replaces the quick/full grid with a chosen one (e.g. "--ops qlora_linear --M 4096").
+  GRID=${LORA_FUSED_BENCH_ARGS:-$([ "$BENCH" = quick ] && echo --quick)}
+  (cd "$RUN_DIR" && "$PY" -m lora_fused.bench $GRID --json "$OUT/bench.json" --plot "$OUT/bench.png" 2>&1) > "$OUT/bench.txt"
   BENCH_RC=$?
   tail -60 "$OUT/bench.txt"
 fi

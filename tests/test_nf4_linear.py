@@ -142,6 +142,9 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.lora_fused.nf4_linear.default, (x,) + args + (40, None, None, None))
         g = randn(m, 40, dtype=torch.bfloat16, device=device)
         torch.library.opcheck(torch.ops.lora_fused.nf4_linear_grad_input.default, (g,) + args + (64,))
+        du = randn(m, 4, dtype=torch.bfloat16, device=device)
+        a = randn(4, 64, dtype=torch.bfloat16, device=device)
+        torch.library.opcheck(torch.ops.lora_fused.nf4_linear_grad_input.default, (g,) + args + (64, du, a))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -256,6 +259,13 @@ def test_bad_inputs_give_clear_errors(device):
         _ops.nf4_linear(x, *args, 40, randn(40, dtype=torch.bfloat16, device=device))
     with pytest.raises(ValueError, match=r"grad_out must be \[M, N\]"):
         _ops.nf4_linear_grad_input(randn(4, 40, 1, device=device), *args, 64)
+    g = randn(4, 40, device=device)
+    with pytest.raises(ValueError, match="lora_du and lora_A come together"):
+        _ops.nf4_linear_grad_input(g, *args, 64, randn(4, 2, device=device))
+    with pytest.raises(ValueError, match=r"lora_du \[M, r\], lora_A \[r, 64\]"):
+        _ops.nf4_linear_grad_input(g, *args, 64, randn(4, 2, device=device), randn(2, 63, device=device))
+    with pytest.raises(TypeError, match="same dtype"):
+        _ops.nf4_linear_grad_input(g, *args, 64, randn(4, 2, device=device), randn(2, 64, dtype=torch.bfloat16, device=device))
     with pytest.raises(TypeError, match="QuantState"):
         lora_fused.nf4_linear(x, packed, {"absmax": state.absmax})
     with pytest.raises(ValueError, match=r"expected lora_A \[r, 64\]"):

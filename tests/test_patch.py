@@ -125,3 +125,70 @@ def test_plain_linear_quantize_nf4_gives_qlora_layers(device):
 def test_patch_rejects_unknown_quantization():
     with pytest.raises(ValueError, match="quantize must be None or 'nf4'"):
         lora_fused.patch(Tiny(), target_modules=["q_proj"], quantize="int8")
+
+
+class Tiny4bit(nn.Module):
+    """Tiny's shape with bitsandbytes NF4 layers (K = 128, 256: bitsandbytes 0.50.2's CPU decode is
+    wrong for some other widths, see test_nf4_linear.py)."""
+
+    def __init__(self, device, compute_dtype):
+        super().__init__()
+        bnb = pytest.importorskip("bitsandbytes")
+        torch.manual_seed(0)
+        for name, (k, n, bias) in {"q_proj": (128, 256, True), "v_proj": (256, 128, False)}.items():
+            lin = nn.Linear(k, n, bias=bias)
+            q = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
+            q.load_state_dict(lin.state_dict())
+            setattr(self, name, q.to(device))
+        self.out = nn.Linear(128, 8).to(device)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.v_proj(torch.relu(self.q_proj(x)))))
+
+
+def _compute_dtype(device):
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_peft_qlora_model_same_outputs_gradients_and_parameters(device):
+    dt = _compute_dtype(device)
+    model = peft.get_peft_model(Tiny4bit(device, dt), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    x = torch.randn(5, 7, 128, device=device)
+    params_before = dict(model.named_parameters())
+    y0, g0 = _step(model, x)
+    report = lora_fused.patch(model)
+    assert sorted(n.rsplit(".", 1)[-1] for n in report.patched) == ["q_proj", "v_proj"] and not report.left
+    y1, g1 = _step(model, x)
+    # PEFT runs the adapter in fp32 and bitsandbytes the base in the compute dtype; lora_fused runs
+    # both in the compute dtype: bf16 rounding on the GPU, nearly exact in fp32 on CPU.
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dt == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(y1, y0, **tol)
+    assert g1.keys() == g0.keys() and any("lora_A" in n for n in g1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], **tol, msg=n)
+    assert all(params_before[n] is p for n, p in model.named_parameters())
+    assert sorted(lora_fused.unpatch(model)) == sorted(report.patched)
+    torch.testing.assert_close(_step(model, x)[0], y0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bitsandbytes_layers_become_nf4_and_qlora_layers(device):
+    dt = _compute_dtype(device)
+    model = Tiny4bit(device, dt)
+    originals = {n: model.get_submodule(n) for n in ("q_proj", "v_proj")}
+    x = torch.randn(3, 128, device=device)
+    y0 = model(x)
+    report = lora_fused.patch(model, target_modules=["v_proj"], r=4, lora_alpha=8)
+    assert sorted(report.patched) == ["q_proj", "v_proj"] and not report.left
+    assert type(model.q_proj) is lora_fused.NF4Linear and type(model.v_proj) is lora_fused.QLoraLinear
+    assert model.q_proj.bias is originals["q_proj"].bias
+    assert model.q_proj.weight.data_ptr() == originals["q_proj"].weight.data_ptr()  # the same NF4 bytes
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dt == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(model(x), y0, **tol)  # B starts at zero
+    assert sorted(lora_fused.unpatch(model)) == ["q_proj", "v_proj"]
+    assert all(model.get_submodule(n) is m for n, m in originals.items())
+    assert not lora_fused.patch(model, bnb_layers=False).patched

@@ -28,11 +28,13 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
 at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
                                       const c10::optional<at::Tensor>& nested_absmax,
                                       const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
-                                      int64_t nested_blocksize, int64_t in_features) {
+                                      int64_t nested_blocksize, int64_t in_features,
+                                      const c10::optional<at::Tensor>& lora_du,
+                                      const c10::optional<at::Tensor>& lora_A) {
   const Nf4Weight w = check_nf4_linear_grad_input_args(grad_out, at::kCUDA, packed, absmax, nested_absmax,
-                                                       nested_code, offset, blocksize, nested_blocksize, in_features);
+                                                       nested_code, offset, blocksize, nested_blocksize, in_features, lora_du, lora_A);
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  return nf4_linear_grad_input_tiled(grad_out, w, nf4_dequantize_rect_cuda);
+  return nf4_linear_grad_input_tiled(grad_out, w, lora_du, lora_A, nf4_dequantize_rect_cuda);
 }
 
 }  // namespace
