@@ -81,12 +81,14 @@ def profile_qlora(args, r=16):
         for m in (int(v) for v in args.M.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             dy = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
-            show(f"{k}->{d} M={m} nf4_linear fwd+bwd", lambda: lora_fused.nf4_linear(x, packed, state).backward(dy))
-            show(f"{k}->{d} M={m} qlora_linear fwd+bwd", lambda: lora_fused.qlora_linear(x, packed, state, A, B, 2.0).backward(dy), reps=5)
+            # autograd.grad, not backward(): no .grad accumulation kernels in the figures.
+            show(f"{k}->{d} M={m} nf4_linear fwd+bwd", lambda: torch.autograd.grad(lora_fused.nf4_linear(x, packed, state), x, dy))
+            qlora = lambda: torch.autograd.grad(lora_fused.qlora_linear(x, packed, state, A, B, 2.0), (x, A, B), dy)  # noqa: E731
+            show(f"{k}->{d} M={m} qlora_linear fwd+bwd", qlora, reps=5)
             if args.host:
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     for _ in range(5):
-                        lora_fused.qlora_linear(x, packed, state, A, B, 2.0).backward(dy)
+                        qlora()
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lora_fused
-from conftest import DEVICES
+from conftest import DEVICES, rel_err
 
 peft = pytest.importorskip("peft", reason="peft is not installed")
 
@@ -165,11 +165,12 @@ def test_peft_qlora_model_same_outputs_gradients_and_parameters(device):
     y1, g1 = _step(model, x)
     # PEFT runs the adapter in fp32 and bitsandbytes the base in the compute dtype; lora_fused runs
     # both in the compute dtype: bf16 rounding on the GPU, nearly exact in fp32 on CPU.
-    tol = {"rtol": 2e-2, "atol": 2e-2} if dt == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
-    torch.testing.assert_close(y1, y0, **tol)
+    # Elementwise checks suit fp32; in bf16 the gradients (sums over all rows) are compared by norm.
+    bound = 2e-2 if dt == torch.bfloat16 else 1e-5
+    assert rel_err(y1, y0) < bound, f"output: relative error {rel_err(y1, y0):.2e}"
     assert g1.keys() == g0.keys() and any("lora_A" in n for n in g1)
     for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], **tol, msg=n)
+        assert rel_err(g1[n], g0[n]) < bound, f"{n}: relative error {rel_err(g1[n], g0[n]):.2e}"
     assert all(params_before[n] is p for n, p in model.named_parameters())
     assert sorted(lora_fused.unpatch(model)) == sorted(report.patched)
     torch.testing.assert_close(_step(model, x)[0], y0)
