@@ -28,7 +28,7 @@ from .modules import LoraLinear, NF4Linear, QLoraLinear, _bnb_weight
 _ORIGINAL_FORWARD = "_lora_fused_original_forward"
 _ORIGINAL_MODULE = "_lora_fused_original_module"
 _PATCHED_FROM_LINEAR = "_lora_fused_quantized_by_patch"
-_NF4_CACHE = "_lora_fused_nf4_state"  # (bnb QuantState object, packed data_ptr, lora_fused QuantState)
+_NF4_CACHE = "_lora_fused_nf4_state"  # (bnb QuantState, bnb weight Parameter, lora_fused QuantState)
 
 
 @dataclass
@@ -105,10 +105,11 @@ def _nf4_state_of(holder: nn.Module, base: nn.Module) -> tuple[torch.Tensor, "_n
     as long as the layer keeps the same quantization state object and bytes."""
     w = base.weight
     cached = getattr(holder, _NF4_CACHE, None)
-    if cached is not None and cached[0] is w.quant_state and cached[1] == w.data_ptr():
+    # Object identity, not data_ptr(): torch.compile traces identity checks, not pointer compares.
+    if cached is not None and cached[0] is w.quant_state and cached[1] is w:
         return w.data, cached[2]
     packed, state = _bnb_weight(base)
-    setattr(holder, _NF4_CACHE, (w.quant_state, w.data_ptr(), state))
+    setattr(holder, _NF4_CACHE, (w.quant_state, w, state))
     return packed, state
 
 
@@ -187,6 +188,8 @@ def patch(
             if why is not None:
                 report.left[name] = why
                 continue
+            if type(module.base_layer) is not nn.Linear:
+                _nf4_state_of(module, module.base_layer)  # converted now, not while torch.compile traces
             setattr(module, _ORIGINAL_FORWARD, module.forward)
             module.forward = types.MethodType(_fused_peft_forward, module)
             report.patched.append(name)

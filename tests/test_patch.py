@@ -204,3 +204,42 @@ def test_bitsandbytes_layers_become_nf4_and_qlora_layers(device):
     assert sorted(lora_fused.unpatch(model)) == ["q_proj", "v_proj"]
     assert all(model.get_submodule(n) is m for n, m in originals.items())
     assert not lora_fused.patch(model, bnb_layers=False).patched
+
+
+def _patched(kind, device):
+    if kind in ("peft-bnb", "bnb"):
+        model = Tiny4bit(device, _compute_dtype(device))
+        x = torch.randn(4, 128, device=device)
+    else:
+        torch.manual_seed(0)
+        model = Tiny().to(device)
+        x = torch.randn(4, 32, device=device)
+    if kind.startswith("peft"):
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        report = lora_fused.patch(model)
+    elif kind == "bnb":
+        report = lora_fused.patch(model, target_modules=["v_proj"], r=4, lora_alpha=8)
+    else:
+        report = lora_fused.patch(model, target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
+                                  quantize="nf4" if kind == "nf4" else None)
+    assert len(report.patched) == 2 and not report.left
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    return model, x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["plain", "nf4", "peft", "peft-bnb", "bnb"])
+def test_torch_compile_fullgraph_of_a_patched_model(device, kind):
+    model, x = _patched(kind, device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    model.zero_grad(set_to_none=True)
+    y_c = compiled(x)  # compiled first: nothing was cached by an eager call before
+    y_c.square().sum().backward()
+    y_c, g_c = y_c.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    y_e, g_e = _step(model, x)
+    torch.testing.assert_close(y_c, y_e, rtol=2e-2, atol=2e-2)
+    assert g_c.keys() == g_e.keys() and g_c
+    for n in g_e:
+        assert rel_err(g_c[n], g_e[n]) < 2e-2, n
