@@ -18,11 +18,35 @@ DEVICE = "cuda" if CUDA else "cpu"
 SHAPES = [(4096, 4096), (4096, 11008)] if CUDA else [(256, 384)]
 MS = [1, 16, 4096] if CUDA else [1, 64]
 PROVIDERS = ["lora_fused", "torch", "base_gemm"] + (["peft"] if bench._importable("peft") else [])
+BNB = bench._importable("bitsandbytes")
+NF4_PROVIDERS = ["lora_fused", "base_gemm"] + (["bitsandbytes"] if BNB else [])
+QLORA_PROVIDERS = ["lora_fused", "base_gemm"] + (["bnb+torch"] if BNB else []) + (
+    ["peft+bnb"] if BNB and bench._importable("peft") else []
+)
 
 
 def _sync():
     if CUDA:
         torch.cuda.synchronize()
+
+
+def _timed(benchmark, fwd, params, g, mode):
+    def run():
+        y = fwd()
+        if mode == "fwdbwd":
+            torch.autograd.grad(y, params, g)
+        _sync()
+
+    benchmark(run)
+
+
+def _nf4_case(M, k, d, r=16, dtype=torch.bfloat16):
+    x = torch.randn(M, k, device=DEVICE, dtype=dtype)
+    packed, state = nf4.quantize(torch.randn(d, k, device=DEVICE, dtype=dtype) * k**-0.5, 64)
+    a = torch.randn(r, k, device=DEVICE, dtype=dtype) * k**-0.5
+    b = torch.randn(d, r, device=DEVICE, dtype=dtype) * r**-0.5
+    g = torch.randn(M, d, device=DEVICE, dtype=dtype)
+    return x, packed, state, nf4.dequantize(packed, state, dtype), a, b, g
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -37,14 +61,30 @@ def test_lora_linear(benchmark, provider, M, k, d, mode):
     b = torch.randn(d, r, device=DEVICE, dtype=dtype) * r**-0.5
     g = torch.randn(M, d, device=DEVICE, dtype=dtype)
     fwd, params = bench.lora_linear_providers(x, w, a, b, 2.0, 2 * r, provider == "peft")[provider]
+    _timed(benchmark, fwd, params, g, mode)
 
-    def run():
-        y = fwd()
-        if mode == "fwdbwd":
-            torch.autograd.grad(y, params, g)
-        _sync()
 
-    benchmark(run)
+@pytest.mark.parametrize("provider", NF4_PROVIDERS)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("k,d", SHAPES)
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_nf4_linear(benchmark, provider, M, k, d, mode):
+    x, packed, state, w16, _, _, g = _nf4_case(M, k, d)
+    fwd, params = bench.nf4_linear_providers(x, packed, state, w16, provider == "bitsandbytes")[provider]
+    _timed(benchmark, fwd, params, g, mode)
+
+
+@pytest.mark.parametrize("provider", QLORA_PROVIDERS)
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("k,d", SHAPES)
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_qlora_linear(benchmark, provider, M, k, d, mode):
+    x, packed, state, w16, a, b, g = _nf4_case(M, k, d)
+    providers = bench.qlora_linear_providers(
+        x, packed, state, w16, a, b, 2.0, 32, with_peft=provider == "peft+bnb", with_bnb=provider in ("bnb+torch", "peft+bnb")
+    )
+    fwd, params = providers[provider]
+    _timed(benchmark, fwd, params, g, mode)
 
 
 @pytest.mark.parametrize("k,d", SHAPES)
