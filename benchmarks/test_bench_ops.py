@@ -64,25 +64,22 @@ def test_lora_linear(benchmark, provider, M, k, d, mode):
     _timed(benchmark, fwd, params, g, mode)
 
 
-@pytest.mark.parametrize("provider", NF4_PROVIDERS)
+NF4_CASES = [("nf4_linear", p) for p in NF4_PROVIDERS] + [("qlora_linear", p) for p in QLORA_PROVIDERS]
+
+
+@pytest.mark.parametrize("op,provider", NF4_CASES)
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("k,d", SHAPES)
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
-def test_nf4_linear(benchmark, provider, M, k, d, mode):
-    x, packed, state, w16, _, _, g = _nf4_case(M, k, d)
-    fwd, params = bench.nf4_linear_providers(x, packed, state, w16, provider == "bitsandbytes")[provider]
-    _timed(benchmark, fwd, params, g, mode)
-
-
-@pytest.mark.parametrize("provider", QLORA_PROVIDERS)
-@pytest.mark.parametrize("M", MS)
-@pytest.mark.parametrize("k,d", SHAPES)
-@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
-def test_qlora_linear(benchmark, provider, M, k, d, mode):
+def test_nf4_layers(benchmark, op, provider, M, k, d, mode):
     x, packed, state, w16, a, b, g = _nf4_case(M, k, d)
-    providers = bench.qlora_linear_providers(
-        x, packed, state, w16, a, b, 2.0, 32, with_peft=provider == "peft+bnb", with_bnb=provider in ("bnb+torch", "peft+bnb")
-    )
+    if op == "nf4_linear":
+        providers = bench.nf4_linear_providers(x, packed, state, w16, provider == "bitsandbytes")
+    else:
+        providers = bench.qlora_linear_providers(
+            x, packed, state, w16, a, b, 2.0, 32, with_peft=provider == "peft+bnb",
+            with_bnb=provider in ("bnb+torch", "peft+bnb"),
+        )
     fwd, params = providers[provider]
     _timed(benchmark, fwd, params, g, mode)
 

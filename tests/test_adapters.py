@@ -10,21 +10,11 @@ import torch
 from torch import nn
 
 import lora_fused
+from _models import Tiny
 from conftest import DEVICES
 
 peft = pytest.importorskip("peft", reason="peft is not installed")
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(32, 48)
-        self.v_proj = nn.Linear(48, 32, bias=False)
-        self.out = nn.Linear(32, 8)
-
-    def forward(self, x):
-        return self.out(torch.relu(self.v_proj(torch.relu(self.q_proj(x)))))
 
 
 def _base(device, seed=0):

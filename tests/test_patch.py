@@ -7,20 +7,10 @@ import torch
 from torch import nn
 
 import lora_fused
+from _models import Tiny, Tiny4bit
 from conftest import DEVICES, ERROR_FLOOR, rel_err
 
 peft = pytest.importorskip("peft", reason="peft is not installed")
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = nn.Linear(32, 48)
-        self.v_proj = nn.Linear(48, 32, bias=False)
-        self.out = nn.Linear(32, 8)
-
-    def forward(self, x):
-        return self.out(torch.relu(self.v_proj(torch.relu(self.q_proj(x)))))
 
 
 def _peft_model(device, **cfg):
@@ -127,25 +117,6 @@ def test_patch_rejects_unknown_quantization():
         lora_fused.patch(Tiny(), target_modules=["q_proj"], quantize="int8")
 
 
-class Tiny4bit(nn.Module):
-    """Tiny's shape with bitsandbytes NF4 layers (K = 128, 256: bitsandbytes 0.50.2's CPU decode is
-    wrong for some other widths, see test_nf4_linear.py)."""
-
-    def __init__(self, device, compute_dtype):
-        super().__init__()
-        bnb = pytest.importorskip("bitsandbytes")
-        torch.manual_seed(0)
-        for name, (k, n, bias) in {"q_proj": (128, 256, True), "v_proj": (256, 128, False)}.items():
-            lin = nn.Linear(k, n, bias=bias)
-            q = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True)
-            q.load_state_dict(lin.state_dict())
-            setattr(self, name, q.to(device))
-        self.out = nn.Linear(128, 8).to(device)
-
-    def forward(self, x):
-        return self.out(torch.relu(self.v_proj(torch.relu(self.q_proj(x)))))
-
-
 def _compute_dtype(device):
     return torch.bfloat16 if device == "cuda" else torch.float32
 
@@ -204,6 +175,20 @@ def test_bitsandbytes_layers_become_nf4_and_qlora_layers(device):
     assert sorted(lora_fused.unpatch(model)) == ["q_proj", "v_proj"]
     assert all(model.get_submodule(n) is m for n, m in originals.items())
     assert not lora_fused.patch(model, bnb_layers=False).patched
+
+
+def test_fp4_bitsandbytes_layers_are_left_and_reported():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = Tiny4bit("cpu", torch.float32)
+    fp4 = bnb.nn.Linear4bit(128, 256, compute_dtype=torch.float32, quant_type="fp4")
+    fp4.load_state_dict(nn.Linear(128, 256).state_dict())
+    model.q_proj = fp4.to("cpu")
+    report = lora_fused.patch(model)
+    assert report.patched == ["v_proj"] and "quant_type 'fp4'" in report.left["q_proj"]
+    lora_fused.unpatch(model)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    report = lora_fused.patch(peft_model)
+    assert len(report.patched) == 1 and any("fp4" in why for why in report.left.values())
 
 
 def _patched(kind, device):
