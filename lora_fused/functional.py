@@ -214,7 +214,12 @@ class _NF4LinearFunction(torch.autograd.Function):
 def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n):
     """(y, u): the forward of _NF4LinearFunction, also run directly where no gradient is needed."""
     u = _scaled_mm(x2 if xl is None else xl, A.t(), scaling) if A is not None else None
-    return _ops.nf4_linear(x2, *nf4, n, bias, u, B), u
+    if torch.compiler.is_compiling():
+        return _ops.nf4_linear(x2, *nf4, n, bias, u, B), u
+    # Straight to the backend kernel: the op's Autograd kernel (torch.library.register_autograd, in
+    # Python) would otherwise run and redispatch even with grad mode off, ~60 us of host per call.
+    with torch._C._AutoDispatchBelowAutograd():
+        return _ops.nf4_linear(x2, *nf4, n, bias, u, B), u
 
 
 def _nf4_apply(x2, xl, A, B, bias, scaling, args):
