@@ -175,13 +175,13 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
 def _adapted(layer: nn.Module, name: str, r: int, alpha: float, dropout: float, rslora: bool) -> nn.Module:
     """The LoraLinear / QLoraLinear that takes the adapter for `layer`, sharing its weights; unpatch()
     puts `layer` back."""
-    from .patch import _ORIGINAL_MODULE, _bnb_linear4bit_class, _fused_bnb_module
+    from .patch import _ORIGINAL_MODULE, _bnb_linear4bit_class, _fused_bnb_module, remember_original
 
     bnb4 = _bnb_linear4bit_class()
     source = getattr(layer, _ORIGINAL_MODULE, layer) if type(layer) is NF4Linear else layer
     if type(source) is nn.Linear:
         new = LoraLinear.from_linear(source, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora)
-        setattr(new, _ORIGINAL_MODULE, source)
+        remember_original(new, source)
     elif bnb4 is not None and type(source) is bnb4:
         new = _fused_bnb_module(source, True, r, alpha, dropout)
         new.use_rslora, new.scaling = rslora, alpha / math.sqrt(r) if rslora else alpha / r

@@ -27,6 +27,13 @@ from .modules import LoraLinear, NF4Linear, QLoraLinear, _bnb_weight
 
 _ORIGINAL_FORWARD = "_lora_fused_original_forward"
 _ORIGINAL_MODULE = "_lora_fused_original_module"
+
+
+def remember_original(fused: nn.Module, original: nn.Module) -> None:
+    """Keep the module a fused one replaced, for unpatch(), as a plain attribute: registered as a
+    submodule it would add its parameters and state-dict keys to the model a second time."""
+    fused.__dict__[_ORIGINAL_MODULE] = original
+
 _PATCHED_FROM_LINEAR = "_lora_fused_quantized_by_patch"
 _NF4_CACHE = "_lora_fused_nf4_state"  # (bnb QuantState, bnb weight Parameter, lora_fused QuantState)
 
@@ -141,7 +148,7 @@ def _fused_bnb_module(module: nn.Module, targeted: bool, r: int, lora_alpha: flo
         fused = QLoraLinear.from_bnb(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     else:
         fused = NF4Linear.from_bnb(module)
-    setattr(fused, _ORIGINAL_MODULE, module)
+    remember_original(fused, module)
     fused.train(module.training)
     return fused
 
@@ -211,7 +218,7 @@ def patch(
                 setattr(fused, _PATCHED_FROM_LINEAR, True)
             else:
                 fused = LoraLinear.from_linear(module, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-                setattr(fused, _ORIGINAL_MODULE, module)
+                remember_original(fused, module)
             fused.train(module.training)
             _set_submodule(model, name, fused)
             report.patched.append(name)
@@ -232,7 +239,10 @@ def unpatch(model: nn.Module) -> list[str]:
                 delattr(module, _NF4_CACHE)
             restored.append(name)
         elif isinstance(module, (LoraLinear, NF4Linear)) and hasattr(module, _ORIGINAL_MODULE):
-            _set_submodule(model, name, getattr(module, _ORIGINAL_MODULE))
+            original = getattr(module, _ORIGINAL_MODULE)
+            if isinstance(module, NF4Linear):  # a bitsandbytes layer: follow the model if it moved since
+                original = original.to(module.weight.device)
+            _set_submodule(model, name, original)
             restored.append(name)
         elif type(module) is QLoraLinear and getattr(module, _PATCHED_FROM_LINEAR, False):
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,

@@ -2,6 +2,8 @@
 objects (an optimizer made before the patch keeps training them), same adapter state dict, and what
 cannot be fused is left and reported."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -83,6 +85,10 @@ def test_plain_linear_target_modules_and_unpatch():
     report = lora_fused.patch(model, target_modules=["q_proj"], r=4, lora_alpha=8)
     assert report.patched == ["q_proj"] and isinstance(model.q_proj, lora_fused.LoraLinear)
     assert model.q_proj.weight is q.weight and model.q_proj.bias is q.bias
+    # The replaced Linear is remembered for unpatch() without entering the model a second time.
+    assert sorted(model.state_dict()) == sorted(
+        ["q_proj.weight", "q_proj.bias", "q_proj.lora_A", "q_proj.lora_B", "v_proj.weight", "out.weight", "out.bias"]
+    )
     torch.testing.assert_close(model(x), y0)  # B starts at zero, as in PEFT
     assert lora_fused.unpatch(model) == ["q_proj"] and model.q_proj is q
 
@@ -234,3 +240,35 @@ def test_torch_compile_fullgraph_of_a_patched_model(device, kind):
     assert g_c.keys() == g_e.keys() and g_c
     for n in g_e:
         assert rel_err(g_c[n], g_e[n]) < 2e-2, n
+
+
+def test_transformers_model_with_bnb_layers_keeps_its_state_dict():
+    """A transformers Llama whose projections are bitsandbytes NF4 layers (as BitsAndBytesConfig
+    loads it): after patch() the same outputs, and a state dict with the same keys and bytes, so
+    checkpoints and save_pretrained keep working."""
+    transformers = pytest.importorskip("transformers")
+    bnb = pytest.importorskip("bitsandbytes")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    for name, lin in list(model.named_modules()):
+        if isinstance(lin, nn.Linear) and name != "lm_head":
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+            q.load_state_dict(lin.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q.to("cpu"))
+    ids = torch.randint(0, 64, (2, 16))
+    want = model(input_ids=ids).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = lora_fused.patch(model)
+    assert len(report.patched) == 7 and not report.left  # q, k, v, o, gate, up, down
+    torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        if k.endswith("bitsandbytes__nf4"):  # JSON metadata; ours is padded with spaces (fixed size for DCP)
+            assert json.loads(bytes(after[k].tolist())) == json.loads(bytes(v.tolist())), k
+        else:
+            assert torch.equal(after[k].cpu(), v.cpu()), k
