@@ -217,7 +217,7 @@ def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n):
     if torch.compiler.is_compiling():
         return _ops.nf4_linear(x2, *nf4, n, bias, u, B), u
     # Straight to the backend kernel: the op's Autograd kernel (torch.library.register_autograd, in
-    # Python) would otherwise run and redispatch even with grad mode off, ~60 us of host per call.
+    # Python) would otherwise run and redispatch even with grad mode off (~15 us of host on CPU).
     with torch._C._AutoDispatchBelowAutograd():
         return _ops.nf4_linear(x2, *nf4, n, bias, u, B), u
 
