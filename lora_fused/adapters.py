@@ -12,7 +12,6 @@ between layers go to `rank_pattern` / `alpha_pattern`, as PEFT writes them.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from typing import Optional, Union
@@ -20,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .modules import LoraLinear, NF4Linear, QLoraLinear
+from .modules import LoraLinear, NF4Linear, QLoraLinear, _set_lora_hyperparameters
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -160,11 +159,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> list[str]:
             _set_submodule(model, name, layer)
         elif layer.r != r:  # a new rank: new adapter Parameters of that shape
             like = {"dtype": layer.lora_A.dtype, "device": layer.lora_A.device}
-            layer.r = r
             layer.lora_A = nn.Parameter(torch.empty(r, layer.in_features, **like))
             layer.lora_B = nn.Parameter(torch.empty(layer.out_features, r, **like))
-        layer.lora_alpha, layer.lora_dropout, layer.use_rslora = alpha, dropout, rslora
-        layer.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        _set_lora_hyperparameters(layer, r, alpha, dropout, rslora)
         with torch.no_grad():
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
@@ -183,8 +180,7 @@ def _adapted(layer: nn.Module, name: str, r: int, alpha: float, dropout: float, 
         new = LoraLinear.from_linear(source, r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora)
         remember_original(new, source)
     elif bnb4 is not None and type(source) is bnb4:
-        new = _fused_bnb_module(source, True, r, alpha, dropout)
-        new.use_rslora, new.scaling = rslora, alpha / math.sqrt(r) if rslora else alpha / r
+        new = _fused_bnb_module(source, True, r, alpha, dropout)  # load_adapter sets rsLoRA and scaling
     else:
         raise ValueError(
             f"lora_fused.load_adapter: {name} is a {type(layer).__name__}; adapters load into nn.Linear, "

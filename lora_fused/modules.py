@@ -214,7 +214,7 @@ class NF4Linear(nn.Module):
         key = (s.absmax, s.nested_absmax, s.quant_map, s.nested_quant_map, self.blocksize, self.nested_blocksize,
                self.quant_dtype, self.nf4_offset)
         cached = self.__dict__.get("_quant_state_cache")
-        if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
             return cached[1]
         nested = s.nested_absmax is not None
         absmax = _storage.as_uint8(s.absmax) if nested else s.absmax

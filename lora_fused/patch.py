@@ -27,15 +27,14 @@ from .modules import LoraLinear, NF4Linear, QLoraLinear, _bnb_weight
 
 _ORIGINAL_FORWARD = "_lora_fused_original_forward"
 _ORIGINAL_MODULE = "_lora_fused_original_module"
+_PATCHED_FROM_LINEAR = "_lora_fused_quantized_by_patch"
+_NF4_CACHE = "_lora_fused_nf4_state"  # (bnb QuantState, bnb weight Parameter, lora_fused QuantState)
 
 
 def remember_original(fused: nn.Module, original: nn.Module) -> None:
     """Keep the module a fused one replaced, for unpatch(), as a plain attribute: registered as a
     submodule it would add its parameters and state-dict keys to the model a second time."""
     fused.__dict__[_ORIGINAL_MODULE] = original
-
-_PATCHED_FROM_LINEAR = "_lora_fused_quantized_by_patch"
-_NF4_CACHE = "_lora_fused_nf4_state"  # (bnb QuantState, bnb weight Parameter, lora_fused QuantState)
 
 
 @dataclass
