@@ -4,6 +4,9 @@
 #   TORCH_CUDA_ARCH_LIST    GPU targets (default "8.0;8.6;8.9;9.0a"; Hopper-only code needs 9.0a)
 #   CUDA_HOME / CUDA_PATH   the toolkit root, when it cannot be found from nvcc
 #   MAX_JOBS, NVCC_THREADS  build parallelism (MAX_JOBS defaults to what memory allows)
+#   CUTLASS_INCLUDE_DIR     CUTLASS/CuTe headers for the Hopper GEMMs (default: the nvidia-cutlass
+#                           package's); without them, or without 9.0a in the arch list, the build
+#                           leaves the Hopper GEMMs out and those ops run on cuBLAS
 import glob
 import os
 import re
@@ -64,6 +67,19 @@ def wheel_cuda_include_dirs(cuda_home):
     return dirs
 
 
+def cutlass_include_dir():
+    """CUTLASS 3 headers: $CUTLASS_INCLUDE_DIR, else those the nvidia-cutlass wheel carries."""
+    path = os.environ.get("CUTLASS_INCLUDE_DIR")
+    if not path:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cutlass_library")  # located, not imported (it needs scipy etc.)
+        if spec is None or not spec.origin:
+            return None
+        path = os.path.join(os.path.dirname(spec.origin), "source", "include")
+    return path if os.path.isfile(os.path.join(path, "cutlass", "cutlass.h")) else None
+
+
 def default_max_jobs():
     """One compile job per ~4 GiB of memory (nvcc on CUTLASS-sized files needs ~3.4 GB), capped by cores."""
     try:
@@ -84,6 +100,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+sm90_sources = sorted(glob.glob("csrc/cuda/sm90/*.cu"))  # CUTLASS kernels for sm_90a only
 # -ffp-contract=off: NF4 decoding must round like bitsandbytes (a*b then +c, never a fused a*b+c).
 cxx_flags = [
     "-O3",
@@ -97,6 +114,18 @@ if cuda_home:
     arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     include_dirs += wheel_cuda_include_dirs(cuda_home)
     defines = ["-DLORA_FUSED_WITH_CUDA=1", f'-DLORA_FUSED_ARCH_LIST="{arch_list}"']
+    cutlass_dir = cutlass_include_dir()
+    with_sm90 = "9.0a" in arch_list.replace(" ", ";").split(";") and cutlass_dir is not None
+    if with_sm90:
+        include_dirs.append(cutlass_dir)
+        cuda_sources += sm90_sources
+        defines.append("-DLORA_FUSED_WITH_SM90=1")
+    else:
+        print(
+            "lora_fused: leaving out the Hopper GEMMs ("
+            + ("no CUTLASS headers: pip install nvidia-cutlass" if cutlass_dir is None else "9.0a is not in TORCH_CUDA_ARCH_LIST")
+            + ")"
+        )
     nvcc_flags = [
         "-O3",
         "--expt-relaxed-constexpr",

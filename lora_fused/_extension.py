@@ -37,6 +37,8 @@ def build_info() -> dict:
         "built_with_torch": m.TORCH_VERSION,
         "torch": torch.__version__,
         "cuda_device_available": bool(m.WITH_CUDA) and torch.cuda.is_available(),
+        # CUTLASS GEMMs for Hopper (sm_90a): built when 9.0a was targeted and CUTLASS headers were found.
+        "sm90_gemm": bool(getattr(m, "WITH_SM90", 0)),
     }
     return info
 

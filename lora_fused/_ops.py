@@ -102,6 +102,14 @@ def nf4_linear_grad_input(
     )
 
 
+def gemm_concat_k(
+    a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """a @ b.T + a2 @ b2.T + bias as one GEMM over the concatenated K (a [M, K1], b [N, K1], a2 [M, K2],
+    b2 [N, K2], bias [N]) -> [M, N]; no autograd. One CUTLASS kernel on Hopper, two cuBLAS GEMMs elsewhere."""
+    return _ops.gemm_concat_k.default(a, b, a2, b2, bias)
+
+
 def blockwise_quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization of fp32 x to the nearest entry of a sorted 256-value code."""
     return _ops.blockwise_quantize.default(x, code, int(blocksize))
@@ -157,6 +165,14 @@ def _nf4_linear_grad_input_fake(grad_out, packed, absmax, nested_absmax, nested_
     torch._check(grad_out.dim() == 2, lambda: "nf4_linear_grad_input: grad_out must be [M, N]")
     torch._check((lora_du is None) == (lora_A is None), lambda: "nf4_linear_grad_input: lora_du and lora_A come together")
     return grad_out.new_empty((grad_out.shape[0], in_features))
+
+
+@torch.library.register_fake("lora_fused::gemm_concat_k")
+def _gemm_concat_k_fake(a, b, a2, b2, bias=None):
+    torch._check(a.dim() == 2 and b.dim() == 2 and a2.dim() == 2 and b2.dim() == 2, lambda: "gemm_concat_k: operands must be 2-D")
+    torch._check(b.shape[1] == a.shape[1] and a2.shape[0] == a.shape[0], lambda: "gemm_concat_k: a, b, a2 disagree")
+    torch._check(b2.shape[0] == b.shape[0] and b2.shape[1] == a2.shape[1], lambda: "gemm_concat_k: b2 disagrees")
+    return a.new_empty((a.shape[0], b.shape[0]))
 
 
 @torch.library.register_fake("lora_fused::blockwise_quantize")

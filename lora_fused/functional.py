@@ -61,20 +61,22 @@ def _base_plus(x2: torch.Tensor, weight: torch.Tensor, c: torch.Tensor) -> torch
 
 
 class _LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + bias + s (xl A^T) B^T, xl = x or dropout(x), as cuBLAS GEMMs with the LoRA term in
-    the base GEMM's epilogue. Backward: dU = s dY B, dB = s dY^T u, dA = dU^T xl and, without
-    dropout, dX = dU A + dY W as one GEMM (beta = 1) instead of two GEMMs and an add."""
+    """y = x W^T + bias + (xl A^T s) B^T, xl = x or dropout(x). With more than GEMV_MAX_M rows the
+    base and LoRA GEMMs are one GEMM over the concatenated K, [x | u]·[W | B]^T with u = s·xl·A^T
+    (gemm_concat_k: one CUTLASS kernel on Hopper, cuBLAS with beta = 1 elsewhere). Backward: dU =
+    s dY B, dB = dY^T u, dA = dU^T xl and, without dropout, dX = [dY | dU]·[W ; A] the same way."""
 
     @staticmethod
     def forward(ctx, x2, xl, weight, A, B, bias, scaling):
         # xl is None without dropout (torch.compile cannot trace one tensor passed twice).
         ctx.same_input = xl is None
         xl = x2 if xl is None else xl
-        u = torch.mm(xl, A.t())
-        lora = torch.addmm(bias, u, B.t(), alpha=scaling) if bias is not None else torch.mm(u * scaling, B.t())
+        u = torch.mm(xl, A.t()).mul_(scaling)  # scaled once here, so dB = dY^T u needs no scale
         ctx.scaling, ctx.has_bias = scaling, bias is not None
         ctx.save_for_backward(xl, weight, A, B, u)
-        return _base_plus(x2, weight, lora)
+        if x2.shape[0] > GEMV_MAX_M:
+            return _ops.gemm_concat_k(x2, weight, u, B, bias)
+        return _base_plus(x2, weight, torch.addmm(bias, u, B.t()) if bias is not None else torch.mm(u, B.t()))
 
     @staticmethod
     def backward(ctx, dy):
@@ -84,11 +86,14 @@ class _LoraLinearFunction(torch.autograd.Function):
         dx = dxl = dA = dB = dbias = None
         du = torch.mm(dy, B).mul_(s) if (need_x or need_xl or need_a) else None
         if need_b:
-            dB = torch.mm(dy.t(), u).mul_(s)
+            dB = torch.mm(dy.t(), u)
         if need_a:
             dA = torch.mm(du.t(), xl)
         if ctx.same_input and (need_x or need_xl):
-            dx = _base_plus(dy, weight.t(), torch.mm(du, A))
+            if dy.shape[0] > GEMV_MAX_M:
+                dx = _ops.gemm_concat_k(dy, weight.t(), du, A.t())
+            else:
+                dx = _base_plus(dy, weight.t(), torch.mm(du, A))
         else:
             if need_x:
                 dx = torch.mm(dy, weight)
@@ -116,9 +121,9 @@ def lora_linear(
     keeps them) are used in x's dtype; their gradients flow back in their own dtype.
 
     Inference on one token on CUDA runs lora_decode's fused kernel (the weight streamed once, LoRA
-    in the same pass). Otherwise the layer is cuBLAS GEMMs with the LoRA term folded into
-    the base GEMM's epilogue (beta = 1), so no separate scale or add pass, and a backward that folds
-    the LoRA part of dX the same way; dropout is torch's (its mask is kept for backward).
+    in the same pass). With more than 16 rows, the base and LoRA GEMMs run as one GEMM over the
+    concatenated K (one CUTLASS kernel on Hopper, forward and input gradient; cuBLAS with the LoRA
+    term as the accumulator elsewhere); dropout is torch's (its mask is kept for backward).
     """
     _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p)
     k, d = weight.shape[1], weight.shape[0]

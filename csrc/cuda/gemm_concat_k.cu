@@ -1,0 +1,108 @@
+// gemm_concat_k on CUDA. On Hopper (sm_90, a build with sm_90a and CUTLASS), bf16/fp16 operands
+// with one unit stride each and 16-byte aligned pointers and leading dimensions run one CUTLASS
+// kernel over K1 + K2 (cuda/sm90/); everything else runs gemm_concat_k_composed (cuBLAS, beta = 1).
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda/common.cuh"
+#include "gemm_concat_k.h"
+
+#if LORA_FUSED_WITH_SM90
+#include <cutlass/numeric_types.h>
+
+#include "cuda/sm90/gemm_concat_k.cuh"
+#endif
+
+namespace lora_fused {
+namespace {
+
+#if LORA_FUSED_WITH_SM90
+// b given as [N, K] is "K-major" with unit stride along K (a weight as stored) and "N-major" with
+// unit stride along N (a transposed view, as Wᵀ in the input gradient). 0: neither.
+int b_major(const at::Tensor& b) {
+  if (b.stride(1) == 1 && (b.size(0) == 1 || b.stride(0) >= b.size(1))) return 1;
+  if (b.stride(0) == 1 && (b.size(1) == 1 || b.stride(1) >= b.size(0))) return 2;
+  return 0;
+}
+
+int64_t b_ld(const at::Tensor& b, int major) {
+  if (major == 1) return b.size(0) == 1 ? b.size(1) : b.stride(0);
+  return b.size(1) == 1 ? b.size(0) : b.stride(1);
+}
+
+template <class T, bool kBKMajor>
+bool run_sm90(const sm90::ConcatKProblem& p) {
+  if (!sm90::gemm_concat_k_can_implement<T, kBKMajor>(p)) return false;
+  const size_t ws_bytes = sm90::gemm_concat_k_workspace_bytes<T, kBKMajor>(p);
+  at::Tensor ws;
+  if (ws_bytes > 0) {
+    ws = at::empty({static_cast<int64_t>(ws_bytes)}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
+  }
+  const char* err =
+      sm90::gemm_concat_k_run<T, kBKMajor>(p, ws_bytes > 0 ? ws.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, "lora_fused.gemm_concat_k: the Hopper GEMM failed: ", err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+// The Hopper kernel, when it applies; false leaves `out` untouched.
+bool try_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, const at::Tensor& b2,
+              const c10::optional<at::Tensor>& bias, at::Tensor& out) {
+  const auto dtype = a.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (prop->major != 9 || prop->minor != 0) return false;
+  const int major = b_major(b);
+  if (major == 0 || b_major(b2) != major) return false;
+  if (a.stride(1) != 1 && a.size(1) != 1) return false;
+  if (a2.stride(1) != 1 && a2.size(1) != 1) return false;
+  const int64_t limit = std::numeric_limits<int>::max();
+  if (a.size(0) > limit || b.size(0) > limit || a.size(1) > limit || a2.size(1) > limit) return false;
+  if (bias.has_value() && bias->stride(0) != 1 && bias->size(0) != 1) return false;
+  sm90::ConcatKProblem p;
+  p.m = static_cast<int>(a.size(0));
+  p.n = static_cast<int>(b.size(0));
+  p.k1 = static_cast<int>(a.size(1));
+  p.k2 = static_cast<int>(a2.size(1));
+  p.a1 = a.data_ptr();
+  p.a2 = a2.data_ptr();
+  p.b1 = b.data_ptr();
+  p.b2 = b2.data_ptr();
+  p.lda1 = a.size(0) == 1 ? a.size(1) : a.stride(0);
+  p.lda2 = a2.size(0) == 1 ? a2.size(1) : a2.stride(0);
+  p.ldb1 = b_ld(b, major);
+  p.ldb2 = b_ld(b2, major);
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.sm_count = prop->multiProcessorCount;
+  out = at::empty({a.size(0), b.size(0)}, a.options());
+  p.d = out.data_ptr();
+  bool ran;
+  if (dtype == at::kBFloat16) {
+    ran = major == 1 ? run_sm90<cutlass::bfloat16_t, true>(p) : run_sm90<cutlass::bfloat16_t, false>(p);
+  } else {
+    ran = major == 1 ? run_sm90<cutlass::half_t, true>(p) : run_sm90<cutlass::half_t, false>(p);
+  }
+  if (!ran) out = at::Tensor();
+  return ran;
+}
+#endif
+
+at::Tensor gemm_concat_k_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, const at::Tensor& b2,
+                              const c10::optional<at::Tensor>& bias) {
+  check_gemm_concat_k_args(a, b, a2, b2, bias, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(a.device());
+  if (a.size(0) == 0 || b.size(0) == 0 || a.size(1) == 0 || a2.size(1) == 0) {
+    return gemm_concat_k_composed(a, b, a2, b2, bias);
+  }
+#if LORA_FUSED_WITH_SM90
+  at::Tensor out;
+  if (try_sm90(a, b, a2, b2, bias, out)) return out;
+#endif
+  return gemm_concat_k_composed(a, b, a2, b2, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lora_fused, CUDA, m) { m.impl("gemm_concat_k", &gemm_concat_k_cuda); }
+
+}  // namespace lora_fused
