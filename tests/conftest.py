@@ -38,6 +38,18 @@ def _seed(request):
     yield
 
 
+@pytest.fixture(params=["auto", "sm90"])
+def gemm_path(request, monkeypatch):
+    """Which way CUDA's gemm_concat_k goes: "auto" (its heuristic: the Hopper kernel only for enough
+    tiles) or "sm90" (the Hopper kernel wherever it can run, so small test shapes exercise it too).
+    Other GPUs and CPU run the ATen GEMMs either way."""
+    if request.param == "sm90":
+        monkeypatch.setenv("LORA_FUSED_GEMM_CONCAT_K", "sm90")
+    else:
+        monkeypatch.delenv("LORA_FUSED_GEMM_CONCAT_K", raising=False)
+    return request.param
+
+
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     a64, r64 = a.detach().double().cpu(), ref.detach().double().cpu()
     denom = r64.norm().item()

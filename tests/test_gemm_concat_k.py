@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_fused
-from conftest import DEVICES, DTYPES, HAS_CUDA, CUDA_SKIP_REASON, assert_error_rule, poison_allocator, randn
+from conftest import DEVICES, DTYPES, HAS_CUDA, CUDA_SKIP_REASON, assert_error_rule, poison_allocator, randn  # noqa: F401
 from lora_fused import _ops
 
 ON_HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0) and lora_fused.build_info()["sm90_gemm"]
@@ -21,6 +21,8 @@ SHAPES = [
     (256, 512, 64, 256),
     (513, 136, 72, 24),
     (2049, 1032, 520, 16),
+    (4097, 2056, 200, 8),  # enough tiles for the Hopper kernel by itself; K1 not a multiple of 64
+    (4500, 4104, 72, 24),
 ]
 
 
@@ -51,8 +53,10 @@ def _torch_same_dtype(a, b, a2, b2, bias):
 @pytest.mark.parametrize("b_layout", ["k_major", "n_major"])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_against_float64(device, dtype, b_layout, with_bias, shape):
+def test_against_float64(device, dtype, b_layout, with_bias, shape, gemm_path):
     M, N, K1, K2 = shape
+    if device == "cpu" and gemm_path == "sm90":
+        pytest.skip("the path switch is the CUDA op's; CPU is covered by the 'auto' case")
     if device == "cpu" and M * N * K1 > 1e8:
         pytest.skip("large CPU case: the CPU path is two ATen GEMMs, covered by the smaller shapes")
     a, b, a2, b2 = _operands(M, N, K1, K2, dtype, device, b_layout)
@@ -64,7 +68,7 @@ def test_against_float64(device, dtype, b_layout, with_bias, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_strided_and_offset_operands(device):
+def test_strided_and_offset_operands(device, gemm_path):
     # Row strides wider than K (slices of bigger tensors), a column offset that breaks 16-byte
     # alignment (must fall back, still right), and a non-contiguous output-sized bias.
     dtype = torch.bfloat16
@@ -126,13 +130,32 @@ def test_other_device_is_refused():
 @pytest.mark.cuda
 @pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU and a build with the Hopper GEMMs (9.0a + CUTLASS)")
 @pytest.mark.parametrize("b_layout", ["k_major", "n_major"])
-def test_hopper_kernel_is_the_one_that_runs(b_layout):
+@pytest.mark.parametrize("case", ["large_auto", "small_forced"])
+def test_hopper_kernel_is_the_one_that_runs(b_layout, case, monkeypatch):
     # Aligned bf16 operands must take the CUTLASS kernel, not the cuBLAS fallback: a fast path that
-    # never runs would pass every accuracy test above.
-    a, b, a2, b2 = _operands(512, 1024, 512, 16, torch.bfloat16, "cuda", b_layout)
+    # never runs would pass every accuracy test above. Large problems take it by themselves.
+    if case == "large_auto":
+        monkeypatch.delenv("LORA_FUSED_GEMM_CONCAT_K", raising=False)
+        a, b, a2, b2 = _operands(4096, 2048, 256, 16, torch.bfloat16, "cuda", b_layout)
+    else:
+        monkeypatch.setenv("LORA_FUSED_GEMM_CONCAT_K", "sm90")
+        a, b, a2, b2 = _operands(512, 1024, 512, 16, torch.bfloat16, "cuda", b_layout)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _ops.gemm_concat_k(a, b, a2, b2)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert any("ConcatKMainloop" in n for n in names), f"kernels that ran: {names}"
     assert not any("gemm" in n.lower() and "ConcatKMainloop" not in n for n in names), f"a cuBLAS GEMM ran too: {names}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU and a build with the Hopper GEMMs (9.0a + CUTLASS)")
+def test_few_tiles_are_left_to_cublas(monkeypatch):
+    # 512 x 1024 is 16 tiles of 128 x 256 on 132 SMs: cuBLAS's smaller tiles are faster there.
+    monkeypatch.delenv("LORA_FUSED_GEMM_CONCAT_K", raising=False)
+    a, b, a2, b2 = _operands(512, 1024, 512, 16, torch.bfloat16, "cuda", "k_major")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _ops.gemm_concat_k(a, b, a2, b2)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert not any("ConcatKMainloop" in n for n in names), f"kernels that ran: {names}"

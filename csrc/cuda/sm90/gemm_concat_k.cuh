@@ -27,6 +27,11 @@ struct ConcatKProblem {
   const void* bias = nullptr;  // [N] or null
   void* d = nullptr;           // [M, N], leading dimension n
   int sm_count = 0;
+  // Tile order of the persistent scheduler: tiles are visited in groups of `swizzle` (1, 2, 4, 8)
+  // along the minor direction, so a wave's operand panels stay in L2; raster 0 = CUTLASS's
+  // heuristic, 1 = along M, 2 = along N.
+  int swizzle = 1;
+  int raster = 0;
 };
 
 // Defined per instantiation; T is cutlass::bfloat16_t or cutlass::half_t. Returns nullptr on

@@ -18,10 +18,13 @@
 
 namespace lora_fused::sm90 {
 
-template <class T, bool kBKMajor>
+template <class T, bool kBKMajor, class TileShape_ = cute::Shape<cute::_128, cute::_256, cute::_64>,
+          class ClusterShape_ = cute::Shape<cute::_2, cute::_1, cute::_1>,
+          class KernelSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+          class EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative>
 struct GemmConcatK {
-  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  using TileShape = TileShape_;
+  using ClusterShape = ClusterShape_;
   using LayoutA = cutlass::layout::RowMajor;
   // ColumnMajor B of shape [K, N] is [N, K] row-major: unit stride along K.
   using LayoutB = std::conditional_t<kBKMajor, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
@@ -32,12 +35,12 @@ struct GemmConcatK {
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD, kAlign, T, LayoutD, kAlign,
-      cutlass::epilogue::TmaWarpSpecializedCooperative, FusionOp>::CollectiveOp;
+      EpilogueSchedule, FusionOp>::CollectiveOp;
   using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutA, kAlign, T, LayoutB, kAlign, float, TileShape,
       ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      KernelSchedule>::CollectiveOp;
   using Mainloop = ConcatKMainloop<BaseMainloop>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -67,11 +70,15 @@ struct GemmConcatK {
     epilogue.dD = typename Kernel::StrideD{int64_t(p.n), cute::Int<1>{}, int64_t(0)};
     cutlass::KernelHardwareInfo hw;
     hw.sm_count = p.sm_count;
-    return typename Gemm::Arguments{cutlass::gemm::GemmUniversalMode::kGemm,
-                                    {p.m, p.n, Mainloop::concat_k(p.k1, p.k2), 1},
-                                    mainloop,
-                                    epilogue,
-                                    hw};
+    typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
+                                  {p.m, p.n, Mainloop::concat_k(p.k1, p.k2), 1},
+                                  mainloop,
+                                  epilogue,
+                                  hw};
+    using Raster = cutlass::gemm::kernel::detail::RasterOrderOptions;
+    args.scheduler.max_swizzle_size = p.swizzle;
+    args.scheduler.raster_order = p.raster == 1 ? Raster::AlongM : p.raster == 2 ? Raster::AlongN : Raster::Heuristic;
+    return args;
   }
 };
 

@@ -1,0 +1,2 @@
+#include "probe.cuh"
+PROBE_VARIANT(v2_256x128_c1x2_coop_nn, cutlass::bfloat16_t, false, Shape<_256,_128,_64>, Shape<_1,_2,_1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative, cutlass::epilogue::TmaWarpSpecializedCooperative)

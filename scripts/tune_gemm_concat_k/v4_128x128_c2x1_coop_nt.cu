@@ -1,0 +1,2 @@
+#include "probe.cuh"
+PROBE_VARIANT(v4_128x128_c2x1_coop_nt, cutlass::bfloat16_t, true, Shape<_128,_128,_64>, Shape<_2,_1,_1>, cutlass::gemm::KernelTmaWarpSpecializedCooperative, cutlass::epilogue::TmaWarpSpecializedCooperative)
