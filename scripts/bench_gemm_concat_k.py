@@ -6,6 +6,7 @@ forward + backward, on random bf16 data (device-event medians, triton.testing.do
 """
 
 import argparse
+import os
 
 import torch
 import triton.testing as tt
@@ -50,11 +51,15 @@ def main():
             t_fwd = bench(lambda: lora_fused.lora_linear(x, w, a, b, 2.0))
             t_fb = bench(lambda: lora_fused.lora_linear(xg, w, ag, bg, 2.0).backward(dy))
             t_base_fb = bench(lambda: (torch.mm(x, w.t()), torch.mm(dy, w)))
+            os.environ["LORA_FUSED_GEMM_CONCAT_K"] = "composed"  # the cuBLAS path (v1), same process
+            t_fwd_v1 = bench(lambda: lora_fused.lora_linear(x, w, a, b, 2.0))
+            t_fb_v1 = bench(lambda: lora_fused.lora_linear(xg, w, ag, bg, 2.0).backward(dy))
+            del os.environ["LORA_FUSED_GEMM_CONCAT_K"]
             print(
                 f"{k:>5}->{d:<5} M={M:<5} base {t_base*1e3:7.1f}us ({flop/t_base/1e9:4.0f} TF/s)  concat_k {t_cat*1e3:7.1f}us "
                 f"({t_cat/t_base:.3f}x)  | dX base {t_base_dx*1e3:7.1f} concat_k {t_cat_dx*1e3:7.1f} ({t_cat_dx/t_base_dx:.3f}x)  "
                 f"| shrink {t_shrink*1e3:6.1f}  layer fwd {t_fwd*1e3:7.1f} ({t_fwd/t_base:.3f}x)  fwd+bwd {t_fb*1e3:7.1f} "
-                f"({t_fb/t_base_fb:.3f}x of base fwd+dX)",
+                f"({t_fb/t_base_fb:.3f}x of base fwd+dX)  | cuBLAS path: fwd {t_fwd_v1/t_base:.3f}x fwd+bwd {t_fb_v1/t_base_fb:.3f}x",
                 flush=True,
             )
 
