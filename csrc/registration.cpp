@@ -29,8 +29,8 @@ TORCH_LIBRARY(lora_fused, m) {
   // kernel streaming the weight once for M <= 16 (bf16/fp16), the composed cuBLAS path otherwise.
   m.def("lora_decode(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, float scale, Tensor? bias=None) -> Tensor");
   // out = a @ b^T + a2 @ b2^T + bias: one GEMM over the concatenated K, [a | a2] @ [b | b2]^T, without
-  // building the concatenation. a [M, K1], b [N, K1], a2 [M, K2], b2 [N, K2], bias [N] -> [M, N]. CUDA on
-  // Hopper (bf16/fp16, 16-byte aligned): one CUTLASS kernel; elsewhere two ATen GEMMs (beta = 1).
+  // building the concatenation. a [M, K1], b [N, K1], a2 [M, K2], b2 [N, K2], bias [N] -> [M, N]. Two ATen
+  // GEMMs (beta = 1); on Hopper (bf16/fp16, 16-byte aligned) one CUTLASS kernel when LORA_FUSED_GEMM_CONCAT_K asks.
   m.def("gemm_concat_k(Tensor a, Tensor b, Tensor a2, Tensor b2, Tensor? bias=None) -> Tensor");
   // NF4 (bitsandbytes layout): w (any shape, fp32/fp16/bf16) -> (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks]).
   m.def("nf4_quantize(Tensor w, int blocksize) -> (Tensor, Tensor)");

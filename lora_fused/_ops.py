@@ -106,7 +106,8 @@ def gemm_concat_k(
     a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """a @ b.T + a2 @ b2.T + bias as one GEMM over the concatenated K (a [M, K1], b [N, K1], a2 [M, K2],
-    b2 [N, K2], bias [N]) -> [M, N]; no autograd. One CUTLASS kernel on Hopper, two cuBLAS GEMMs elsewhere."""
+    b2 [N, K2], bias [N]) -> [M, N]; no autograd. Two cuBLAS GEMMs (the second accumulating onto the
+    first); on Hopper one CUTLASS kernel when LORA_FUSED_GEMM_CONCAT_K=sm90 (or =auto, for large problems)."""
     return _ops.gemm_concat_k.default(a, b, a2, b2, bias)
 
 

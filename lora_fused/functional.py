@@ -62,9 +62,10 @@ def _base_plus(x2: torch.Tensor, weight: torch.Tensor, c: torch.Tensor) -> torch
 
 class _LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + bias + (xl A^T s) B^T, xl = x or dropout(x). With more than GEMV_MAX_M rows the
-    base and LoRA GEMMs are one GEMM over the concatenated K, [x | u]·[W | B]^T with u = s·xl·A^T
-    (gemm_concat_k: one CUTLASS kernel on Hopper, cuBLAS with beta = 1 elsewhere). Backward: dU =
-    s dY B, dB = dY^T u, dA = dU^T xl and, without dropout, dX = [dY | dU]·[W ; A] the same way."""
+    base and LoRA GEMMs are gemm_concat_k, [x | u]·[W | B]^T with u = s·xl·A^T: cuBLAS with the LoRA
+    term as the base GEMM's accumulator (beta = 1), or one CUTLASS kernel over K + r on Hopper when
+    asked for (see gemm_concat_k). Backward: dU = s dY B, dB = dY^T u, dA = dU^T xl and, without
+    dropout, dX = [dY | dU]·[W ; A] the same way."""
 
     @staticmethod
     def forward(ctx, x2, xl, weight, A, B, bias, scaling):
@@ -121,9 +122,10 @@ def lora_linear(
     keeps them) are used in x's dtype; their gradients flow back in their own dtype.
 
     Inference on one token on CUDA runs lora_decode's fused kernel (the weight streamed once, LoRA
-    in the same pass). With more than 16 rows, the base and LoRA GEMMs run as one GEMM over the
-    concatenated K (one CUTLASS kernel on Hopper, forward and input gradient; cuBLAS with the LoRA
-    term as the accumulator elsewhere); dropout is torch's (its mask is kept for backward).
+    in the same pass). With more than 16 rows, the base and LoRA GEMMs are one GEMM over the
+    concatenated K (gemm_concat_k: cuBLAS with the LoRA term as the base GEMM's accumulator; a
+    CUTLASS kernel on Hopper is there, not yet the default), forward and input gradient; dropout is
+    torch's (its mask is kept for backward).
     """
     _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p)
     k, d = weight.shape[1], weight.shape[0]

@@ -38,11 +38,10 @@ def _seed(request):
     yield
 
 
-@pytest.fixture(params=["auto", "sm90"])
+@pytest.fixture(params=["default", "sm90"])
 def gemm_path(request, monkeypatch):
-    """Which way CUDA's gemm_concat_k goes: "auto" (its heuristic: the Hopper kernel only for enough
-    tiles) or "sm90" (the Hopper kernel wherever it can run, so small test shapes exercise it too).
-    Other GPUs and CPU run the ATen GEMMs either way."""
+    """Which way CUDA's gemm_concat_k goes: "default" (cuBLAS for now) or "sm90" (the Hopper kernel
+    wherever it can run, small test shapes included). Other GPUs and CPU run the ATen GEMMs either way."""
     if request.param == "sm90":
         monkeypatch.setenv("LORA_FUSED_GEMM_CONCAT_K", "sm90")
     else:

@@ -56,7 +56,7 @@ def _torch_same_dtype(a, b, a2, b2, bias):
 def test_against_float64(device, dtype, b_layout, with_bias, shape, gemm_path):
     M, N, K1, K2 = shape
     if device == "cpu" and gemm_path == "sm90":
-        pytest.skip("the path switch is the CUDA op's; CPU is covered by the 'auto' case")
+        pytest.skip("the path switch is the CUDA op's; CPU is covered by the 'default' case")
     if device == "cpu" and M * N * K1 > 1e8:
         pytest.skip("large CPU case: the CPU path is two ATen GEMMs, covered by the smaller shapes")
     a, b, a2, b2 = _operands(M, N, K1, K2, dtype, device, b_layout)
@@ -132,10 +132,10 @@ def test_other_device_is_refused():
 @pytest.mark.parametrize("b_layout", ["k_major", "n_major"])
 @pytest.mark.parametrize("case", ["large_auto", "small_forced"])
 def test_hopper_kernel_is_the_one_that_runs(b_layout, case, monkeypatch):
-    # Aligned bf16 operands must take the CUTLASS kernel, not the cuBLAS fallback: a fast path that
-    # never runs would pass every accuracy test above. Large problems take it by themselves.
+    # Asked for, aligned bf16 operands must take the CUTLASS kernel, not the cuBLAS fallback: a path
+    # that never runs would pass every accuracy test above. "auto" takes it for large problems.
     if case == "large_auto":
-        monkeypatch.delenv("LORA_FUSED_GEMM_CONCAT_K", raising=False)
+        monkeypatch.setenv("LORA_FUSED_GEMM_CONCAT_K", "auto")
         a, b, a2, b2 = _operands(4096, 2048, 256, 16, torch.bfloat16, "cuda", b_layout)
     else:
         monkeypatch.setenv("LORA_FUSED_GEMM_CONCAT_K", "sm90")
@@ -150,9 +150,14 @@ def test_hopper_kernel_is_the_one_that_runs(b_layout, case, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90 GPU and a build with the Hopper GEMMs (9.0a + CUTLASS)")
-def test_few_tiles_are_left_to_cublas(monkeypatch):
-    # 512 x 1024 is 16 tiles of 128 x 256 on 132 SMs: cuBLAS's smaller tiles are faster there.
-    monkeypatch.delenv("LORA_FUSED_GEMM_CONCAT_K", raising=False)
+@pytest.mark.parametrize("setting", ["auto", None])
+def test_cublas_runs_by_default_and_for_few_tiles(monkeypatch, setting):
+    # Unset: cuBLAS (the Hopper kernel is not yet faster). "auto": 512 x 1024 is 16 tiles of 128 x 256
+    # on 132 SMs, where cuBLAS's smaller tiles are faster.
+    if setting is None:
+        monkeypatch.delenv("LORA_FUSED_GEMM_CONCAT_K", raising=False)
+    else:
+        monkeypatch.setenv("LORA_FUSED_GEMM_CONCAT_K", setting)
     a, b, a2, b2 = _operands(512, 1024, 512, 16, torch.bfloat16, "cuda", "k_major")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _ops.gemm_concat_k(a, b, a2, b2)

@@ -30,7 +30,7 @@ def _layer_inputs(lead, k, d, r, dtype, device, bias=True):
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_and_gradients(device, dtype, lead, k, d, r, bias, gemm_path):
     if device == "cpu" and gemm_path == "sm90":
-        pytest.skip("the path switch is the CUDA op's; CPU is covered by the 'auto' case")
+        pytest.skip("the path switch is the CUDA op's; CPU is covered by the 'default' case")
     x, w, a, b, bias_t = _layer_inputs(lead, k, d, r, dtype, device, bias)
     params = [t.requires_grad_() for t in (x, a, b) + ((bias_t,) if bias else ())]
     y = lora_fused.lora_linear(x, w, a, b, 0.5, bias_t)

@@ -1,6 +1,7 @@
 // gemm_concat_k on CUDA. On Hopper (sm_90, a build with sm_90a and CUTLASS), bf16/fp16 operands
-// with one unit stride each and 16-byte aligned pointers and leading dimensions run one CUTLASS
-// kernel over K1 + K2 (cuda/sm90/); everything else runs gemm_concat_k_composed (cuBLAS, beta = 1).
+// with one unit stride each and 16-byte aligned pointers and leading dimensions can run one CUTLASS
+// kernel over K1 + K2 (cuda/sm90/), when LORA_FUSED_GEMM_CONCAT_K asks for it (requested_path);
+// everything else runs gemm_concat_k_composed (cuBLAS, the LoRA term as the accumulator, beta = 1).
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -58,16 +59,19 @@ bool fills_the_gpu(int64_t m, int64_t n, int sm_count) {
   return tiles >= sm_count && 4 * tiles >= 3 * waves * sm_count;
 }
 
-// LORA_FUSED_GEMM_CONCAT_K=sm90 takes the Hopper kernel wherever it can run (tests check it on small
-// odd shapes that fills_the_gpu leaves to cuBLAS), =composed never (benchmarks time the cuBLAS path
-// beside it); unset or anything else: fills_the_gpu decides. Read per call, so tests can switch it.
+// Which path runs, from LORA_FUSED_GEMM_CONCAT_K (read per call, so tests and benchmarks can switch):
+//   unset / "composed": cuBLAS (the default for now: on an H100 under random bf16 data the Hopper
+//       kernel took 1.05-1.2x cuBLAS's time for the same GEMM, so the layer gained nothing; see
+//       benchmarks/RESULTS.md, "Session 5");
+//   "auto": the Hopper kernel where fills_the_gpu says its tiles fill the GPU;
+//   "sm90": the Hopper kernel wherever it can run (tests check it on small odd shapes too).
 enum class Path { kAuto, kSm90, kComposed };
 Path requested_path() {
   const char* v = std::getenv("LORA_FUSED_GEMM_CONCAT_K");
-  if (v == nullptr) return Path::kAuto;
+  if (v == nullptr) return Path::kComposed;
   if (std::strcmp(v, "sm90") == 0) return Path::kSm90;
-  if (std::strcmp(v, "composed") == 0) return Path::kComposed;
-  return Path::kAuto;
+  if (std::strcmp(v, "auto") == 0) return Path::kAuto;
+  return Path::kComposed;
 }
 
 // The Hopper kernel, when it applies; false leaves `out` untouched.
@@ -102,8 +106,10 @@ bool try_sm90(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, co
   p.ldb2 = b_ld(b2, major);
   p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
   p.sm_count = prop->multiProcessorCount;
-  // Groups of 4 tiles along the minor direction keep a wave's operand panels in L2: on an H100 this
-  // took 8192x8192x8192 from 1.06x cuBLAS's time to 0.99x, 4096x8192x8192 from 1.09x to 1.05x.
+  // Groups of tiles along the minor direction keep a wave's operand panels in L2. In the tuning probe
+  // (scripts/tune_gemm_concat_k) the best swizzle, most often 4, took 8192x8192x8192 from 1.06x
+  // cuBLAS's time to 0.99x and 4096x8192x8192 from 1.09x to 1.05x; in the layer benchmark the
+  // difference between 1 and 4 was within run-to-run spread.
   p.swizzle = 4;
   out = at::empty({a.size(0), b.size(0)}, a.options());
   p.d = out.data_ptr();
