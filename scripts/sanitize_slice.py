@@ -6,8 +6,10 @@ not here: it is cuBLAS GEMMs only (no lora_fused kernel), and racecheck (CUDA 13
 internal "failed to handle a hardware exception" on those cuBLAS calls (scripts/racecheck_probe.py).
 
     compute-sanitizer --tool memcheck --kernel-name kns=lora_fused python3 scripts/sanitize_slice.py
+    options: --quick (one case per kernel family), --no-backward (no qlora backward: for racecheck)
 """
 
+import os
 import sys
 
 import torch
@@ -27,6 +29,21 @@ def main():
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s, dt=bf, sc=1.0: (torch.randn(*s, generator=g) * sc).to(dev, dt)  # noqa: E731
     quick = "--quick" in sys.argv  # initcheck is slow: one case per kernel family
+    # racecheck (CUDA 13.0) fails with an internal "failed to handle a hardware exception" inside the
+    # cuBLAS GEMMs of qlora's backward: --no-backward leaves them out (the backward's own kernel, the
+    # slab decode, runs in the forward's M = 23 case too).
+    backward = "--no-backward" not in sys.argv
+    # gemm_concat_k's Hopper kernel (CUTLASS), asked for explicitly since it is not the default path.
+    if torch.cuda.get_device_capability() == (9, 0) and lora_fused.build_info()["sm90_gemm"]:
+        os.environ["LORA_FUSED_GEMM_CONCAT_K"] = "sm90"
+        for M, N, K1, K2, nn in ((37, 264, 136, 16, False), (130, 72, 200, 8, True))[: 1 if quick else 2]:
+            a1, a2 = rnd(M, K1), rnd(M, K2)
+            b1 = rnd(K1, N, sc=K1**-0.5).t() if nn else rnd(N, K1, sc=K1**-0.5)
+            b2 = rnd(K2, N, sc=0.3).t() if nn else rnd(N, K2, sc=0.3)
+            bias = rnd(N)
+            ref = a1.double() @ b1.double().t() + a2.double() @ b2.double().t() + bias.double()
+            close(_ops.gemm_concat_k(a1, b1, a2, b2, bias), ref, f"gemm_concat_k sm90 M={M} {'nn' if nn else 'nt'}", 2e-2)
+        del os.environ["LORA_FUSED_GEMM_CONCAT_K"]
     for M, k, d, r in ((1, 96, 40, 8), (7, 129, 33, 5), (37, 256, 72, 16))[: 1 if quick else 3]:
         x, w, a, b = rnd(M, k), rnd(d, k, sc=k**-0.5), rnd(r, k, sc=k**-0.5), rnd(d, r, sc=0.3)
         close(_ops.lora_shrink(x, a, 2.0), reference.lora_shrink(x, a, 2.0), f"lora_shrink M={M}", 2e-2)
@@ -48,6 +65,8 @@ def main():
             y = lora_fused.qlora_linear(x, packed, state, A, B, 2.0, bias)
             ref = reference.nf4_linear(x.detach(), packed, state, bias, A.detach(), B.detach(), 2.0)
             close(y.detach(), ref, f"qlora_linear {rows}x{cols} M={M}", 2e-2)
+            if not backward:
+                continue
             gy = rnd(M, rows)
             (dx,) = torch.autograd.grad(y, [x], gy)
             close(dx, gy.double() @ (reference.nf4_dequantize(packed, state).to(dev)) + 2.0 * (gy.double() @ B.detach().double()) @ A.detach().double(),
