@@ -10,6 +10,7 @@
 #   LORA_FUSED_BENCH_ARGS="--ops qlora_linear --M 4096" scripts/gpu_check.sh        a chosen benchmark grid
 #   scripts/gpu_check.sh --sanitize --no-tests --no-bench   build + compute-sanitizer (memcheck,
 #                                   racecheck, initcheck, synccheck) over scripts/sanitize_slice.py
+#                                   (LORA_FUSED_SANITIZERS="racecheck" picks tools)
 #
 # Python packages missing on the machine (bitsandbytes, ...) can be carried as wheels in ./.whl;
 # they are installed into a private folder first (no network needed).
@@ -92,10 +93,10 @@ if [ $SANITIZE = 1 ]; then
   cp scripts/sanitize_slice.py "$RUN_DIR/"
   # initcheck runs unfiltered: with the filter, writes by uninstrumented (torch) kernels are invisible
   # to it and every read of a torch-made tensor is reported as uninitialized.
-  for tool in memcheck racecheck initcheck synccheck; do
+  for tool in ${LORA_FUSED_SANITIZERS:-memcheck racecheck initcheck synccheck}; do
     case $tool in
       initcheck) FILTER=""; ARGS="--quick" ;;
-      racecheck) FILTER="--kernel-name kns=lora_fused"; ARGS="--no-backward" ;;
+      racecheck) FILTER="--kernel-name kns=lora_fused"; ARGS="--no-cublas" ;;
       *) FILTER="--kernel-name kns=lora_fused"; ARGS="" ;;
     esac
     (cd "$RUN_DIR" && compute-sanitizer --tool $tool $FILTER --error-exitcode 9 \

@@ -6,7 +6,7 @@ not here: it is cuBLAS GEMMs only (no lora_fused kernel), and racecheck (CUDA 13
 internal "failed to handle a hardware exception" on those cuBLAS calls (scripts/racecheck_probe.py).
 
     compute-sanitizer --tool memcheck --kernel-name kns=lora_fused python3 scripts/sanitize_slice.py
-    options: --quick (one case per kernel family), --no-backward (no qlora backward: for racecheck)
+    options: --quick (one case per kernel family), --no-cublas (no cuBLAS call: for racecheck)
 """
 
 import os
@@ -16,6 +16,7 @@ import torch
 
 import lora_fused
 from lora_fused import _ops, nf4, reference
+from lora_fused.functional import _nf4_args
 
 
 def close(got, ref, what, tol):
@@ -29,10 +30,11 @@ def main():
     g = torch.Generator().manual_seed(0)
     rnd = lambda *s, dt=bf, sc=1.0: (torch.randn(*s, generator=g) * sc).to(dev, dt)  # noqa: E731
     quick = "--quick" in sys.argv  # initcheck is slow: one case per kernel family
-    # racecheck (CUDA 13.0) fails with an internal "failed to handle a hardware exception" inside the
-    # cuBLAS GEMMs of qlora's backward: --no-backward leaves them out (the backward's own kernel, the
-    # slab decode, runs in the forward's M = 23 case too).
-    backward = "--no-backward" not in sys.argv
+    # racecheck (CUDA 13.0) fails with an internal "failed to handle a hardware exception" in runs with
+    # cuBLAS GEMMs (uninstrumented, yet they take the process down: lora_linear's training path, qlora's
+    # u = x A^T and its backward). --no-cublas keeps to calls without them: qlora's decode kernel fed
+    # by lora_shrink, no slab path (whose decode kernel is the only one left unchecked), no backward.
+    no_cublas = "--no-cublas" in sys.argv
     # gemm_concat_k's Hopper kernel (CUTLASS), asked for explicitly since it is not the default path.
     if torch.cuda.get_device_capability() == (9, 0) and lora_fused.build_info()["sm90_gemm"]:
         os.environ["LORA_FUSED_GEMM_CONCAT_K"] = "sm90"
@@ -59,14 +61,20 @@ def main():
         deq = nf4.dequantize(packed, state, bf)
         close(deq, reference.nf4_dequantize(packed, state), f"nf4 (de)quantize {rows}x{cols} bs={bs}", 1e-2)
         for M in (1, 16, 23) if quick else (1, 9, 16, 23):  # decode kernel (bf16, K % 32 == 0, M <= 16) and the slab path
+            if no_cublas and M > 16:
+                continue
             x = rnd(M, cols).requires_grad_()
             A, B = rnd(8, cols, sc=cols**-0.5).requires_grad_(), rnd(rows, 8, sc=0.3).requires_grad_()
             bias = rnd(rows)
-            y = lora_fused.qlora_linear(x, packed, state, A, B, 2.0, bias)
             ref = reference.nf4_linear(x.detach(), packed, state, bias, A.detach(), B.detach(), 2.0)
-            close(y.detach(), ref, f"qlora_linear {rows}x{cols} M={M}", 2e-2)
-            if not backward:
+            if no_cublas:
+                nf4_args = _nf4_args("qlora_linear", x, packed, state)
+                u = _ops.lora_shrink(x.detach(), A.detach(), 2.0)
+                y = _ops.nf4_linear(x.detach(), *nf4_args, bias, u, B.detach())
+                close(y, ref, f"nf4_linear + LoRA (decode kernel, lora_shrink's u) {rows}x{cols} M={M}", 2e-2)
                 continue
+            y = lora_fused.qlora_linear(x, packed, state, A, B, 2.0, bias)
+            close(y.detach(), ref, f"qlora_linear {rows}x{cols} M={M}", 2e-2)
             gy = rnd(M, rows)
             (dx,) = torch.autograd.grad(y, [x], gy)
             close(dx, gy.double() @ (reference.nf4_dequantize(packed, state).to(dev)) + 2.0 * (gy.double() @ B.detach().double()) @ A.detach().double(),
