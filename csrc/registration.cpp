@@ -32,6 +32,9 @@ TORCH_LIBRARY(lora_fused, m) {
   // building the concatenation. a [M, K1], b [N, K1], a2 [M, K2], b2 [N, K2], bias [N] -> [M, N]. Two ATen
   // GEMMs (beta = 1); on Hopper (bf16/fp16, 16-byte aligned) one CUTLASS kernel when LORA_FUSED_GEMM_CONCAT_K asks.
   m.def("gemm_concat_k(Tensor a, Tensor b, Tensor a2, Tensor b2, Tensor? bias=None) -> Tensor");
+  // Dropout whose mask is a pure function of (seed, element index): Philox4x32-10, keep where the
+  // element's uniform >= p, kept values scaled by 1 / (1 - p). x: [M, K]; seed: int64 [1] on x's device.
+  m.def("lora_dropout(Tensor x, float p, Tensor seed) -> Tensor");
   // NF4 (bitsandbytes layout): w (any shape, fp32/fp16/bf16) -> (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks]).
   m.def("nf4_quantize(Tensor w, int blocksize) -> (Tensor, Tensor)");
   // Inverse of nf4_quantize. absmax is fp32 [blocks], or uint8 codes [blocks] when double-quantized, in which

@@ -111,6 +111,17 @@ def gemm_concat_k(
     return _ops.gemm_concat_k.default(a, b, a2, b2, bias)
 
 
+def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """x * keep / (1 - p) for x [M, K], keep drawn by Philox4x32-10 from (seed, element index): the same
+    seed and shape give the same mask (CPU and CUDA alike), so backward regenerates it. No autograd."""
+    return _ops.lora_dropout.default(x, float(p), seed)
+
+
+def dropout_seed(device: torch.device) -> torch.Tensor:
+    """A fresh lora_dropout seed from torch's generator for `device` (CUDA-graph safe on CUDA)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
 def blockwise_quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization of fp32 x to the nearest entry of a sorted 256-value code."""
     return _ops.blockwise_quantize.default(x, code, int(blocksize))
@@ -174,6 +185,12 @@ def _gemm_concat_k_fake(a, b, a2, b2, bias=None):
     torch._check(b.shape[1] == a.shape[1] and a2.shape[0] == a.shape[0], lambda: "gemm_concat_k: a, b, a2 disagree")
     torch._check(b2.shape[0] == b.shape[0] and b2.shape[1] == a2.shape[1], lambda: "gemm_concat_k: b2 disagrees")
     return a.new_empty((a.shape[0], b.shape[0]))
+
+
+@torch.library.register_fake("lora_fused::lora_dropout")
+def _lora_dropout_fake(x, p, seed):
+    torch._check(x.dim() == 2, lambda: "lora_dropout: x must be [M, K]")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("lora_fused::blockwise_quantize")

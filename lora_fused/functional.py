@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _autograd  # noqa: F401  (registers the backward formulas)
 from . import _ops
@@ -61,48 +60,44 @@ def _base_plus(x2: torch.Tensor, weight: torch.Tensor, c: torch.Tensor) -> torch
 
 
 class _LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + bias + (xl A^T s) B^T, xl = x or dropout(x). With more than GEMV_MAX_M rows the
-    base and LoRA GEMMs are gemm_concat_k, [x | u]·[W | B]^T with u = s·xl·A^T: cuBLAS with the LoRA
-    term as the base GEMM's accumulator (beta = 1), or one CUTLASS kernel over K + r on Hopper when
-    asked for (see gemm_concat_k). Backward: dU = s dY B, dB = dY^T u, dA = dU^T xl and, without
-    dropout, dX = [dY | dU]·[W ; A] the same way."""
+    """y = x W^T + bias + (xl A^T s) B^T, xl = x or lora_dropout(x) (p > 0). With more than
+    GEMV_MAX_M rows the base and LoRA GEMMs are gemm_concat_k, [x | u]·[W | B]^T with u = s·xl·A^T:
+    cuBLAS with the LoRA term as the base GEMM's accumulator (beta = 1), or one CUTLASS kernel over
+    K + r on Hopper when asked for (see gemm_concat_k). Backward: dU = s dY B, dB = dY^T u,
+    dA = dU^T xl, dX = [dY | dU]·[W ; A] the same way without dropout, dY W + dropout(dU A) with it.
+    Dropout keeps no mask and no dropped copy of x: backward regenerates both from the seed."""
 
     @staticmethod
-    def forward(ctx, x2, xl, weight, A, B, bias, scaling):
-        # xl is None without dropout (torch.compile cannot trace one tensor passed twice).
-        ctx.same_input = xl is None
-        xl = x2 if xl is None else xl
+    def forward(ctx, x2, weight, A, B, bias, scaling, p, seed):
+        xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2
         u = torch.mm(xl, A.t()).mul_(scaling)  # scaled once here, so dB = dY^T u needs no scale
-        ctx.scaling, ctx.has_bias = scaling, bias is not None
-        ctx.save_for_backward(xl, weight, A, B, u)
+        ctx.scaling, ctx.p, ctx.has_bias = scaling, p, bias is not None
+        ctx.save_for_backward(x2, weight, A, B, u, seed)
         if x2.shape[0] > GEMV_MAX_M:
             return _ops.gemm_concat_k(x2, weight, u, B, bias)
         return _base_plus(x2, weight, torch.addmm(bias, u, B.t()) if bias is not None else torch.mm(u, B.t()))
 
     @staticmethod
     def backward(ctx, dy):
-        xl, weight, A, B, u = ctx.saved_tensors
-        need_x, need_xl, _, need_a, need_b, need_bias, _ = ctx.needs_input_grad
-        s = ctx.scaling
-        dx = dxl = dA = dB = dbias = None
-        du = torch.mm(dy, B).mul_(s) if (need_x or need_xl or need_a) else None
+        x2, weight, A, B, u, seed = ctx.saved_tensors
+        need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        s, p = ctx.scaling, ctx.p
+        dx = dA = dB = dbias = None
+        du = torch.mm(dy, B).mul_(s) if (need_x or need_a) else None
         if need_b:
             dB = torch.mm(dy.t(), u)
         if need_a:
-            dA = torch.mm(du.t(), xl)
-        if ctx.same_input and (need_x or need_xl):
-            if dy.shape[0] > GEMV_MAX_M:
+            dA = torch.mm(du.t(), _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2)
+        if need_x:
+            if p > 0.0:
+                dx = _base_plus(dy, weight.t(), _ops.lora_dropout(torch.mm(du, A), p, seed))
+            elif dy.shape[0] > GEMV_MAX_M:
                 dx = _ops.gemm_concat_k(dy, weight.t(), du, A.t())
             else:
                 dx = _base_plus(dy, weight.t(), torch.mm(du, A))
-        else:
-            if need_x:
-                dx = torch.mm(dy, weight)
-            if need_xl:
-                dxl = torch.mm(du, A)
         if need_bias and ctx.has_bias:
             dbias = dy.sum(0)
-        return dx, dxl, None, dA, dB, dbias, None
+        return dx, None, dA, dB, dbias, None, None, None
 
 
 def lora_linear(
@@ -124,8 +119,9 @@ def lora_linear(
     Inference on one token on CUDA runs lora_decode's fused kernel (the weight streamed once, LoRA
     in the same pass). With more than 16 rows, the base and LoRA GEMMs are one GEMM over the
     concatenated K (gemm_concat_k: cuBLAS with the LoRA term as the base GEMM's accumulator; a
-    CUTLASS kernel on Hopper is there, not yet the default), forward and input gradient; dropout is
-    torch's (its mask is kept for backward).
+    CUTLASS kernel on Hopper is there, not yet the default), forward and input gradient. Dropout
+    (on the LoRA branch's input, as PEFT's) is Philox from a seed drawn from torch's generator:
+    backward regenerates the mask, so training with dropout keeps no more memory than without.
     """
     _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p)
     k, d = weight.shape[1], weight.shape[0]
@@ -138,8 +134,9 @@ def lora_linear(
     if not needs_grad and not dropping and x2.shape[0] <= FUSED_DECODE_MAX_M and x2.is_cuda:
         y = _ops.lora_decode(x2, weight, A, B, float(scaling), bias)
     else:
-        xl = F.dropout(x2, dropout_p, training=True) if dropping else None
-        y = _LoraLinearFunction.apply(x2, xl, weight.detach(), A, B, bias, float(scaling))
+        p = float(dropout_p) if dropping else 0.0
+        seed = _ops.dropout_seed(x2.device) if dropping else None
+        y = _LoraLinearFunction.apply(x2, weight.detach(), A, B, bias, float(scaling), p, seed)
     return y.reshape(*x.shape[:-1], d)
 
 
@@ -174,48 +171,49 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
 
 
 class _NF4LinearFunction(torch.autograd.Function):
-    """y = x W^T + bias [+ (s xl A^T) B^T], W the frozen NF4 weight, xl = x or dropout(x), as one
-    autograd node (the op's generated autograd and the eager LoRA ops around it cost the host more
-    than the GPU work at M = 4096: benchmarks/RESULTS.md, session 3). Forward: u = s xl A^T, then
-    nf4_linear with u B^T as the slab GEMMs' accumulator. Backward: dU = s dY B, dB = dY^T u,
+    """y = x W^T + bias [+ (s xl A^T) B^T], W the frozen NF4 weight, xl = x or lora_dropout(x), as
+    one autograd node (the op's generated autograd and the eager LoRA ops around it cost the host
+    more than the GPU work at M = 4096: benchmarks/RESULTS.md, session 3). Forward: u = s xl A^T,
+    then nf4_linear with u B^T as the slab GEMMs' accumulator. Backward: dU = s dY B, dB = dY^T u,
     dA = dU^T xl and, without dropout, dX = dY W + dU A with dU A as the accumulator of the
-    nf4_linear_grad_input slab GEMMs (no [M, K] add)."""
+    nf4_linear_grad_input slab GEMMs (no [M, K] add); with dropout, dX = dY W + dropout(dU A), the
+    mask (and xl) regenerated from the seed rather than kept."""
 
     @staticmethod
-    def forward(ctx, x2, xl, A, B, bias, scaling, nf4, n):
+    def forward(ctx, x2, A, B, bias, scaling, nf4, n, p, seed):
+        xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
         y, u = _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n)
-        ctx.scaling, ctx.nf4, ctx.k = scaling, nf4[4:], x2.shape[1]
-        ctx.same_input, ctx.has_lora, ctx.has_bias = xl is None, A is not None, bias is not None
-        need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
-        need_du = need_x or need_xl or need_a
+        ctx.scaling, ctx.nf4, ctx.k, ctx.p = scaling, nf4[4:], x2.shape[1], p
+        ctx.has_lora, ctx.has_bias = A is not None, bias is not None
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
         ctx.save_for_backward(
-            (x2 if xl is None else xl) if need_a else None, A if (need_x or need_xl) else None,
-            B if need_du else None, u if need_b else None, *nf4[:4],
+            x2 if need_a else None, A if need_x else None, B if (need_x or need_a) else None,
+            u if need_b else None, seed, *nf4[:4],
         )
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xl, A, B, u, packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
-        need_x, need_xl, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        x2, A, B, u, seed, packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
+        need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         weight = (packed, absmax, nested_absmax, nested_code, *ctx.nf4)
+        p = ctx.p
         dy = dy.contiguous()
-        dx = dxl = dA = dB = dbias = None
-        du = None
-        if ctx.has_lora and (need_x or need_xl or need_a):
+        dx = dA = dB = dbias = du = None
+        if ctx.has_lora and (need_x or need_a):
             du = _scaled_mm(dy, B, ctx.scaling)
         if ctx.has_lora and need_b:
             dB = torch.mm(dy.t(), u)
         if ctx.has_lora and need_a:
-            dA = torch.mm(du.t(), xl)
-        fold = ctx.has_lora and ctx.same_input and need_x
+            dA = torch.mm(du.t(), _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2)
+        fold = ctx.has_lora and p == 0.0 and need_x
         if need_x:
             dx = _ops.nf4_linear_grad_input(dy, *weight, ctx.k, du if fold else None, A if fold else None)
-        if ctx.has_lora and not ctx.same_input and need_xl:
-            dxl = torch.mm(du, A)
+            if ctx.has_lora and p > 0.0:
+                dx.add_(_ops.lora_dropout(torch.mm(du, A), p, seed))
         if need_bias and ctx.has_bias:
             dbias = dy.sum(0)
-        return dx, dxl, dA, dB, dbias, None, None, None
+        return dx, dA, dB, dbias, None, None, None, None, None
 
 
 def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n):
@@ -229,14 +227,15 @@ def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n):
         return _ops.nf4_linear(x2, *nf4, n, bias, u, B), u
 
 
-def _nf4_apply(x2, xl, A, B, bias, scaling, args):
-    """Runs the NF4 layer through the autograd node only when a gradient is wanted."""
+def _nf4_apply(x2, A, B, bias, scaling, args, p=0.0):
+    """Runs the NF4 layer through the autograd node only when a gradient is wanted; p > 0 drops out
+    the LoRA branch's input (lora_dropout, a fresh seed from torch's generator)."""
     nf4, n = args[:-1], args[-1]
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x2, xl, A, B, bias)
-    )
+    seed = _ops.dropout_seed(x2.device) if p > 0.0 else None
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, A, B, bias))
     if wants_grad:
-        return _NF4LinearFunction.apply(x2, xl, A, B, bias, float(scaling), nf4, n)
+        return _NF4LinearFunction.apply(x2, A, B, bias, float(scaling), nf4, n, float(p), seed)
+    xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
     return _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)[0]
 
 
@@ -252,7 +251,7 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: O
     """
     args = _nf4_args("nf4_linear", x, packed, state)
     x2 = x.reshape(-1, x.shape[-1])
-    y = _nf4_apply(x2, None, None, None, bias, 1.0, args)
+    y = _nf4_apply(x2, None, None, bias, 1.0, args)
     return y.reshape(*x.shape[:-1], args[-1])
 
 
@@ -273,6 +272,7 @@ def qlora_linear(
     The LoRA term enters the NF4 matmul's output directly: in the decode kernel's epilogue (M <= 16 on
     CUDA), or as the accumulator the slab GEMMs add onto (beta = 1), so it costs no extra pass; in
     backward dU A is likewise the accumulator of dX's slab GEMMs. One autograd node for the layer.
+    Dropout is Philox from a seed (lora_dropout): backward regenerates its mask, no copy is kept.
     """
     args = _nf4_args("qlora_linear", x, packed, state)
     n, k = args[-1], x.shape[-1]
@@ -288,6 +288,5 @@ def qlora_linear(
         raise ValueError(f"lora_fused.qlora_linear: dropout_p must be in [0, 1); got {dropout_p}")
     x2 = x.reshape(-1, k)
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    xl = F.dropout(x2, dropout_p, training=True) if dropout_p > 0.0 and training else None
-    y = _nf4_apply(x2, xl, A, B, bias, scaling, args)
+    y = _nf4_apply(x2, A, B, bias, scaling, args, float(dropout_p) if training else 0.0)
     return y.reshape(*x.shape[:-1], n)

@@ -318,8 +318,12 @@ def test_every_subset_of_inputs_needing_gradients(device, dropout, bias):
         bias_t = randn(N, device=device).requires_grad_(need[3]) if bias else None
         torch.manual_seed(5)
         y = lora_fused.qlora_linear(x, packed, state, a, b, 0.7, bias_t, dropout_p=dropout)
-        torch.manual_seed(5)  # the same dropout mask for the reference
-        xl = torch.nn.functional.dropout(x, dropout, training=True) if dropout else x
+        torch.manual_seed(5)  # the same seed, so the same dropout mask, for the reference
+        if dropout:
+            keep = _ops.lora_dropout(torch.ones_like(x), dropout, _ops.dropout_seed(x.device)) != 0
+            xl = x * keep / (1 - dropout)
+        else:
+            xl = x
         ref = x @ w.t() + 0.7 * (xl @ a.t()) @ b.t() + (bias_t if bias else 0)
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
         wanted = [t for t in (x, a, b, bias_t) if t is not None and t.requires_grad]
