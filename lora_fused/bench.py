@@ -392,7 +392,12 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="write a PNG of speedup against M")
     ap.add_argument("--no-peft", action="store_true", help="skip the PEFT baseline")
     ap.add_argument("--no-bnb", action="store_true", help="skip the bitsandbytes baseline")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="time nothing: merge the JSON files of runs split by --ops/--shapes (one GPU, one "
+                         "build) into one table, and --json/--plot of the whole")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge_runs(args.merge, args.json, args.plot)
 
     device = args.device or ("cuda" if lora_fused.cuda_available() else "cpu")
     if device == "cuda" and not lora_fused.cuda_available():
@@ -457,6 +462,34 @@ def main(argv=None) -> int:
         print(write_plot(results, args.plot))
     if wrong:
         print(f"{len(wrong)} case(s) gave WRONG results (see the table)")
+    return 1 if wrong else 0
+
+
+def merge_runs(paths: list[str], json_out: Optional[str], plot_out: Optional[str]) -> int:
+    """One table (and JSON, plot) from several runs' JSON files. They must come from one GPU model,
+    one torch and one lora_fused commit: a full grid split over several device calls."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    same = ("device_name", "torch", "commit")
+    for path, run in zip(paths[1:], runs[1:]):
+        for key in same:
+            if run["meta"].get(key) != runs[0]["meta"].get(key):
+                raise SystemExit(f"--merge: {path} has {key} {run['meta'].get(key)!r}, {paths[0]} has "
+                                 f"{runs[0]['meta'].get(key)!r}; only runs of one GPU, torch and commit merge")
+    results = [Result(**r) for run in runs for r in run["results"]]
+    meta = dict(runs[0]["meta"], merged_from=list(paths))
+    print(f"merged {len(results)} figures from {len(paths)} runs on {meta['device_name']}")
+    print(format_table(results, runs[0]["ceilings"]))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"meta": meta, "ceilings": runs[0]["ceilings"], "args": [run["args"] for run in runs],
+                       "results": [asdict(r) for r in results]}, f, indent=1)
+        print(f"JSON written to {json_out}")
+    if plot_out:
+        print(write_plot(results, plot_out))
+    wrong = [r for r in results if r.status == "WRONG"]
     return 1 if wrong else 0
 
 

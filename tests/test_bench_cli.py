@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 
 from lora_fused import bench
@@ -45,3 +47,26 @@ def test_wrong_provider_is_reported_wrong_not_timed(tmp_path, monkeypatch):
     assert broken and all(r["status"] == "WRONG" and r["ms"] is None for r in broken)
     assert all(r["status"] == "ok" for r in data["results"] if r["provider"] != "broken")
     assert torch.isfinite(torch.tensor([r["ms"] for r in data["results"] if r["ms"] is not None])).all()
+
+
+def test_split_runs_merge_into_one_table(tmp_path, capsys):
+    parts = []
+    for op in ("lora_linear", "nf4_linear"):
+        out = tmp_path / f"{op}.json"
+        assert bench.main(["--device", "cpu", "--ops", op, "--M", "3", "--r", "4", "--shapes", "64:40", "--no-peft",
+                           "--no-bnb", "--json", str(out)]) == 0
+        parts.append(json.loads(out.read_text()))
+    merged = tmp_path / "all.json"
+    capsys.readouterr()
+    rc = bench.main(["--merge", str(tmp_path / "lora_linear.json"), str(tmp_path / "nf4_linear.json"), "--json", str(merged)])
+    assert rc == 0
+    data = json.loads(merged.read_text())
+    assert len(data["results"]) == sum(len(p["results"]) for p in parts)
+    assert {r["op"] for r in data["results"]} == {"lora_linear", "nf4_linear"}
+    assert "nf4_linear" in capsys.readouterr().out
+    # Runs from another commit (or GPU, or torch) are refused rather than mixed.
+    parts[1]["meta"]["commit"] = "0000000"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(parts[1]))
+    with pytest.raises(SystemExit, match="only runs of one GPU, torch and commit merge"):
+        bench.main(["--merge", str(tmp_path / "lora_linear.json"), str(other)])
