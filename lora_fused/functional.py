@@ -59,6 +59,14 @@ def _base_plus(x2: torch.Tensor, weight: torch.Tensor, c: torch.Tensor) -> torch
     return torch.addmm(c, x2, weight.t())
 
 
+def _base_and_lora(x2: torch.Tensor, weight: torch.Tensor, u: torch.Tensor, B: torch.Tensor, bias=None) -> torch.Tensor:
+    """x2 @ weight^T + u @ B^T (+ bias): gemm_concat_k above GEMV_MAX_M rows, else cuBLAS's GEMV
+    for the base with the (tiny) LoRA term added."""
+    if x2.shape[0] > GEMV_MAX_M:
+        return _ops.gemm_concat_k(x2, weight, u, B, bias)
+    return _base_plus(x2, weight, torch.addmm(bias, u, B.t()) if bias is not None else torch.mm(u, B.t()))
+
+
 class _LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + bias + (xl A^T s) B^T, xl = x or lora_dropout(x) (p > 0). With more than
     GEMV_MAX_M rows the base and LoRA GEMMs are gemm_concat_k, [x | u]·[W | B]^T with u = s·xl·A^T:
@@ -73,9 +81,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         u = torch.mm(xl, A.t()).mul_(scaling)  # scaled once here, so dB = dY^T u needs no scale
         ctx.scaling, ctx.p, ctx.has_bias = scaling, p, bias is not None
         ctx.save_for_backward(x2, weight, A, B, u, seed)
-        if x2.shape[0] > GEMV_MAX_M:
-            return _ops.gemm_concat_k(x2, weight, u, B, bias)
-        return _base_plus(x2, weight, torch.addmm(bias, u, B.t()) if bias is not None else torch.mm(u, B.t()))
+        return _base_and_lora(x2, weight, u, B, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -91,10 +97,8 @@ class _LoraLinearFunction(torch.autograd.Function):
         if need_x:
             if p > 0.0:
                 dx = _base_plus(dy, weight.t(), _ops.lora_dropout(torch.mm(du, A), p, seed))
-            elif dy.shape[0] > GEMV_MAX_M:
-                dx = _ops.gemm_concat_k(dy, weight.t(), du, A.t())
             else:
-                dx = _base_plus(dy, weight.t(), torch.mm(du, A))
+                dx = _base_and_lora(dy, weight.t(), du, A.t())
         if need_bias and ctx.has_bias:
             dbias = dy.sum(0)
         return dx, None, dA, dB, dbias, None, None, None
