@@ -31,6 +31,30 @@ def test_lora_shrink_matches_reference(device, dtype, M, k, r, layout):
     assert_error_rule(u, ref, 0.75 * (x @ a.t()), f"lora_shrink {M}x{k} r={r} {dtype} {layout}")
 
 
+# Shapes for the CUDA tensor-core kernel (bf16/fp16, k % 8 == 0): k split over blocks (few rows, long
+# k) and not (many rows or short k), rank tails within a 16/32/64-rank tile and over several tiles,
+# k tails within a 64-column tile, row tails within a 64-row block.
+TC_SHAPES = [(1, 4096, 1), (3, 4096, 16), (64, 2048, 32), (130, 1024, 33), (70, 2048, 200), (777, 520, 8),
+             (4500, 4096, 16), (100, 8, 64)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,k,r", TC_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "row_strided", "a_transposed"])
+def test_lora_shrink_tensor_core_shapes(device, dtype, M, k, r, layout):
+    x = _x(M, k, dtype, device, "row_strided" if layout == "row_strided" else "contiguous")
+    if layout == "a_transposed":  # as the backward passes B^T: [r, d] with strides (1, r)
+        a = randn(k, r, dtype=dtype, device=device, scale=k**-0.5).t()
+    else:
+        a = randn(r, k, dtype=dtype, device=device, scale=k**-0.5)
+    poison_allocator(device)
+    u = _ops.lora_shrink(x, a, 0.75)
+    assert_error_rule(u, reference.lora_shrink(x, a, 0.75), 0.75 * (x @ a.t()), f"lora_shrink {M}x{k} r={r} {dtype} {layout}")
+    # The k-split partials are added in a fixed order: the same inputs give the same bits.
+    assert torch.equal(u, _ops.lora_shrink(x, a, 0.75)), f"lora_shrink {M}x{k} r={r}: two calls differ"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,d,r", SHAPES)

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <atomic>
 #include <cstdint>
 
 namespace lora_fused {
@@ -36,6 +37,18 @@ __device__ __forceinline__ float warp_max(float v) {
 inline unsigned int grid_x(int64_t blocks, const char* op) {
   TORCH_CHECK(blocks <= 0x7fffffffLL, op, ": the problem needs ", blocks, " thread blocks, more than a CUDA grid holds");
   return static_cast<unsigned int>(blocks < 1 ? 1 : blocks);
+}
+
+// More than 48 KiB of dynamic shared memory needs an opt-in per kernel, once per device.
+template <auto Kernel>
+void opt_in_dynamic_smem(size_t bytes) {
+  static std::atomic<uint64_t> opted_in{0};
+  const int dev = at::cuda::current_device();
+  const uint64_t bit = uint64_t{1} << (dev % 64);
+  if ((opted_in.load() & bit) == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    opted_in.fetch_or(bit);
+  }
 }
 
 }  // namespace cuda

@@ -1,14 +1,16 @@
 // lora_shrink on CUDA: u[M, r] = scale * x[M, k] @ A[r, k]^T.
-// Tiling: a 256-thread block owns ROWS rows of x and RT ranks; its threads stride over k, each
+// bf16/fp16 with k % 8 == 0 on sm_80+ run the tensor-core kernel (lora_shrink_mma.cu; x or A
+// copied first if their rows are not 16-byte aligned). The rest (fp32, fp64, odd k) run the simple
+// kernel here: a 256-thread block owns ROWS rows of x and RT ranks; its threads stride over k, each
 // keeping ROWS x RT fp32 partial sums, which a warp shuffle then shared memory reduce. A may have
-// any strides (the backward passes B^T as a view). First version: simple and correct; the fused
-// LoRA-linear kernels (issue 3) replace it on the hot path.
+// any strides.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include "checks.h"
 #include "cuda/common.cuh"
+#include "cuda/lora_shrink_mma.h"
 
 namespace lora_fused {
 namespace {
@@ -75,6 +77,7 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& lora_a, do
   at::Tensor u = at::empty({M, R}, x.options());
   if (M == 0) return u;
   if (K == 0) return u.zero_();
+  if (lora_shrink_mma(x, lora_a, scale, u)) return u;
   const dim3 grid(cuda::grid_x(cuda::ceil_div<int64_t>(M, kRows), "lora_fused.lora_shrink"),
                   static_cast<unsigned int>(cuda::ceil_div<int64_t>(R, kRanks)));
   const auto stream = at::cuda::getCurrentCUDAStream();

@@ -19,9 +19,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <atomic>
-
 #include "cuda/common.cuh"
+#include "cuda/mma_sm80.cuh"
 #include "cuda/nf4_decode.cuh"
 
 namespace lora_fused {
@@ -30,44 +29,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTableEntries = 256 * 32;  // byte x lane
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<at::BFloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<at::Half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<at::BFloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();
-#endif
-}
-template <>
-__device__ __forceinline__ void mma16816<at::Half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();
-#endif
-}
 
 // Streaming 16-byte load: the weight is read once, keep it out of L1.
 __device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
@@ -99,7 +60,7 @@ struct GemvArgs {
 template <typename T>
 __device__ __forceinline__ uint32_t decode_pair(const float2* table, uint32_t byte, float s) {
   const float2 v = table[(byte << 5) + (threadIdx.x & 31)];
-  return pack2<T>(v.x * s, v.y * s);  // element 2j (high nibble) first: the lower k, the low half
+  return cuda::pack2<T>(v.x * s, v.y * s);  // element 2j (high nibble) first: the lower k, the low half
 }
 
 // What a warp step reads from memory for its R strips: 16 packed bytes of rows g and g+8, and the
@@ -207,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs ar
           a[2] = decode_pair<T>(table, (lo >> 8) & 0xffu, sc[i][0]);  // row g,   columns 4s+2, 4s+3
           a[3] = decode_pair<T>(table, (hi >> 8) & 0xffu, sc[i][1]);  // row g+8, columns 4s+2, 4s+3
 #pragma unroll
-          for (int j = 0; j < NT; ++j) mma16816<T>(acc[i][j], a, b0[j], b1[j]);
+          for (int j = 0; j < NT; ++j) cuda::mma16816<T>(acc[i][j], a, b0[j], b1[j]);
         }
       }
       cur = nxt;
@@ -250,18 +211,10 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs ar
 template <typename T, int R, int NT>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms) {
   constexpr size_t smem = sizeof(float2) * kTableEntries + sizeof(float) * (256 + kWarps * 16 * R * (8 * NT + 1));
-  auto kernel = nf4_gemv_kernel<T, R, NT>;
-  // More than 48 KiB of dynamic shared memory needs an opt-in, once per device.
-  static std::atomic<uint64_t> opted_in{0};
-  const int dev = at::cuda::current_device();
-  const uint64_t bit = uint64_t{1} << (dev % 64);
-  if ((opted_in.load() & bit) == 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    opted_in.fetch_or(bit);
-  }
+  cuda::opt_in_dynamic_smem<nf4_gemv_kernel<T, R, NT>>(smem);
   const int64_t strips = cuda::ceil_div<int64_t>(a.n, 16 * R);
   const int grid = static_cast<int>(std::min<int64_t>(strips, 2LL * sms));
-  kernel<<<grid, kThreads, smem, stream>>>(a);
+  nf4_gemv_kernel<T, R, NT><<<grid, kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
