@@ -1,9 +1,10 @@
 // lora_shrink on tensor cores (bf16/fp16, sm_80+): u[M, r] = scale * x[M, k] @ A[r, k]^T.
 //
 // The product has r <= 64 columns per tile, so it is bound by reading x once: a 128-thread block
-// owns 64 rows of x (16 per warp) and RT ranks, and streams 64-column k-tiles of x and A through a
-// 4-stage cp.async pipeline (rows of 128 bytes, 16-byte chunks XOR-swizzled by row so ldmatrix is
-// conflict-free); each warp multiplies its 16 x 64 x-tile by the RT x 64 A-tile with mma.m16n8k16.
+// owns 64 rows of x (16 per warp) and RT ranks, and streams 128-column k-tiles of x and A through a
+// 3-4 stage cp.async pipeline (rows of 256 bytes: long contiguous reads; 16-byte chunks XOR-swizzled
+// by row so ldmatrix is conflict-free); each warp multiplies its 16 x 128 x-tile by the RT x 128
+// A-tile with mma.m16n8k16.
 // When the row blocks alone would leave SMs idle (M small against the GPU), k is split over
 // blockIdx.y: each split writes fp32 partials and the last split to finish a tile (a counter per
 // tile) adds them in split order, so the result does not depend on timing (deterministic).
@@ -17,10 +18,10 @@ namespace lora_fused {
 namespace {
 
 constexpr int kBM = 64;          // rows of x per block
-constexpr int kBK = 64;          // k per pipeline stage: one 128-byte row of 8 chunks
+constexpr int kBK = 128;         // k per pipeline stage: a 256-byte row of 16 chunks
+constexpr int kRowBytes = kBK * 2;
 constexpr int kThreads = 128;    // 4 warps x 16 rows
-constexpr int kStages = 4;
-constexpr int kMinTilesPerSplit = 4;  // below this a split cannot fill its pipeline
+constexpr int kMinTilesPerSplit = 2;  // below this a split cannot fill its pipeline
 
 struct ShrinkArgs {
   const void* x;
@@ -37,12 +38,19 @@ struct ShrinkArgs {
 
 template <int RT>
 constexpr int stage_bytes() {
-  return (kBM + RT) * kBK * 2;
+  return (kBM + RT) * kRowBytes;
 }
 
-// Byte offset of 16-byte chunk `chunk` of tile row `row` (128-byte rows, chunk XOR row % 8).
+// As many stages as keep two blocks (96 KiB each at most) on an SM.
+template <int RT>
+constexpr int stages() {
+  return RT >= 64 ? 3 : 4;
+}
+
+// Byte offset of 16-byte chunk `chunk` of tile row `row`: the chunk's low 3 bits XOR row % 8, so the
+// 8 rows an ldmatrix reads at one chunk fall on 8 different 16-byte bank groups.
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
-  return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
+  return static_cast<uint32_t>(row * kRowBytes + ((chunk ^ (row & 7)) << 4));
 }
 
 template <typename T, int RT>
@@ -56,23 +64,24 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_mma_kernel(const ShrinkA
   const int kt0 = blockIdx.y * p.tiles_per_split;
   const int n_tiles = min(p.k_tiles, kt0 + p.tiles_per_split) - kt0;
   const uint32_t base = cuda::smem_u32(smem);
+  constexpr int kStages = stages<RT>();
 
   auto load_tile = [&](int kt, int stage) {
     const uint32_t st = base + stage * stage_bytes<RT>();
     const int64_t k0 = static_cast<int64_t>(kt) * kBK;
 #pragma unroll
-    for (int c = tid; c < kBM * 8; c += kThreads) {
-      const int row = c / 8, chunk = c % 8;
+    for (int c = tid; c < kBM * (kBK / 8); c += kThreads) {
+      const int row = c / (kBK / 8), chunk = c % (kBK / 8);
       const int64_t m = m0 + row, kk = k0 + chunk * 8;
       const bool ok = m < p.m && kk < p.k;  // k % 8 == 0: a chunk is all in or all out
       cuda::cp_async_16(st + swizzled(row, chunk), ok ? x + m * p.ldx + kk : x, ok ? 16 : 0);
     }
 #pragma unroll
-    for (int c = tid; c < RT * 8; c += kThreads) {
-      const int row = c / 8, chunk = c % 8;
+    for (int c = tid; c < RT * (kBK / 8); c += kThreads) {
+      const int row = c / (kBK / 8), chunk = c % (kBK / 8);
       const int64_t r = r0 + row, kk = k0 + chunk * 8;
       const bool ok = r < p.r && kk < p.k;
-      cuda::cp_async_16(st + kBM * 128 + swizzled(row, chunk), ok ? a + r * p.lda + kk : a, ok ? 16 : 0);
+      cuda::cp_async_16(st + kBM * kRowBytes + swizzled(row, chunk), ok ? a + r * p.lda + kk : a, ok ? 16 : 0);
     }
   };
 
@@ -104,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_mma_kernel(const ShrinkA
 #pragma unroll
       for (int nb = 0; nb < RT / 16; ++nb) {
         uint32_t bf[4];
-        cuda::ldmatrix_x4(bf, st + kBM * 128 + swizzled(nb * 16 + a_row, 2 * kk + a_half));
+        cuda::ldmatrix_x4(bf, st + kBM * kRowBytes + swizzled(nb * 16 + a_row, 2 * kk + a_half));
         cuda::mma16816<T>(acc[2 * nb], af, bf[0], bf[1]);
         cuda::mma16816<T>(acc[2 * nb + 1], af, bf[2], bf[3]);
       }
@@ -154,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_mma_kernel(const ShrinkA
 template <typename T, int RT>
 void launch(ShrinkArgs& p, int64_t row_blocks, int64_t rank_tiles, int sms, const at::TensorOptions& opts,
             cudaStream_t stream) {
-  constexpr size_t smem = static_cast<size_t>(kStages) * stage_bytes<RT>();
+  constexpr size_t smem = static_cast<size_t>(stages<RT>()) * stage_bytes<RT>();
   cuda::opt_in_dynamic_smem<lora_shrink_mma_kernel<T, RT>>(smem);
   const int64_t tiles = row_blocks * rank_tiles;
   // Two blocks per SM at least: split k when the tiles alone give fewer.
