@@ -51,28 +51,6 @@ GEMV_MAX_M = 16  # up to here cuBLAS serves mm with its GEMV
 FUSED_DECODE_MAX_M = 1
 
 
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """s * a @ b for a skinny product (b or the result has r columns): the scale as an in-place pass
-    over the [M, r] result. Not addmm(alpha=s, beta=0): on the H100 machine that call cost the host
-    137 us against 31 us for mm (torch 2.11 profile, benchmarks/RESULTS.md)."""
-    out = torch.mm(a, b)
-    return out if s == 1.0 else out.mul_(s)
-
-
-def _shrink(x2: torch.Tensor, A: torch.Tensor, s: float) -> torch.Tensor:
-    """s * x2 @ A^T, [M, r]: lora_shrink's tensor-core kernel for 16-bit CUDA tensors (it reads x
-    once at close to the memory bandwidth, where cuBLAS's skinny GEMM took 2-3x that; scale applied
-    before the one rounding), torch.mm elsewhere."""
-    if x2.is_cuda and x2.dtype in (torch.bfloat16, torch.float16):
-        if torch.compiler.is_compiling():
-            return _ops.lora_shrink(x2, A, s)
-        # Straight to the CUDA kernel: lora_shrink's autograd kernel (Python) is not needed inside
-        # these autograd nodes and costs host time.
-        with torch._C._AutoDispatchBelowAutograd():
-            return _ops.lora_shrink(x2, A, s)
-    return _scaled_mm(x2, A.t(), s)
-
-
 def _base_plus(x2: torch.Tensor, weight: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """c + x2 @ weight^T, with c folded into the GEMM's epilogue (beta = 1) where that is fast."""
     if x2.shape[0] <= GEMV_MAX_M:
@@ -100,7 +78,7 @@ class _LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, A, B, bias, scaling, p, seed):
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2
-        u = _shrink(xl, A, scaling)  # scaled once here, so dB = dY^T u needs no scale
+        u = torch.mm(xl, A.t()).mul_(scaling)  # scaled once here, so dB = dY^T u needs no scale
         ctx.scaling, ctx.p, ctx.has_bias = scaling, p, bias is not None
         ctx.save_for_backward(x2, weight, A, B, u, seed)
         return _base_and_lora(x2, weight, u, B, bias)
@@ -111,7 +89,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         s, p = ctx.scaling, ctx.p
         dx = dA = dB = dbias = None
-        du = _shrink(dy, B.t(), s) if (need_x or need_a) else None
+        du = torch.mm(dy, B).mul_(s) if (need_x or need_a) else None
         if need_b:
             dB = torch.mm(dy.t(), u)
         if need_a:
@@ -188,6 +166,14 @@ def _nf4_args(fn: str, x: torch.Tensor, packed: torch.Tensor, state: QuantState)
     )
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """s * a @ b for a skinny product (b or the result has r columns): the scale as an in-place pass
+    over the [M, r] result. Not addmm(alpha=s, beta=0): on the H100 machine that call cost the host
+    137 us against 31 us for mm (torch 2.11 profile, benchmarks/RESULTS.md)."""
+    out = torch.mm(a, b)
+    return out if s == 1.0 else out.mul_(s)
+
+
 class _NF4LinearFunction(torch.autograd.Function):
     """y = x W^T + bias [+ (s xl A^T) B^T], W the frozen NF4 weight, xl = x or lora_dropout(x), as
     one autograd node (the op's generated autograd and the eager LoRA ops around it cost the host
@@ -219,7 +205,7 @@ class _NF4LinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dA = dB = dbias = du = None
         if ctx.has_lora and (need_x or need_a):
-            du = _shrink(dy, B.t(), ctx.scaling)
+            du = _scaled_mm(dy, B, ctx.scaling)
         if ctx.has_lora and need_b:
             dB = torch.mm(dy.t(), u)
         if ctx.has_lora and need_a:
@@ -236,7 +222,7 @@ class _NF4LinearFunction(torch.autograd.Function):
 
 def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n):
     """(y, u): the forward of _NF4LinearFunction, also run directly where no gradient is needed."""
-    u = _shrink(x2 if xl is None else xl, A, scaling) if A is not None else None
+    u = _scaled_mm(x2 if xl is None else xl, A.t(), scaling) if A is not None else None
     if torch.compiler.is_compiling():
         return _ops.nf4_linear(x2, *nf4, n, bias, u, B), u
     # Straight to the backend kernel: the op's Autograd kernel (torch.library.register_autograd, in

@@ -1,12 +1,12 @@
-"""lora_shrink's tensor-core kernel beside cuBLAS for the LoRA layer's skinny products, and the layer
-with each, in one process on random bf16 data (device-event medians, triton.testing.do_bench):
+"""lora_shrink's tensor-core kernel beside cuBLAS for the LoRA layer's two skinny products, in one
+process on random bf16 data (device-event medians, triton.testing.do_bench):
 
   u  = s x A^T  [M, k] x [r, k]^T  (forward)    ours: lora_shrink(x, A, s)     cuBLAS: mm(x, A^T).mul_(s)
   dU = s dY B   [M, d] x [d, r]    (backward)   ours: lora_shrink(dY, B^T, s)  cuBLAS: mm(dY, B).mul_(s)
 
 HBM figures count the bytes of x (or dY) read once, against the copy bandwidth measured here.
 
-    python scripts/bench_lora_shrink.py [--M 1,16,512,4096,16384] [--r 8,16,64] [--no-layer]
+    python scripts/bench_lora_shrink.py [--M 1,16,512,4096,16384] [--r 8,16,64]
 """
 
 import argparse
@@ -14,7 +14,6 @@ import argparse
 import torch
 import triton.testing as tt
 
-import lora_fused
 from lora_fused import _ops, functional
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
@@ -45,7 +44,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--M", default="1,16,512,4096,16384")
     ap.add_argument("--r", default="8,16,64")
-    ap.add_argument("--no-layer", action="store_true")
     args = ap.parse_args()
     bw = copy_bandwidth()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, f"copy {bw / 1e12:.2f} TB/s", flush=True)
@@ -66,23 +64,6 @@ def main():
                     f"cuBLAS {t_u_blas:7.1f}us ({t_u_blas / t_u:.2f}x) | dU: ours {t_du:7.1f}us "
                     f"({dy.nbytes / t_du / 1e6 / bw * 1e12:4.0%}) cuBLAS {t_du_blas:7.1f}us ({t_du_blas / t_du:.2f}x)"
                 )
-                if not args.no_layer and M >= 512:
-                    w = torch.randn(d, k, device="cuda", dtype=dt) * k**-0.5
-                    xg, ag, bg = x.clone().requires_grad_(), a.clone().requires_grad_(), b.clone().requires_grad_()
-                    fwd = lambda: lora_fused.lora_linear(x, w, a, b, s)
-                    fb = lambda: lora_fused.lora_linear(xg, w, ag, bg, s).backward(dy)
-                    t_fwd, t_fb = bench(fwd), bench(fb)
-                    ours_shrink = functional._shrink
-                    functional._shrink = cublas_shrink  # the layer as it was, same process
-                    try:
-                        t_fwd_blas, t_fb_blas = bench(fwd), bench(fb)
-                    finally:
-                        functional._shrink = ours_shrink
-                    t_base, t_base_fb = bench(lambda: torch.mm(x, w.t())), bench(lambda: (torch.mm(x, w.t()), torch.mm(dy, w)))
-                    line += (
-                        f" | layer/base fwd {t_fwd / t_base:.3f}x (cuBLAS shrink {t_fwd_blas / t_base:.3f}x) "
-                        f"fwd+bwd {t_fb / t_base_fb:.3f}x ({t_fb_blas / t_base_fb:.3f}x)"
-                    )
                 print(line, flush=True)
 
 
