@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Callable, Optional
 
 import torch
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import lora_fused
 from lora_fused import nf4, reference
+from lora_fused.bench_report import MODES, Result, add_speedups, format_table, write_markdown, write_plot
 
 # Layer shapes (in_features -> out_features) of common models: Llama 7B/8B/70B (and 8192 -> 8192).
 SHAPES_FULL = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (4096, 14336), (8192, 28672)]
@@ -39,27 +40,7 @@ M_CPU = [1, 64]
 R_CPU = [8]
 OPS = ["lora_linear", "nf4_linear", "qlora_linear", "nf4_dequantize"]
 LAYER_OPS = ("lora_linear", "nf4_linear", "qlora_linear")
-MODES = ["fwd", "bwd", "fwdbwd"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass
-class Result:
-    op: str
-    mode: str
-    provider: str
-    M: int
-    k: int
-    d: int
-    r: int
-    dtype: str
-    ms: Optional[float] = None
-    status: str = "ok"  # ok | WRONG | error | skipped
-    detail: str = ""
-    rel_err: Optional[float] = None
-    tbps: Optional[float] = None
-    tflops: Optional[float] = None
-    speedup: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -300,81 +281,6 @@ def run_nf4_dequantize(k, d, dtype, device, bench, with_bnb) -> list[Result]:
     return results
 
 
-# ------------------------------------------------------------------------------------------- reporting
-
-
-def add_speedups(results: list[Result]) -> None:
-    """speedup[p] = time of provider p / time of lora_fused, for the same case."""
-    ours = {(r.op, r.mode, r.M, r.k, r.d, r.r): r for r in results if r.provider == "lora_fused"}
-    for key, mine in ours.items():
-        if mine.ms is None:
-            continue
-        for r in results:
-            if (r.op, r.mode, r.M, r.k, r.d, r.r) == key and r.provider != "lora_fused" and r.ms is not None:
-                mine.speedup[r.provider] = r.ms / mine.ms
-
-
-def format_table(results: list[Result], ceilings: dict) -> str:
-    lines = []
-    if ceilings:
-        lines.append(
-            f"ceilings measured here: copy {ceilings['copy_TBps']:.2f} TB/s, bf16 GEMM {ceilings['bf16_gemm_TFLOPs']:.0f} TFLOP/s"
-        )
-    header = f"{'op':<15}{'mode':<7}{'k->d':>12}{'M':>7}{'r':>4}  {'provider':<13}{'ms':>9}  {'rate':>14}  {'status / speedup of lora_fused':<40}"
-    lines += [header, "-" * len(header)]
-    order = {"lora_fused": 0}
-    for r in sorted(results, key=lambda r: (r.op, r.k, r.d, r.r, r.M, MODES.index(r.mode), order.get(r.provider, 1))):
-        rate = ""
-        if r.tbps is not None:
-            frac = f" ({100 * r.tbps / ceilings['copy_TBps']:.0f}%)" if ceilings else ""
-            rate = f"{r.tbps:.2f} TB/s{frac}"
-        elif r.tflops is not None:
-            frac = f" ({100 * r.tflops / ceilings['bf16_gemm_TFLOPs']:.0f}%)" if ceilings else ""
-            rate = f"{r.tflops:.3g} TF/s{frac}"
-        ms = f"{r.ms:.4f}" if r.ms is not None else "-"
-        if r.status != "ok":
-            note = f"{r.status}: {r.detail}"
-        else:
-            note = "  ".join(f"vs {p} {s:.2f}x" for p, s in r.speedup.items())
-            if r.detail:
-                note = f"[{r.detail}] {note}"
-        lines.append(f"{r.op:<15}{r.mode:<7}{f'{r.k}->{r.d}':>12}{r.M:>7}{r.r:>4}  {r.provider:<13}{ms:>9}  {rate:>14}  {note}")
-    return "\n".join(lines)
-
-
-def write_plot(results: list[Result], path: str) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no plot"
-    series: dict = {}
-    for r in results:
-        if r.provider != "lora_fused" or r.op != "lora_linear":
-            continue
-        for p, s in r.speedup.items():
-            series.setdefault((r.mode, p, r.k, r.d, r.r), []).append((r.M, s))
-    modes = sorted({key[0] for key in series}) or ["fwd"]
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        for (m, p, k, d, rr), pts in sorted(series.items()):
-            if m != mode:
-                continue
-            pts.sort()
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=f"vs {p} {k}->{d} r={rr}")
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("M (tokens)")
-        ax.set_ylabel("time(provider) / time(lora_fused)")
-        ax.set_title(f"lora_linear {mode}")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return f"plot written to {path}"
-
-
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -390,14 +296,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--json", default=None, help="write every figure to this JSON file")
     ap.add_argument("--plot", default=None, help="write a PNG of speedup against M")
+    ap.add_argument("--markdown", default=None, help="write a Markdown summary (lora_fused's times, ratios) to share")
     ap.add_argument("--no-peft", action="store_true", help="skip the PEFT baseline")
     ap.add_argument("--no-bnb", action="store_true", help="skip the bitsandbytes baseline")
     ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                     help="time nothing: merge the JSON files of runs split by --ops/--shapes (one GPU, one "
-                         "build) into one table, and --json/--plot of the whole")
+                         "build) into one table, and --json/--plot/--markdown of the whole")
     args = ap.parse_args(argv)
     if args.merge:
-        return merge_runs(args.merge, args.json, args.plot)
+        return merge_runs(args.merge, args.json, args.plot, args.markdown)
 
     device = args.device or ("cuda" if lora_fused.cuda_available() else "cpu")
     if device == "cuda" and not lora_fused.cuda_available():
@@ -460,12 +367,14 @@ def main(argv=None) -> int:
         print(f"JSON written to {args.json}")
     if args.plot:
         print(write_plot(results, args.plot))
+    if args.markdown:
+        print(write_markdown(results, ceilings, meta, args.markdown))
     if wrong:
         print(f"{len(wrong)} case(s) gave WRONG results (see the table)")
     return 1 if wrong else 0
 
 
-def merge_runs(paths: list[str], json_out: Optional[str], plot_out: Optional[str]) -> int:
+def merge_runs(paths: list[str], json_out: Optional[str], plot_out: Optional[str], markdown_out: Optional[str] = None) -> int:
     """One table (and JSON, plot) from several runs' JSON files. They must come from one GPU model,
     one torch and one lora_fused commit: a full grid split over several device calls."""
     runs = []
@@ -489,6 +398,8 @@ def merge_runs(paths: list[str], json_out: Optional[str], plot_out: Optional[str
         print(f"JSON written to {json_out}")
     if plot_out:
         print(write_plot(results, plot_out))
+    if markdown_out:
+        print(write_markdown(results, runs[0]["ceilings"], meta, markdown_out))
     wrong = [r for r in results if r.status == "WRONG"]
     return 1 if wrong else 0
 
