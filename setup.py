@@ -7,6 +7,10 @@
 #   CUTLASS_INCLUDE_DIR     CUTLASS/CuTe headers for the Hopper GEMMs (default: the nvidia-cutlass
 #                           package's); without them, or without 9.0a in the arch list, the build
 #                           leaves the Hopper GEMMs out and those ops run on cuBLAS
+# The Hopper GEMMs (csrc/cuda/sm90/*.cu) are compiled apart from the rest, for sm_90a only and with
+# NDEBUG: built for every arch they cost ~50 s of nvcc per extra arch each, and CUTLASS's device
+# asserts are function calls inside the mainloop that make ptxas serialize its wgmma (warning C7510).
+import concurrent.futures
 import glob
 import os
 import re
@@ -110,6 +114,7 @@ cxx_flags = [
 ]
 include_dirs = [os.path.join(ROOT, "csrc")]
 
+with_sm90 = False
 if cuda_home:
     arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
     include_dirs += wheel_cuda_include_dirs(cuda_home)
@@ -118,7 +123,6 @@ if cuda_home:
     with_sm90 = "9.0a" in arch_list.replace(" ", ";").split(";") and cutlass_dir is not None
     if with_sm90:
         include_dirs.append(cutlass_dir)
-        cuda_sources += sm90_sources
         defines.append("-DLORA_FUSED_WITH_SM90=1")
     else:
         print(
@@ -145,10 +149,52 @@ else:
     ext = CppExtension("lora_fused._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
     print(f"lora_fused: building the CPU-only extension ({why}); CUDA ops will not be available")
 
+
+
+def compile_hopper_objects(build_temp):
+    """nvcc each csrc/cuda/sm90/*.cu for sm_90a only, with NDEBUG, in parallel (MAX_JOBS); objects
+    newer than their source and the sm90 headers are reused. Returns the object paths."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    flags = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DNDEBUG",
+             "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler", "-fPIC",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    flags += [f"-I{d}" for d in include_dirs] + defines
+    if os.environ.get("CC"):  # the host compiler the rest of the extension is built with (as torch does)
+        flags = ["-ccbin", os.environ["CC"]] + flags
+    headers = glob.glob("csrc/cuda/sm90/*.cuh") + glob.glob("csrc/cuda/sm90/*.h")
+    newest_header = max((os.path.getmtime(h) for h in headers), default=0.0)
+    out_dir = os.path.join(build_temp, "sm90")
+    os.makedirs(out_dir, exist_ok=True)
+
+    def build(src):
+        obj = os.path.join(out_dir, os.path.basename(src)[:-3] + ".o")
+        if os.path.isfile(obj) and os.path.getmtime(obj) >= max(os.path.getmtime(src), newest_header):
+            return obj
+        cmd = [nvcc, "-c", src, "-o", obj] + flags
+        print(" ".join(cmd), flush=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stdout.write(done.stdout + done.stderr)
+        if done.returncode != 0:
+            raise RuntimeError(f"lora_fused: compiling {src} failed (nvcc exit code {done.returncode})")
+        return obj
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=int(os.environ["MAX_JOBS"])) as pool:
+        return list(pool.map(build, sm90_sources))
+
+
+class BuildWithHopperObjects(BuildExtension):
+    def build_extensions(self):
+        if with_sm90:
+            objects = compile_hopper_objects(self.build_temp)
+            for e in self.extensions:
+                e.extra_objects = [o for o in (e.extra_objects or []) if o not in objects] + objects
+        super().build_extensions()
+
+
 setup(
     name="lora_fused",
     version=VERSION,
     packages=["lora_fused"],
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithHopperObjects.with_options(use_ninja=True)},
 )
