@@ -117,5 +117,6 @@ if [ "$BENCH" != none ]; then
   BENCH_RC=$?
   tail -60 "$OUT/bench.txt"
 fi
+[ -n "${LORA_FUSED_BENCH_ARGS:-}" ] && [ "$BENCH" != none ] && BENCH="$LORA_FUSED_BENCH_ARGS"
 echo "gpu_check.sh: tests $([ $TESTS = 1 ] && echo "rc=$TEST_RC" || echo skipped), sanitize $([ $SANITIZE = 1 ] && echo "rc=$SAN_RC" || echo skipped), bench ($BENCH) rc=$BENCH_RC, outputs in $OUT"
 [ $TEST_RC -eq 0 ] && [ $BENCH_RC -eq 0 ] && [ $SAN_RC -eq 0 ]
