@@ -1,6 +1,9 @@
 """Where lora_linear's time goes on the GPU: gemm_concat_k (the Hopper GEMM over [K | r]) beside
 cuBLAS's x @ W^T of the same shape, the LoRA shrink x @ A^T, and the whole layer's forward and
-forward + backward, on random bf16 data (device-event medians, triton.testing.do_bench).
+forward + backward, on random bf16 data (device-event medians, triton.testing.do_bench): with the
+Hopper GEMM (LORA_FUSED_GEMM_CONCAT_K=auto), with the cuBLAS path (the default), and the same
+GEMMs as plain aten ops under torch's C++ autograd (`aten_layer`: no Python autograd node, one
+[M, k] add more in backward), to see what the Python node costs on the host at hand.
 
     python scripts/bench_gemm_concat_k.py [--r 16] [--M 512,4096]
 """
@@ -21,10 +24,16 @@ def bench(fn):
     return tt.do_bench(fn, warmup=25, rep=100)
 
 
+def aten_layer(x, w, a, b, s):
+    """x W^T + (s x A^T) B^T with the LoRA term as addmm's accumulator, differentiated by torch."""
+    u = torch.mm(x, a.t()).mul_(s)  # mm's backward keeps its inputs, not its output: in place is safe
+    return torch.addmm(torch.mm(u, b.t()), x, w.t())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--M", default="512,4096,16384")
+    ap.add_argument("--M", default="512,4096,16384")  # above 16 rows: gemm_concat_k's range
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, lora_fused.build_info())
     dt, r = torch.bfloat16, args.r
@@ -48,18 +57,24 @@ def main():
             t_shrink = bench(lambda: torch.mm(x, a.t()).mul_(2.0))
             xg = x.clone().requires_grad_()
             ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
+            t_base_fb = bench(lambda: (torch.mm(x, w.t()), torch.mm(dy, w)))
+            os.environ["LORA_FUSED_GEMM_CONCAT_K"] = "auto"  # the Hopper GEMM where its tiles fill the GPU
             t_fwd = bench(lambda: lora_fused.lora_linear(x, w, a, b, 2.0))
             t_fb = bench(lambda: lora_fused.lora_linear(xg, w, ag, bg, 2.0).backward(dy))
-            t_base_fb = bench(lambda: (torch.mm(x, w.t()), torch.mm(dy, w)))
-            os.environ["LORA_FUSED_GEMM_CONCAT_K"] = "composed"  # the cuBLAS path (v1), same process
+            del os.environ["LORA_FUSED_GEMM_CONCAT_K"]  # the default: cuBLAS, same process
             t_fwd_v1 = bench(lambda: lora_fused.lora_linear(x, w, a, b, 2.0))
             t_fb_v1 = bench(lambda: lora_fused.lora_linear(xg, w, ag, bg, 2.0).backward(dy))
-            del os.environ["LORA_FUSED_GEMM_CONCAT_K"]
+            y_aten = aten_layer(xg, w, ag, bg, 2.0)
+            y_ours = lora_fused.lora_linear(xg, w, ag, bg, 2.0)
+            assert ((y_aten.float() - y_ours.float()).norm() / y_ours.float().norm()).item() < 1e-2, "aten_layer wrong"
+            t_fwd_aten = bench(lambda: aten_layer(x, w, a, b, 2.0))
+            t_fb_aten = bench(lambda: aten_layer(xg, w, ag, bg, 2.0).backward(dy))
             print(
                 f"{k:>5}->{d:<5} M={M:<5} base {t_base*1e3:7.1f}us ({flop/t_base/1e9:4.0f} TF/s)  concat_k {t_cat*1e3:7.1f}us "
                 f"({t_cat/t_base:.3f}x)  | dX base {t_base_dx*1e3:7.1f} concat_k {t_cat_dx*1e3:7.1f} ({t_cat_dx/t_base_dx:.3f}x)  "
                 f"| shrink {t_shrink*1e3:6.1f}  layer fwd {t_fwd*1e3:7.1f} ({t_fwd/t_base:.3f}x)  fwd+bwd {t_fb*1e3:7.1f} "
-                f"({t_fb/t_base_fb:.3f}x of base fwd+dX)  | cuBLAS path: fwd {t_fwd_v1/t_base:.3f}x fwd+bwd {t_fb_v1/t_base_fb:.3f}x",
+                f"({t_fb/t_base_fb:.3f}x of base fwd+dX)  | cuBLAS path: fwd {t_fwd_v1/t_base:.3f}x fwd+bwd {t_fb_v1/t_base_fb:.3f}x"
+                f"  | aten_layer: fwd {t_fwd_aten/t_base:.3f}x fwd+bwd {t_fb_aten/t_base_fb:.3f}x",
                 flush=True,
             )
 
