@@ -53,6 +53,12 @@ def main():
         close(_ops.lora_expand(y, u, b, 2.0), reference.lora_expand(y, u, b, 2.0), f"lora_expand M={M}", 2e-2)
         if M <= 16:
             close(_ops.lora_decode(x, w, a, b, 2.0, None), reference.lora_linear(x, w, a, b, 2.0), f"lora_decode M={M}", 2e-2)
+    # lora_shrink's tensor-core kernel with k split over blocks (the last-block reduction: fences,
+    # counters) and rank tiles of 32/64 with tails; a misaligned x (copied first).
+    for M, k, r, off in ((20, 1024, 40, 0), (3, 2048, 16, 3))[: 1 if quick else 2]:
+        x = rnd(M, k + off)[:, off:]
+        a = rnd(r, k, sc=k**-0.5)
+        close(_ops.lora_shrink(x, a, 2.0), reference.lora_shrink(x, a, 2.0), f"lora_shrink split-k M={M} k={k} r={r}", 2e-2)
     for rows, cols, bs, dq in ((33, 96, 64, True), (40, 160, 128, False), (5, 4128, 4096, True))[: 2 if quick else 3]:
         wt = rnd(rows, cols, dt=torch.float32, sc=cols**-0.5)
         packed, state = nf4.quantize(wt, bs, double_quant=dq)
