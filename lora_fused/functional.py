@@ -76,16 +76,21 @@ class _LoraLinearFunction(torch.autograd.Function):
     Dropout keeps no mask and no dropped copy of x: backward regenerates both from the seed."""
 
     @staticmethod
-    def forward(ctx, x2, weight, A, B, bias, scaling, p, seed):
+    def forward(ctx, x, weight, A, B, bias, scaling, p, seed):
+        # x of any rank [..., k]: flattened here, where autograd records no view nodes (each costs host
+        # time forward and backward, as much as a small GEMM's launch on a slow host).
+        x2 = x.reshape(-1, x.shape[-1])
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2
         u = torch.mm(xl, A.t()).mul_(scaling)  # scaled once here, so dB = dY^T u needs no scale
-        ctx.scaling, ctx.p, ctx.has_bias = scaling, p, bias is not None
+        ctx.scaling, ctx.p, ctx.has_bias, ctx.x_shape = scaling, p, bias is not None, x.shape
         ctx.save_for_backward(x2, weight, A, B, u, seed)
-        return _base_and_lora(x2, weight, u, B, bias)
+        y = _base_and_lora(x2, weight, u, B, bias)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, A, B, u, seed = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         s, p = ctx.scaling, ctx.p
         dx = dA = dB = dbias = None
@@ -101,6 +106,8 @@ class _LoraLinearFunction(torch.autograd.Function):
                 dx = _base_and_lora(dy, weight.t(), du, A.t())
         if need_bias and ctx.has_bias:
             dbias = dy.sum(0)
+        if dx is not None and len(ctx.x_shape) != 2:
+            dx = dx.reshape(ctx.x_shape)
         return dx, None, dA, dB, dbias, None, None, None
 
 
@@ -129,19 +136,19 @@ def lora_linear(
     """
     _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p)
     k, d = weight.shape[1], weight.shape[0]
-    x2 = x.reshape(-1, k)
-    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    A = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
+    B = lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype)
     dropping = dropout_p > 0.0 and training
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, lora_A, lora_B, bias)
     )
-    if not needs_grad and not dropping and x2.shape[0] <= FUSED_DECODE_MAX_M and x2.is_cuda:
-        y = _ops.lora_decode(x2, weight, A, B, float(scaling), bias)
-    else:
-        p = float(dropout_p) if dropping else 0.0
-        seed = _ops.dropout_seed(x2.device) if dropping else None
-        y = _LoraLinearFunction.apply(x2, weight.detach(), A, B, bias, float(scaling), p, seed)
-    return y.reshape(*x.shape[:-1], d)
+    if not needs_grad and not dropping and x.numel() <= FUSED_DECODE_MAX_M * k and x.is_cuda:
+        y = _ops.lora_decode(x.reshape(-1, k), weight, A, B, float(scaling), bias)
+        return y.reshape(*x.shape[:-1], d)
+    p = float(dropout_p) if dropping else 0.0
+    seed = _ops.dropout_seed(x.device) if dropping else None
+    # x goes in unflattened: the autograd node reshapes inside, so no view nodes are recorded.
+    return _LoraLinearFunction.apply(x, weight.detach(), A, B, bias, float(scaling), p, seed)
 
 
 _NF4_COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -184,17 +191,18 @@ class _NF4LinearFunction(torch.autograd.Function):
     mask (and xl) regenerated from the seed rather than kept."""
 
     @staticmethod
-    def forward(ctx, x2, A, B, bias, scaling, nf4, n, p, seed):
+    def forward(ctx, x, A, B, bias, scaling, nf4, n, p, seed):
+        x2 = x.reshape(-1, x.shape[-1])  # here, not outside: no autograd view nodes (see lora_linear's)
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
         y, u = _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n)
-        ctx.scaling, ctx.nf4, ctx.k, ctx.p = scaling, nf4[4:], x2.shape[1], p
+        ctx.scaling, ctx.nf4, ctx.k, ctx.p, ctx.x_shape = scaling, nf4[4:], x2.shape[1], p, x.shape
         ctx.has_lora, ctx.has_bias = A is not None, bias is not None
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         ctx.save_for_backward(
             x2 if need_a else None, A if need_x else None, B if (need_x or need_a) else None,
             u if need_b else None, seed, *nf4[:4],
         )
-        return y
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy):
@@ -202,7 +210,7 @@ class _NF4LinearFunction(torch.autograd.Function):
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         weight = (packed, absmax, nested_absmax, nested_code, *ctx.nf4)
         p = ctx.p
-        dy = dy.contiguous()
+        dy = dy.reshape(-1, dy.shape[-1]).contiguous()
         dx = dA = dB = dbias = du = None
         if ctx.has_lora and (need_x or need_a):
             du = _scaled_mm(dy, B, ctx.scaling)
@@ -217,6 +225,8 @@ class _NF4LinearFunction(torch.autograd.Function):
                 dx.add_(_ops.lora_dropout(torch.mm(du, A), p, seed))
         if need_bias and ctx.has_bias:
             dbias = dy.sum(0)
+        if dx is not None and len(ctx.x_shape) != 2:
+            dx = dx.reshape(ctx.x_shape)
         return dx, dA, dB, dbias, None, None, None, None, None
 
 
@@ -231,16 +241,18 @@ def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n):
         return _ops.nf4_linear(x2, *nf4, n, bias, u, B), u
 
 
-def _nf4_apply(x2, A, B, bias, scaling, args, p=0.0):
-    """Runs the NF4 layer through the autograd node only when a gradient is wanted; p > 0 drops out
-    the LoRA branch's input (lora_dropout, a fresh seed from torch's generator)."""
+def _nf4_apply(x, A, B, bias, scaling, args, p=0.0):
+    """The NF4 layer on x [..., K] -> [..., N], through the autograd node only when a gradient is
+    wanted; p > 0 drops out the LoRA branch's input (lora_dropout, a fresh seed from torch's generator)."""
     nf4, n = args[:-1], args[-1]
-    seed = _ops.dropout_seed(x2.device) if p > 0.0 else None
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, A, B, bias))
+    seed = _ops.dropout_seed(x.device) if p > 0.0 else None
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, bias))
     if wants_grad:
-        return _NF4LinearFunction.apply(x2, A, B, bias, float(scaling), nf4, n, float(p), seed)
+        return _NF4LinearFunction.apply(x, A, B, bias, float(scaling), nf4, n, float(p), seed)
+    x2 = x.reshape(-1, x.shape[-1])
     xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
-    return _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)[0]
+    y = _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)[0]
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -253,10 +265,7 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: O
     clamped to [2^22, 2^24] (LORA_FUSED_NF4_SLAB_ELEMS overrides), so at most a quarter of the
     16-bit weight beyond 4M-element (8 MiB) layers, never more than 32 MiB.
     """
-    args = _nf4_args("nf4_linear", x, packed, state)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = _nf4_apply(x2, None, None, bias, 1.0, args)
-    return y.reshape(*x.shape[:-1], args[-1])
+    return _nf4_apply(x, None, None, bias, 1.0, _nf4_args("nf4_linear", x, packed, state))
 
 
 def qlora_linear(
@@ -290,7 +299,6 @@ def qlora_linear(
         )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_fused.qlora_linear: dropout_p must be in [0, 1); got {dropout_p}")
-    x2 = x.reshape(-1, k)
-    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    y = _nf4_apply(x2, A, B, bias, scaling, args, float(dropout_p) if training else 0.0)
-    return y.reshape(*x.shape[:-1], n)
+    A = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
+    B = lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype)
+    return _nf4_apply(x, A, B, bias, scaling, args, float(dropout_p) if training else 0.0)
