@@ -77,20 +77,19 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, A, B, bias, scaling, p, seed):
-        # x of any rank [..., k]: flattened here, where autograd records no view nodes (each costs host
-        # time forward and backward, as much as a small GEMM's launch on a slow host).
+        # x of any rank [..., k], flattened here where autograd records no view node (each costs host
+        # time forward and backward, as much as a small GEMM's launch on a slow host). The output stays
+        # [M, d]: a view made in here could not be modified in place by the caller.
         x2 = x.reshape(-1, x.shape[-1])
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2
         u = torch.mm(xl, A.t()).mul_(scaling)  # scaled once here, so dB = dY^T u needs no scale
         ctx.scaling, ctx.p, ctx.has_bias, ctx.x_shape = scaling, p, bias is not None, x.shape
         ctx.save_for_backward(x2, weight, A, B, u, seed)
-        y = _base_and_lora(x2, weight, u, B, bias)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+        return _base_and_lora(x2, weight, u, B, bias)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, A, B, u, seed = ctx.saved_tensors
-        dy = dy.reshape(-1, dy.shape[-1])
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         s, p = ctx.scaling, ctx.p
         dx = dA = dB = dbias = None
@@ -147,8 +146,9 @@ def lora_linear(
         return y.reshape(*x.shape[:-1], d)
     p = float(dropout_p) if dropping else 0.0
     seed = _ops.dropout_seed(x.device) if dropping else None
-    # x goes in unflattened: the autograd node reshapes inside, so no view nodes are recorded.
-    return _LoraLinearFunction.apply(x, weight.detach(), A, B, bias, float(scaling), p, seed)
+    # x goes in unflattened: the autograd node flattens it without recording a view node.
+    y = _LoraLinearFunction.apply(x, weight.detach(), A, B, bias, float(scaling), p, seed)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], d)
 
 
 _NF4_COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -192,7 +192,7 @@ class _NF4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, bias, scaling, nf4, n, p, seed):
-        x2 = x.reshape(-1, x.shape[-1])  # here, not outside: no autograd view nodes (see lora_linear's)
+        x2 = x.reshape(-1, x.shape[-1])  # here, not outside: no autograd view node (see lora_linear's)
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
         y, u = _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n)
         ctx.scaling, ctx.nf4, ctx.k, ctx.p, ctx.x_shape = scaling, nf4[4:], x2.shape[1], p, x.shape
@@ -202,7 +202,7 @@ class _NF4LinearFunction(torch.autograd.Function):
             x2 if need_a else None, A if need_x else None, B if (need_x or need_a) else None,
             u if need_b else None, seed, *nf4[:4],
         )
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -210,7 +210,7 @@ class _NF4LinearFunction(torch.autograd.Function):
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         weight = (packed, absmax, nested_absmax, nested_code, *ctx.nf4)
         p = ctx.p
-        dy = dy.reshape(-1, dy.shape[-1]).contiguous()
+        dy = dy.contiguous()
         dx = dA = dB = dbias = du = None
         if ctx.has_lora and (need_x or need_a):
             du = _scaled_mm(dy, B, ctx.scaling)
@@ -248,10 +248,11 @@ def _nf4_apply(x, A, B, bias, scaling, args, p=0.0):
     seed = _ops.dropout_seed(x.device) if p > 0.0 else None
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, bias))
     if wants_grad:
-        return _NF4LinearFunction.apply(x, A, B, bias, float(scaling), nf4, n, float(p), seed)
-    x2 = x.reshape(-1, x.shape[-1])
-    xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
-    y = _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)[0]
+        y = _NF4LinearFunction.apply(x, A, B, bias, float(scaling), nf4, n, float(p), seed)
+    else:
+        x2 = x.reshape(-1, x.shape[-1])
+        xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
+        y = _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)[0]
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 

@@ -115,6 +115,23 @@ def test_merge_unmerge(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_output_can_be_modified_in_place(device, lead):
+    # Models scale or add into a linear's output in place; the autograd node's output must allow it
+    # (a view made inside a custom Function would not) and the gradients must still be right.
+    x = randn(*lead, 24, device=device).requires_grad_()
+    w, a, b = randn(16, 24, device=device), randn(4, 24, device=device).requires_grad_(), randn(16, 4, device=device).requires_grad_()
+    y = lora_fused.lora_linear(x, w, a, b, 2.0)
+    y.mul_(3.0)
+    g = randn(*lead, 16, device=device)
+    got = torch.autograd.grad(y, (x, a, b), g)
+    ref = torch.autograd.grad(3.0 * reference.lora_linear(x, w, a, b, 2.0), (x, a, b), g)
+    for ours, want in zip(got, ref):
+        assert ours.shape == want.shape
+        torch.testing.assert_close(ours, want.to(ours.dtype), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
     layer = lora_fused.LoraLinear(32, 16, r=4, device=device)
     torch.nn.init.normal_(layer.lora_B)

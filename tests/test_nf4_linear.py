@@ -131,6 +131,29 @@ def test_dropout_masks_agree_forward_and_backward(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_output_can_be_modified_in_place(device, lead):
+    # As for lora_linear: a model may scale or add into the layer's output in place.
+    w = randn(16, 64, device=device)
+    packed, state = nf4.quantize(w, 64)
+    x = randn(*lead, 64, device=device).requires_grad_()
+    a, b = randn(4, 64, device=device).requires_grad_(), randn(16, 4, device=device).requires_grad_()
+    y = lora_fused.qlora_linear(x, packed, state, a, b, 2.0)
+    y.mul_(3.0)
+    g = randn(*lead, 16, device=device)
+    got = torch.autograd.grad(y, (x, a, b), g)
+    w_dq = nf4.dequantize(packed, state, torch.float32)
+    ref = torch.autograd.grad(3.0 * (x @ w_dq.t() + 2.0 * (x @ a.t()) @ b.t()), (x, a, b), g)
+    for ours, want in zip(got, ref):
+        assert ours.shape == want.shape
+        torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+    z = lora_fused.nf4_linear(x, packed, state)
+    z.add_(1.0)
+    (dx,) = torch.autograd.grad(z, (x,), g)
+    torch.testing.assert_close(dx, g @ w_dq, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     packed, state = _weight(40, 64, device)
     s2 = state.state2
