@@ -150,7 +150,6 @@ else:
     print(f"lora_fused: building the CPU-only extension ({why}); CUDA ops will not be available")
 
 
-
 def compile_hopper_objects(build_temp):
     """nvcc each csrc/cuda/sm90/*.cu for sm_90a only, with NDEBUG, in parallel (MAX_JOBS); objects
     newer than their source and the sm90 headers are reused. Returns the object paths."""
@@ -188,6 +187,8 @@ class BuildWithHopperObjects(BuildExtension):
             objects = compile_hopper_objects(self.build_temp)
             for e in self.extensions:
                 e.extra_objects = [o for o in (e.extra_objects or []) if o not in objects] + objects
+                # A rebuilt object must relink the extension even when no other source changed.
+                e.depends = [d for d in (e.depends or []) if d not in objects] + objects
         super().build_extensions()
 
 
