@@ -13,49 +13,33 @@
 // 8, to physical columns 32c + 4s + {0, 1, 2, 3} of its 32-column chunk c. A's pairs then come from
 // one packed byte each, and B's pairs from x[token][32c + 4s ...], contiguous.
 //
+// nf4_gemv_blockaligned.cu takes the shapes where blocks align with 64-column groups (every LLM
+// layer) faster; this kernel takes the rest (blocksize 32, K % blocksize != 0, and
+// LORA_FUSED_NF4_GEMV=general forces it, for tests and comparisons).
+//
 // Weights are decoded exactly as nf4_dequantize does (fp32 level * fp32 scale, rounded once to
 // bf16/fp16), from a byte -> (level hi, level lo) table replicated per lane so that the lookups of
 // a warp never conflict on shared-memory banks.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "cuda/common.cuh"
 #include "cuda/mma_sm80.cuh"
 #include "cuda/nf4_decode.cuh"
+#include "cuda/nf4_gemv.cuh"
 
 namespace lora_fused {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = 32 * kWarps;
+using cuda::GemvArgs;
+using cuda::load_stream;
+using cuda::word_of;
+constexpr int kWarps = cuda::kGemvWarps;
+constexpr int kThreads = cuda::kGemvThreads;
 constexpr int kTableEntries = 256 * 32;  // byte x lane
-
-// Streaming 16-byte load: the weight is read once, keep it out of L1.
-__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
-struct GemvArgs {
-  const void* x;  // [m, k], row stride k
-  const uint8_t* packed;
-  cuda::BlockScales scales;
-  int bs_shift;
-  int m;
-  int64_t n, k;
-  const void* bias;    // [n] or nullptr
-  const void* lora_u;  // [m, r] or nullptr
-  const void* lora_B;  // [n, r]
-  int r;
-  void* out;  // [m, n]
-};
 
 template <typename T>
 __device__ __forceinline__ uint32_t decode_pair(const float2* table, uint32_t byte, float s) {
@@ -102,8 +86,8 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs ar
   extern __shared__ float4 smem_raw[];
   float2* table = reinterpret_cast<float2*>(smem_raw);
   float* code2 = reinterpret_cast<float*>(table + kTableEntries);  // the 256-entry nested code
-  constexpr int kRows = 16 * R, kCols = 8 * NT, kRedStride = kCols + 1;
-  float* red = code2 + 256;  // [kWarps][kRows][kRedStride]
+  constexpr int kRows = 16 * R;
+  float* red = code2 + 256;  // the strip's reduction (gemv_finish_strip)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   for (int i = threadIdx.x; i < kTableEntries; i += kThreads) {
     const int b = i >> 5;
@@ -173,44 +157,13 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs ar
       }
       cur = nxt;
     }
-    // acc[i][j]: rows 16i + g (q = 0, 1) and 16i + g + 8 (q = 2, 3), tokens 8j + 2t + (q & 1).
-#pragma unroll
-    for (int i = 0; i < R; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int row = 16 * i + g + 8 * (q >> 1), col = 8 * j + 2 * t + (q & 1);
-          red[(warp * kRows + row) * kRedStride + col] = acc[i][j][q];
-        }
-    __syncthreads();
-    const T* bias = static_cast<const T*>(args.bias);
-    const T* u = static_cast<const T*>(args.lora_u);
-    const T* lb = static_cast<const T*>(args.lora_B);
-    T* out = static_cast<T*>(args.out);
-    for (int idx = threadIdx.x; idx < kRows * kCols; idx += kThreads) {
-      const int row = idx % kRows, tok = idx / kRows;  // consecutive threads: consecutive outputs of a token
-      const int64_t gn = nbase + row;
-      if (gn >= n || tok >= args.m) continue;
-      float v = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) v += red[(w * kRows + row) * kRedStride + tok];
-      if (bias != nullptr) v += static_cast<float>(bias[gn]);
-      if (u != nullptr) {
-        float l = 0.0f;
-        for (int q = 0; q < args.r; ++q)
-          l = cuda::fma_acc(static_cast<float>(u[tok * args.r + q]), static_cast<float>(lb[gn * args.r + q]), l);
-        v += l;
-      }
-      out[tok * n + gn] = static_cast<T>(v);
-    }
-    __syncthreads();  // red is reused by the next strip
+    cuda::gemv_finish_strip<T, R, NT>(args, red, acc, nbase);
   }
 }
 
 template <typename T, int R, int NT>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms) {
-  constexpr size_t smem = sizeof(float2) * kTableEntries + sizeof(float) * (256 + kWarps * 16 * R * (8 * NT + 1));
+  constexpr size_t smem = sizeof(float2) * kTableEntries + sizeof(float) * 256 + cuda::gemv_reduction_bytes<R, NT>();
   cuda::opt_in_dynamic_smem<nf4_gemv_kernel<T, R, NT>>(smem);
   const int64_t strips = cuda::ceil_div<int64_t>(a.n, 16 * R);
   const int grid = static_cast<int>(std::min<int64_t>(strips, 2LL * sms));
@@ -266,6 +219,12 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
   a.out = out.data_ptr();
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int sms = props->multiProcessorCount;
+  const char* force = std::getenv("LORA_FUSED_NF4_GEMV");
+  const bool general = force != nullptr && std::string(force) == "general";
+  if (!general && cuda::nf4_gemv_blockaligned_takes(k, w.blocksize)) {
+    cuda::nf4_gemv_blockaligned_launch(a, t, stream, sms);
+    return true;
+  }
   if (t == at::kBFloat16) {
     if (m <= 8) launch_rows<at::BFloat16, 1>(a, stream, sms); else launch_rows<at::BFloat16, 2>(a, stream, sms);
   } else {

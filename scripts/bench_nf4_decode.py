@@ -1,0 +1,87 @@
+"""NF4 decode (nf4_linear at M <= 16) on the GPU at hand: the block-aligned kernel (the default for
+K % blocksize == 0) beside the general one (LORA_FUSED_NF4_GEMV=general), bitsandbytes' gemv when
+installed, and cuBLAS bf16 x @ W^T, with the fraction of the measured copy bandwidth each reaches.
+
+    python scripts/bench_nf4_decode.py [--M 1,4,8,16] [--shapes 4096:4096,8192:28672]
+
+Kernel times are CUDA-graph replays (triton.testing.do_bench_cudagraph, median), so the host's
+launch cost is not in them; every result is checked against x @ dequantize(W).T first.
+"""
+
+import argparse
+import os
+
+import torch
+import triton.testing as tt
+
+import lora_fused
+from lora_fused import nf4
+
+SHAPES = "4096:4096,4096:11008,11008:4096,4096:14336,8192:8192,8192:28672"
+
+
+def graph_us(fn):
+    return tt.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+
+
+def copy_bandwidth():
+    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB, far beyond L2
+    b = torch.empty_like(a)
+    us = graph_us(lambda: b.copy_(a))
+    return 2 * a.numel() / (us * 1e-6)
+
+
+def weight_bytes(packed, state):
+    n = packed.numel() + state.absmax.numel() * state.absmax.element_size()
+    if state.state2 is not None:
+        n += state.state2.absmax.numel() * 4 + state.state2.code.numel() * 4
+    return n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--M", default="1,4,8,16")
+    ap.add_argument("--shapes", default=SHAPES)
+    args = ap.parse_args()
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        bnb = None
+    bw = copy_bandwidth()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "copy bandwidth %.0f GB/s" % (bw / 1e9),
+          "bitsandbytes", getattr(bnb, "__version__", "not installed"))
+    dt = torch.bfloat16
+    for shape in args.shapes.split(","):
+        k, d = (int(v) for v in shape.split(":"))
+        w = torch.randn(d, k, device="cuda") * k**-0.5
+        packed, state = nf4.quantize(w, blocksize=64, double_quant=True)
+        wq = nf4.dequantize(packed, state, dt)
+        wbytes = weight_bytes(packed, state)
+        if bnb is not None:
+            bq, bstate = bnb.functional.quantize_4bit(w.to(dt), blocksize=64, compress_statistics=True, quant_type="nf4")
+        for m in (int(v) for v in args.M.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            want = (x.double() @ wq.double().t())
+            row = f"{k:>5}->{d:<5} M={m:<2}"
+            times = {}
+            for name in ("blockaligned", "general"):
+                os.environ["LORA_FUSED_NF4_GEMV"] = name
+                fn = lambda: lora_fused.nf4_linear(x, packed, state)
+                err = (fn().double() - want).abs().max().item() / want.abs().max().item()
+                assert err < 2e-2, (name, err)
+                times[name] = graph_us(fn)
+                row += f" | {name} {times[name]:7.1f} us {wbytes / times[name] / 1e3:6.0f} GB/s ({wbytes / times[name] * 1e6 / bw:4.0%}) err {err:.1e}"
+            os.environ.pop("LORA_FUSED_NF4_GEMV")
+            cub = graph_us(lambda: x @ wq.t())
+            row += f" | cuBLAS bf16 {cub:7.1f} us ({cub / times['blockaligned']:.2f}x)"
+            if bnb is not None:
+                bfn = lambda: bnb.matmul_4bit(x, bq.t(), bstate)
+                got = bfn().double()
+                assert (got - want).abs().max().item() / want.abs().max().item() < 2e-2
+                bt = graph_us(bfn)
+                row += f" | bnb {bt:7.1f} us ({bt / times['blockaligned']:.2f}x)"
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
