@@ -221,7 +221,7 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
   const int sms = props->multiProcessorCount;
   const char* force = std::getenv("LORA_FUSED_NF4_GEMV");
   const bool general = force != nullptr && std::string(force) == "general";
-  if (!general && cuda::nf4_gemv_blockaligned_takes(k, w.blocksize)) {
+  if (!general && cuda::nf4_gemv_blockaligned_takes(a)) {
     cuda::nf4_gemv_blockaligned_launch(a, t, stream, sms);
     return true;
   }

@@ -2,7 +2,7 @@
 // (the partial sums of the block's warps meet in shared memory; bias and the LoRA term are added
 // in fp32 and the output rounded once).
 //   nf4_gemv.cu               any K % 32 == 0 and blocksize >= 32 (scales applied per element)
-//   nf4_gemv_blockaligned.cu  K % blocksize == 0, blocksize >= 64 (scales applied per mma group)
+//   nf4_gemv_blockaligned.cu  K % blocksize == 0, K % 128 == 0, blocksize >= 64 (scales applied per mma)
 #pragma once
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
@@ -93,9 +93,11 @@ __device__ __forceinline__ void gemv_finish_strip(const GemvArgs& a, float* red,
 }
 
 // The block-aligned kernel takes the shapes where every quantization block starts a 64-column group
-// of its row: K % blocksize == 0 and blocksize >= 64.
-inline bool nf4_gemv_blockaligned_takes(int64_t k, int64_t blocksize) {
-  return blocksize >= 64 && k % blocksize == 0;
+// of its row (K % blocksize == 0, blocksize >= 64) and rows are whole 128-column windows
+// (K % 128 == 0), with a power-of-two nested blocksize.
+inline bool nf4_gemv_blockaligned_takes(const GemvArgs& a) {
+  return a.bs_shift >= 6 && a.k % 128 == 0 && a.k % (int64_t{1} << a.bs_shift) == 0 &&
+         (a.scales.absmax != nullptr || a.scales.nested_shift >= 1);
 }
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms);
 
