@@ -94,9 +94,11 @@ __device__ __forceinline__ void gemv_finish_strip(const GemvArgs& a, float* red,
 
 // The block-aligned kernel takes the shapes where every quantization block starts a 64-column group
 // of its row (K % blocksize == 0, blocksize >= 64) and rows are whole 128-column windows
-// (K % 128 == 0), with a power-of-two nested blocksize.
+// (K % 128 == 0), with a power-of-two nested blocksize and scales aligned for paired loads.
 inline bool nf4_gemv_blockaligned_takes(const GemvArgs& a) {
-  return a.bs_shift >= 6 && a.k % 128 == 0 && a.k % (int64_t{1} << a.bs_shift) == 0 &&
+  const bool aligned = a.scales.absmax != nullptr ? reinterpret_cast<uintptr_t>(a.scales.absmax) % 8 == 0
+                                                  : reinterpret_cast<uintptr_t>(a.scales.codes) % 2 == 0;
+  return a.bs_shift >= 6 && a.k % 128 == 0 && a.k % (int64_t{1} << a.bs_shift) == 0 && aligned &&
          (a.scales.absmax != nullptr || a.scales.nested_shift >= 1);
 }
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms);

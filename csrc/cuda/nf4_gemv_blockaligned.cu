@@ -13,9 +13,12 @@
 //   (one 4-byte lookup per 2 weights, no multiply, no conversion), each piece accumulates in fp32,
 //   and acc += scale(row, block) * piece. Rounding: each weight enters the mma as its 16-bit level
 //   (dequantize-then-matmul rounds level * scale instead), and the scale multiplies an fp32 sum.
-// - The weight bytes come through a ring of S steps per warp in shared memory (cp.async), S - 1
-//   steps ahead and across strip boundaries; each lane reads back only what it copied itself, so
-//   no barrier is needed.
+// - The weight bytes come through a ring of S steps per warp in shared memory (cp.async.cg, 16 bytes
+//   a lane, past L1), S - 1 steps ahead and across strip boundaries, XOR-swizzled so that copies and
+//   reads are free of bank conflicts; a __syncwarp orders a lane's reads after other lanes' copies.
+// - The shared-memory pipe (table lookups, ring, scale and x loads) is the limit: ncu on the H100
+//   showed L1 74% busy at 33% of DRAM bandwidth for 8-byte cp.async.ca copies and six scale loads
+//   per step, hence 16-byte copies, one load of both pieces' codes, and nested scales reused.
 // On the H100 the first version of this kernel (16-byte lane chunks, a blocksize-64 window split
 // over two masked mma groups, 64-bit scale addressing) issued ~600 instructions per KiB of weight
 // and was slower than nf4_gemv.cu: decode is bound by instruction issue as much as by memory.
@@ -33,7 +36,11 @@ namespace {
 
 constexpr int kWarps = kGemvWarps, kThreads = kGemvThreads;
 constexpr int kTableEntries = 256 * 32;  // byte x lane: a warp's lookups hit 32 different banks
-constexpr int kSlot = 4 * 32;            // uint2 per warp per ring slot: [piece][row half][lane]
+constexpr int kSlot = 16 * 4;            // uint4 per warp per ring slot: 16 rows x 64 bytes (swizzled)
+
+// Where 16-byte chunk c (of 4) of row r (of 16) sits in a ring slot: XOR-swizzled by row so that the
+// 8-byte reads of a warp (8 rows x 4 lanes) and its 16-byte copies each hit every bank equally.
+__device__ __forceinline__ int slot_chunk(int r, int c) { return 4 * r + (c ^ ((r >> 1) & 3)); }
 
 // Where a warp step is, with this lane's offsets: its window is chunks c0..c0+3 of the strip's rows
 // (lane t's piece p at columns 32 c0 + 64 p + 16 t of rows g and g + 8). 64-bit products only when
@@ -41,7 +48,7 @@ constexpr int kSlot = 4 * 32;            // uint2 per warp per ring slot: [piece
 struct Cursor {
   int64_t strip;
   int c0;
-  int64_t w_off;  // byte of (row g, column 32 c0 + 16 t) in packed
+  int64_t w_off;  // byte of (row g, column 32 c0 + 32 t) in packed: lane t copies chunk t of the window
   int64_t row_blk;  // first block of row g
   bool ok0, ok8;  // rows g and g + 8 exist (false past the last strip)
 
@@ -50,7 +57,7 @@ struct Cursor {
     strip = s;
     c0 = 4 * (threadIdx.x >> 5);
     const int64_t row = s * 16 + g;
-    w_off = row * (a.k / 2) + 16 * c0 + 8 * t;
+    w_off = row * (a.k / 2) + 16 * c0 + 16 * t;
     row_blk = row * (a.k >> a.bs_shift);
     ok0 = s < strips && row < a.n;
     ok8 = s < strips && row + 8 < a.n;
@@ -62,44 +69,57 @@ struct Cursor {
   }
 };
 
-// Copies a warp step's weight bytes (2 pieces x rows {g, g + 8}, 8 bytes a lane) into its ring slot;
-// rows past the end read zeros (never stored).
-__device__ __forceinline__ void issue_step(uint2* slot, const GemvArgs& a, const Cursor& cur) {
-  const int lane = threadIdx.x & 31;
+// Copies a warp step's weight bytes (16 rows x 64 bytes) into its ring slot, lane (g, t) chunk t of
+// rows g and g + 8 (16 bytes each, past L1); rows past the end read zeros (never stored).
+__device__ __forceinline__ void issue_step(uint4* slot, const GemvArgs& a, const Cursor& cur) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const uint8_t* src = a.packed + cur.w_off;
-  const int64_t rows8 = 4 * a.k;  // 8 rows of K / 2 bytes
-#pragma unroll
-  for (int p = 0; p < 2; ++p) {
-    cp_async_8(smem_u32(slot + (2 * p) * 32 + lane), cur.ok0 ? src + 32 * p : a.packed, cur.ok0 ? 8 : 0);
-    cp_async_8(smem_u32(slot + (2 * p + 1) * 32 + lane), cur.ok8 ? src + rows8 + 32 * p : a.packed, cur.ok8 ? 8 : 0);
-  }
+  cp_async_16(smem_u32(slot + slot_chunk(g, t)), cur.ok0 ? src : a.packed, cur.ok0 ? 16 : 0);
+  cp_async_16(smem_u32(slot + slot_chunk(g + 8, t)), cur.ok8 ? src + 4 * a.k : a.packed, cur.ok8 ? 16 : 0);
   cp_async_commit();
 }
 
 // A step's block scales for 2 pieces x rows {g, g + 8}: fp32 bits, or the 8-bit code and its nested
 // fp32 scale (decoded when used; one nested scale per row: with K % 128 == 0 both pieces' blocks
 // are in one group of 2^nested_shift >= 2). Rows past the end: zeros.
+// With blocksize 64 the two pieces' blocks are blk and blk + 1 (blk even): one 2-byte (8-byte) load
+// of both codes (scales); the nested scale is loaded again only when its group changes (every
+// 2^nested_shift blocks), else taken from the previous step (`prev`).
 template <bool kNested>
 struct StepScales {
   uint32_t raw[2][2];
   float s2[2];
+  int64_t s2_group[2];
 };
 
 template <bool kNested>
-__device__ __forceinline__ void load_scales(StepScales<kNested>& sc, const GemvArgs& a, const Cursor& cur) {
+__device__ __forceinline__ void load_scales(StepScales<kNested>& sc, const StepScales<kNested>& prev, const GemvArgs& a,
+                                            const Cursor& cur) {
   const int64_t rows8 = 8 * (a.k >> a.bs_shift);
-  const int p1 = 64 >> a.bs_shift;  // piece 1's block: the next one (blocksize 64) or the same
+  const bool pair = a.bs_shift == 6;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const bool ok = h == 0 ? cur.ok0 : cur.ok8;
     const int64_t blk = cur.row_blk + (h == 0 ? 0 : rows8) + ((32 * cur.c0) >> a.bs_shift);
     if (kNested) {
-      sc.raw[0][h] = ok ? __ldg(a.scales.codes + blk) : 0u;
-      sc.raw[1][h] = ok ? __ldg(a.scales.codes + blk + p1) : 0u;
-      sc.s2[h] = ok ? __ldg(a.scales.nested_absmax + (blk >> a.scales.nested_shift)) : 0.0f;
+      uint32_t c01 = 0;
+      if (ok) c01 = pair ? __ldg(reinterpret_cast<const unsigned short*>(a.scales.codes + blk)) : __ldg(a.scales.codes + blk);
+      sc.raw[0][h] = c01 & 0xffu;
+      sc.raw[1][h] = pair ? c01 >> 8 : c01;
+      const int64_t group = blk >> a.scales.nested_shift;
+      sc.s2_group[h] = ok ? group : -1;
+      sc.s2[h] = !ok ? 0.0f : group == prev.s2_group[h] ? prev.s2[h] : __ldg(a.scales.nested_absmax + group);
     } else {
-      sc.raw[0][h] = ok ? __float_as_uint(__ldg(a.scales.absmax + blk)) : 0u;
-      sc.raw[1][h] = ok ? __float_as_uint(__ldg(a.scales.absmax + blk + p1)) : 0u;
+      float2 v = make_float2(0.0f, 0.0f);
+      if (ok) {
+        if (pair) {
+          v = __ldg(reinterpret_cast<const float2*>(a.scales.absmax + blk));
+        } else {
+          v.x = v.y = __ldg(a.scales.absmax + blk);
+        }
+      }
+      sc.raw[0][h] = __float_as_uint(v.x);
+      sc.raw[1][h] = __float_as_uint(v.y);
     }
   }
 }
@@ -113,12 +133,12 @@ __device__ __forceinline__ uint32_t lookup(const char* table_lane, uint32_t w, i
 template <typename T, int NT, int S, bool kNested>
 __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
   extern __shared__ float4 smem_raw[];
-  uint2* ring = reinterpret_cast<uint2*>(smem_raw);
+  uint4* ring = reinterpret_cast<uint4*>(smem_raw);
   uint32_t* table = reinterpret_cast<uint32_t*>(ring + kWarps * S * kSlot);
   float* code2 = reinterpret_cast<float*>(table + kTableEntries);
   float* red = code2 + 256;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  uint2* my_ring = ring + warp * S * kSlot;
+  uint4* my_ring = ring + warp * S * kSlot;
   const int64_t strips = ceil_div<int64_t>(args.n, 16);
   // The ring fills while the tables are built. A warp's steps run over its windows c0 = 4 warp,
   // 4 warp + 32, ... of each of the block's strips in turn (a warp with none, K < 128 (warp + 1),
@@ -153,7 +173,8 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_blockaligned_kernel(cons
   Cursor pos;
   pos.start_strip(args, blockIdx.x, strips);
   StepScales<kNested> sc_cur, sc_nxt;
-  load_scales<kNested>(sc_cur, args, pos);
+  sc_nxt.s2_group[0] = sc_nxt.s2_group[1] = -1;
+  load_scales<kNested>(sc_cur, sc_nxt, args, pos);
   for (int64_t strip = blockIdx.x; strip < strips; strip += gridDim.x) {
     float acc[1][NT][4];
 #pragma unroll
@@ -172,14 +193,18 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_blockaligned_kernel(cons
         }
       Cursor next = pos;
       next.advance(args, strips);
-      load_scales<kNested>(sc_nxt, args, next);  // one step ahead
+      load_scales<kNested>(sc_nxt, sc_cur, args, next);  // one step ahead
       cp_async_wait<S - 2>();
+      __syncwarp();  // the slot's chunks were copied by other lanes of the warp
+      // Lane (g, t), piece p: 8 bytes of rows g and g + 8 at byte 8t + 32p = chunk t/2 + 2p, half t%2.
       uint2 w[2][2];
 #pragma unroll
       for (int p = 0; p < 2; ++p)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) w[p][h] = my_ring[slot * kSlot + (2 * p + h) * 32 + lane];
-      // Refill the slot read one step ago (this lane's own bytes: in registers already).
+        for (int h = 0; h < 2; ++h)
+          w[p][h] = reinterpret_cast<const uint2*>(my_ring + slot * kSlot + slot_chunk(g + 8 * h, (t >> 1) + 2 * p))[t & 1];
+      // Refill the slot read one step ago: every lane has passed this step's __syncwarp, so all
+      // of them have read it.
       issue_step(my_ring + (slot == 0 ? S - 1 : slot - 1) * kSlot, args, prod);
       prod.advance(args, strips);
       slot = slot == S - 1 ? 0 : slot + 1;
@@ -231,7 +256,7 @@ template <typename T, int NT, bool kNested>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms) {
   // 8 ring slots: 7 steps (7 KiB a warp) in flight; two blocks per SM.
   constexpr int S = 8;
-  constexpr size_t smem = sizeof(uint2) * kWarps * S * kSlot + sizeof(uint32_t) * kTableEntries +
+  constexpr size_t smem = sizeof(uint4) * kWarps * S * kSlot + sizeof(uint32_t) * kTableEntries +
                           sizeof(float) * 256 + gemv_reduction_bytes<1, NT>();
   opt_in_dynamic_smem<nf4_gemv_blockaligned_kernel<T, NT, S, kNested>>(smem);
   // One 16-row strip per block step: 32-row strips left the last wave of 8192->28672 60% empty.
