@@ -100,22 +100,22 @@ def test_blocksizes_and_plain_absmax(device, blocksize, double_quant, M):
     assert_error_rule(y, reference.nf4_linear(x, packed, state), x @ w.t(), f"blocksize {blocksize}")
 
 
-# Decode shapes for both CUDA decode kernels: the block-aligned one (K % blocksize == 0, blocksize >=
-# 64; with blocksize 64 two scale groups per 128 columns, and K % 128 == 64 leaves a half window) and
-# the general one, forced by LORA_FUSED_NF4_GEMV=general. N not a multiple of 16, one strip per block
+# Decode shapes for both CUDA decode kernels, each forced by LORA_FUSED_NF4_GEMV, and the default
+# choice: the block-aligned one (K % 128 == 0, K % blocksize == 0, blocksize >= 64; it falls back to
+# the general one elsewhere: K % 128 == 64, blocksize 32, K % blocksize != 0) and the general one. N not a multiple of 16, one strip per block
 # and many strips per block (9605 rows), K with idle warps (256 columns for 8 warps), M on both sides of 8 (one or two token tiles).
 DECODE_CASES = [(1, 4096 + 1, 4096, 64), (1, 9605, 256, 64), (5, 333, 192, 64), (8, 47, 1024 + 64, 64), (9, 64, 256, 128),
                 (16, 1000, 512, 256), (3, 16, 4096, 4096), (12, 3000, 128, 128), (2, 77, 320, 32)]
 
 
 @requires_cuda
-@pytest.mark.parametrize("kernel", ["default", "general"])
+@pytest.mark.parametrize("kernel", ["default", "general", "blockaligned"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,N,K,blocksize", DECODE_CASES)
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeypatch):
-    if kernel == "general":
-        monkeypatch.setenv("LORA_FUSED_NF4_GEMV", "general")
+    if kernel != "default":
+        monkeypatch.setenv("LORA_FUSED_NF4_GEMV", kernel)
     packed, state = _weight(N, K, "cuda", blocksize, double_quant)
     x = randn(M, K, dtype=dtype, device="cuda")
     bias = randn(N, dtype=dtype, device="cuda")

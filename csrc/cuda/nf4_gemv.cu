@@ -13,9 +13,10 @@
 // 8, to physical columns 32c + 4s + {0, 1, 2, 3} of its 32-column chunk c. A's pairs then come from
 // one packed byte each, and B's pairs from x[token][32c + 4s ...], contiguous.
 //
-// nf4_gemv_blockaligned.cu takes the shapes where blocks align with 64-column groups (every LLM
-// layer) faster; this kernel takes the rest (blocksize 32, K % blocksize != 0, and
-// LORA_FUSED_NF4_GEMV=general forces it, for tests and comparisons).
+// nf4_gemv_blockaligned.cu is faster where blocks align with 64-column groups (every LLM layer) and
+// either M > 4 or the weight is large (see nf4_gemv_cuda); this kernel takes the rest (blocksize 32,
+// K % blocksize != 0 or K % 128 != 0, small weights at M <= 4). LORA_FUSED_NF4_GEMV=general or
+// =blockaligned forces one (the latter where it applies), for tests and comparisons.
 //
 // Weights are decoded exactly as nf4_dequantize does (fp32 level * fp32 scale, rounded once to
 // bf16/fp16), from a byte -> (level hi, level lo) table replicated per lane so that the lookups of
@@ -219,9 +220,13 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
   a.out = out.data_ptr();
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int sms = props->multiProcessorCount;
+  // H100 (scripts/bench_nf4_decode.py, CUDA-graph medians): the block-aligned kernel was 1.15x
+  // faster at 8192->28672 M = 1 and up to 1.25x at M = 8-16, but 4-10% slower at M <= 4 on weights
+  // of up to 4096 x 14336 (both are bound by fixed latency there).
   const char* force = std::getenv("LORA_FUSED_NF4_GEMV");
-  const bool general = force != nullptr && std::string(force) == "general";
-  if (!general && cuda::nf4_gemv_blockaligned_takes(a)) {
+  const std::string forced = force != nullptr ? force : "";
+  const bool pick_aligned = forced == "blockaligned" || (forced != "general" && (m > 4 || a.n * k >= (int64_t{1} << 27)));
+  if (pick_aligned && cuda::nf4_gemv_blockaligned_takes(a)) {
     cuda::nf4_gemv_blockaligned_launch(a, t, stream, sms);
     return true;
   }
