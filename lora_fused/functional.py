@@ -51,6 +51,14 @@ GEMV_MAX_M = 16  # up to here cuBLAS serves mm with its GEMV
 FUSED_DECODE_MAX_M = 1
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """s * a @ b for a skinny product (b or the result has r columns): the scale as an in-place pass
+    over the [M, r] result. Not addmm(alpha=s, beta=0): on the H100 machine that call cost the host
+    137 us against 31 us for mm (torch 2.11 profile, benchmarks/RESULTS.md)."""
+    out = torch.mm(a, b)
+    return out if s == 1.0 else out.mul_(s)
+
+
 def _base_plus(x2: torch.Tensor, weight: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """c + x2 @ weight^T, with c folded into the GEMM's epilogue (beta = 1) where that is fast."""
     if x2.shape[0] <= GEMV_MAX_M:
@@ -82,7 +90,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         # [M, d]: a view made in here could not be modified in place by the caller.
         x2 = x.reshape(-1, x.shape[-1])
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2
-        u = torch.mm(xl, A.t()).mul_(scaling)  # scaled once here, so dB = dY^T u needs no scale
+        u = _scaled_mm(xl, A.t(), scaling)  # scaled once here, so dB = dY^T u needs no scale
         ctx.scaling, ctx.p, ctx.has_bias, ctx.x_shape = scaling, p, bias is not None, x.shape
         ctx.save_for_backward(x2, weight, A, B, u, seed)
         return _base_and_lora(x2, weight, u, B, bias)
@@ -93,7 +101,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         s, p = ctx.scaling, ctx.p
         dx = dA = dB = dbias = None
-        du = torch.mm(dy, B).mul_(s) if (need_x or need_a) else None
+        du = _scaled_mm(dy, B, s) if (need_x or need_a) else None
         if need_b:
             dB = torch.mm(dy.t(), u)
         if need_a:
@@ -171,14 +179,6 @@ def _nf4_args(fn: str, x: torch.Tensor, packed: torch.Tensor, state: QuantState)
         packed, state.absmax, s2.absmax if s2 is not None else None, s2.code if s2 is not None else None,
         state.offset if state.offset is not None else 0.0, state.blocksize, s2.blocksize if s2 is not None else 256, n,
     )
-
-
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """s * a @ b for a skinny product (b or the result has r columns): the scale as an in-place pass
-    over the [M, r] result. Not addmm(alpha=s, beta=0): on the H100 machine that call cost the host
-    137 us against 31 us for mm (torch 2.11 profile, benchmarks/RESULTS.md)."""
-    out = torch.mm(a, b)
-    return out if s == 1.0 else out.mul_(s)
 
 
 class _NF4LinearFunction(torch.autograd.Function):

@@ -16,19 +16,13 @@ import triton.testing as tt
 
 import lora_fused
 from lora_fused import nf4
+from lora_fused.bench import measure_ceilings
 
 SHAPES = "4096:4096,4096:11008,11008:4096,4096:14336,8192:8192,8192:28672"
 
 
 def graph_us(fn):
     return tt.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
-
-
-def copy_bandwidth():
-    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB, far beyond L2
-    b = torch.empty_like(a)
-    us = graph_us(lambda: b.copy_(a))
-    return 2 * a.numel() / (us * 1e-6)
 
 
 def weight_bytes(packed, state):
@@ -47,7 +41,7 @@ def main():
         import bitsandbytes as bnb
     except ImportError:
         bnb = None
-    bw = copy_bandwidth()
+    bw = measure_ceilings("cuda", lambda fn: tt.do_bench(fn, warmup=10, rep=40, return_mode="median"))["copy_TBps"] * 1e12
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "copy bandwidth %.0f GB/s" % (bw / 1e9),
           "bitsandbytes", getattr(bnb, "__version__", "not installed"))
     dt = torch.bfloat16
