@@ -85,10 +85,10 @@ def main():
             (dx,) = torch.autograd.grad(y, [x], gy)
             close(dx, gy.double() @ (reference.nf4_dequantize(packed, state).to(dev)) + 2.0 * (gy.double() @ B.detach().double()) @ A.detach().double(),
                   f"qlora_linear dx {rows}x{cols} M={M}", 2e-2)
-    # Both NF4 decode kernels, forced, on block-aligned shapes (K % 128 == 0): the block-aligned
-    # one's cp.async ring, also across strip boundaries (4500 rows: more 16-row strips than two
-    # blocks per SM of an H100), paired code loads, rows past N, warps without columns (K = 256).
-    for rows, cols, bs, dq in ((37, 384, 64, True), (4500, 256, 128, False), (19, 1024, 64, False))[: 2 if quick else 3]:
+    # Both NF4 decode kernels, forced, on block-aligned shapes (blocksize 64, K % 256 == 0): the
+    # block-aligned one's cp.async ring, also across strip boundaries (4500 rows: more 16-row strips
+    # than an H100's 264 teams), scale copies, rows past N, warps without columns (K = 256, 512).
+    for rows, cols, bs, dq in ((37, 512, 64, True), (4500, 256, 64, False), (19, 1024, 64, False))[: 2 if quick else 3]:
         wt = rnd(rows, cols, dt=torch.float32, sc=cols**-0.5)
         packed, state = nf4.quantize(wt, bs, double_quant=dq)
         nf4_args = _nf4_args("nf4_linear", rnd(1, cols), packed, state)

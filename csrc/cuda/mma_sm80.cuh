@@ -66,9 +66,9 @@ __device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* src,
   LORA_FUSED_SM80_ONLY(asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(src),
                                     "r"(src_bytes)));
 }
-// 8 bytes global -> shared (through L1: cp.async takes 16 bytes only with .cg); src_bytes = 0 writes zeros.
-__device__ __forceinline__ void cp_async_8(uint32_t smem_addr, const void* src, int src_bytes) {
-  LORA_FUSED_SM80_ONLY(asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr), "l"(src),
+// 4 bytes global -> shared (through L1: cp.async takes 16 bytes only with .cg); src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async_4(uint32_t smem_addr, const void* src, int src_bytes) {
+  LORA_FUSED_SM80_ONLY(asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr), "l"(src),
                                     "r"(src_bytes)));
 }
 __device__ __forceinline__ void cp_async_commit() { LORA_FUSED_SM80_ONLY(asm volatile("cp.async.commit_group;\n" ::)); }

@@ -36,11 +36,22 @@ namespace lora_fused {
 namespace {
 
 using cuda::GemvArgs;
-using cuda::load_stream;
-using cuda::word_of;
 constexpr int kWarps = cuda::kGemvWarps;
 constexpr int kThreads = cuda::kGemvThreads;
 constexpr int kTableEntries = 256 * 32;  // byte x lane
+
+// Streaming 16-byte load: the weight is read once, keep it out of L1.
+__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
 
 template <typename T>
 __device__ __forceinline__ uint32_t decode_pair(const float2* table, uint32_t byte, float s) {
@@ -158,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_kernel(const GemvArgs ar
       }
       cur = nxt;
     }
-    cuda::gemv_finish_strip<T, R, NT>(args, red, acc, nbase);
+    cuda::gemv_finish_strip<T, R, NT>(args, red, acc, nbase, threadIdx.x, 0);
   }
 }
 

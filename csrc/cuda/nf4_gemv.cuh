@@ -2,7 +2,7 @@
 // (the partial sums of the block's warps meet in shared memory; bias and the LoRA term are added
 // in fp32 and the output rounded once).
 //   nf4_gemv.cu               any K % 32 == 0 and blocksize >= 32 (scales applied per element)
-//   nf4_gemv_blockaligned.cu  K % blocksize == 0, K % 128 == 0, blocksize >= 64 (scales applied per mma)
+//   nf4_gemv_blockaligned.cu  blocksize 64, K % 256 == 0 (scales applied per mma)
 #pragma once
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
@@ -32,33 +32,27 @@ struct GemvArgs {
 constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = 32 * kGemvWarps;
 
-// Streaming 16-byte load: the weight is read once, keep it out of L1.
-__device__ __forceinline__ uint4 load_stream(const uint8_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-
 // Shared memory for the strip's reduction: [kGemvWarps][16 R][8 NT + 1] floats.
 template <int R, int NT>
 constexpr size_t gemv_reduction_bytes() {
   return sizeof(float) * kGemvWarps * 16 * R * (8 * NT + 1);
 }
 
+// The barrier of the kGemvWarps warps that share a strip: bar_id 0 is the whole block of
+// kGemvThreads (= __syncthreads); other ids serve teams of a bigger block.
+__device__ __forceinline__ void gemv_team_barrier(int bar_id) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(bar_id), "n"(kGemvThreads) : "memory");
+}
+
 // acc[i][j]: this lane's mma accumulators for rows 16i + g (q = 0, 1) and 16i + g + 8 (q = 2, 3),
-// tokens 8j + 2t + (q & 1). Sums them over the block's warps and writes out[tok][nbase + row].
-// Every thread of the block calls it once per strip.
+// tokens 8j + 2t + (q & 1). Sums them over the team's kGemvWarps warps (tid: the thread's index in
+// its team, bar_id: the team's barrier) and writes out[tok][nbase + row]. Every thread of the team
+// calls it once per strip.
 template <typename T, int R, int NT>
 __device__ __forceinline__ void gemv_finish_strip(const GemvArgs& a, float* red, const float (&acc)[R][NT][4],
-                                                  int64_t nbase) {
+                                                  int64_t nbase, int tid, int bar_id) {
   constexpr int kRows = 16 * R, kCols = 8 * NT, kStride = kCols + 1;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int i = 0; i < R; ++i)
 #pragma unroll
@@ -68,12 +62,12 @@ __device__ __forceinline__ void gemv_finish_strip(const GemvArgs& a, float* red,
         const int row = 16 * i + g + 8 * (q >> 1), col = 8 * j + 2 * t + (q & 1);
         red[(warp * kRows + row) * kStride + col] = acc[i][j][q];
       }
-  __syncthreads();
+  gemv_team_barrier(bar_id);
   const T* bias = static_cast<const T*>(a.bias);
   const T* u = static_cast<const T*>(a.lora_u);
   const T* lb = static_cast<const T*>(a.lora_B);
   T* out = static_cast<T*>(a.out);
-  for (int idx = threadIdx.x; idx < kRows * kCols; idx += kGemvThreads) {
+  for (int idx = tid; idx < kRows * kCols; idx += kGemvThreads) {
     const int row = idx % kRows, tok = idx / kRows;  // consecutive threads: consecutive outputs of a token
     const int64_t gn = nbase + row;
     if (gn >= a.n || tok >= a.m) continue;
@@ -89,17 +83,19 @@ __device__ __forceinline__ void gemv_finish_strip(const GemvArgs& a, float* red,
     }
     out[tok * a.n + gn] = static_cast<T>(v);
   }
-  __syncthreads();  // red is reused by the next strip
+  gemv_team_barrier(bar_id);  // red is reused by the next strip
 }
 
-// The block-aligned kernel takes the shapes where every quantization block starts a 64-column group
-// of its row (K % blocksize == 0, blocksize >= 64) and rows are whole 128-column windows
-// (K % 128 == 0), with a power-of-two nested blocksize and scales aligned for paired loads.
+// The block-aligned kernel takes blocksize 64 (bitsandbytes' default) with rows of whole 256-column
+// steps (K % 256 == 0, so a step's 4 blocks per row are one aligned 4-byte code word or 16 bytes of
+// fp32 scales), a nested blocksize of at least 4 blocks (a power of two), aligned scale tensors and
+// block indices below 2^31 (weights under 2^37 elements).
 inline bool nf4_gemv_blockaligned_takes(const GemvArgs& a) {
-  const bool aligned = a.scales.absmax != nullptr ? reinterpret_cast<uintptr_t>(a.scales.absmax) % 8 == 0
-                                                  : reinterpret_cast<uintptr_t>(a.scales.codes) % 2 == 0;
-  return a.bs_shift >= 6 && a.k % 128 == 0 && a.k % (int64_t{1} << a.bs_shift) == 0 && aligned &&
-         (a.scales.absmax != nullptr || a.scales.nested_shift >= 1);
+  const bool nested = a.scales.absmax == nullptr;
+  const bool aligned = nested ? reinterpret_cast<uintptr_t>(a.scales.codes) % 4 == 0
+                              : reinterpret_cast<uintptr_t>(a.scales.absmax) % 16 == 0;
+  return a.bs_shift == 6 && a.k % 256 == 0 && aligned && (!nested || a.scales.nested_shift >= 2) &&
+         a.n * (a.k >> 6) < (int64_t{1} << 31);
 }
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms);
 

@@ -1,27 +1,29 @@
-// nf4_linear for a few rows of x (M <= 16, decode) when every quantization block starts a 64-column
-// group of its row (K % 128 == 0, K % blocksize == 0, blocksize >= 64: every LLM layer):
-// out = x @ W^T + bias + lora_u @ lora_B^T, the NF4 weight streamed once from memory, on tensor cores.
+// nf4_linear for a few rows of x (M <= 16, decode) with blocksize 64 and K % 256 == 0 (every LLM
+// layer quantized as QLoRA does): out = x @ W^T + bias + lora_u @ lora_B^T, the NF4 weight streamed
+// once from memory, on tensor cores.
 //
-// Tiling: a block takes strips of 16 weight rows (persistent over N), its 8 warps split K. A warp
-// step is 16 rows x 128 columns = two 64-column pieces; lane t of row group g holds 16 columns
-// (8 bytes) of rows g and g+8 in each piece, at columns 64p + 16t. Each mma.m16n8k16 takes 4 columns
-// from each of the 4 lanes of a piece (k-permuted: an mma sums its 16 k in any order, so lane t's
-// logical k {2t, 2t+1, 2t+8, 2t+9} at step s are physical columns 16t + 4s + {0..3} of the piece, in
-// A and in x alike), so all 16 k of an mma lie in one quantization block per row.
-// Why it reaches the bandwidth nf4_gemv.cu does not:
-// - The scale is applied after the mma: the table gives the two 16-bit levels of a byte unscaled
-//   (one 4-byte lookup per 2 weights, no multiply, no conversion), each piece accumulates in fp32,
-//   and acc += scale(row, block) * piece. Rounding: each weight enters the mma as its 16-bit level
-//   (dequantize-then-matmul rounds level * scale instead), and the scale multiplies an fp32 sum.
-// - The weight bytes come through a ring of S steps per warp in shared memory (cp.async.cg, 16 bytes
-//   a lane, past L1), S - 1 steps ahead and across strip boundaries, XOR-swizzled so that copies and
-//   reads are free of bank conflicts; a __syncwarp orders a lane's reads after other lanes' copies.
-// - The shared-memory pipe (table lookups, ring, scale and x loads) is the limit: ncu on the H100
-//   showed L1 74% busy at 33% of DRAM bandwidth for 8-byte cp.async.ca copies and six scale loads
-//   per step, hence 16-byte copies, one load of both pieces' codes, and nested scales reused.
-// On the H100 the first version of this kernel (16-byte lane chunks, a blocksize-64 window split
-// over two masked mma groups, 64-bit scale addressing) issued ~600 instructions per KiB of weight
-// and was slower than nf4_gemv.cu: decode is bound by instruction issue as much as by memory.
+// Tiling: a block of 16 warps is two teams of 8; a team takes strips of 16 weight rows (persistent
+// over N) and its warps split K. A warp step is 16 rows x 256 columns (2 KiB of W) = four 64-column
+// pieces, one quantization block per row each; lane t of row group g holds 16 columns (8 bytes) of
+// rows g and g+8 in each piece, at columns 64p + 16t. Each mma.m16n8k16 takes 4 columns from each
+// of the 4 lanes of a piece (k-permuted: an mma sums its 16 k in any order, so lane t's logical k
+// {2t, 2t+1, 2t+8, 2t+9} at mma s are physical columns 16t + 4s + {0..3} of the piece, in A and in x
+// alike), so all 16 k of an mma lie in one block per row and the block scale multiplies the mma's
+// fp32 result: acc += scale(row, block) * piece. Rounding: each weight enters the mma as its 16-bit
+// NF4 level (dequantize-then-matmul rounds level * scale instead).
+//
+// Decode is bound by instruction issue as much as by memory (ncu on the H100: the previous version,
+// 1 KiB steps, issued 389 instructions per KiB and ran at 50% of the copy bandwidth), so a step
+// spends almost nothing beyond one shared load and one byte_perm per 2 weights:
+// - The table row of byte b is 256 bytes: lane l's (level(b >> 4), level(b & 15)) pair at 4l (a
+//   warp's lookups hit 32 banks), and 8 copies of the nested code code2[b] at 128 + 4g. An offset
+//   b * 256 + 4l is one byte_perm of the packed word; so is a code's. One 64 KiB table serves both
+//   teams.
+// - W, its 8-bit block codes and their nested scales (or the fp32 scales) come through a ring of S
+//   steps per warp in shared memory (cp.async, S - 1 steps ahead, across strip boundaries), chunks
+//   XOR-swizzled by row so that copies and reads are free of bank conflicts; a __syncwarp orders a
+//   lane's reads after the other lanes' copies. Nothing else is loaded from global memory in the
+//   loop but x (L1/L2-resident).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -34,183 +36,245 @@ namespace lora_fused {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = kGemvWarps, kThreads = kGemvThreads;
-constexpr int kTableEntries = 256 * 32;  // byte x lane: a warp's lookups hit 32 different banks
-constexpr int kSlot = 16 * 4;            // uint4 per warp per ring slot: 16 rows x 64 bytes (swizzled)
+constexpr int kTeams = 2;
+constexpr int kWarps = kTeams * kGemvWarps;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kTableBytes = 256 * 256;
+constexpr int kCode2Col = 128;       // byte of the code2[b] copies in table row b
+constexpr int kRowBytes = 128;       // a step's bytes per weight row (256 columns)
+constexpr int kStepBytes = 16 * kRowBytes;
+constexpr int kStepCols = 256;
 
-// Where 16-byte chunk c (of 4) of row r (of 16) sits in a ring slot: XOR-swizzled by row so that the
-// 8-byte reads of a warp (8 rows x 4 lanes) and its 16-byte copies each hit every bank equally.
-__device__ __forceinline__ int slot_chunk(int r, int c) { return 4 * r + (c ^ ((r >> 1) & 3)); }
+// A ring slot: the step's weight bytes, then its scales: 16 rows x 4 code bytes and 16 nested fp32
+// scales (double quantization), or 16 rows x 4 fp32 scales.
+template <bool kNested>
+constexpr int slot_bytes() {
+  return kStepBytes + (kNested ? 128 : 256);
+}
 
-// Where a warp step is, with this lane's offsets: its window is chunks c0..c0+3 of the strip's rows
-// (lane t's piece p at columns 32 c0 + 64 p + 16 t of rows g and g + 8). 64-bit products only when
-// the strip changes (every K / 1024 steps); steps within a strip add constants.
-struct Cursor {
-  int64_t strip;
-  int c0;
-  int64_t w_off;  // byte of (row g, column 32 c0 + 32 t) in packed: lane t copies chunk t of the window
-  int64_t row_blk;  // first block of row g
-  bool ok0, ok8;  // rows g and g + 8 exist (false past the last strip)
+// Byte of 16-byte chunk c (of 8) of row r (of 16) in a slot: XOR-swizzled by row, so that a warp's
+// 8-byte reads (8 rows x 4 lanes) and its 16-byte copies (4 rows x 8 chunks) hit every bank equally.
+__device__ __forceinline__ uint32_t chunk_offset(int r, int c) { return kRowBytes * r + 16 * (c ^ (r & 7)); }
 
-  __device__ __forceinline__ void start_strip(const GemvArgs& a, int64_t s, int64_t strips) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    strip = s;
-    c0 = 4 * (threadIdx.x >> 5);
-    const int64_t row = s * 16 + g;
-    w_off = row * (a.k / 2) + 16 * c0 + 16 * t;
-    row_blk = row * (a.k >> a.bs_shift);
-    ok0 = s < strips && row < a.n;
-    ok8 = s < strips && row + 8 < a.n;
+// base + b * 256 + lo for byte b = byte i of w, as one byte_perm of w and base | lo (base: the
+// table's shared address, a multiple of 64 KiB; lo < 256).
+__device__ __forceinline__ uint32_t table_address(uint32_t w, uint32_t base_lo, int i) {
+  return __byte_perm(w, base_lo, 0x7604u | (static_cast<uint32_t>(i) << 4));
+}
+
+// Where things are in dynamic shared memory (byte offsets) when it starts at shared address `base`:
+// the table at the first 64 KiB-aligned address (so that table_address needs no add), as many
+// warps' rings before it as fit, the other rings and the teams' reductions after it.
+struct SmemLayout {
+  uint32_t table, before, after, ring_bytes, red, end;
+  __host__ __device__ SmemLayout(uint32_t base, uint32_t ring_bytes_, uint32_t red_bytes) : ring_bytes(ring_bytes_) {
+    table = (0u - base) & 0xffffu;
+    before = table / ring_bytes < kWarps ? table / ring_bytes : kWarps;
+    after = table + kTableBytes;
+    red = after + (kWarps - before) * ring_bytes;
+    end = red + kTeams * red_bytes;
   }
-  __device__ __forceinline__ void advance(const GemvArgs& a, int64_t strips) {
-    c0 += 4 * kWarps;
-    w_off += 16 * 4 * kWarps;
-    if (32 * c0 >= a.k) start_strip(a, strip + gridDim.x, strips);
+  __host__ __device__ uint32_t ring(int warp) const {
+    return warp < static_cast<int>(before) ? warp * ring_bytes : after + (warp - before) * ring_bytes;
   }
 };
 
-// Copies a warp step's weight bytes (16 rows x 64 bytes) into its ring slot, lane (g, t) chunk t of
-// rows g and g + 8 (16 bytes each, past L1); rows past the end read zeros (never stored).
-__device__ __forceinline__ void issue_step(uint4* slot, const GemvArgs& a, const Cursor& cur) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const uint8_t* src = a.packed + cur.w_off;
-  cp_async_16(smem_u32(slot + slot_chunk(g, t)), cur.ok0 ? src : a.packed, cur.ok0 ? 16 : 0);
-  cp_async_16(smem_u32(slot + slot_chunk(g + 8, t)), cur.ok8 ? src + 4 * a.k : a.packed, cur.ok8 ? 16 : 0);
+// The copies of one warp: the step at window c (columns 256c ...) of strip `strip`. Lane l copies
+// chunk l & 7 of rows (l >> 3) + 4i, and a scale word of row l & 15 (lanes 0-15: the 4 block codes
+// or, without double quantization, the 4 fp32 scales; lanes 16-31: the row's nested scale). Block
+// indices are 32-bit (nf4_gemv_blockaligned_takes); 64-bit products only when the strip changes
+// (every K / 2048 steps).
+struct Producer {
+  const uint8_t* w;  // chunk (lane & 7) of row (lane >> 3) of the step
+  int32_t blk;       // first block of the step in row (lane & 15)
+  int64_t strip;
+  int c;
+  int rows;  // rows of the strip that exist (<= 0: past the last strip)
+
+  __device__ __forceinline__ void start(const GemvArgs& a, int64_t s, int first_c) {
+    const int lane = threadIdx.x & 31;
+    strip = s;
+    c = first_c;
+    rows = static_cast<int>(std::min<int64_t>(16, a.n - s * 16));
+    const int64_t row0 = rows > 0 ? s * 16 : 0;
+    w = a.packed + (row0 + (lane >> 3)) * (a.k / 2) + kRowBytes * c + 16 * (lane & 7);
+    blk = static_cast<int32_t>((row0 + (lane & 15)) * (a.k >> 6) + 4 * c);
+  }
+  __device__ __forceinline__ void advance(const GemvArgs& a, int windows, int64_t strip_stride, int first_c) {
+    c += kGemvWarps;
+    if (c < windows) {
+      w += kRowBytes * kGemvWarps;
+      blk += 4 * kGemvWarps;
+    } else {
+      start(a, strip + strip_stride, first_c);
+    }
+  }
+};
+
+// Per lane, where its scale copy comes from: element blk >> shift of base, elements of 2^log_size bytes.
+struct ScaleSource {
+  const char* base;
+  int shift, log_size;
+  uint32_t dst;  // byte in the slot
+};
+
+template <bool kNested>
+__device__ __forceinline__ ScaleSource scale_source(const GemvArgs& a) {
+  const int lane = threadIdx.x & 31, sr = lane & 15;
+  if (!kNested) return {reinterpret_cast<const char*>(a.scales.absmax), 0, 2, kStepBytes + 16u * sr};
+  if (lane < 16) return {reinterpret_cast<const char*>(a.scales.codes), 0, 0, kStepBytes + 4u * sr};
+  return {reinterpret_cast<const char*>(a.scales.nested_absmax), a.scales.nested_shift, 2, kStepBytes + 64u + 4u * sr};
+}
+
+// Copies rows past the end as zeros (src_bytes 0: the address is not read); they are never stored.
+template <bool kNested>
+__device__ __forceinline__ void issue_step(uint32_t slot, const GemvArgs& a, const Producer& pr, const uint32_t (&dst)[2],
+                                           const ScaleSource& ss) {
+  const int lane = threadIdx.x & 31;
+  if (pr.rows > 0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const bool ok = (lane >> 3) + 4 * i < pr.rows;
+      cp_async_16(slot + dst[i & 1] + 4 * kRowBytes * i, pr.w + i * 2 * a.k, ok ? 16 : 0);
+    }
+    const bool ok = (lane & 15) < pr.rows;
+    const char* src = ss.base + (static_cast<int64_t>(pr.blk >> ss.shift) << ss.log_size);
+    if (kNested) {
+      cp_async_4(slot + ss.dst, src, ok ? 4 : 0);
+    } else if (lane < 16) {
+      cp_async_16(slot + ss.dst, src, ok ? 16 : 0);
+    }
+  }
   cp_async_commit();
 }
 
-// A step's block scales for 2 pieces x rows {g, g + 8}: fp32 bits, or the 8-bit code and its nested
-// fp32 scale (decoded when used; one nested scale per row: with K % 128 == 0 both pieces' blocks
-// are in one group of 2^nested_shift >= 2). Rows past the end: zeros.
-// With blocksize 64 the two pieces' blocks are blk and blk + 1 (blk even): one 2-byte (8-byte) load
-// of both codes (scales); the nested scale is loaded again only when its group changes (every
-// 2^nested_shift blocks), else taken from the previous step (`prev`).
-template <bool kNested>
-struct StepScales {
-  uint32_t raw[2][2];
-  float s2[2];
-  int64_t s2_group[2];
-};
-
-template <bool kNested>
-__device__ __forceinline__ void load_scales(StepScales<kNested>& sc, const StepScales<kNested>& prev, const GemvArgs& a,
-                                            const Cursor& cur) {
-  const int64_t rows8 = 8 * (a.k >> a.bs_shift);
-  const bool pair = a.bs_shift == 6;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const bool ok = h == 0 ? cur.ok0 : cur.ok8;
-    const int64_t blk = cur.row_blk + (h == 0 ? 0 : rows8) + ((32 * cur.c0) >> a.bs_shift);
-    if (kNested) {
-      uint32_t c01 = 0;
-      if (ok) c01 = pair ? __ldg(reinterpret_cast<const unsigned short*>(a.scales.codes + blk)) : __ldg(a.scales.codes + blk);
-      sc.raw[0][h] = c01 & 0xffu;
-      sc.raw[1][h] = pair ? c01 >> 8 : c01;
-      const int64_t group = blk >> a.scales.nested_shift;
-      sc.s2_group[h] = ok ? group : -1;
-      sc.s2[h] = !ok ? 0.0f : group == prev.s2_group[h] ? prev.s2[h] : __ldg(a.scales.nested_absmax + group);
-    } else {
-      float2 v = make_float2(0.0f, 0.0f);
-      if (ok) {
-        if (pair) {
-          v = __ldg(reinterpret_cast<const float2*>(a.scales.absmax + blk));
-        } else {
-          v.x = v.y = __ldg(a.scales.absmax + blk);
-        }
-      }
-      sc.raw[0][h] = __float_as_uint(v.x);
-      sc.raw[1][h] = __float_as_uint(v.y);
-    }
-  }
-}
-
-// The two 16-bit levels of byte i of w, from this lane's copy of the table (i is a constant).
-__device__ __forceinline__ uint32_t lookup(const char* table_lane, uint32_t w, int i) {
-  const uint32_t off = (i == 0 ? w << 7 : w >> (8 * i - 7)) & 0x7f80u;  // byte * 32 lanes * 4 bytes
-  return *reinterpret_cast<const uint32_t*>(table_lane + off);
+// A 32-bit word of shared memory at a 32-bit shared address.
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
 }
 
 template <typename T, int NT, int S, bool kNested>
-__global__ void __launch_bounds__(kThreads, 2) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
+__global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
   extern __shared__ float4 smem_raw[];
-  uint4* ring = reinterpret_cast<uint4*>(smem_raw);
-  uint32_t* table = reinterpret_cast<uint32_t*>(ring + kWarps * S * kSlot);
-  float* code2 = reinterpret_cast<float*>(table + kTableEntries);
-  float* red = code2 + 256;
+  constexpr int kSlot = slot_bytes<kNested>();
+  const SmemLayout layout(smem_u32(smem_raw), S * kSlot, gemv_reduction_bytes<1, NT>());
+  uint32_t smem_bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(smem_bytes));
+  if (layout.end > smem_bytes) __trap();  // the host sized it for another base address
+  char* smem = reinterpret_cast<char*>(smem_raw);
+  uint32_t* table = reinterpret_cast<uint32_t*>(smem + layout.table);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  uint4* my_ring = ring + warp * S * kSlot;
-  const int64_t strips = ceil_div<int64_t>(args.n, 16);
-  // The ring fills while the tables are built. A warp's steps run over its windows c0 = 4 warp,
-  // 4 warp + 32, ... of each of the block's strips in turn (a warp with none, K < 128 (warp + 1),
-  // only joins the reductions).
-  const bool has_work = 128 * warp < args.k;
-  Cursor prod;
-  prod.start_strip(args, blockIdx.x, strips);
-  if (has_work) {
+  const int team = warp / kGemvWarps, tw = warp % kGemvWarps;
+  char* ring = smem + layout.ring(warp);
+  float* red = reinterpret_cast<float*>(smem + layout.red + team * gemv_reduction_bytes<1, NT>());
+  const uint32_t ring_s = smem_u32(ring), table_s = smem_u32(table);
+
+  const int64_t strips = ceil_div<int64_t>(args.n, 16), strip_stride = int64_t{kTeams} * gridDim.x;
+  const int64_t first_strip = int64_t{kTeams} * blockIdx.x + team;
+  const int windows = static_cast<int>(args.k / kStepCols);
+  // A warp's steps run over windows tw, tw + 8, ... of each of its team's strips in turn (a warp
+  // with none, K < 256 (tw + 1), only joins the reductions).
+  const int steps = tw < windows ? (windows - 1 - tw) / kGemvWarps + 1 : 0;
+  uint32_t dst[2];
+  dst[0] = chunk_offset(lane >> 3, lane & 7);
+  dst[1] = chunk_offset((lane >> 3) + 4, lane & 7);
+  const ScaleSource ss = scale_source<kNested>(args);
+  Producer prod;
+  prod.start(args, first_strip, tw);
+  if (steps > 0) {
 #pragma unroll 1
     for (int s = 0; s < S - 1; ++s) {
-      issue_step(my_ring + s * kSlot, args, prod);
-      prod.advance(args, strips);
+      issue_step<kNested>(ring_s + s * kSlot, args, prod, dst, ss);
+      prod.advance(args, windows, strip_stride, tw);
     }
   }
-  for (int i = threadIdx.x; i < kTableEntries; i += kThreads) {
-    const int b = i >> 5;
-    table[i] = pack2<T>(nf4::level(b >> 4), nf4::level(b & 15));  // element 2j (high nibble): the lower k
+  // The table fills while the ring does. Thread i writes column i % 64 of rows i / 64 + 8 it: the
+  // high nibble of row b is it / 2 (a constant once unrolled), the low one one of two values.
+  static_assert(kThreads == 8 * 64, "table rows per pass");
+  {
+    const int q = threadIdx.x & 63, b0 = threadIdx.x >> 6;
+    if (q < 32) {
+      const float lo[2] = {nf4::level(b0), nf4::level(b0 + 8)};
+#pragma unroll
+      for (int it = 0; it < 32; ++it)  // element 2j (high nibble): the lower k, the low half
+        table[(b0 + 8 * it) * 64 + q] = pack2<T>(nf4::level(it >> 1), lo[it & 1]);
+    } else if (kNested && q < 40) {
+#pragma unroll 4
+      for (int it = 0; it < 32; ++it) table[(b0 + 8 * it) * 64 + q] = __float_as_uint(__ldg(args.scales.nested_code + b0 + 8 * it));
+    }
   }
-  if (kNested) code2[threadIdx.x] = args.scales.nested_code[threadIdx.x];
   __syncthreads();
 
-  // x: token 8j + g, this lane's 16 columns of each piece; tokens past M read nothing (zeros).
+  // x: token 8j + g, this lane's 16 columns of each piece; tokens past M read token 0 (their mma
+  // columns are independent of the others and never stored).
   const T* x_lane[NT];
-  bool x_ok[NT];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    x_ok[j] = 8 * j + g < args.m;
-    x_lane[j] = static_cast<const T*>(args.x) + (x_ok[j] ? (8 * j + g) * args.k : 0) + 16 * t;
-  }
-  const char* table_lane = reinterpret_cast<const char*>(table + lane);
-  int slot = 0;
-  Cursor pos;
-  pos.start_strip(args, blockIdx.x, strips);
-  StepScales<kNested> sc_cur, sc_nxt;
-  sc_nxt.s2_group[0] = sc_nxt.s2_group[1] = -1;
-  load_scales<kNested>(sc_cur, sc_nxt, args, pos);
-  for (int64_t strip = blockIdx.x; strip < strips; strip += gridDim.x) {
+  for (int j = 0; j < NT; ++j)
+    x_lane[j] = static_cast<const T*>(args.x) + (8 * j + g < args.m ? (8 * j + g) * args.k : 0) + kStepCols * tw + 16 * t;
+  // Lane (g, t), piece p: 8 bytes of rows g and g + 8 at byte 32p + 8t = chunk 2p + t/2, half t%2.
+  uint32_t rd[4];
+#pragma unroll
+  for (int p = 0; p < 4; ++p) rd[p] = chunk_offset(g, 2 * p + (t >> 1)) + 8 * (t & 1);
+  const uint32_t lane4 = table_s | (4u * lane), code2_col = table_s | (kCode2Col + 4u * g);
+  uint32_t slot = 0, prev = (S - 1) * kSlot;  // bytes: the slot read now, and the one read one step ago
+  for (int64_t strip = first_strip; strip < strips; strip += strip_stride) {
     float acc[1][NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[0][j][q] = 0.0f;
-    for (; has_work && pos.strip == strip;) {
-      uint4 xq[NT][2][2];
+    const T* xw[NT];
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int p = 0; p < 2; ++p) {
-          const uint4* src = reinterpret_cast<const uint4*>(x_lane[j] + 32 * pos.c0 + 64 * p);
-          xq[j][p][0] = x_ok[j] ? __ldg(src) : make_uint4(0, 0, 0, 0);
-          xq[j][p][1] = x_ok[j] ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
-        }
-      Cursor next = pos;
-      next.advance(args, strips);
-      load_scales<kNested>(sc_nxt, sc_cur, args, next);  // one step ahead
+    for (int j = 0; j < NT; ++j) xw[j] = x_lane[j];
+#pragma unroll 1
+    for (int i = 0; i < steps; ++i) {
       cp_async_wait<S - 2>();
       __syncwarp();  // the slot's chunks were copied by other lanes of the warp
-      // Lane (g, t), piece p: 8 bytes of rows g and g + 8 at byte 8t + 32p = chunk t/2 + 2p, half t%2.
-      uint2 w[2][2];
+      const char* sl = ring + slot;
+      uint2 w[4][2];
 #pragma unroll
-      for (int p = 0; p < 2; ++p)
+      for (int p = 0; p < 4; ++p)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          w[p][h] = reinterpret_cast<const uint2*>(my_ring + slot * kSlot + slot_chunk(g + 8 * h, (t >> 1) + 2 * p))[t & 1];
+        for (int h = 0; h < 2; ++h) w[p][h] = *reinterpret_cast<const uint2*>(sl + rd[p] + 8 * kRowBytes * h);
+      float scale[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = g + 8 * h;
+        if (kNested) {
+          const uint32_t codes = *reinterpret_cast<const uint32_t*>(sl + kStepBytes + 4 * row);
+          const float s2 = *reinterpret_cast<const float*>(sl + kStepBytes + 64 + 4 * row);
+#pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            const float c2 = __uint_as_float(lds32(table_address(codes, code2_col, p)));
+            // Rows past the end: a finite scale (the offset) on a row that is never stored.
+            scale[h][p] = __fadd_rn(__fmul_rn(c2, s2), args.scales.offset);
+          }
+        } else {
+          const float4 v = *reinterpret_cast<const float4*>(sl + kStepBytes + 16 * row);
+          scale[h][0] = v.x;
+          scale[h][1] = v.y;
+          scale[h][2] = v.z;
+          scale[h][3] = v.w;
+        }
+      }
       // Refill the slot read one step ago: every lane has passed this step's __syncwarp, so all
       // of them have read it.
-      issue_step(my_ring + (slot == 0 ? S - 1 : slot - 1) * kSlot, args, prod);
-      prod.advance(args, strips);
-      slot = slot == S - 1 ? 0 : slot + 1;
+      issue_step<kNested>(ring_s + prev, args, prod, dst, ss);
+      prod.advance(args, windows, strip_stride, tw);
+      prev = slot;
+      slot = slot == (S - 1) * kSlot ? 0 : slot + kSlot;
 
 #pragma unroll
-      for (int p = 0; p < 2; ++p) {
+      for (int p = 0; p < 4; ++p) {
+        uint4 xq[NT][2];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint4* src = reinterpret_cast<const uint4*>(xw[j] + 64 * p);
+          xq[j][0] = __ldg(src);
+          xq[j][1] = __ldg(src + 1);
+        }
         float part[NT][4];
 #pragma unroll
         for (int j = 0; j < NT; ++j)
@@ -218,50 +282,53 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_blockaligned_kernel(cons
           for (int q = 0; q < 4; ++q) part[j][q] = 0.0f;
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
-          // Step s: columns 4s..4s+3 of the lane's 16 = bytes 2s, 2s+1 = word s/2, bytes 2(s%2), +1.
+          // mma s: columns 4s..4s+3 of the lane's 16 = bytes 2s, 2s+1 = word s/2, bytes 2(s%2), +1.
           const uint32_t lo = s < 2 ? w[p][0].x : w[p][0].y, hi = s < 2 ? w[p][1].x : w[p][1].y;
           const int b = 2 * (s & 1);
           uint32_t a[4];
-          a[0] = lookup(table_lane, lo, b);      // row g,   columns 4s, 4s+1
-          a[1] = lookup(table_lane, hi, b);      // row g+8, columns 4s, 4s+1
-          a[2] = lookup(table_lane, lo, b + 1);  // row g,   columns 4s+2, 4s+3
-          a[3] = lookup(table_lane, hi, b + 1);  // row g+8, columns 4s+2, 4s+3
+          a[0] = lds32(table_address(lo, lane4, b));      // row g,   columns 4s, 4s+1
+          a[1] = lds32(table_address(hi, lane4, b));      // row g+8, columns 4s, 4s+1
+          a[2] = lds32(table_address(lo, lane4, b + 1));  // row g,   columns 4s+2, 4s+3
+          a[3] = lds32(table_address(hi, lane4, b + 1));  // row g+8, columns 4s+2, 4s+3
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
-            const uint4& xv = xq[j][p][s / 2];
+            const uint4& xv = xq[j][s / 2];
             mma16816<T>(part[j], a, s % 2 == 0 ? xv.x : xv.z, s % 2 == 0 ? xv.y : xv.w);
           }
         }
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          // Rows past the end: a finite scale (0, or the offset) on a row that is never stored.
-          const float scale = kNested ? __fadd_rn(__fmul_rn(code2[sc_cur.raw[p][h]], sc_cur.s2[h]), args.scales.offset)
-                                      : __uint_as_float(sc_cur.raw[p][h]);
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            acc[0][j][2 * h] = fma_acc(scale, part[j][2 * h], acc[0][j][2 * h]);
-            acc[0][j][2 * h + 1] = fma_acc(scale, part[j][2 * h + 1], acc[0][j][2 * h + 1]);
-          }
-        }
+          for (int q = 0; q < 4; ++q) acc[0][j][q] = fma_acc(scale[q >> 1][p], part[j][q], acc[0][j][q]);
       }
-      sc_cur = sc_nxt;
-      pos = next;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) xw[j] += kStepCols * kGemvWarps;
     }
-    gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16);
+    gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team);
   }
-  cp_async_wait<0>();  // the steps issued past the block's last strip
+  cp_async_wait<0>();  // the steps issued past the team's last strip
 }
 
 template <typename T, int NT, bool kNested>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms) {
-  // 8 ring slots: 7 steps (7 KiB a warp) in flight; two blocks per SM.
-  constexpr int S = 8;
-  constexpr size_t smem = sizeof(uint4) * kWarps * S * kSlot + sizeof(uint32_t) * kTableEntries +
-                          sizeof(float) * 256 + gemv_reduction_bytes<1, NT>();
-  opt_in_dynamic_smem<nf4_gemv_blockaligned_kernel<T, NT, S, kNested>>(smem);
-  // One 16-row strip per block step: 32-row strips left the last wave of 8192->28672 60% empty.
+  // 4 ring slots: 3 steps (6 KiB a warp, 96 KiB an SM) in flight; one block (16 warps) per SM.
+  constexpr int S = 4;
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, S, kNested>;
+  // Dynamic shared memory starts after the reserved bytes (1 KiB on sm80-sm90) and the kernel's
+  // static shared memory (none; cudaFuncGetAttributes may count the reserved bytes in it, so both
+  // readings are sized for and the kernel checks its own).
+  static const size_t smem = [] {
+    int reserved = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, at::cuda::current_device()));
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    const uint32_t ring = S * slot_bytes<kNested>(), red = gemv_reduction_bytes<1, NT>();
+    const uint32_t r = static_cast<uint32_t>(reserved), st = static_cast<uint32_t>(attr.sharedSizeBytes);
+    return static_cast<size_t>(std::max(SmemLayout(r, ring, red).end, SmemLayout(r + st, ring, red).end));
+  }();
+  opt_in_dynamic_smem<kernel>(smem);
   const int64_t strips = ceil_div<int64_t>(a.n, 16);
-  const int grid = static_cast<int>(std::min<int64_t>(strips, 2LL * sms));
+  const int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, kTeams), sms));
   nf4_gemv_blockaligned_kernel<T, NT, S, kNested><<<grid, kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
