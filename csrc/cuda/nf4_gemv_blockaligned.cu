@@ -177,9 +177,11 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
   // A warp's steps run over windows tw, tw + 8, ... of each of its team's strips in turn (a warp
   // with none, K < 256 (tw + 1), only joins the reductions).
   const int steps = tw < windows ? (windows - 1 - tw) / kGemvWarps + 1 : 0;
+  // Lane l's copy i goes to row (l >> 3) + 4i, chunk l & 7: dst[i % 2] + 4 rows * i (the swizzle of
+  // rows r and r + 8 is the same).
   uint32_t dst[2];
   dst[0] = chunk_offset(lane >> 3, lane & 7);
-  dst[1] = chunk_offset((lane >> 3) + 4, lane & 7);
+  dst[1] = chunk_offset((lane >> 3) + 4, lane & 7) - 4 * kRowBytes;
   const ScaleSource ss = scale_source<kNested>(args);
   Producer prod;
   prod.start(args, first_strip, tw);
