@@ -2,8 +2,8 @@
 // NF4 weight W [N, K] streamed once from memory and decoded in registers, on tensor cores.
 //
 // Tiling: a thread block takes R strips of 16 weight rows (persistent over the strips of N); its 8
-// warps split K, each with the next step's loads in flight while it computes the current one. A warp step is a 16-row x 128-column tile of W: the 4 lanes of each row group load
-// 16 bytes (32 elements) of rows g and g+8, and 8 mma.m16n8k16 per strip consume them against
+// warps split K, each with the next step's loads in flight while it computes the current one. A
+// warp step is a 16-row x 128-column tile of W: the 4 lanes of each row group load 16 bytes (32 elements) of rows g and g+8, and 8 mma.m16n8k16 per strip consume them against
 // ceil(M/8) tiles of 8 tokens. The partial sums of the 8 warps meet in shared memory; the epilogue
 // adds bias and the LoRA term in fp32 and rounds once.
 //
@@ -13,9 +13,9 @@
 // 8, to physical columns 32c + 4s + {0, 1, 2, 3} of its 32-column chunk c. A's pairs then come from
 // one packed byte each, and B's pairs from x[token][32c + 4s ...], contiguous.
 //
-// nf4_gemv_blockaligned.cu is faster where blocks align with 64-column groups (every LLM layer) and
-// either M > 4 or the weight is large (see nf4_gemv_cuda); this kernel takes the rest (blocksize 32,
-// K % blocksize != 0 or K % 128 != 0, small weights at M <= 4). LORA_FUSED_NF4_GEMV=general or
+// nf4_gemv_blockaligned.cu takes blocksize 64 with K % 256 == 0 (every LLM layer quantized as
+// QLoRA does; 1.15-1.6x faster than this kernel on the H100 at every M and shape measured); this
+// kernel takes the rest (other blocksizes, K % 256 != 0). LORA_FUSED_NF4_GEMV=general or
 // =blockaligned forces one (the latter where it applies), for tests and comparisons.
 //
 // Weights are decoded exactly as nf4_dequantize does (fp32 level * fp32 scale, rounded once to
@@ -231,13 +231,8 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
   a.out = out.data_ptr();
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int sms = props->multiProcessorCount;
-  // H100 (scripts/bench_nf4_decode.py, CUDA-graph medians): the block-aligned kernel was 1.15x
-  // faster at 8192->28672 M = 1 and up to 1.25x at M = 8-16, but 4-10% slower at M <= 4 on weights
-  // of up to 4096 x 14336 (both are bound by fixed latency there).
   const char* force = std::getenv("LORA_FUSED_NF4_GEMV");
-  const std::string forced = force != nullptr ? force : "";
-  const bool pick_aligned = forced == "blockaligned" || (forced != "general" && (m > 4 || a.n * k >= (int64_t{1} << 27)));
-  if (pick_aligned && cuda::nf4_gemv_blockaligned_takes(a)) {
+  if ((force == nullptr || std::string(force) != "general") && cuda::nf4_gemv_blockaligned_takes(a)) {
     cuda::nf4_gemv_blockaligned_launch(a, t, stream, sms);
     return true;
   }

@@ -1,0 +1,59 @@
+"""Where the QLoRA decode time goes beyond the NF4 matmul (M <= 16), on the GPU at hand: qlora_linear
+(inference) beside nf4_linear alone and the shrink u = s x A^T computed two ways (cuBLAS mm + scale,
+as the layers do, and lora_fused's own lora_shrink kernel).
+
+    python scripts/bench_qlora_decode.py [--M 1,16] [--shapes 4096:11008,8192:28672] [--r 16]
+
+CUDA-graph medians (triton.testing.do_bench_cudagraph); results are checked against float64 first.
+"""
+
+import argparse
+
+import torch
+import triton.testing as tt
+
+import lora_fused
+from lora_fused import _ops, nf4
+from lora_fused.functional import _scaled_mm
+
+
+def graph_us(fn):
+    return tt.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--M", default="1,16")
+    ap.add_argument("--shapes", default="4096:4096,4096:11008,8192:28672")
+    ap.add_argument("--r", type=int, default=16)
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    dt, r, s = torch.bfloat16, args.r, 2.0
+    for shape in args.shapes.split(","):
+        k, d = (int(v) for v in shape.split(":"))
+        packed, state = nf4.quantize(torch.randn(d, k, device="cuda") * k**-0.5, blocksize=64)
+        wq = nf4.dequantize(packed, state, dt).double()
+        a = (torch.randn(r, k, device="cuda") * k**-0.5).to(dt)
+        b = (torch.randn(d, r, device="cuda") * 0.1).to(dt)
+        for m in (int(v) for v in args.M.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            want_u = s * (x.double() @ a.double().t())
+            want = x.double() @ wq.t() + (want_u @ b.double().t())
+            fns = {
+                "qlora": lambda: lora_fused.qlora_linear(x, packed, state, a, b, s, training=False),
+                "nf4": lambda: lora_fused.nf4_linear(x, packed, state),
+                "shrink mm": lambda: _scaled_mm(x, a.t(), s),
+                "shrink op": lambda: _ops.lora_shrink(x, a, s),
+            }
+            refs = {"qlora": want, "nf4": x.double() @ wq.t(), "shrink mm": want_u, "shrink op": want_u}
+            row = f"{k:>5}->{d:<5} M={m:<2} r={r}"
+            for name, fn in fns.items():
+                ref = refs[name]
+                err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
+                assert err < 2e-2, (name, err)
+                row += f" | {name} {graph_us(fn):6.1f} us"
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
