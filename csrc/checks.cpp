@@ -203,7 +203,8 @@ Nf4Weight check_nf4_linear_args(const at::Tensor& x, at::DeviceType device, cons
                                 const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
                                 const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
                                 int64_t nested_blocksize, int64_t out_features, const c10::optional<at::Tensor>& bias,
-                                const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B) {
+                                const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
+                                const c10::optional<at::Tensor>& lora_A) {
   const char* op = "lora_fused.nf4_linear";
   Nf4Weight w = make_nf4_weight(x, false, device, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                 nested_blocksize, out_features, op);
@@ -213,7 +214,15 @@ Nf4Weight check_nf4_linear_args(const at::Tensor& x, at::DeviceType device, cons
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "]; got a ",
                       describe(*bias));
   }
-  if (check_lora_pair(x, "x", lora_u, "lora_u", lora_B, "lora_B", op)) {
+  if (lora_A.has_value()) {
+    TORCH_CHECK_VALUE(!lora_u.has_value(), op, ": give lora_u or lora_A (with lora_scale), not both");
+    check_lora_pair(x, "x", lora_A, "lora_A", lora_B, "lora_B", op);
+    const at::Tensor& a = *lora_A;
+    const at::Tensor& b = *lora_B;
+    TORCH_CHECK_VALUE(a.size(0) >= 1 && a.size(1) == x.size(1) && b.size(0) == n && b.size(1) == a.size(0), op,
+                      ": expected x [M, k], lora_A [r, k], lora_B [", n, ", r] with r >= 1; got x ", x.sizes(),
+                      ", lora_A ", a.sizes(), ", lora_B ", b.sizes());
+  } else if (check_lora_pair(x, "x", lora_u, "lora_u", lora_B, "lora_B", op)) {
     const at::Tensor& u = *lora_u;
     const at::Tensor& b = *lora_B;
     TORCH_CHECK_VALUE(u.size(1) >= 1 && u.size(0) == x.size(0) && b.size(0) == n && b.size(1) == u.size(1), op,

@@ -19,13 +19,18 @@ struct Nf4Weight {
 };
 
 // Check what the ops receive (device, ranks, dtypes, shapes, the NF4 state; for nf4_linear also
-// bias [N] and lora_u [M, r] with lora_B [N, r]; for the gradient lora_du [M, r] with lora_A [r, K])
-// and return the weight with contiguous tensors.
+// bias [N] and lora_u [M, r] or lora_A [r, K] with lora_B [N, r]; for the gradient lora_du [M, r]
+// with lora_A [r, K]) and return the weight with contiguous tensors.
 Nf4Weight check_nf4_linear_args(const at::Tensor& x, at::DeviceType device, const at::Tensor& packed,
                                 const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
                                 const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
                                 int64_t nested_blocksize, int64_t out_features, const c10::optional<at::Tensor>& bias,
-                                const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B);
+                                const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
+                                const c10::optional<at::Tensor>& lora_A);
+
+// u = scale * x @ lora_A^T in x's dtype (as the layers' shrink: mm, then the scale in place), for
+// nf4_linear called with lora_A where its kernel does not compute u itself.
+at::Tensor nf4_lora_u(const at::Tensor& x, const at::Tensor& lora_A, double scale);
 Nf4Weight check_nf4_linear_grad_input_args(const at::Tensor& grad_out, at::DeviceType device, const at::Tensor& packed,
                                            const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
                                            const c10::optional<at::Tensor>& nested_code, double offset,

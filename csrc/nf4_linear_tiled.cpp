@@ -29,6 +29,11 @@ int64_t slab_extent(int64_t budget, int64_t per, int64_t extent, int64_t align) 
 
 }  // namespace
 
+at::Tensor nf4_lora_u(const at::Tensor& x, const at::Tensor& lora_A, double scale) {
+  at::Tensor u = at::mm(x, lora_A.t());
+  return scale == 1.0 ? u : u.mul_(scale);
+}
+
 at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
                             const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
                             const DequantRect& dequant) {

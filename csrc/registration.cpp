@@ -47,11 +47,13 @@ TORCH_LIBRARY(lora_fused, m) {
   m.def("blockwise_quantize(Tensor x, Tensor code, int blocksize) -> (Tensor, Tensor)");
   // out = x @ W^T + bias + lora_u @ lora_B^T with W [out_features, K] the NF4 weight (arguments as
   // nf4_dequantize's; K = x.shape[1]) decoded to x's dtype on the fly, never as a whole 16-bit copy.
-  // x: [M, K] bf16/fp16/fp32; bias: [N]; lora_u: [M, r] (already scaled), lora_B: [N, r].
+  // x: [M, K] bf16/fp16/fp32; bias: [N]; lora_u: [M, r] (already scaled), lora_B: [N, r]. Or, in
+  // place of lora_u, lora_A [r, K] and lora_scale: u = lora_scale * x @ lora_A^T is computed by the op
+  // (inside the decode kernel where it can: qlora_linear's inference path).
   m.def(
       "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
       "int blocksize, int nested_blocksize, int out_features, Tensor? bias=None, Tensor? lora_u=None, "
-      "Tensor? lora_B=None) -> Tensor");
+      "Tensor? lora_B=None, Tensor? lora_A=None, float lora_scale=1.0) -> Tensor");
   // grad_x = grad_out @ W + lora_du @ lora_A for nf4_linear's / qlora_linear's backward: grad_out [M, N],
   // lora_du [M, r], lora_A [r, in_features] -> [M, in_features]; the LoRA term is the GEMMs' accumulator.
   m.def(

@@ -4,6 +4,8 @@ lora_shrink:  u = s * x @ A^T     ->  dx = s * du @ A,            dA = s * du^T 
 lora_expand:  out = y + s * u @ B^T -> dy = dout, du = s * dout @ B,  dB = s * dout^T @ u
 nf4_linear:   out = x @ W^T + b + u @ B^T -> dx = dout @ W (nf4_linear_grad_input, W frozen),
               db = sum(dout), du = dout @ B, dB = dout^T @ u
+              with lora_A in place of u (u = s x A^T made by the op): dx = dout @ W + (s dout B) A,
+              dA = (s dout B)^T x, dB = dout^T (s x A^T)
 """
 
 from __future__ import annotations
@@ -43,39 +45,55 @@ def _expand_backward(ctx, dout):
 
 def _nf4_needs(ctx) -> tuple:
     # Trailing arguments left at their defaults may be missing from the inputs.
-    return tuple(ctx.needs_input_grad) + (False,) * (12 - len(ctx.needs_input_grad))
+    return tuple(ctx.needs_input_grad) + (False,) * (14 - len(ctx.needs_input_grad))
 
 
 def _nf4_linear_setup(ctx, inputs, output):
     x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, n = inputs[:9]
-    bias, lora_u, lora_B = (tuple(inputs[9:]) + (None, None, None))[:3]
+    bias, lora_u, lora_B, lora_A, lora_scale = tuple(inputs[9:]) + (None, None, None, None, 1.0)[len(inputs) - 9 :]
     ctx.nf4 = (offset, blocksize, nested_blocksize, x.shape[1])
     ctx.n_inputs = len(inputs)
-    ctx.has_bias, ctx.has_lora = bias is not None, lora_u is not None
-    need_u, need_b = _nf4_needs(ctx)[10:12]
+    ctx.has_bias, ctx.has_lora, ctx.own_u = bias is not None, lora_u is not None or lora_A is not None, lora_A is not None
+    ctx.lora_scale = float(lora_scale)
+    needs = _nf4_needs(ctx)
+    need_x, need_u, need_b, need_a = needs[0], needs[10], needs[11], needs[12]
+    # With lora_A the op made u = s x A^T itself: dx and dA need du = s dout B, dB needs u again.
     ctx.save_for_backward(
         packed, absmax, nested_absmax, nested_code,
-        lora_u if need_b else None, lora_B if need_u else None,
+        lora_u if need_b else None, lora_B if (need_u or need_x or need_a) else None,
+        x if ctx.own_u and (need_a or need_b) else None, lora_A if ctx.own_u and (need_x or need_b) else None,
     )
 
 
 def _nf4_linear_backward(ctx, dout):
-    packed, absmax, nested_absmax, nested_code, lora_u, lora_B = ctx.saved_tensors
+    packed, absmax, nested_absmax, nested_code, lora_u, lora_B, x, lora_A = ctx.saved_tensors
     offset, blocksize, nested_blocksize, k = ctx.nf4
     needs = _nf4_needs(ctx)
     dout = dout.contiguous()
-    dx = db = du = dB = None
+    dx = db = du = dB = dA = None
+    if needs[9] and ctx.has_bias:
+        db = dout.sum(0)
+    if ctx.own_u:
+        s = ctx.lora_scale
+        dus = torch.mm(dout, lora_B).mul_(s) if (needs[0] or needs[12]) else None
+        if needs[0]:
+            dx = _ops.nf4_linear_grad_input(
+                dout, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, k, dus, lora_A
+            )
+        if needs[12]:
+            dA = torch.mm(dus.t(), x)
+        if needs[11]:
+            dB = torch.mm(dout.t(), torch.mm(x, lora_A.t()).mul_(s))
+        return (dx, None, None, None, None, None, None, None, None, db, None, dB, dA, None)[: ctx.n_inputs]
     if needs[0]:
         dx = _ops.nf4_linear_grad_input(
             dout, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, k
         )
-    if needs[9] and ctx.has_bias:
-        db = dout.sum(0)
     if needs[10] and ctx.has_lora:
         du = torch.mm(dout, lora_B)
     if needs[11] and ctx.has_lora:
         dB = torch.mm(dout.t(), lora_u)
-    return (dx, None, None, None, None, None, None, None, None, db, du, dB)[: ctx.n_inputs]
+    return (dx, None, None, None, None, None, None, None, None, db, du, dB, None, None)[: ctx.n_inputs]
 
 
 torch.library.register_autograd("lora_fused::lora_shrink", _shrink_backward, setup_context=_shrink_setup)

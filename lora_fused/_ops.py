@@ -73,11 +73,14 @@ def nf4_linear(
     bias: Optional[torch.Tensor] = None,
     lora_u: Optional[torch.Tensor] = None,
     lora_B: Optional[torch.Tensor] = None,
+    lora_A: Optional[torch.Tensor] = None,
+    lora_scale: float = 1.0,
 ) -> torch.Tensor:
-    """x @ W^T + bias + lora_u @ lora_B^T for x [M, K] and the NF4 weight W [out_features, K]."""
+    """x @ W^T + bias + u @ lora_B^T for x [M, K] and the NF4 weight W [out_features, K], with
+    u = lora_u [M, r], or u = lora_scale * x @ lora_A^T (lora_A [r, K]) computed by the op."""
     return _ops.nf4_linear.default(
         x, packed, absmax, nested_absmax, nested_code, float(offset), int(blocksize), int(nested_blocksize),
-        int(out_features), bias, lora_u, lora_B,
+        int(out_features), bias, lora_u, lora_B, lora_A, float(lora_scale),
     )
 
 
@@ -165,7 +168,7 @@ def _nf4_dequantize_fake(packed, absmax, nested_absmax, nested_code, offset, blo
 
 @torch.library.register_fake("lora_fused::nf4_linear")
 def _nf4_linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, out_features,
-                     bias=None, lora_u=None, lora_B=None):
+                     bias=None, lora_u=None, lora_B=None, lora_A=None, lora_scale=1.0):
     torch._check(x.dim() == 2, lambda: "nf4_linear: x must be [M, K]")
     torch._check(packed.numel() == (out_features * x.shape[1] + 1) // 2, lambda: "nf4_linear: packed does not hold W")
     return x.new_empty((x.shape[0], out_features))

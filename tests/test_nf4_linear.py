@@ -199,6 +199,8 @@ def test_opcheck(device):
         bias = randn(40, dtype=torch.bfloat16, device=device).requires_grad_()
         torch.library.opcheck(torch.ops.lora_fused.nf4_linear.default, (x,) + args + (40, bias, u, b))
         torch.library.opcheck(torch.ops.lora_fused.nf4_linear.default, (x,) + args + (40, None, None, None))
+        a4 = randn(4, 64, dtype=torch.bfloat16, device=device).requires_grad_()
+        torch.library.opcheck(torch.ops.lora_fused.nf4_linear.default, (x,) + args + (40, bias, None, b, a4, 0.5))
         g = randn(m, 40, dtype=torch.bfloat16, device=device)
         torch.library.opcheck(torch.ops.lora_fused.nf4_linear_grad_input.default, (g,) + args + (64,))
         du = randn(m, 4, dtype=torch.bfloat16, device=device)
@@ -389,3 +391,51 @@ def test_every_subset_of_inputs_needing_gradients(device, dropout, bias):
             g = randn(M, N, device=device)
             for got, want in zip(torch.autograd.grad(y, wanted, g), torch.autograd.grad(ref, wanted, g)):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"needs {need}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,N,K", [(1, 269, 256), (16, 1031, 512), (5, 64, 96), (20, 40, 64)])
+@pytest.mark.parametrize("r", [1, 8, 12, 16, 64, 128, 136])
+def test_nf4_linear_computes_the_lora_shrink(device, M, N, K, r):
+    # nf4_linear with lora_A (and lora_scale) in place of lora_u: u = s x A^T made by the op, inside
+    # the block-aligned decode kernel on CUDA where it applies (r % 8 == 0, r <= 128; here the
+    # (1, 269, 256) and (16, 1031, 512) cases), by a separate GEMM elsewhere. Forward against float64,
+    # and the gradients of x, A, B through the op's autograd formula.
+    dtype = torch.bfloat16
+    packed, state = _weight(N, K, device)
+    s2 = state.state2
+    args = (packed, state.absmax, s2.absmax, s2.code, state.offset, state.blocksize, s2.blocksize, N)
+    x = randn(M, K, dtype=dtype, device=device).requires_grad_()
+    a = randn(r, K, dtype=dtype, device=device, scale=K**-0.5).requires_grad_()
+    b = randn(N, r, dtype=dtype, device=device, scale=0.5).requires_grad_()
+    bias = randn(N, dtype=dtype, device=device)
+    poison_allocator(device)
+    y = _ops.nf4_linear(x, *args, bias, None, b, a, 0.75)
+    w = nf4.dequantize(packed, state, dtype)
+    same = x @ w.t() + 0.75 * ((x @ a.t()) @ b.t()) + bias
+    ref = reference.nf4_linear(x.detach(), packed, state, bias, a.detach(), b.detach(), 0.75)
+    assert_error_rule(y, ref, same, f"nf4_linear with lora_A, r={r}")
+    g = randn(M, N, dtype=dtype, device=device)
+    got = torch.autograd.grad(y, (x, a, b), g)
+    want = torch.autograd.grad(same, (x, a, b), g)
+    wd, xd, ad, bd, gd = w.double(), x.detach().double(), a.detach().double(), b.detach().double(), g.double()
+    exact = (gd @ wd + 0.75 * (gd @ bd) @ ad, 0.75 * (gd @ bd).t() @ xd, 0.75 * gd.t() @ (xd @ ad.t()))
+    for name, gt, wt, ex in zip(("x", "A", "B"), got, want, exact):
+        assert_error_rule(gt, ex, wt, f"grad {name}, r={r}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nf4_linear_lora_a_bad_inputs(device):
+    packed, state = _weight(40, 64, device)
+    s2 = state.state2
+    args = (packed, state.absmax, s2.absmax, s2.code, state.offset, state.blocksize, s2.blocksize, 40)
+    x = randn(4, 64, device=device)
+    a, b, u = randn(4, 64, device=device), randn(40, 4, device=device), randn(4, 4, device=device)
+    with pytest.raises(ValueError, match="give lora_u or lora_A"):
+        _ops.nf4_linear(x, *args, None, u, b, a, 1.0)
+    with pytest.raises(ValueError, match="lora_A and lora_B come together"):
+        _ops.nf4_linear(x, *args, None, None, None, a, 1.0)
+    with pytest.raises(ValueError, match=r"lora_A \[r, k\]"):
+        _ops.nf4_linear(x, *args, None, None, b, a[:, :63], 1.0)
+    with pytest.raises(ValueError, match=r"lora_A \[r, k\]"):
+        _ops.nf4_linear(x, *args, None, None, b[:, :3], a, 1.0)

@@ -198,7 +198,8 @@ void launch_rows(const GemvArgs& a, cudaStream_t stream, int sms) {
 }  // namespace
 
 bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
-                   const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B, at::Tensor& out) {
+                   const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
+                   const c10::optional<at::Tensor>& lora_A, double lora_scale, at::Tensor& out) {
   const int64_t m = x_in.size(0), k = w.in_features;
   const at::ScalarType t = x_in.scalar_type();
   if (m < 1 || m > 16 || k % 32 != 0 || (t != at::kBFloat16 && t != at::kHalf)) return false;
@@ -209,7 +210,7 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
   if (bs_shift < 5) return false;  // a 32-element chunk must sit in one quantization block
   at::Tensor x = x_in.contiguous();
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) x = x.clone();
-  at::Tensor u, b;
+  at::Tensor u, b, a_lora, u32;
   GemvArgs a{};
   a.x = x.data_ptr();
   a.packed = w.packed.data_ptr<uint8_t>();
@@ -220,19 +221,31 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
   a.k = k;
   c10::optional<at::Tensor> bias_c = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt;
   a.bias = bias_c.has_value() ? bias_c->data_ptr() : nullptr;
-  if (lora_u.has_value()) {
-    u = lora_u->contiguous();
-    b = lora_B->contiguous();
-    a.lora_u = u.data_ptr();
-    a.lora_B = b.data_ptr();
-    a.r = static_cast<int>(u.size(1));
-  }
   out = at::empty({m, w.out_features}, x.options());
   a.out = out.data_ptr();
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int sms = props->multiProcessorCount;
   const char* force = std::getenv("LORA_FUSED_NF4_GEMV");
-  if ((force == nullptr || std::string(force) != "general") && cuda::nf4_gemv_blockaligned_takes(a)) {
+  const bool aligned = (force == nullptr || std::string(force) != "general") && cuda::nf4_gemv_blockaligned_takes(a);
+  if (lora_A.has_value() || lora_u.has_value()) {
+    b = lora_B->contiguous();
+    a.lora_B = b.data_ptr();
+  }
+  if (lora_A.has_value() && aligned && cuda::nf4_gemv_blockaligned_computes_u(lora_A->size(0))) {
+    // u = lora_scale * x @ lora_A^T in the kernel: every block computes it (fp32, into u32).
+    a_lora = lora_A->contiguous();
+    if (reinterpret_cast<uintptr_t>(a_lora.data_ptr()) % 16 != 0) a_lora = a_lora.clone();  // 4-byte loads
+    u32 = at::empty({m, a_lora.size(0)}, x.options().dtype(at::kFloat));
+    a.lora_A = a_lora.data_ptr();
+    a.lora_scale = static_cast<float>(lora_scale);
+    a.lora_u32 = u32.data_ptr<float>();
+    a.r = static_cast<int>(a_lora.size(0));
+  } else if (lora_A.has_value() || lora_u.has_value()) {
+    u = lora_A.has_value() ? nf4_lora_u(x, *lora_A, lora_scale) : lora_u->contiguous();
+    a.lora_u = u.data_ptr();
+    a.r = static_cast<int>(u.size(1));
+  }
+  if (aligned) {
     cuda::nf4_gemv_blockaligned_launch(a, t, stream, sms);
     return true;
   }

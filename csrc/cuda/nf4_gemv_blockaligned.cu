@@ -148,6 +148,37 @@ __device__ __forceinline__ void issue_step(uint32_t slot, const GemvArgs& a, con
   cp_async_commit();
 }
 
+// u = lora_scale * x @ lora_A^T for qlora_linear's inference path, computed by every block (the same
+// fp32 values, so the blocks' writes to u32 agree; a second kernel would cost more than the block's
+// read of lora_A from L2): warp w takes rank tile w % tiles (8 ranks) and every groups-th 16-column
+// chunk of K from w / tiles, on tensor cores (x as the 16 x 16 A operand; tokens past M read token
+// 0, never stored). Its partial sums [16 tokens][8 ranks] go to `part`; lora_shrink_finish adds the
+// groups in a fixed order.
+template <typename T>
+__device__ __forceinline__ void lora_shrink_partial(const GemvArgs& a, float* part) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int tiles = a.r / 8, groups = kWarps / tiles, tile = warp % tiles, grp = warp / tiles;
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (grp < groups) {
+    const T* x = static_cast<const T*>(a.x);
+    const unsigned* x0 = reinterpret_cast<const unsigned*>(x + (g < a.m ? g : 0) * a.k + 2 * t);
+    const unsigned* x8 = reinterpret_cast<const unsigned*>(x + (g + 8 < a.m ? g + 8 : 0) * a.k + 2 * t);
+    const unsigned* ar = reinterpret_cast<const unsigned*>(static_cast<const T*>(a.lora_A) + (8 * tile + g) * a.k + 2 * t);
+    const int chunks = static_cast<int>(a.k / 16);
+#pragma unroll 4
+    for (int kc = grp; kc < chunks; kc += groups) {
+      const int w0 = 8 * kc;  // 32-bit words: 16 columns
+      const uint32_t af[4] = {__ldg(x0 + w0), __ldg(x8 + w0), __ldg(x0 + w0 + 4), __ldg(x8 + w0 + 4)};
+      mma16816<T>(c, af, __ldg(ar + w0), __ldg(ar + w0 + 4));
+    }
+  }
+  // c: tokens g (c[0], c[1]) and g + 8 (c[2], c[3]), ranks 8 tile + 2t + {0, 1}.
+  part[g * 8 + 2 * t] = c[0];
+  part[g * 8 + 2 * t + 1] = c[1];
+  part[(g + 8) * 8 + 2 * t] = c[2];
+  part[(g + 8) * 8 + 2 * t + 1] = c[3];
+}
+
 // A 32-bit word of shared memory at a 32-bit shared address.
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
@@ -207,7 +238,22 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
       for (int it = 0; it < 32; ++it) table[(b0 + 8 * it) * 64 + q] = __float_as_uint(__ldg(args.scales.nested_code + b0 + 8 * it));
     }
   }
+  // The LoRA shrink when this kernel computes u: partial sums in each warp's ring slot S - 1 (the
+  // prologue filled slots 0 .. S - 2; the main loop refills S - 1 first, after the sums are read).
+  const bool own_u = args.lora_A != nullptr;
+  if (own_u) lora_shrink_partial<T>(args, reinterpret_cast<float*>(ring + (S - 1) * kSlot));
   __syncthreads();
+  if (own_u) {
+    const int tiles = args.r / 8, groups = kWarps / tiles;
+    for (int idx = threadIdx.x; idx < args.m * args.r; idx += kThreads) {
+      const int tok = idx / args.r, q = idx % args.r;
+      float v = 0.0f;
+      for (int grp = 0; grp < groups; ++grp)
+        v += reinterpret_cast<const float*>(smem + layout.ring(grp * tiles + q / 8) + (S - 1) * kSlot)[tok * 8 + q % 8];
+      args.lora_u32[idx] = v * args.lora_scale;
+    }
+    __syncthreads();  // u32 (global) is read by the block's strip epilogues
+  }
 
   // x: token 8j + g, this lane's 16 columns of each piece; tokens past M read token 0 (their mma
   // columns are independent of the others and never stored).

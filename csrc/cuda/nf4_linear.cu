@@ -16,13 +16,16 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
                            const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
                            double offset, int64_t blocksize, int64_t nested_blocksize, int64_t out_features,
                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_u,
-                           const c10::optional<at::Tensor>& lora_B) {
+                           const c10::optional<at::Tensor>& lora_B, const c10::optional<at::Tensor>& lora_A,
+                           double lora_scale) {
   const Nf4Weight w = check_nf4_linear_args(x, at::kCUDA, packed, absmax, nested_absmax, nested_code, offset,
-                                            blocksize, nested_blocksize, out_features, bias, lora_u, lora_B);
+                                            blocksize, nested_blocksize, out_features, bias, lora_u, lora_B, lora_A);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out;
-  if (nf4_gemv_cuda(x, w, bias, lora_u, lora_B, out)) return out;
-  return nf4_linear_tiled(x, w, bias, lora_u, lora_B, nf4_dequantize_rect_cuda);
+  if (nf4_gemv_cuda(x, w, bias, lora_u, lora_B, lora_A, lora_scale, out)) return out;
+  const c10::optional<at::Tensor> u =
+      lora_A.has_value() ? c10::optional<at::Tensor>(nf4_lora_u(x, *lora_A, lora_scale)) : lora_u;
+  return nf4_linear_tiled(x, w, bias, u, lora_B, nf4_dequantize_rect_cuda);
 }
 
 at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
