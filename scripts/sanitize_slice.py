@@ -98,6 +98,14 @@ def main():
                 x, bias = rnd(M, cols), rnd(rows)
                 y = _ops.nf4_linear(x, *nf4_args, bias, None, None)
                 close(y, reference.nf4_linear(x, packed, state, bias), f"nf4 decode ({kernel}) {rows}x{cols} bs={bs} M={M}", 2e-2)
+                # The LoRA shrink inside the block-aligned kernel (lora_A in place of lora_u; the
+                # general kernel gets u from a separate GEMM, so not under --no-cublas).
+                if kernel == "general" and no_cublas:
+                    continue
+                A, B = rnd(16, cols, sc=cols**-0.5), rnd(rows, 16, sc=0.3)
+                y = _ops.nf4_linear(x, *nf4_args, bias, None, B, A, 2.0)
+                close(y, reference.nf4_linear(x, packed, state, bias, A, B, 2.0),
+                      f"nf4 decode ({kernel}) + in-kernel LoRA shrink {rows}x{cols} M={M}", 2e-2)
         os.environ.pop("LORA_FUSED_NF4_GEMV")
     print("sanitize slice: all kernels ran and matched float64", flush=True)
 
