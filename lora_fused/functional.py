@@ -249,14 +249,6 @@ def _nf4_apply(x, A, B, bias, scaling, args, p=0.0):
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, bias))
     if wants_grad:
         y = _NF4LinearFunction.apply(x, A, B, bias, float(scaling), nf4, n, float(p), seed)
-    elif A is not None and p == 0.0:
-        # Inference: the op computes u = s x A^T itself (inside the decode kernel on CUDA).
-        x2 = x.reshape(-1, x.shape[-1])
-        if torch.compiler.is_compiling():
-            y = _ops.nf4_linear(x2, *nf4, n, bias, None, B, A, float(scaling))
-        else:
-            with torch._C._AutoDispatchBelowAutograd():
-                y = _ops.nf4_linear(x2, *nf4, n, bias, None, B, A, float(scaling))
     else:
         x2 = x.reshape(-1, x.shape[-1])
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
