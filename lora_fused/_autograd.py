@@ -60,7 +60,7 @@ def _nf4_linear_setup(ctx, inputs, output):
     # With lora_A the op made u = s x A^T itself: dx and dA need du = s dout B, dB needs u again.
     ctx.save_for_backward(
         packed, absmax, nested_absmax, nested_code,
-        lora_u if need_b else None, lora_B if (need_u or need_x or need_a) else None,
+        lora_u if need_b else None, lora_B if need_u or (ctx.own_u and (need_x or need_a)) else None,
         x if ctx.own_u and (need_a or need_b) else None, lora_A if ctx.own_u and (need_x or need_b) else None,
     )
 
