@@ -10,15 +10,11 @@ CUDA-graph medians (triton.testing.do_bench_cudagraph); results are checked agai
 import argparse
 
 import torch
-import triton.testing as tt
+from bench_nf4_decode import graph_us  # same folder: the same CUDA-graph timing
 
 import lora_fused
 from lora_fused import _ops, nf4
 from lora_fused.functional import _scaled_mm
-
-
-def graph_us(fn):
-    return tt.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
 
 
 def main():
