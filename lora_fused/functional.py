@@ -160,6 +160,8 @@ def lora_linear(
 
 
 _NF4_COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Rows of x up to which nf4_linear runs its decode kernels on CUDA (csrc/cuda/nf4_gemv.cu).
+NF4_DECODE_MAX_M = 16
 
 
 def _nf4_args(fn: str, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> tuple:
@@ -252,7 +254,16 @@ def _nf4_apply(x, A, B, bias, scaling, args, p=0.0):
     else:
         x2 = x.reshape(-1, x.shape[-1])
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
-        y = _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)[0]
+        if A is not None and xl is None and x2.is_cuda and x2.shape[0] <= NF4_DECODE_MAX_M:
+            # Decode: the op makes u = s x A^T itself, in a small kernel that its decode kernel overlaps.
+            lora = (bias, None, B, A, float(scaling))
+            if torch.compiler.is_compiling():
+                y = _ops.nf4_linear(x2, *nf4, n, *lora)
+            else:
+                with torch._C._AutoDispatchBelowAutograd():  # as in _nf4_forward
+                    y = _ops.nf4_linear(x2, *nf4, n, *lora)
+        else:
+            y = _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)[0]
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 

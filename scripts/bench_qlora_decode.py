@@ -1,6 +1,7 @@
 """Where the QLoRA decode time goes beyond the NF4 matmul (M <= 16), on the GPU at hand: qlora_linear
-(inference) beside nf4_linear alone and the shrink u = s x A^T computed two ways (cuBLAS mm + scale,
-as the layers do, and lora_fused's own lora_shrink kernel).
+(inference: nf4_linear with lora_A, u made by the op's shrink kernel) beside nf4_linear alone,
+nf4_linear given u from cuBLAS mm + scale (the path before), and the shrink alone two ways (cuBLAS
+mm + scale, and lora_fused's own lora_shrink kernel).
 
     python scripts/bench_qlora_decode.py [--M 1,16] [--shapes 4096:11008,8192:28672] [--r 16]
 
@@ -14,7 +15,7 @@ from bench_nf4_decode import graph_us  # same folder: the same CUDA-graph timing
 
 import lora_fused
 from lora_fused import _ops, nf4
-from lora_fused.functional import _scaled_mm
+from lora_fused.functional import _nf4_args, _scaled_mm
 
 
 def main():
@@ -33,15 +34,17 @@ def main():
         b = (torch.randn(d, r, device="cuda") * 0.1).to(dt)
         for m in (int(v) for v in args.M.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=dt)
+            nf4_args = _nf4_args("nf4_linear", x, packed, state)
             want_u = s * (x.double() @ a.double().t())
             want = x.double() @ wq.t() + (want_u @ b.double().t())
             fns = {
                 "qlora": lambda: lora_fused.qlora_linear(x, packed, state, a, b, s, training=False),
                 "nf4": lambda: lora_fused.nf4_linear(x, packed, state),
+                "u given": lambda: _ops.nf4_linear(x, *nf4_args, None, _scaled_mm(x, a.t(), s), b),
                 "shrink mm": lambda: _scaled_mm(x, a.t(), s),
                 "shrink op": lambda: _ops.lora_shrink(x, a, s),
             }
-            refs = {"qlora": want, "nf4": x.double() @ wq.t(), "shrink mm": want_u, "shrink op": want_u}
+            refs = {"qlora": want, "u given": want, "nf4": x.double() @ wq.t(), "shrink mm": want_u, "shrink op": want_u}
             row = f"{k:>5}->{d:<5} M={m:<2} r={r}"
             for name, fn in fns.items():
                 ref = refs[name]

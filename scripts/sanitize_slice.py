@@ -87,8 +87,10 @@ def main():
                   f"qlora_linear dx {rows}x{cols} M={M}", 2e-2)
     # Both NF4 decode kernels, forced, on block-aligned shapes (blocksize 64, K % 256 == 0): the
     # block-aligned one's cp.async ring, also across strip boundaries (4500 rows: more 16-row strips
-    # than an H100's 264 teams), scale copies, rows past N, warps without columns (K = 256, 512).
-    for rows, cols, bs, dq in ((37, 512, 64, True), (4500, 256, 64, False), (19, 1024, 64, False))[: 2 if quick else 3]:
+    # than an H100's 264 teams), scale copies, rows past N, warps without columns (K = 256, 512); the
+    # LoRA term staged in shared memory (lora_B rows by cp.async + mbarrier), u given or from the shrink
+    # kernel's partial sums (K = 2304: three slices) under programmatic dependent launch.
+    for rows, cols, bs, dq in ((37, 512, 64, True), (4500, 256, 64, False), (19, 2304, 64, False))[: 2 if quick else 3]:
         wt = rnd(rows, cols, dt=torch.float32, sc=cols**-0.5)
         packed, state = nf4.quantize(wt, bs, double_quant=dq)
         nf4_args = _nf4_args("nf4_linear", rnd(1, cols), packed, state)
@@ -98,14 +100,16 @@ def main():
                 x, bias = rnd(M, cols), rnd(rows)
                 y = _ops.nf4_linear(x, *nf4_args, bias, None, None)
                 close(y, reference.nf4_linear(x, packed, state, bias), f"nf4 decode ({kernel}) {rows}x{cols} bs={bs} M={M}", 2e-2)
-                # The LoRA shrink inside the block-aligned kernel (lora_A in place of lora_u; the
-                # general kernel gets u from a separate GEMM, so not under --no-cublas).
+                A, B = rnd(16, cols, sc=cols**-0.5), rnd(rows, 16, sc=0.3)
+                ref = reference.nf4_linear(x, packed, state, bias, A, B, 2.0)
+                y = _ops.nf4_linear(x, *nf4_args, bias, _ops.lora_shrink(x, A, 2.0), B)
+                close(y, ref, f"nf4 decode ({kernel}) + LoRA, u given {rows}x{cols} M={M}", 2e-2)
+                # lora_A in place of lora_u: the shrink kernel on the block-aligned path; the general
+                # kernel gets u from a separate GEMM, so not under --no-cublas.
                 if kernel == "general" and no_cublas:
                     continue
-                A, B = rnd(16, cols, sc=cols**-0.5), rnd(rows, 16, sc=0.3)
                 y = _ops.nf4_linear(x, *nf4_args, bias, None, B, A, 2.0)
-                close(y, reference.nf4_linear(x, packed, state, bias, A, B, 2.0),
-                      f"nf4 decode ({kernel}) + in-kernel LoRA shrink {rows}x{cols} M={M}", 2e-2)
+                close(y, ref, f"nf4 decode ({kernel}) + LoRA, u from lora_A {rows}x{cols} M={M}", 2e-2)
         os.environ.pop("LORA_FUSED_NF4_GEMV")
     print("sanitize slice: all kernels ran and matched float64", flush=True)
 

@@ -132,6 +132,14 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
     assert_error_rule(y, ref, same, f"decode {kernel}")
     y0 = lora_fused.nf4_linear(x, packed, state)
     assert_error_rule(y0, reference.nf4_linear(x, packed, state), x @ w.t(), f"decode {kernel}, no bias/LoRA")
+    # u given (as in training): staged in shared memory by the block-aligned kernel.
+    s2 = state.state2
+    args = (packed, state.absmax, s2.absmax if s2 else None, s2.code if s2 else None, state.offset or 0.0,
+            state.blocksize, s2.blocksize if s2 else 256, N)
+    u = 0.5 * (x @ a.t())
+    yu = _ops.nf4_linear(x, *args, bias, u, b)
+    assert_error_rule(yu, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), x @ w.t() + u @ b.t() + bias,
+                      f"decode {kernel}, lora_u")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -394,14 +402,18 @@ def test_every_subset_of_inputs_needing_gradients(device, dropout, bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("M,N,K", [(1, 269, 256), (16, 1031, 512), (5, 64, 96), (20, 40, 64)])
+@pytest.mark.parametrize(
+    "M,N,K,dtype",
+    [(1, 269, 256, torch.bfloat16), (16, 1031, 512, torch.bfloat16), (3, 130, 2304, torch.float16),
+     (9, 77, 1280, torch.bfloat16), (5, 64, 96, torch.bfloat16), (20, 40, 64, torch.bfloat16)],
+)
 @pytest.mark.parametrize("r", [1, 8, 12, 16, 64, 128, 136])
-def test_nf4_linear_computes_the_lora_shrink(device, M, N, K, r):
-    # nf4_linear with lora_A (and lora_scale) in place of lora_u: u = s x A^T made by the op, inside
-    # the block-aligned decode kernel on CUDA where it applies (r % 8 == 0, r <= 128; here the
-    # (1, 269, 256) and (16, 1031, 512) cases), by a separate GEMM elsewhere. Forward against float64,
-    # and the gradients of x, A, B through the op's autograd formula.
-    dtype = torch.bfloat16
+def test_nf4_linear_computes_the_lora_shrink(device, M, N, K, dtype, r):
+    # nf4_linear with lora_A (and lora_scale) in place of lora_u: u = s x A^T made by the op. On CUDA
+    # where the block-aligned decode kernel applies (K % 256 == 0, M <= 16) and r % 8 == 0: partial
+    # sums over 1024-column slices of K (2304: three, the last partial) from a small kernel, added by
+    # the decode kernel; elsewhere by a separate GEMM. Forward against float64, and the gradients of
+    # x, A, B through the op's autograd formula.
     packed, state = _weight(N, K, device)
     s2 = state.state2
     args = (packed, state.absmax, s2.absmax, s2.code, state.offset, state.blocksize, s2.blocksize, N)

@@ -1,5 +1,5 @@
 // Warp-level tensor-core building blocks (sm_80 and newer): mma.sync m16n8k16 with fp32
-// accumulators, ldmatrix, cp.async. Shared by the kernels that use tensor cores without CUTLASS.
+// accumulators, ldmatrix, cp.async (and an mbarrier that tracks it). Shared by the kernels that use tensor cores without CUTLASS.
 // Compiled for an older target they trap: their launchers check the GPU first.
 #pragma once
 #include <ATen/ATen.h>
@@ -75,6 +75,29 @@ __device__ __forceinline__ void cp_async_commit() { LORA_FUSED_SM80_ONLY(asm vol
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   LORA_FUSED_SM80_ONLY(asm volatile("cp.async.wait_group %0;\n" ::"n"(N)));
+}
+
+
+// An mbarrier that completes a phase when `count` threads have arrived through
+// cp_async_arrive_on(), each once their earlier cp.async copies have landed.
+__device__ __forceinline__ void mbarrier_init(uint32_t mbar, int count) {
+  LORA_FUSED_SM80_ONLY(asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(mbar), "r"(count) : "memory"));
+}
+// This thread's arrival, when all the cp.async copies it issued so far are complete.
+__device__ __forceinline__ void cp_async_arrive_on(uint32_t mbar) {
+  LORA_FUSED_SM80_ONLY(asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(mbar) : "memory"));
+}
+// Waits until the phase of the given parity (0, 1, 0, ...: phase number % 2) has completed.
+__device__ __forceinline__ void mbarrier_wait_parity(uint32_t mbar, uint32_t parity) {
+  LORA_FUSED_SM80_ONLY(asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.test_wait.parity.shared.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(mbar),
+      "r"(parity)
+      : "memory"));
 }
 
 }  // namespace cuda

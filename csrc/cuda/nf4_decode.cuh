@@ -77,7 +77,7 @@ at::Tensor nf4_dequantize_rect_cuda(const Nf4Weight& w, int64_t row0, int64_t ro
                                     at::ScalarType dtype);
 // The small-M kernel: false (and nothing launched) when the shapes/dtypes are outside what it takes.
 // The LoRA term: lora_u @ lora_B^T, or with lora_A (and no lora_u) u = lora_scale * x @ lora_A^T
-// first (in the block-aligned kernel itself where it applies).
+// first (where the block-aligned kernel applies, by a small kernel that it overlaps).
 bool nf4_gemv_cuda(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
                    const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
                    const c10::optional<at::Tensor>& lora_A, double lora_scale, at::Tensor& out);

@@ -3,8 +3,9 @@
 //
 // Tiling: a thread block takes R strips of 16 weight rows (persistent over the strips of N); its 8
 // warps split K, each with the next step's loads in flight while it computes the current one. A
-// warp step is a 16-row x 128-column tile of W: the 4 lanes of each row group load 16 bytes (32 elements) of rows g and g+8, and 8 mma.m16n8k16 per strip consume them against
-// ceil(M/8) tiles of 8 tokens. The partial sums of the 8 warps meet in shared memory; the epilogue
+// warp step is a 16-row x 128-column tile of W: the 4 lanes of each row group load 16 bytes (32
+// elements) of rows g and g+8, and 8 mma.m16n8k16 per strip consume them against ceil(M/8) tiles of
+// 8 tokens. The partial sums of the 8 warps meet in shared memory; the epilogue
 // adds bias and the LoRA term in fp32 and rounds once.
 //
 // Why the k-permutation is right: an mma sums over its 16 k positions in any order, so any bijection
@@ -210,7 +211,7 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
   if (bs_shift < 5) return false;  // a 32-element chunk must sit in one quantization block
   at::Tensor x = x_in.contiguous();
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) x = x.clone();
-  at::Tensor u, b, a_lora, u32;
+  at::Tensor u, b, a_lora, parts;
   GemvArgs a{};
   a.x = x.data_ptr();
   a.packed = w.packed.data_ptr<uint8_t>();
@@ -227,26 +228,32 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
   const int sms = props->multiProcessorCount;
   const char* force = std::getenv("LORA_FUSED_NF4_GEMV");
   const bool aligned = (force == nullptr || std::string(force) != "general") && cuda::nf4_gemv_blockaligned_takes(a);
-  if (lora_A.has_value() || lora_u.has_value()) {
+  const bool lora = lora_A.has_value() || lora_u.has_value();
+  if (lora) {
     b = lora_B->contiguous();
+    if (aligned && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 != 0) b = b.clone();  // staged in 16-byte copies
     a.lora_B = b.data_ptr();
+    a.r = static_cast<int>(b.size(1));
+    a.lora_smem = aligned && a.r % 8 == 0 && cuda::nf4_gemv_blockaligned_fits_lora(a, t);
   }
-  if (lora_A.has_value() && aligned && cuda::nf4_gemv_blockaligned_computes_u(lora_A->size(0))) {
-    // u = lora_scale * x @ lora_A^T in the kernel: every block computes it (fp32, into u32).
+  bool pdl = false;
+  if (lora_A.has_value() && a.lora_smem) {
+    // u = lora_scale * x @ lora_A^T: partial sums from a small kernel that the decode kernel may
+    // overlap (sm_90), added and scaled by the decode kernel.
     a_lora = lora_A->contiguous();
-    if (reinterpret_cast<uintptr_t>(a_lora.data_ptr()) % 16 != 0) a_lora = a_lora.clone();  // 4-byte loads
-    u32 = at::empty({m, a_lora.size(0)}, x.options().dtype(at::kFloat));
-    a.lora_A = a_lora.data_ptr();
+    if (reinterpret_cast<uintptr_t>(a_lora.data_ptr()) % 16 != 0) a_lora = a_lora.clone();
+    a.lora_splits = cuda::nf4_lora_splits(k);
+    parts = at::empty({a.lora_splits, m, a.r}, x.options().dtype(at::kFloat));
+    cuda::nf4_lora_shrink_partials_launch(x.data_ptr(), a_lora.data_ptr(), parts.data_ptr<float>(), a.m, a.r, k, t, stream);
+    a.lora_parts = parts.data_ptr<float>();
     a.lora_scale = static_cast<float>(lora_scale);
-    a.lora_u32 = u32.data_ptr<float>();
-    a.r = static_cast<int>(a_lora.size(0));
-  } else if (lora_A.has_value() || lora_u.has_value()) {
+    pdl = props->major >= 9;
+  } else if (lora) {
     u = lora_A.has_value() ? nf4_lora_u(x, *lora_A, lora_scale) : lora_u->contiguous();
     a.lora_u = u.data_ptr();
-    a.r = static_cast<int>(u.size(1));
   }
   if (aligned) {
-    cuda::nf4_gemv_blockaligned_launch(a, t, stream, sms);
+    cuda::nf4_gemv_blockaligned_launch(a, t, stream, sms, pdl);
     return true;
   }
   if (t == at::kBFloat16) {

@@ -22,14 +22,19 @@ struct GemvArgs {
   int bs_shift;
   int m;
   int64_t n, k;
-  const void* bias;    // [n] or nullptr
-  const void* lora_u;  // [m, r] or nullptr
+  const void* bias;  // [n] or nullptr
+  // The LoRA term u @ lora_B^T, u [m, r] either given (lora_u) or lora_scale times the sum, in split
+  // order, of lora_splits fp32 partial products [lora_splits][m][r] of x @ lora_A^T (lora_parts,
+  // nf4_lora_shrink_partials; the block-aligned kernel adds them once it has waited for that grid).
+  const void* lora_u;
+  const float* lora_parts;
+  int lora_splits;
+  float lora_scale;
   const void* lora_B;  // [n, r]
   int r;
-  // Or u computed by the (block-aligned) kernel: u32 [m, r] fp32 = lora_scale * x @ lora_A^T.
-  const void* lora_A;  // [r, k] or nullptr
-  float lora_scale;
-  float* lora_u32;
+  // Block-aligned kernel: u and each strip's lora_B rows staged in shared memory (r % 8 == 0, lora_B
+  // 16-byte aligned); lora_parts needs it.
+  bool lora_smem;
   void* out;  // [m, n]
 };
 
@@ -48,22 +53,15 @@ __device__ __forceinline__ void gemv_team_barrier(int bar_id) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(bar_id), "n"(kGemvThreads) : "memory");
 }
 
-// sum_q u[q] * b[q] in fp32, q ascending (u: T, or fp32 as the block-aligned kernel computes it);
-// 16-byte loads where the rows allow (vec).
-template <typename U, typename T>
-__device__ __forceinline__ float lora_dot(const U* u, const T* b, int r, bool vec) {
+// sum_q u[q] * b[q] in fp32, q ascending, from global memory; 16-byte loads where the rows allow (vec).
+template <typename T>
+__device__ __forceinline__ float lora_dot(const T* u, const T* b, int r, bool vec) {
   float l = 0.0f;
   if (vec) {
 #pragma unroll 4
     for (int q = 0; q < r; q += 8) {
-      U ue[8];
-      if constexpr (sizeof(U) == 4) {
-        *reinterpret_cast<float4*>(ue) = *reinterpret_cast<const float4*>(u + q);  // written by this kernel: no __ldg
-        *reinterpret_cast<float4*>(ue + 4) = *reinterpret_cast<const float4*>(u + q + 4);
-      } else {
-        *reinterpret_cast<uint4*>(ue) = __ldg(reinterpret_cast<const uint4*>(u + q));
-      }
-      const uint4 bv = __ldg(reinterpret_cast<const uint4*>(b + q));
+      const uint4 uv = __ldg(reinterpret_cast<const uint4*>(u + q)), bv = __ldg(reinterpret_cast<const uint4*>(b + q));
+      const T* ue = reinterpret_cast<const T*>(&uv);
       const T* be = reinterpret_cast<const T*>(&bv);
 #pragma unroll
       for (int e = 0; e < 8; ++e) l = fma_acc(static_cast<float>(ue[e]), static_cast<float>(be[e]), l);
@@ -74,13 +72,31 @@ __device__ __forceinline__ float lora_dot(const U* u, const T* b, int r, bool ve
   return l;
 }
 
+// The same from shared memory: u fp32, b T, r % 8 == 0 and 16-byte aligned rows.
+template <typename T>
+__device__ __forceinline__ float lora_dot_smem(const float* u, const T* b, int r) {
+  float l = 0.0f;
+#pragma unroll 4
+  for (int q = 0; q < r; q += 8) {
+    const float4 u0 = *reinterpret_cast<const float4*>(u + q), u1 = *reinterpret_cast<const float4*>(u + q + 4);
+    const uint4 bv = *reinterpret_cast<const uint4*>(b + q);
+    const float ue[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+    const T* be = reinterpret_cast<const T*>(&bv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) l = fma_acc(ue[e], static_cast<float>(be[e]), l);
+  }
+  return l;
+}
+
 // acc[i][j]: this lane's mma accumulators for rows 16i + g (q = 0, 1) and 16i + g + 8 (q = 2, 3),
 // tokens 8j + 2t + (q & 1). Sums them over the team's kGemvWarps warps (tid: the thread's index in
 // its team, bar_id: the team's barrier) and writes out[tok][nbase + row], + bias + the LoRA term.
-// Every thread of the team calls it once per strip.
+// Every thread of the team calls it once per strip. The LoRA term comes from u_s [m][r] and the
+// strip's lora_B rows b_s [16 R][r] in shared memory when given, else from global memory.
 template <typename T, int R, int NT>
 __device__ __forceinline__ void gemv_finish_strip(const GemvArgs& a, float* red, const float (&acc)[R][NT][4],
-                                                  int64_t nbase, int tid, int bar_id) {
+                                                  int64_t nbase, int tid, int bar_id, const float* u_s = nullptr,
+                                                  const T* b_s = nullptr) {
   constexpr int kRows = 16 * R, kCols = 8 * NT, kStride = kCols + 1;
   constexpr int kPer = (kRows * kCols + kGemvThreads - 1) / kGemvThreads;  // outputs per thread
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
@@ -90,9 +106,8 @@ __device__ __forceinline__ void gemv_finish_strip(const GemvArgs& a, float* red,
   T* out = static_cast<T*>(a.out);
   // Bias and LoRA term of this thread's outputs before the barrier: their loads overlap the wait
   // for the team's other warps instead of following it.
-  const bool lora = u != nullptr || a.lora_u32 != nullptr;
-  const bool vec = a.r % 8 == 0 && reinterpret_cast<uintptr_t>(u) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(a.lora_u32) % 16 == 0 && reinterpret_cast<uintptr_t>(lb) % 16 == 0;
+  const bool lora = u != nullptr || u_s != nullptr;
+  const bool vec = a.r % 8 == 0 && reinterpret_cast<uintptr_t>(u) % 16 == 0 && reinterpret_cast<uintptr_t>(lb) % 16 == 0;
   float bias_v[kPer], lora_v[kPer];
 #pragma unroll
   for (int e = 0; e < kPer; ++e) {
@@ -102,8 +117,8 @@ __device__ __forceinline__ void gemv_finish_strip(const GemvArgs& a, float* red,
     const bool ok = idx < kRows * kCols && gn < a.n && tok < a.m;
     bias_v[e] = ok && bias != nullptr ? static_cast<float>(bias[gn]) : 0.0f;
     lora_v[e] = !ok || !lora ? 0.0f
-                : a.lora_u32 != nullptr ? lora_dot(a.lora_u32 + tok * a.r, lb + gn * a.r, a.r, vec)
-                                        : lora_dot(u + tok * a.r, lb + gn * a.r, a.r, vec);
+                : u_s != nullptr ? lora_dot_smem(u_s + tok * a.r, b_s + row * a.r, a.r)
+                                 : lora_dot(u + tok * a.r, lb + gn * a.r, a.r, vec);
   }
 #pragma unroll
   for (int i = 0; i < R; ++i)
@@ -142,10 +157,19 @@ inline bool nf4_gemv_blockaligned_takes(const GemvArgs& a) {
   return a.bs_shift == 6 && a.k % 256 == 0 && aligned && (!nested || a.scales.nested_shift >= 2) &&
          a.n * (a.k >> 6) < (int64_t{1} << 31);
 }
-// Whether the block-aligned kernel computes u = lora_scale * x @ lora_A^T itself for rank r: rank
-// tiles of 8, at most one per warp.
-inline bool nf4_gemv_blockaligned_computes_u(int64_t r) { return r % 8 == 0 && r <= 128; }
-void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms);
+// Whether the block-aligned kernel can stage the LoRA term in shared memory (a.lora_smem) beside its
+// ring and table for this m and r, on this GPU.
+bool nf4_gemv_blockaligned_fits_lora(const GemvArgs& a, at::ScalarType dtype);
+// pdl: the kernel may start while the previous kernel in the stream (the shrink) still runs.
+void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl);
+
+// x @ lora_A^T for nf4_linear's decode (x [m, k] and lora_A [r, k] contiguous, 16-byte aligned,
+// k % 256 == 0, m <= 16): parts [nf4_lora_splits(k)][m][r] fp32, partial sums over slices of
+// kNf4LoraSplitCols columns. It lets the next kernel start early (programmatic dependent launch).
+constexpr int kNf4LoraSplitCols = 1024;
+int nf4_lora_splits(int64_t k);
+void nf4_lora_shrink_partials_launch(const void* x, const void* lora_A, float* parts, int m, int r, int64_t k,
+                                     at::ScalarType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lora_fused

@@ -27,10 +27,13 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <array>
+
 #include "cuda/common.cuh"
 #include "cuda/mma_sm80.cuh"
 #include "cuda/nf4_decode.cuh"
 #include "cuda/nf4_gemv.cuh"
+#include "cuda/pdl.cuh"
 
 namespace lora_fused {
 namespace cuda {
@@ -44,6 +47,8 @@ constexpr int kCode2Col = 128;       // byte of the code2[b] copies in table row
 constexpr int kRowBytes = 128;       // a step's bytes per weight row (256 columns)
 constexpr int kStepBytes = 16 * kRowBytes;
 constexpr int kStepCols = 256;
+// 4 ring slots: 3 steps (6 KiB a warp, 96 KiB an SM) in flight; one block (16 warps) per SM.
+constexpr int kRingSlots = 4;
 
 // A ring slot: the step's weight bytes, then its scales: 16 rows x 4 code bytes and 16 nested fp32
 // scales (double quantization), or 16 rows x 4 fp32 scales.
@@ -62,17 +67,25 @@ __device__ __forceinline__ uint32_t table_address(uint32_t w, uint32_t base_lo, 
   return __byte_perm(w, base_lo, 0x7604u | (static_cast<uint32_t>(i) << 4));
 }
 
+// Shared memory for the LoRA term when it is staged (a.lora_smem): u [m][r] fp32, each team's strip
+// rows of lora_B [16][r], and the teams' mbarriers (8 bytes each).
+__host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
+  return a.lora_smem ? static_cast<uint32_t>(4 * a.m * a.r + kTeams * 16 * 2 * a.r + 8 * kTeams) : 0u;
+}
+
 // Where things are in dynamic shared memory (byte offsets) when it starts at shared address `base`:
 // the table at the first 64 KiB-aligned address (so that table_address needs no add), as many
-// warps' rings before it as fit, the other rings and the teams' reductions after it.
+// warps' rings before it as fit, the other rings, the teams' reductions and the LoRA staging after it.
 struct SmemLayout {
-  uint32_t table, before, after, ring_bytes, red, end;
-  __host__ __device__ SmemLayout(uint32_t base, uint32_t ring_bytes_, uint32_t red_bytes) : ring_bytes(ring_bytes_) {
+  uint32_t table, before, after, ring_bytes, red, lora, end;
+  __host__ __device__ SmemLayout(uint32_t base, uint32_t ring_bytes_, uint32_t red_bytes, uint32_t lora_bytes)
+      : ring_bytes(ring_bytes_) {
     table = (0u - base) & 0xffffu;
     before = table / ring_bytes < kWarps ? table / ring_bytes : kWarps;
     after = table + kTableBytes;
     red = after + (kWarps - before) * ring_bytes;
-    end = red + kTeams * red_bytes;
+    lora = red + kTeams * red_bytes;
+    end = lora + lora_bytes;
   }
   __host__ __device__ uint32_t ring(int warp) const {
     return warp < static_cast<int>(before) ? warp * ring_bytes : after + (warp - before) * ring_bytes;
@@ -148,35 +161,18 @@ __device__ __forceinline__ void issue_step(uint32_t slot, const GemvArgs& a, con
   cp_async_commit();
 }
 
-// u = lora_scale * x @ lora_A^T for qlora_linear's inference path, computed by every block (the same
-// fp32 values, so the blocks' writes to u32 agree; a second kernel would cost more than the block's
-// read of lora_A from L2): warp w takes rank tile w % tiles (8 ranks) and every groups-th 16-column
-// chunk of K from w / tiles, on tensor cores (x as the 16 x 16 A operand; tokens past M read token
-// 0, never stored). Its partial sums [16 tokens][8 ranks] go to `part`; lora_shrink_finish adds the
-// groups in a fixed order.
+// Team `team`'s copies of the lora_B rows of strip `strip` ([16][r], rows past n as zeros) into
+// b_s, then every thread's arrival on the team's mbarrier, which completes when they have landed.
 template <typename T>
-__device__ __forceinline__ void lora_shrink_partial(const GemvArgs& a, float* part) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-  const int tiles = a.r / 8, groups = kWarps / tiles, tile = warp % tiles, grp = warp / tiles;
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (grp < groups) {
-    const T* x = static_cast<const T*>(a.x);
-    const unsigned* x0 = reinterpret_cast<const unsigned*>(x + (g < a.m ? g : 0) * a.k + 2 * t);
-    const unsigned* x8 = reinterpret_cast<const unsigned*>(x + (g + 8 < a.m ? g + 8 : 0) * a.k + 2 * t);
-    const unsigned* ar = reinterpret_cast<const unsigned*>(static_cast<const T*>(a.lora_A) + (8 * tile + g) * a.k + 2 * t);
-    const int chunks = static_cast<int>(a.k / 16);
-#pragma unroll 4
-    for (int kc = grp; kc < chunks; kc += groups) {
-      const int w0 = 8 * kc;  // 32-bit words: 16 columns
-      const uint32_t af[4] = {__ldg(x0 + w0), __ldg(x8 + w0), __ldg(x0 + w0 + 4), __ldg(x8 + w0 + 4)};
-      mma16816<T>(c, af, __ldg(ar + w0), __ldg(ar + w0 + 4));
-    }
+__device__ __forceinline__ void stage_lora_rows(const GemvArgs& a, T* b_s, uint32_t mbar, int64_t strip, int tid) {
+  const T* lb = static_cast<const T*>(a.lora_B);
+  const int per_row = a.r / 8;  // 16-byte chunks
+  if (tid < 16 * per_row) {
+    const int64_t row = strip * 16 + tid / per_row;
+    const bool ok = row < a.n;
+    cp_async_16(smem_u32(b_s) + 16 * tid, ok ? lb + row * a.r + 8 * (tid % per_row) : lb, ok ? 16 : 0);
   }
-  // c: tokens g (c[0], c[1]) and g + 8 (c[2], c[3]), ranks 8 tile + 2t + {0, 1}.
-  part[g * 8 + 2 * t] = c[0];
-  part[g * 8 + 2 * t + 1] = c[1];
-  part[(g + 8) * 8 + 2 * t] = c[2];
-  part[(g + 8) * 8 + 2 * t + 1] = c[3];
+  cp_async_arrive_on(mbar);
 }
 
 // A 32-bit word of shared memory at a 32-bit shared address.
@@ -190,7 +186,7 @@ template <typename T, int NT, int S, bool kNested>
 __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
   extern __shared__ float4 smem_raw[];
   constexpr int kSlot = slot_bytes<kNested>();
-  const SmemLayout layout(smem_u32(smem_raw), S * kSlot, gemv_reduction_bytes<1, NT>());
+  const SmemLayout layout(smem_u32(smem_raw), S * kSlot, gemv_reduction_bytes<1, NT>(), lora_smem_bytes(args));
   uint32_t smem_bytes;
   asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(smem_bytes));
   if (layout.end > smem_bytes) __trap();  // the host sized it for another base address
@@ -201,6 +197,11 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
   char* ring = smem + layout.ring(warp);
   float* red = reinterpret_cast<float*>(smem + layout.red + team * gemv_reduction_bytes<1, NT>());
   const uint32_t ring_s = smem_u32(ring), table_s = smem_u32(table);
+  // The LoRA staging: u, this team's lora_B rows, its mbarrier.
+  float* u_s = reinterpret_cast<float*>(smem + layout.lora);
+  T* b_s = reinterpret_cast<T*>(smem + layout.lora + 4 * args.m * args.r + team * 32 * args.r);
+  const uint32_t mbar = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * 32 * args.r + 8 * team);
+  if (args.lora_smem && threadIdx.x % kGemvThreads == 0) mbarrier_init(mbar, kGemvThreads);
 
   const int64_t strips = ceil_div<int64_t>(args.n, 16), strip_stride = int64_t{kTeams} * gridDim.x;
   const int64_t first_strip = int64_t{kTeams} * blockIdx.x + team;
@@ -238,22 +239,24 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
       for (int it = 0; it < 32; ++it) table[(b0 + 8 * it) * 64 + q] = __float_as_uint(__ldg(args.scales.nested_code + b0 + 8 * it));
     }
   }
-  // The LoRA shrink when this kernel computes u: partial sums in each warp's ring slot S - 1 (the
-  // prologue filled slots 0 .. S - 2; the main loop refills S - 1 first, after the sums are read).
-  const bool own_u = args.lora_A != nullptr;
-  if (own_u) lora_shrink_partial<T>(args, reinterpret_cast<float*>(ring + (S - 1) * kSlot));
-  __syncthreads();
-  if (own_u) {
-    const int tiles = args.r / 8, groups = kWarps / tiles;
-    for (int idx = threadIdx.x; idx < args.m * args.r; idx += kThreads) {
-      const int tok = idx / args.r, q = idx % args.r;
+  // u into shared memory: given, or the shrink kernel's partial sums, which this kernel may have
+  // started before (programmatic dependent launch): wait for that grid first. The ring's first steps
+  // are in flight meanwhile.
+  if (args.lora_smem) {
+    if (args.lora_parts != nullptr) pdl_wait();
+    const int mr = args.m * args.r;
+    for (int idx = threadIdx.x; idx < mr; idx += kThreads) {
       float v = 0.0f;
-      for (int grp = 0; grp < groups; ++grp)
-        v += reinterpret_cast<const float*>(smem + layout.ring(grp * tiles + q / 8) + (S - 1) * kSlot)[tok * 8 + q % 8];
-      args.lora_u32[idx] = v * args.lora_scale;
+      if (args.lora_parts != nullptr) {
+        for (int sp = 0; sp < args.lora_splits; ++sp) v += args.lora_parts[sp * mr + idx];
+        v *= args.lora_scale;
+      } else {
+        v = static_cast<float>(static_cast<const T*>(args.lora_u)[idx]);
+      }
+      u_s[idx] = v;
     }
-    __syncthreads();  // u32 (global) is read by the block's strip epilogues
   }
+  __syncthreads();  // the table, u, the mbarriers' initialisation
 
   // x: token 8j + g, this lane's 16 columns of each piece; tokens past M read token 0 (their mma
   // columns are independent of the others and never stored).
@@ -267,7 +270,10 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
   for (int p = 0; p < 4; ++p) rd[p] = chunk_offset(g, 2 * p + (t >> 1)) + 8 * (t & 1);
   const uint32_t lane4 = table_s | (4u * lane), code2_col = table_s | (kCode2Col + 4u * g);
   uint32_t slot = 0, prev = (S - 1) * kSlot;  // bytes: the slot read now, and the one read one step ago
+  uint32_t phase = 0;                           // of the team's mbarrier
   for (int64_t strip = first_strip; strip < strips; strip += strip_stride) {
+    // The strip's lora_B rows land while its steps run (the last strip's epilogue has read the last).
+    if (args.lora_smem) stage_lora_rows<T>(args, b_s, mbar, strip, threadIdx.x % kGemvThreads);
     float acc[1][NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
@@ -352,47 +358,70 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
 #pragma unroll
       for (int j = 0; j < NT; ++j) xw[j] += kStepCols * kGemvWarps;
     }
-    gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team);
+    if (args.lora_smem) {
+      mbarrier_wait_parity(mbar, phase);
+      phase ^= 1;
+      gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team, u_s, b_s);
+    } else {
+      gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team);
+    }
   }
   cp_async_wait<0>();  // the steps issued past the team's last strip
 }
 
+// The kernel's dynamic shared memory for a; it starts after the reserved bytes (1 KiB on sm80-sm90)
+// and the kernel's static shared memory (none; cudaFuncGetAttributes may count the reserved bytes
+// in it, so both readings are sized for and the kernel checks its own).
 template <typename T, int NT, bool kNested>
-void launch(const GemvArgs& a, cudaStream_t stream, int sms) {
-  // 4 ring slots: 3 steps (6 KiB a warp, 96 KiB an SM) in flight; one block (16 warps) per SM.
-  constexpr int S = 4;
-  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, S, kNested>;
-  // Dynamic shared memory starts after the reserved bytes (1 KiB on sm80-sm90) and the kernel's
-  // static shared memory (none; cudaFuncGetAttributes may count the reserved bytes in it, so both
-  // readings are sized for and the kernel checks its own).
-  static const size_t smem = [] {
+size_t smem_bytes(const GemvArgs& a) {
+  constexpr int S = kRingSlots;
+  static const std::array<uint32_t, 2> offsets = [] {
     int reserved = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, at::cuda::current_device()));
     cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    const uint32_t ring = S * slot_bytes<kNested>(), red = gemv_reduction_bytes<1, NT>();
-    const uint32_t r = static_cast<uint32_t>(reserved), st = static_cast<uint32_t>(attr.sharedSizeBytes);
-    return static_cast<size_t>(std::max(SmemLayout(r, ring, red).end, SmemLayout(r + st, ring, red).end));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, S, kNested>));
+    return std::array<uint32_t, 2>{static_cast<uint32_t>(reserved), static_cast<uint32_t>(reserved + attr.sharedSizeBytes)};
   }();
-  opt_in_dynamic_smem<kernel>(smem);
+  const uint32_t ring = S * slot_bytes<kNested>(), red = gemv_reduction_bytes<1, NT>(), lora = lora_smem_bytes(a);
+  return std::max(SmemLayout(offsets[0], ring, red, lora).end, SmemLayout(offsets[1], ring, red, lora).end);
+}
+
+template <typename T, int NT, bool kNested>
+void launch(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, kRingSlots, kNested>;
+  // Opted in to the GPU's limit once, as the LoRA staging makes the size vary by call.
+  opt_in_dynamic_smem<kernel>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const int64_t strips = ceil_div<int64_t>(a.n, 16);
   const int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, kTeams), sms));
-  nf4_gemv_blockaligned_kernel<T, NT, S, kNested><<<grid, kThreads, smem, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(kThreads), smem_bytes<T, NT, kNested>(a), stream, a);
 }
 
 template <typename T, int NT>
-void launch_scales(const GemvArgs& a, cudaStream_t stream, int sms) {
-  if (a.scales.absmax == nullptr) launch<T, NT, true>(a, stream, sms); else launch<T, NT, false>(a, stream, sms);
+void launch_scales(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
+  if (a.scales.absmax == nullptr) launch<T, NT, true>(a, stream, sms, pdl); else launch<T, NT, false>(a, stream, sms, pdl);
+}
+
+template <typename T>
+size_t smem_bytes_for(const GemvArgs& a) {
+  const bool nested = a.scales.absmax == nullptr;
+  if (a.m <= 8) return nested ? smem_bytes<T, 1, true>(a) : smem_bytes<T, 1, false>(a);
+  return nested ? smem_bytes<T, 2, true>(a) : smem_bytes<T, 2, false>(a);
 }
 
 }  // namespace
 
-void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms) {
+bool nf4_gemv_blockaligned_fits_lora(const GemvArgs& a, at::ScalarType dtype) {
+  GemvArgs staged = a;
+  staged.lora_smem = true;
+  const size_t need = dtype == at::kBFloat16 ? smem_bytes_for<at::BFloat16>(staged) : smem_bytes_for<at::Half>(staged);
+  return need <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+}
+
+void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl) {
   if (dtype == at::kBFloat16) {
-    if (a.m <= 8) launch_scales<at::BFloat16, 1>(a, stream, sms); else launch_scales<at::BFloat16, 2>(a, stream, sms);
+    if (a.m <= 8) launch_scales<at::BFloat16, 1>(a, stream, sms, pdl); else launch_scales<at::BFloat16, 2>(a, stream, sms, pdl);
   } else {
-    if (a.m <= 8) launch_scales<at::Half, 1>(a, stream, sms); else launch_scales<at::Half, 2>(a, stream, sms);
+    if (a.m <= 8) launch_scales<at::Half, 1>(a, stream, sms, pdl); else launch_scales<at::Half, 2>(a, stream, sms, pdl);
   }
 }
 

@@ -1,0 +1,102 @@
+// The LoRA shrink of qlora_linear's decode path, x @ lora_A^T for M <= 16 tokens, as partial sums
+// over slices of K that the block-aligned decode kernel adds (in split order, so the result does not
+// depend on timing) and scales when it starts. Launched just before that kernel, which may start
+// while this one runs (programmatic dependent launch, sm_90): the shrink then costs its few blocks'
+// time on a few SMs instead of two kernels (mm, scale) in the decode's critical path.
+//
+// Block (split, tile): ranks 8 tile .. 8 tile + 7 over columns [kSplitCols split, + kSplitCols);
+// its 8 warps take every 8th 32-column chunk of that slice, two mma.m16n8k16 each (x as the A
+// operand, tokens past M reading token 0 and never stored; ranks past r reading rank r - 1, never
+// stored), all 16-byte loads of a warp in flight at once. The warps' sums meet in shared memory.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/common.cuh"
+#include "cuda/mma_sm80.cuh"
+#include "cuda/nf4_gemv.cuh"
+#include "cuda/pdl.cuh"
+
+namespace lora_fused {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 8;
+
+// A 16-byte read-only load that the compiler keeps ahead of the mmas that follow it (volatile, as
+// the mma asm is): otherwise it interleaves them and the warp waits once per chunk.
+__device__ __forceinline__ uint4 load16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+constexpr int kChunksPerWarp = 4;  // of 32 columns
+static_assert(kNf4LoraSplitCols == 32 * kWarps * kChunksPerWarp, "split width");
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kWarps, 1) nf4_lora_shrink_partials_kernel(const T* __restrict__ x,
+                                                                                const T* __restrict__ lora_A,
+                                                                                float* __restrict__ parts, int m,
+                                                                                int r, int k) {
+  pdl_launch_dependents();  // the decode kernel waits for this grid's completion where it reads parts
+  __shared__ float red[kWarps][16][8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int split = blockIdx.x, tile = blockIdx.y;
+  const int rank = min(8 * tile + g, r - 1);
+  const T* x0 = x + static_cast<int64_t>(g < m ? g : 0) * k + 8 * t;
+  const T* x8 = x + static_cast<int64_t>(g + 8 < m ? g + 8 : 0) * k + 8 * t;
+  const T* ar = lora_A + static_cast<int64_t>(rank) * k + 8 * t;
+  const int chunks = k / 32, first = split * (kNf4LoraSplitCols / 32) + warp;
+  // Every load first (chunks past the slice read chunk 0 and multiply by zero), then the mmas.
+  uint4 xa[kChunksPerWarp], xb[kChunksPerWarp], av[kChunksPerWarp];
+#pragma unroll
+  for (int i = 0; i < kChunksPerWarp; ++i) {
+    const int kc = first + kWarps * i, col = 32 * (kc < chunks ? kc : 0);
+    xa[i] = load16(x0 + col);
+    xb[i] = load16(x8 + col);
+    av[i] = load16(ar + col);
+  }
+  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int i = 0; i < kChunksPerWarp; ++i) {
+    const bool ok = first + kWarps * i < chunks;
+    // Lane t's logical k {2t, 2t+1, 2t+8, 2t+9} are physical columns 8t + {0..3} in the first mma
+    // and 8t + {4..7} in the second (an mma sums its k in any order; x and lora_A use the same map).
+    const uint32_t a0[4] = {xa[i].x, xb[i].x, xa[i].y, xb[i].y}, a1[4] = {xa[i].z, xb[i].z, xa[i].w, xb[i].w};
+    mma16816<T>(c, a0, ok ? av[i].x : 0u, ok ? av[i].y : 0u);
+    mma16816<T>(c, a1, ok ? av[i].z : 0u, ok ? av[i].w : 0u);
+  }
+  // c: tokens g (c[0], c[1]) and g + 8 (c[2], c[3]), ranks 8 tile + 2t + {0, 1}.
+  red[warp][g][2 * t] = c[0];
+  red[warp][g][2 * t + 1] = c[1];
+  red[warp][g + 8][2 * t] = c[2];
+  red[warp][g + 8][2 * t + 1] = c[3];
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    const int tok = threadIdx.x >> 3, q = threadIdx.x & 7;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += red[w][tok][q];
+    if (tok < m && 8 * tile + q < r) parts[(static_cast<int64_t>(split) * m + tok) * r + 8 * tile + q] = v;
+  }
+}
+
+}  // namespace
+
+int nf4_lora_splits(int64_t k) { return static_cast<int>(ceil_div<int64_t>(k, kNf4LoraSplitCols)); }
+
+void nf4_lora_shrink_partials_launch(const void* x, const void* lora_A, float* parts, int m, int r, int64_t k,
+                                     at::ScalarType dtype, cudaStream_t stream) {
+  const dim3 grid(nf4_lora_splits(k), static_cast<unsigned>(ceil_div(r, 8)));
+  const int kk = static_cast<int>(k);
+  if (dtype == at::kBFloat16) {
+    nf4_lora_shrink_partials_kernel<at::BFloat16><<<grid, 32 * kWarps, 0, stream>>>(
+        static_cast<const at::BFloat16*>(x), static_cast<const at::BFloat16*>(lora_A), parts, m, r, kk);
+  } else {
+    nf4_lora_shrink_partials_kernel<at::Half><<<grid, 32 * kWarps, 0, stream>>>(
+        static_cast<const at::Half*>(x), static_cast<const at::Half*>(lora_A), parts, m, r, kk);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+}  // namespace lora_fused
