@@ -9,6 +9,7 @@ CUDA-graph medians (triton.testing.do_bench_cudagraph); results are checked agai
 """
 
 import argparse
+import os
 
 import torch
 from bench_nf4_decode import graph_us  # same folder: the same CUDA-graph timing
@@ -46,11 +47,16 @@ def main():
             }
             refs = {"qlora": want, "u given": want, "nf4": x.double() @ wq.t(), "shrink mm": want_u, "shrink op": want_u}
             row = f"{k:>5}->{d:<5} M={m:<2} r={r}"
+            fns["qlora no PDL"] = fns["qlora"]
+            refs["qlora no PDL"] = want
             for name, fn in fns.items():
+                if name == "qlora no PDL":
+                    os.environ["LORA_FUSED_PDL"] = "0"  # read as the graph is captured
                 ref = refs[name]
                 err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
                 assert err < 2e-2, (name, err)
                 row += f" | {name} {graph_us(fn):6.1f} us"
+                os.environ.pop("LORA_FUSED_PDL", None)
             print(row, flush=True)
 
 

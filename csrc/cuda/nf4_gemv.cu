@@ -247,7 +247,8 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
     cuda::nf4_lora_shrink_partials_launch(x.data_ptr(), a_lora.data_ptr(), parts.data_ptr<float>(), a.m, a.r, k, t, stream);
     a.lora_parts = parts.data_ptr<float>();
     a.lora_scale = static_cast<float>(lora_scale);
-    pdl = props->major >= 9;
+    const char* pdl_env = std::getenv("LORA_FUSED_PDL");  // 0: launch the decode kernel after the shrink (for comparisons)
+    pdl = props->major >= 9 && (pdl_env == nullptr || std::string(pdl_env) != "0");
   } else if (lora) {
     u = lora_A.has_value() ? nf4_lora_u(x, *lora_A, lora_scale) : lora_u->contiguous();
     a.lora_u = u.data_ptr();

@@ -67,10 +67,12 @@ __device__ __forceinline__ uint32_t table_address(uint32_t w, uint32_t base_lo, 
   return __byte_perm(w, base_lo, 0x7604u | (static_cast<uint32_t>(i) << 4));
 }
 
-// Shared memory for the LoRA term when it is staged (a.lora_smem): u [m][r] fp32, each team's strip
-// rows of lora_B [16][r], and the teams' mbarriers (8 bytes each).
+// Shared memory for the LoRA term when it is staged (a.lora_smem): u [m][r] fp32, two buffers per
+// team of a strip's lora_B rows [16][r] (the next strip's land while this one's are used: under a
+// saturated memory system a copy takes about as long as a strip's steps), and an mbarrier (8 bytes)
+// per buffer.
 __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
-  return a.lora_smem ? static_cast<uint32_t>(4 * a.m * a.r + kTeams * 16 * 2 * a.r + 8 * kTeams) : 0u;
+  return a.lora_smem ? static_cast<uint32_t>(4 * a.m * a.r + kTeams * 2 * (16 * 2 * a.r + 8)) : 0u;
 }
 
 // Where things are in dynamic shared memory (byte offsets) when it starts at shared address `base`:
@@ -167,10 +169,10 @@ template <typename T>
 __device__ __forceinline__ void stage_lora_rows(const GemvArgs& a, T* b_s, uint32_t mbar, int64_t strip, int tid) {
   const T* lb = static_cast<const T*>(a.lora_B);
   const int per_row = a.r / 8;  // 16-byte chunks
-  if (tid < 16 * per_row) {
-    const int64_t row = strip * 16 + tid / per_row;
+  for (int c = tid; c < 16 * per_row; c += kGemvThreads) {  // one pass up to r = 128
+    const int64_t row = strip * 16 + c / per_row;
     const bool ok = row < a.n;
-    cp_async_16(smem_u32(b_s) + 16 * tid, ok ? lb + row * a.r + 8 * (tid % per_row) : lb, ok ? 16 : 0);
+    cp_async_16(smem_u32(b_s) + 16 * c, ok ? lb + row * a.r + 8 * (c % per_row) : lb, ok ? 16 : 0);
   }
   cp_async_arrive_on(mbar);
 }
@@ -197,11 +199,15 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
   char* ring = smem + layout.ring(warp);
   float* red = reinterpret_cast<float*>(smem + layout.red + team * gemv_reduction_bytes<1, NT>());
   const uint32_t ring_s = smem_u32(ring), table_s = smem_u32(table);
-  // The LoRA staging: u, this team's lora_B rows, its mbarrier.
+  // The LoRA staging: u, this team's two buffers of lora_B rows and their mbarriers.
   float* u_s = reinterpret_cast<float*>(smem + layout.lora);
-  T* b_s = reinterpret_cast<T*>(smem + layout.lora + 4 * args.m * args.r + team * 32 * args.r);
-  const uint32_t mbar = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * 32 * args.r + 8 * team);
-  if (args.lora_smem && threadIdx.x % kGemvThreads == 0) mbarrier_init(mbar, kGemvThreads);
+  const uint32_t b_bytes = 32 * args.r, b_off = layout.lora + 4 * args.m * args.r + team * 2 * b_bytes;
+  T* b_s[2] = {reinterpret_cast<T*>(smem + b_off), reinterpret_cast<T*>(smem + b_off + b_bytes)};
+  const uint32_t mbar0 = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * 2 * b_bytes + 16 * team);
+  if (args.lora_smem && threadIdx.x % kGemvThreads == 0) {
+    mbarrier_init(mbar0, kGemvThreads);
+    mbarrier_init(mbar0 + 8, kGemvThreads);
+  }
 
   const int64_t strips = ceil_div<int64_t>(args.n, 16), strip_stride = int64_t{kTeams} * gridDim.x;
   const int64_t first_strip = int64_t{kTeams} * blockIdx.x + team;
@@ -270,10 +276,13 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
   for (int p = 0; p < 4; ++p) rd[p] = chunk_offset(g, 2 * p + (t >> 1)) + 8 * (t & 1);
   const uint32_t lane4 = table_s | (4u * lane), code2_col = table_s | (kCode2Col + 4u * g);
   uint32_t slot = 0, prev = (S - 1) * kSlot;  // bytes: the slot read now, and the one read one step ago
-  uint32_t phase = 0;                           // of the team's mbarrier
-  for (int64_t strip = first_strip; strip < strips; strip += strip_stride) {
-    // The strip's lora_B rows land while its steps run (the last strip's epilogue has read the last).
-    if (args.lora_smem) stage_lora_rows<T>(args, b_s, mbar, strip, threadIdx.x % kGemvThreads);
+  // The team's nth strip uses lora_B buffer nth % 2 and that buffer's mbarrier phase nth / 2.
+  if (args.lora_smem && first_strip < strips) stage_lora_rows<T>(args, b_s[0], mbar0, first_strip, threadIdx.x % kGemvThreads);
+  int nth = 0;
+  for (int64_t strip = first_strip; strip < strips; strip += strip_stride, ++nth) {
+    // The next strip's lora_B rows, into the buffer whose rows the last strip's epilogue has read.
+    if (args.lora_smem && strip + strip_stride < strips)
+      stage_lora_rows<T>(args, b_s[(nth + 1) & 1], mbar0 + 8 * ((nth + 1) & 1), strip + strip_stride, threadIdx.x % kGemvThreads);
     float acc[1][NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
@@ -359,9 +368,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
       for (int j = 0; j < NT; ++j) xw[j] += kStepCols * kGemvWarps;
     }
     if (args.lora_smem) {
-      mbarrier_wait_parity(mbar, phase);
-      phase ^= 1;
-      gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team, u_s, b_s);
+      mbarrier_wait_parity(mbar0 + 8 * (nth & 1), (nth >> 1) & 1);
+      gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team, u_s, b_s[nth & 1]);
     } else {
       gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team);
     }
