@@ -405,13 +405,14 @@ def test_every_subset_of_inputs_needing_gradients(device, dropout, bias):
 @pytest.mark.parametrize(
     "M,N,K,dtype",
     [(1, 269, 256, torch.bfloat16), (16, 1031, 512, torch.bfloat16), (3, 130, 2304, torch.float16),
-     (9, 77, 1280, torch.bfloat16), (5, 64, 96, torch.bfloat16), (20, 40, 64, torch.bfloat16)],
+     (9, 77, 1280, torch.bfloat16), (2, 40, 9216, torch.bfloat16), (5, 64, 96, torch.bfloat16),
+     (20, 40, 64, torch.bfloat16)],
 )
 @pytest.mark.parametrize("r", [1, 8, 12, 16, 64, 128, 136, 256])
 def test_nf4_linear_computes_the_lora_shrink(device, M, N, K, dtype, r):
     # nf4_linear with lora_A (and lora_scale) in place of lora_u: u = s x A^T made by the op. On CUDA
     # where the block-aligned decode kernel applies (K % 256 == 0, M <= 16) and r % 8 == 0: partial
-    # sums over 1024-column slices of K (2304: three, the last partial) from a small kernel, added by
+    # sums over slices of K (2304: three of 1024 columns, the last partial; 9216: eight, the most) from a small kernel, added by
     # the decode kernel; elsewhere by a separate GEMM. Forward against float64, and the gradients of
     # x, A, B through the op's autograd formula.
     packed, state = _weight(N, K, device)

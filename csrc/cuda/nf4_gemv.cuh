@@ -164,9 +164,11 @@ bool nf4_gemv_blockaligned_fits_lora(const GemvArgs& a, at::ScalarType dtype);
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl);
 
 // x @ lora_A^T for nf4_linear's decode (x [m, k] and lora_A [r, k] contiguous, 16-byte aligned,
-// k % 256 == 0, m <= 16): parts [nf4_lora_splits(k)][m][r] fp32, partial sums over slices of
-// kNf4LoraSplitCols columns. It lets the next kernel start early (programmatic dependent launch).
+// k % 256 == 0, m <= 16): parts [nf4_lora_splits(k)][m][r] fp32, partial sums over slices of K of
+// kNf4LoraSplitCols columns or more, at most kNf4LoraMaxSplits. It lets the next kernel start early
+// (programmatic dependent launch).
 constexpr int kNf4LoraSplitCols = 1024;
+constexpr int kNf4LoraMaxSplits = 8;
 int nf4_lora_splits(int64_t k);
 void nf4_lora_shrink_partials_launch(const void* x, const void* lora_A, float* parts, int m, int r, int64_t k,
                                      at::ScalarType dtype, cudaStream_t stream);

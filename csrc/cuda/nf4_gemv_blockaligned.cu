@@ -177,6 +177,27 @@ __device__ __forceinline__ void stage_lora_rows(const GemvArgs& a, T* b_s, uint3
   cp_async_arrive_on(mbar);
 }
 
+// Element idx of u: its value (lora_u given) in part[0], or its lora_splits partial sums.
+template <typename T>
+__device__ __forceinline__ void load_u_parts(const GemvArgs& a, int idx, float (&part)[kNf4LoraMaxSplits]) {
+  if (a.lora_parts == nullptr) {
+    part[0] = static_cast<float>(static_cast<const T*>(a.lora_u)[idx]);
+    return;
+  }
+  const int mr = a.m * a.r;
+#pragma unroll
+  for (int sp = 0; sp < kNf4LoraMaxSplits; ++sp) part[sp] = sp < a.lora_splits ? a.lora_parts[sp * mr + idx] : 0.0f;
+}
+// The element from what load_u_parts gave: the partial sums added in split order, then scaled.
+__device__ __forceinline__ float sum_u_parts(const GemvArgs& a, const float (&part)[kNf4LoraMaxSplits]) {
+  if (a.lora_parts == nullptr) return part[0];
+  float v = 0.0f;
+#pragma unroll
+  for (int sp = 0; sp < kNf4LoraMaxSplits; ++sp)
+    if (sp < a.lora_splits) v += part[sp];
+  return v * a.lora_scale;
+}
+
 // A 32-bit word of shared memory at a 32-bit shared address.
 __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   uint32_t v;
@@ -202,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
   // The LoRA staging: u, this team's two buffers of lora_B rows and their mbarriers.
   float* u_s = reinterpret_cast<float*>(smem + layout.lora);
   const uint32_t b_bytes = 32 * args.r, b_off = layout.lora + 4 * args.m * args.r + team * 2 * b_bytes;
-  T* b_s[2] = {reinterpret_cast<T*>(smem + b_off), reinterpret_cast<T*>(smem + b_off + b_bytes)};
+  auto b_s = [&](int buf) { return reinterpret_cast<T*>(smem + b_off + buf * b_bytes); };  // arithmetic: no local array
   const uint32_t mbar0 = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * 2 * b_bytes + 16 * team);
   if (args.lora_smem && threadIdx.x % kGemvThreads == 0) {
     mbarrier_init(mbar0, kGemvThreads);
@@ -220,6 +241,15 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
   uint32_t dst[2];
   dst[0] = chunk_offset(lane >> 3, lane & 7);
   dst[1] = chunk_offset((lane >> 3) + 4, lane & 7) - 4 * kRowBytes;
+  // u's first kThreads elements: their loads go out before the ring's (a load issued behind those
+  // waits for them, several microseconds with the memory system saturated); the shrink kernel's
+  // partial sums only once that grid has completed (this kernel may have started before it).
+  const int mr = args.lora_smem ? args.m * args.r : 0;
+  float u_part[kNf4LoraMaxSplits];
+  if (mr > 0) {
+    if (args.lora_parts != nullptr) pdl_wait();
+    if (static_cast<int>(threadIdx.x) < mr) load_u_parts<T>(args, threadIdx.x, u_part);
+  }
   const ScaleSource ss = scale_source<kNested>(args);
   Producer prod;
   prod.start(args, first_strip, tw);
@@ -245,22 +275,11 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
       for (int it = 0; it < 32; ++it) table[(b0 + 8 * it) * 64 + q] = __float_as_uint(__ldg(args.scales.nested_code + b0 + 8 * it));
     }
   }
-  // u into shared memory: given, or the shrink kernel's partial sums, which this kernel may have
-  // started before (programmatic dependent launch): wait for that grid first. The ring's first steps
-  // are in flight meanwhile.
-  if (args.lora_smem) {
-    if (args.lora_parts != nullptr) pdl_wait();
-    const int mr = args.m * args.r;
-    for (int idx = threadIdx.x; idx < mr; idx += kThreads) {
-      float v = 0.0f;
-      if (args.lora_parts != nullptr) {
-        for (int sp = 0; sp < args.lora_splits; ++sp) v += args.lora_parts[sp * mr + idx];
-        v *= args.lora_scale;
-      } else {
-        v = static_cast<float>(static_cast<const T*>(args.lora_u)[idx]);
-      }
-      u_s[idx] = v;
-    }
+  // u into shared memory (its elements past the first kThreads, M * r > 512, loaded only now).
+  if (static_cast<int>(threadIdx.x) < mr) u_s[threadIdx.x] = sum_u_parts(args, u_part);
+  for (int idx = threadIdx.x + kThreads; idx < mr; idx += kThreads) {
+    load_u_parts<T>(args, idx, u_part);
+    u_s[idx] = sum_u_parts(args, u_part);
   }
   __syncthreads();  // the table, u, the mbarriers' initialisation
 
@@ -277,12 +296,12 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
   const uint32_t lane4 = table_s | (4u * lane), code2_col = table_s | (kCode2Col + 4u * g);
   uint32_t slot = 0, prev = (S - 1) * kSlot;  // bytes: the slot read now, and the one read one step ago
   // The team's nth strip uses lora_B buffer nth % 2 and that buffer's mbarrier phase nth / 2.
-  if (args.lora_smem && first_strip < strips) stage_lora_rows<T>(args, b_s[0], mbar0, first_strip, threadIdx.x % kGemvThreads);
+  if (args.lora_smem && first_strip < strips) stage_lora_rows<T>(args, b_s(0), mbar0, first_strip, threadIdx.x % kGemvThreads);
   int nth = 0;
   for (int64_t strip = first_strip; strip < strips; strip += strip_stride, ++nth) {
     // The next strip's lora_B rows, into the buffer whose rows the last strip's epilogue has read.
     if (args.lora_smem && strip + strip_stride < strips)
-      stage_lora_rows<T>(args, b_s[(nth + 1) & 1], mbar0 + 8 * ((nth + 1) & 1), strip + strip_stride, threadIdx.x % kGemvThreads);
+      stage_lora_rows<T>(args, b_s((nth + 1) & 1), mbar0 + 8 * ((nth + 1) & 1), strip + strip_stride, threadIdx.x % kGemvThreads);
     float acc[1][NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
@@ -369,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
     }
     if (args.lora_smem) {
       mbarrier_wait_parity(mbar0 + 8 * (nth & 1), (nth >> 1) & 1);
-      gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team, u_s, b_s[nth & 1]);
+      gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team, u_s, b_s(nth & 1));
     } else {
       gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team);
     }

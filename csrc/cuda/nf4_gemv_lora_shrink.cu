@@ -4,10 +4,12 @@
 // while this one runs (programmatic dependent launch, sm_90): the shrink then costs its few blocks'
 // time on a few SMs instead of two kernels (mm, scale) in the decode's critical path.
 //
-// Block (split, tile): ranks 8 tile .. 8 tile + 7 over columns [kSplitCols split, + kSplitCols);
-// its 8 warps take every 8th 32-column chunk of that slice, two mma.m16n8k16 each (x as the A
-// operand, tokens past M reading token 0 and never stored; ranks past r reading rank r - 1, never
-// stored), all 16-byte loads of a warp in flight at once. The warps' sums meet in shared memory.
+// Block (split, tile): ranks 8 tile .. 8 tile + 7 over the split's slice of K (at most
+// kNf4LoraMaxSplits slices of at least kNf4LoraSplitCols columns, so that the decode kernel has few
+// partial sums to load); its 8 warps take every 8th 32-column chunk of the slice, two
+// mma.m16n8k16 each (x as the A operand, tokens past M reading token 0 and never stored; ranks past
+// r reading rank r - 1, never stored), the 16-byte loads of 4 chunks in flight at once. The warps'
+// sums meet in shared memory.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -29,8 +31,8 @@ __device__ __forceinline__ uint4 load16(const void* p) {
   asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
-constexpr int kChunksPerWarp = 4;  // of 32 columns
-static_assert(kNf4LoraSplitCols == 32 * kWarps * kChunksPerWarp, "split width");
+constexpr int kChunksPerWarp = 4;  // of 32 columns, per batch
+static_assert(kNf4LoraSplitCols == 32 * kWarps * kChunksPerWarp, "one batch per split at the least width");
 
 template <typename T>
 __global__ void __launch_bounds__(32 * kWarps, 1) nf4_lora_shrink_partials_kernel(const T* __restrict__ x,
@@ -45,25 +47,28 @@ __global__ void __launch_bounds__(32 * kWarps, 1) nf4_lora_shrink_partials_kerne
   const T* x0 = x + static_cast<int64_t>(g < m ? g : 0) * k + 8 * t;
   const T* x8 = x + static_cast<int64_t>(g + 8 < m ? g + 8 : 0) * k + 8 * t;
   const T* ar = lora_A + static_cast<int64_t>(rank) * k + 8 * t;
-  const int chunks = k / 32, first = split * (kNf4LoraSplitCols / 32) + warp;
-  // Every load first (chunks past the slice read chunk 0 and multiply by zero), then the mmas.
-  uint4 xa[kChunksPerWarp], xb[kChunksPerWarp], av[kChunksPerWarp];
-#pragma unroll
-  for (int i = 0; i < kChunksPerWarp; ++i) {
-    const int kc = first + kWarps * i, col = 32 * (kc < chunks ? kc : 0);
-    xa[i] = load16(x0 + col);
-    xb[i] = load16(x8 + col);
-    av[i] = load16(ar + col);
-  }
+  const int chunks = k / 32, per_split = (chunks + gridDim.x - 1) / gridDim.x;
+  const int end = min(chunks, (split + 1) * per_split);
   float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int first = split * per_split + warp; first < end; first += kWarps * kChunksPerWarp) {
+    // A batch's loads first (chunks past the slice read chunk 0 and multiply by zero), then its mmas.
+    uint4 xa[kChunksPerWarp], xb[kChunksPerWarp], av[kChunksPerWarp];
 #pragma unroll
-  for (int i = 0; i < kChunksPerWarp; ++i) {
-    const bool ok = first + kWarps * i < chunks;
-    // Lane t's logical k {2t, 2t+1, 2t+8, 2t+9} are physical columns 8t + {0..3} in the first mma
-    // and 8t + {4..7} in the second (an mma sums its k in any order; x and lora_A use the same map).
-    const uint32_t a0[4] = {xa[i].x, xb[i].x, xa[i].y, xb[i].y}, a1[4] = {xa[i].z, xb[i].z, xa[i].w, xb[i].w};
-    mma16816<T>(c, a0, ok ? av[i].x : 0u, ok ? av[i].y : 0u);
-    mma16816<T>(c, a1, ok ? av[i].z : 0u, ok ? av[i].w : 0u);
+    for (int i = 0; i < kChunksPerWarp; ++i) {
+      const int kc = first + kWarps * i, col = 32 * (kc < end ? kc : 0);
+      xa[i] = load16(x0 + col);
+      xb[i] = load16(x8 + col);
+      av[i] = load16(ar + col);
+    }
+#pragma unroll
+    for (int i = 0; i < kChunksPerWarp; ++i) {
+      const bool ok = first + kWarps * i < end;
+      // Lane t's logical k {2t, 2t+1, 2t+8, 2t+9} are physical columns 8t + {0..3} in the first mma
+      // and 8t + {4..7} in the second (an mma sums its k in any order; x and lora_A use the same map).
+      const uint32_t a0[4] = {xa[i].x, xb[i].x, xa[i].y, xb[i].y}, a1[4] = {xa[i].z, xb[i].z, xa[i].w, xb[i].w};
+      mma16816<T>(c, a0, ok ? av[i].x : 0u, ok ? av[i].y : 0u);
+      mma16816<T>(c, a1, ok ? av[i].z : 0u, ok ? av[i].w : 0u);
+    }
   }
   // c: tokens g (c[0], c[1]) and g + 8 (c[2], c[3]), ranks 8 tile + 2t + {0, 1}.
   red[warp][g][2 * t] = c[0];
@@ -82,7 +87,9 @@ __global__ void __launch_bounds__(32 * kWarps, 1) nf4_lora_shrink_partials_kerne
 
 }  // namespace
 
-int nf4_lora_splits(int64_t k) { return static_cast<int>(ceil_div<int64_t>(k, kNf4LoraSplitCols)); }
+int nf4_lora_splits(int64_t k) {
+  return static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(k, kNf4LoraSplitCols), kNf4LoraMaxSplits));
+}
 
 void nf4_lora_shrink_partials_launch(const void* x, const void* lora_A, float* parts, int m, int r, int64_t k,
                                      at::ScalarType dtype, cudaStream_t stream) {
