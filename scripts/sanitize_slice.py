@@ -104,9 +104,11 @@ def main():
                 ref = reference.nf4_linear(x, packed, state, bias, A, B, 2.0)
                 y = _ops.nf4_linear(x, *nf4_args, bias, _ops.lora_shrink(x, A, 2.0), B)
                 close(y, ref, f"nf4 decode ({kernel}) + LoRA, u given {rows}x{cols} M={M}", 2e-2)
-                # lora_A in place of lora_u: the shrink kernel on the block-aligned path; the general
-                # kernel gets u from a separate GEMM, so not under --no-cublas.
-                if kernel == "general" and no_cublas:
+                # lora_A in place of lora_u: the shrink kernel on the block-aligned path. u comes from
+                # a cuBLAS GEMM instead (so not under --no-cublas) on the general kernel, and where the
+                # LoRA staging does not fit beside the ring: fp32 scales (4 KiB ring slots) with M > 8
+                # (233,056 bytes of shared memory against the H100's 232,448).
+                if no_cublas and (kernel == "general" or (not dq and M > 8)):
                     continue
                 y = _ops.nf4_linear(x, *nf4_args, bias, None, B, A, 2.0)
                 close(y, ref, f"nf4 decode ({kernel}) + LoRA, u from lora_A {rows}x{cols} M={M}", 2e-2)
