@@ -136,10 +136,14 @@ def test_bad_inputs_give_clear_errors(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 13, 16, 17])
-@pytest.mark.parametrize("k,d,r", [(64, 40, 1), (512, 136, 16), (1544, 33, 64), (1032, 72, 256), (100, 24, 8), (72, 16, 300)])
+@pytest.mark.parametrize(
+    "k,d,r", [(64, 40, 1), (512, 136, 16), (1544, 33, 64), (1032, 72, 256), (100, 24, 8), (72, 16, 300), (2080, 72, 16), (9216, 40, 8)]
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_lora_decode_matches_reference(device, dtype, M, k, d, r, bias):
-    # k = 100 (not a multiple of 8), r = 300 and fp32 exercise the composed fallback; the rest the kernel.
+    # k = 100 (not a multiple of 8), r = 300 and fp32 exercise the composed fallback; the rest the
+    # kernel, with u from cuBLAS where k % 32 != 0 (1544, 1032, 72) and from the shrink kernel's
+    # partial sums elsewhere (2080: three slices of K, the last partial; 9216: eight, the most).
     x = randn(M, k, dtype=dtype, device=device)
     w = randn(d, k, dtype=dtype, device=device, scale=k**-0.5)
     a = randn(r, k, dtype=dtype, device=device, scale=k**-0.5)

@@ -1,10 +1,13 @@
 // lora_decode on CUDA: out[M, d] = x @ W^T + scale * (x @ A^T) @ B^T + bias, for decode batches
 // (M <= 16), where the layer is a matrix-vector product bound by streaming W once.
-// u = x @ A^T comes from one small cuBLAS GEMM; the kernel then streams W with 16-byte loads:
-// a warp owns kRowsPerWarp output features and walks their rows, the block's x is staged in shared
-// memory kChunk columns at a time, and scale * u sits in shared memory so the LoRA term joins the
-// same fp32 accumulators before one warp reduction and a single rounding. Other shapes (M > 16,
-// fp32, k % 8 != 0, misaligned) take the composed path (cuBLAS GEMMs), which is equally correct.
+// u = x @ A^T comes as partial sums over slices of K from lora_shrink_partials (k % 32 == 0; the
+// kernel here may start while it runs, programmatic dependent launch, and adds them once it has
+// waited for it), else from one small cuBLAS GEMM; the kernel streams W with 16-byte loads: a warp
+// owns kRowsPerWarp output features and walks their rows with SEG 16-byte loads per row in flight,
+// the block's x is staged in shared memory SEG * 256 columns at a time, and scale * u sits in shared
+// memory so the LoRA term joins the same fp32 accumulators before one warp reduction and a single
+// rounding. Other shapes (M > 16, fp32, k % 8 != 0, misaligned) take the composed path (cuBLAS
+// GEMMs), which is equally correct.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <cuda_fp16.h>
@@ -12,6 +15,8 @@
 
 #include "checks.h"
 #include "cuda/common.cuh"
+#include "cuda/lora_shrink_partials.h"
+#include "cuda/pdl.cuh"
 #include "lora_linear_composed.h"
 
 namespace lora_fused {
@@ -21,8 +26,13 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerWarp = 2;
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
-constexpr int kChunk = 512;   // x columns staged per pass: 16 rows x 512 x 2 B = 16 KB
 constexpr int kMaxRank = 256;  // scale * u in shared memory: 16 x 256 x 4 B = 16 KB
+// 16-byte loads in flight per row and lane: 4 where the staged x (MT rows x SEG * 256 columns)
+// leaves room for u in 48 KiB of static shared memory.
+template <int MT>
+constexpr int segments() {
+  return MT <= 8 ? 4 : 2;
+}
 constexpr int kMaxM = 16;
 
 __device__ __forceinline__ float2 unpack2(uint32_t v, at::BFloat16) {
@@ -30,6 +40,15 @@ __device__ __forceinline__ float2 unpack2(uint32_t v, at::BFloat16) {
 }
 __device__ __forceinline__ float2 unpack2(uint32_t v, at::Half) {
   return __half22float2(*reinterpret_cast<const __half2*>(&v));
+}
+
+// A 16-byte read-only load that the compiler keeps in program order with the others (volatile):
+// written all before the dot products, they stay in flight together instead of being interleaved
+// with the FMAs two at a time.
+__device__ __forceinline__ uint4 load_nc16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
 }
 
 // acc += dot(w[0:8], x[0:8]) for 8 packed 16-bit values each.
@@ -46,20 +65,29 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc)
   return acc;
 }
 
+// u: [M, R] with row stride ldu, or (u == nullptr) splits partial sums parts [splits][M][R].
 template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     lora_decode_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ w, int64_t ldw,
-                       const T* __restrict__ u, int64_t ldu, const T* __restrict__ b, int64_t b_sd, int64_t b_sr,
-                       const T* __restrict__ bias, T* __restrict__ out, int M, int64_t K, int64_t D, int R,
-                       float scale) {
+                       const T* __restrict__ u, int64_t ldu, const float* __restrict__ parts, int splits,
+                       const T* __restrict__ b, int64_t b_sd, int64_t b_sr, const T* __restrict__ bias,
+                       T* __restrict__ out, int M, int64_t K, int64_t D, int R, float scale) {
+  constexpr int SEG = segments<MT>(), kChunk = SEG * 256;
   __shared__ alignas(16) T xs[MT][kChunk];
   __shared__ float us[MT][kMaxRank];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp * kRowsPerWarp;
 
+  if (u == nullptr) cuda::pdl_wait();  // the shrink kernel's partial sums
   for (int i = threadIdx.x; i < MT * R; i += kThreads) {
     const int m = i / R, j = i % R;
-    us[m][j] = m < M ? static_cast<float>(u[m * ldu + j]) * scale : 0.0f;
+    float v = 0.0f;
+    if (m < M && u != nullptr) {
+      v = static_cast<float>(u[m * ldu + j]);
+    } else if (m < M) {
+      for (int sp = 0; sp < splits; ++sp) v += parts[(sp * M + m) * R + j];  // split order: deterministic
+    }
+    us[m][j] = v * scale;
   }
   float acc[kRowsPerWarp][MT];
 #pragma unroll
@@ -77,24 +105,33 @@ __global__ void __launch_bounds__(kThreads)
           m < M ? *reinterpret_cast<const uint4*>(x + m * ldx + k0 + c) : zero;
     }
     __syncthreads();
-    // Two 16-byte segments per row per step, so each lane keeps 2 x kRowsPerWarp loads in flight.
-    for (int c = lane * 8; c < kc; c += 2 * 32 * 8) {
-      const int c2 = c + 32 * 8;
-      uint4 wv[2][kRowsPerWarp];
+    // SEG 16-byte segments per row per step, so each lane keeps SEG x kRowsPerWarp loads in flight.
+    for (int c = lane * 8; c < kc; c += SEG * 32 * 8) {
+      // Every load first, unconditional (rows past D and columns past the chunk read row D - 1 /
+      // column c and are zeroed after), so that they are all in flight at once.
+      uint4 wv[SEG][kRowsPerWarp];
 #pragma unroll
-      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-        const int64_t n = n0 + rr;
-        const T* row = w + n * ldw + k0;
-        wv[0][rr] = n < D ? __ldg(reinterpret_cast<const uint4*>(row + c)) : zero;
-        wv[1][rr] = n < D && c2 < kc ? __ldg(reinterpret_cast<const uint4*>(row + c2)) : zero;
-      }
+      for (int sg = 0; sg < SEG; ++sg)
 #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        const uint4 x0 = *reinterpret_cast<const uint4*>(&xs[m][c]);
-        const uint4 x1 = c2 < kc ? *reinterpret_cast<const uint4*>(&xs[m][c2]) : zero;
+        for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+          const int64_t n = n0 + rr < D ? n0 + rr : D - 1;
+          const int cs = c + sg * 32 * 8 < kc ? c + sg * 32 * 8 : c;
+          wv[sg][rr] = load_nc16(w + n * ldw + k0 + cs);
+        }
 #pragma unroll
-        for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr][m] = dot8<T>(wv[1][rr], x1, dot8<T>(wv[0][rr], x0, acc[rr][m]));
-      }
+      for (int sg = 0; sg < SEG; ++sg)
+#pragma unroll
+        for (int rr = 0; rr < kRowsPerWarp; ++rr)
+          if (n0 + rr >= D || c + sg * 32 * 8 >= kc) wv[sg][rr] = zero;
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int sg = 0; sg < SEG; ++sg) {
+          const int cs = c + sg * 32 * 8;
+          const uint4 xv = cs < kc ? *reinterpret_cast<const uint4*>(&xs[m][cs]) : zero;
+#pragma unroll
+          for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr][m] = dot8<T>(wv[sg][rr], xv, acc[rr][m]);
+        }
     }
   }
 
@@ -123,16 +160,26 @@ __global__ void __launch_bounds__(kThreads)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The LoRA input: u [M, r] (T), or the shrink kernel's partial sums (fp32 [splits][M][r]).
+struct ShrinkOut {
+  at::Tensor u, parts;
+  int splits = 0;
+  bool pdl = false;
+};
+
 template <typename T, int MT>
-void launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& u, const at::Tensor& b,
-            const c10::optional<at::Tensor>& bias, at::Tensor& out, double scale) {
+void launch(const at::Tensor& x, const at::Tensor& w, const ShrinkOut& sh, const at::Tensor& b,
+            const c10::optional<at::Tensor>& bias, at::Tensor& out, double scale, int64_t r) {
   const int64_t D = w.size(0);
   const unsigned int grid = cuda::grid_x(cuda::ceil_div<int64_t>(D, kRowsPerBlock), "lora_fused.lora_decode");
-  lora_decode_kernel<T, MT><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      x.data_ptr<T>(), x.stride(0), w.data_ptr<T>(), w.stride(0), u.data_ptr<T>(), u.stride(0), b.data_ptr<T>(),
-      b.stride(0), b.stride(1), bias.has_value() ? bias->data_ptr<T>() : nullptr, out.data_ptr<T>(),
-      static_cast<int>(x.size(0)), x.size(1), D, static_cast<int>(u.size(1)), static_cast<float>(scale));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const bool has_u = sh.u.defined();
+  cuda::launch_maybe_pdl(sh.pdl, lora_decode_kernel<T, MT>, dim3(grid), dim3(kThreads), 0,
+                         at::cuda::getCurrentCUDAStream(), x.data_ptr<T>(), x.stride(0), w.data_ptr<T>(), w.stride(0),
+                         has_u ? sh.u.data_ptr<T>() : static_cast<T*>(nullptr), has_u ? sh.u.stride(0) : int64_t{0},
+                         has_u ? static_cast<float*>(nullptr) : sh.parts.data_ptr<float>(), sh.splits,
+                         b.data_ptr<T>(), b.stride(0), b.stride(1), bias.has_value() ? bias->data_ptr<T>() : nullptr,
+                         out.data_ptr<T>(), static_cast<int>(x.size(0)), x.size(1), D, static_cast<int>(r),
+                         static_cast<float>(scale));
 }
 
 at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& lora_a,
@@ -147,14 +194,27 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
                     K % 8 == 0 && x.stride(0) % 8 == 0 && aligned16(x.data_ptr()) && weight.stride(1) == 1 &&
                     weight.stride(0) % 8 == 0 && aligned16(weight.data_ptr());
   if (!fast) return lora_linear_composed(x, weight, lora_a, lora_b, scale, bias);
-  const at::Tensor u = at::mm(x, lora_a.t());  // [M, r], cuBLAS
+  ShrinkOut sh;
+  const auto props = at::cuda::getCurrentDeviceProperties();
+  if (K % 32 == 0 && props->major >= 8) {
+    // u's partial sums from a few blocks that this kernel overlaps (sm_90).
+    at::Tensor a = lora_a.contiguous();
+    if (!aligned16(a.data_ptr())) a = a.clone();
+    sh.splits = cuda::lora_shrink_splits(K);
+    sh.parts = at::empty({sh.splits, M, R}, x.options().dtype(at::kFloat));
+    cuda::lora_shrink_partials_launch(x.data_ptr(), x.stride(0), a.data_ptr(), sh.parts.data_ptr<float>(),
+                                      static_cast<int>(M), static_cast<int>(R), K, dt, at::cuda::getCurrentCUDAStream());
+    sh.pdl = cuda::pdl_enabled(props->major);
+  } else {
+    sh.u = at::mm(x, lora_a.t());  // [M, r], cuBLAS
+  }
   at::Tensor out = at::empty({M, weight.size(0)}, x.options());
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "lora_decode_cuda", [&] {
-    if (M == 1) launch<scalar_t, 1>(x, weight, u, lora_b, bias, out, scale);
-    else if (M <= 2) launch<scalar_t, 2>(x, weight, u, lora_b, bias, out, scale);
-    else if (M <= 4) launch<scalar_t, 4>(x, weight, u, lora_b, bias, out, scale);
-    else if (M <= 8) launch<scalar_t, 8>(x, weight, u, lora_b, bias, out, scale);
-    else launch<scalar_t, 16>(x, weight, u, lora_b, bias, out, scale);
+    if (M == 1) launch<scalar_t, 1>(x, weight, sh, lora_b, bias, out, scale, R);
+    else if (M <= 2) launch<scalar_t, 2>(x, weight, sh, lora_b, bias, out, scale, R);
+    else if (M <= 4) launch<scalar_t, 4>(x, weight, sh, lora_b, bias, out, scale, R);
+    else if (M <= 8) launch<scalar_t, 8>(x, weight, sh, lora_b, bias, out, scale, R);
+    else launch<scalar_t, 16>(x, weight, sh, lora_b, bias, out, scale, R);
   });
   return out;
 }

@@ -32,6 +32,7 @@
 #include "cuda/mma_sm80.cuh"
 #include "cuda/nf4_decode.cuh"
 #include "cuda/nf4_gemv.cuh"
+#include "cuda/pdl.cuh"
 
 namespace lora_fused {
 namespace {
@@ -242,13 +243,12 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
     // overlap (sm_90), added and scaled by the decode kernel.
     a_lora = lora_A->contiguous();
     if (reinterpret_cast<uintptr_t>(a_lora.data_ptr()) % 16 != 0) a_lora = a_lora.clone();
-    a.lora_splits = cuda::nf4_lora_splits(k);
+    a.lora_splits = cuda::lora_shrink_splits(k);
     parts = at::empty({a.lora_splits, m, a.r}, x.options().dtype(at::kFloat));
-    cuda::nf4_lora_shrink_partials_launch(x.data_ptr(), a_lora.data_ptr(), parts.data_ptr<float>(), a.m, a.r, k, t, stream);
+    cuda::lora_shrink_partials_launch(x.data_ptr(), k, a_lora.data_ptr(), parts.data_ptr<float>(), a.m, a.r, k, t, stream);
     a.lora_parts = parts.data_ptr<float>();
     a.lora_scale = static_cast<float>(lora_scale);
-    const char* pdl_env = std::getenv("LORA_FUSED_PDL");  // 0: launch the decode kernel after the shrink (for comparisons)
-    pdl = props->major >= 9 && (pdl_env == nullptr || std::string(pdl_env) != "0");
+    pdl = cuda::pdl_enabled(props->major);
   } else if (lora) {
     u = lora_A.has_value() ? nf4_lora_u(x, *lora_A, lora_scale) : lora_u->contiguous();
     a.lora_u = u.data_ptr();

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/lora_shrink_partials.h"
 #include "cuda/nf4_decode.cuh"
 
 namespace lora_fused {
@@ -25,7 +26,7 @@ struct GemvArgs {
   const void* bias;  // [n] or nullptr
   // The LoRA term u @ lora_B^T, u [m, r] either given (lora_u) or lora_scale times the sum, in split
   // order, of lora_splits fp32 partial products [lora_splits][m][r] of x @ lora_A^T (lora_parts,
-  // nf4_lora_shrink_partials; the block-aligned kernel adds them once it has waited for that grid).
+  // lora_shrink_partials.h; the block-aligned kernel adds them once it has waited for that grid).
   const void* lora_u;
   const float* lora_parts;
   int lora_splits;
@@ -162,16 +163,6 @@ inline bool nf4_gemv_blockaligned_takes(const GemvArgs& a) {
 bool nf4_gemv_blockaligned_fits_lora(const GemvArgs& a, at::ScalarType dtype);
 // pdl: the kernel may start while the previous kernel in the stream (the shrink) still runs.
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl);
-
-// x @ lora_A^T for nf4_linear's decode (x [m, k] and lora_A [r, k] contiguous, 16-byte aligned,
-// k % 256 == 0, m <= 16): parts [nf4_lora_splits(k)][m][r] fp32, partial sums over slices of K of
-// kNf4LoraSplitCols columns or more, at most kNf4LoraMaxSplits. It lets the next kernel start early
-// (programmatic dependent launch).
-constexpr int kNf4LoraSplitCols = 1024;
-constexpr int kNf4LoraMaxSplits = 8;
-int nf4_lora_splits(int64_t k);
-void nf4_lora_shrink_partials_launch(const void* x, const void* lora_A, float* parts, int m, int r, int64_t k,
-                                     at::ScalarType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lora_fused

@@ -179,21 +179,21 @@ __device__ __forceinline__ void stage_lora_rows(const GemvArgs& a, T* b_s, uint3
 
 // Element idx of u: its value (lora_u given) in part[0], or its lora_splits partial sums.
 template <typename T>
-__device__ __forceinline__ void load_u_parts(const GemvArgs& a, int idx, float (&part)[kNf4LoraMaxSplits]) {
+__device__ __forceinline__ void load_u_parts(const GemvArgs& a, int idx, float (&part)[kLoraShrinkMaxSplits]) {
   if (a.lora_parts == nullptr) {
     part[0] = static_cast<float>(static_cast<const T*>(a.lora_u)[idx]);
     return;
   }
   const int mr = a.m * a.r;
 #pragma unroll
-  for (int sp = 0; sp < kNf4LoraMaxSplits; ++sp) part[sp] = sp < a.lora_splits ? a.lora_parts[sp * mr + idx] : 0.0f;
+  for (int sp = 0; sp < kLoraShrinkMaxSplits; ++sp) part[sp] = sp < a.lora_splits ? a.lora_parts[sp * mr + idx] : 0.0f;
 }
 // The element from what load_u_parts gave: the partial sums added in split order, then scaled.
-__device__ __forceinline__ float sum_u_parts(const GemvArgs& a, const float (&part)[kNf4LoraMaxSplits]) {
+__device__ __forceinline__ float sum_u_parts(const GemvArgs& a, const float (&part)[kLoraShrinkMaxSplits]) {
   if (a.lora_parts == nullptr) return part[0];
   float v = 0.0f;
 #pragma unroll
-  for (int sp = 0; sp < kNf4LoraMaxSplits; ++sp)
+  for (int sp = 0; sp < kLoraShrinkMaxSplits; ++sp)
     if (sp < a.lora_splits) v += part[sp];
   return v * a.lora_scale;
 }
@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
   // waits for them, several microseconds with the memory system saturated); the shrink kernel's
   // partial sums only once that grid has completed (this kernel may have started before it).
   const int mr = args.lora_smem ? args.m * args.r : 0;
-  float u_part[kNf4LoraMaxSplits];
+  float u_part[kLoraShrinkMaxSplits];
   if (mr > 0) {
     if (args.lora_parts != nullptr) pdl_wait();
     if (static_cast<int>(threadIdx.x) < mr) load_u_parts<T>(args, threadIdx.x, u_part);

@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace lora_fused {
 namespace cuda {
 
@@ -21,6 +24,13 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+}
+
+// Whether to launch with it on a GPU of compute capability `major`: sm_90+, unless LORA_FUSED_PDL=0
+// (for comparisons).
+inline bool pdl_enabled(int major) {
+  const char* env = std::getenv("LORA_FUSED_PDL");
+  return major >= 9 && (env == nullptr || std::strcmp(env, "0") != 0);
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), allowed to overlap the previous kernel when pdl.

@@ -1,11 +1,11 @@
-// The LoRA shrink of qlora_linear's decode path, x @ lora_A^T for M <= 16 tokens, as partial sums
-// over slices of K that the block-aligned decode kernel adds (in split order, so the result does not
-// depend on timing) and scales when it starts. Launched just before that kernel, which may start
-// while this one runs (programmatic dependent launch, sm_90): the shrink then costs its few blocks'
-// time on a few SMs instead of two kernels (mm, scale) in the decode's critical path.
+// The LoRA shrink of the decode kernels (lora_shrink_partials.h): x @ lora_A^T for M <= 16 tokens
+// as partial sums over slices of K that the decode kernel adds (in split order, so the result does
+// not depend on timing) and scales. Launched just before it, which may start while this one runs
+// (programmatic dependent launch, sm_90): the shrink then costs its few blocks' time on a few SMs
+// instead of two kernels (mm, scale) in the decode's critical path.
 //
 // Block (split, tile): ranks 8 tile .. 8 tile + 7 over the split's slice of K (at most
-// kNf4LoraMaxSplits slices of at least kNf4LoraSplitCols columns, so that the decode kernel has few
+// kLoraShrinkMaxSplits slices of at least kLoraShrinkSplitCols columns, so that the decode kernel has few
 // partial sums to load); its 8 warps take every 8th 32-column chunk of the slice, two
 // mma.m16n8k16 each (x as the A operand, tokens past M reading token 0 and never stored; ranks past
 // r reading rank r - 1, never stored), the 16-byte loads of 4 chunks in flight at once. The warps'
@@ -15,7 +15,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/mma_sm80.cuh"
-#include "cuda/nf4_gemv.cuh"
+#include "cuda/lora_shrink_partials.h"
 #include "cuda/pdl.cuh"
 
 namespace lora_fused {
@@ -32,20 +32,20 @@ __device__ __forceinline__ uint4 load16(const void* p) {
   return v;
 }
 constexpr int kChunksPerWarp = 4;  // of 32 columns, per batch
-static_assert(kNf4LoraSplitCols == 32 * kWarps * kChunksPerWarp, "one batch per split at the least width");
+static_assert(kLoraShrinkSplitCols == 32 * kWarps * kChunksPerWarp, "one batch per split at the least width");
 
 template <typename T>
-__global__ void __launch_bounds__(32 * kWarps, 1) nf4_lora_shrink_partials_kernel(const T* __restrict__ x,
+__global__ void __launch_bounds__(32 * kWarps, 1) lora_shrink_partials_kernel(const T* __restrict__ x,
                                                                                 const T* __restrict__ lora_A,
                                                                                 float* __restrict__ parts, int m,
-                                                                                int r, int k) {
+                                                                                int r, int k, int64_t ldx) {
   pdl_launch_dependents();  // the decode kernel waits for this grid's completion where it reads parts
   __shared__ float red[kWarps][16][8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int split = blockIdx.x, tile = blockIdx.y;
   const int rank = min(8 * tile + g, r - 1);
-  const T* x0 = x + static_cast<int64_t>(g < m ? g : 0) * k + 8 * t;
-  const T* x8 = x + static_cast<int64_t>(g + 8 < m ? g + 8 : 0) * k + 8 * t;
+  const T* x0 = x + (g < m ? g : 0) * ldx + 8 * t;
+  const T* x8 = x + (g + 8 < m ? g + 8 : 0) * ldx + 8 * t;
   const T* ar = lora_A + static_cast<int64_t>(rank) * k + 8 * t;
   const int chunks = k / 32, per_split = (chunks + gridDim.x - 1) / gridDim.x;
   const int end = min(chunks, (split + 1) * per_split);
@@ -87,20 +87,20 @@ __global__ void __launch_bounds__(32 * kWarps, 1) nf4_lora_shrink_partials_kerne
 
 }  // namespace
 
-int nf4_lora_splits(int64_t k) {
-  return static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(k, kNf4LoraSplitCols), kNf4LoraMaxSplits));
+int lora_shrink_splits(int64_t k) {
+  return static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(k, kLoraShrinkSplitCols), kLoraShrinkMaxSplits));
 }
 
-void nf4_lora_shrink_partials_launch(const void* x, const void* lora_A, float* parts, int m, int r, int64_t k,
-                                     at::ScalarType dtype, cudaStream_t stream) {
-  const dim3 grid(nf4_lora_splits(k), static_cast<unsigned>(ceil_div(r, 8)));
+void lora_shrink_partials_launch(const void* x, int64_t ldx, const void* lora_A, float* parts, int m, int r, int64_t k,
+                                 at::ScalarType dtype, cudaStream_t stream) {
+  const dim3 grid(lora_shrink_splits(k), static_cast<unsigned>(ceil_div(r, 8)));
   const int kk = static_cast<int>(k);
   if (dtype == at::kBFloat16) {
-    nf4_lora_shrink_partials_kernel<at::BFloat16><<<grid, 32 * kWarps, 0, stream>>>(
-        static_cast<const at::BFloat16*>(x), static_cast<const at::BFloat16*>(lora_A), parts, m, r, kk);
+    lora_shrink_partials_kernel<at::BFloat16><<<grid, 32 * kWarps, 0, stream>>>(
+        static_cast<const at::BFloat16*>(x), static_cast<const at::BFloat16*>(lora_A), parts, m, r, kk, ldx);
   } else {
-    nf4_lora_shrink_partials_kernel<at::Half><<<grid, 32 * kWarps, 0, stream>>>(
-        static_cast<const at::Half*>(x), static_cast<const at::Half*>(lora_A), parts, m, r, kk);
+    lora_shrink_partials_kernel<at::Half><<<grid, 32 * kWarps, 0, stream>>>(
+        static_cast<const at::Half*>(x), static_cast<const at::Half*>(lora_A), parts, m, r, kk, ldx);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

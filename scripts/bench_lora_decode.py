@@ -1,0 +1,59 @@
+"""lora_decode (the fused bf16 LoRA decode kernel, M <= 16) on the GPU at hand, beside the cuBLAS base
+GEMM x @ W^T alone (the goal: <= 1.0x of it), eager PyTorch (base + LoRA as three GEMMs), and the
+kernel with u from cuBLAS instead of the overlapped shrink (LORA_FUSED_PDL=0 keeps the shrink kernel
+but launches after it; k % 32 != 0 would use cuBLAS).
+
+    python scripts/bench_lora_decode.py [--M 1,2,4,8,16] [--shapes 4096:4096,8192:28672] [--r 16]
+
+CUDA-graph medians (triton.testing.do_bench_cudagraph); every result checked against float64 first.
+"""
+
+import argparse
+import os
+
+import torch
+from bench_nf4_decode import graph_us  # same folder: the same CUDA-graph timing
+
+from lora_fused import _ops
+
+SHAPES = "4096:4096,4096:11008,11008:4096,8192:8192,8192:28672"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--M", default="1,2,4,8,16")
+    ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--r", type=int, default=16)
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    dt, r, s = torch.bfloat16, args.r, 2.0
+    for shape in args.shapes.split(","):
+        k, d = (int(v) for v in shape.split(":"))
+        w = (torch.randn(d, k, device="cuda") * k**-0.5).to(dt)
+        a = (torch.randn(r, k, device="cuda") * k**-0.5).to(dt)
+        b = (torch.randn(d, r, device="cuda") * 0.1).to(dt)
+        for m in (int(v) for v in args.M.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            want_base = x.double() @ w.double().t()
+            want = want_base + s * (x.double() @ a.double().t()) @ b.double().t()
+            fns = {
+                "lora_decode": (lambda: _ops.lora_decode(x, w, a, b, s), want),
+                "no PDL": (lambda: _ops.lora_decode(x, w, a, b, s), want),
+                "cuBLAS base": (lambda: torch.mm(x, w.t()), want_base),
+                "eager": (lambda: torch.mm(x, w.t()) + s * torch.mm(torch.mm(x, a.t()), b.t()), want),
+            }
+            row, times = f"{k:>5}->{d:<5} M={m:<2} r={r}", {}
+            for name, (fn, ref) in fns.items():
+                if name == "no PDL":
+                    os.environ["LORA_FUSED_PDL"] = "0"  # read as the graph is captured
+                err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
+                assert err < 2e-2, (name, err)
+                times[name] = graph_us(fn)
+                os.environ.pop("LORA_FUSED_PDL", None)
+                row += f" | {name} {times[name]:6.1f} us"
+            row += f" | lora_decode / base {times['lora_decode'] / times['cuBLAS base']:.2f}"
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
