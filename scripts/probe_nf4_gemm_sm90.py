@@ -1,0 +1,72 @@
+"""Probe of the work-in-progress NF4 Hopper GEMM (lora_fused::nf4_gemm_sm90, branch wip/nf4-gemm-sm90):
+its accuracy against float64 and its speed beside cuBLAS bf16 (x @ W^T with the 16-bit weight) and
+nf4_linear (the slab path: dequantize slabs into cuBLAS), on an H100.
+
+    python scripts/probe_nf4_gemm_sm90.py [--M 16,64,256,512,1024,4096] [--shapes 4096:4096,8192:8192]
+
+Its scales are bf16 per 64-element group (the double-quantized absmax decoded once, as a layer would
+keep them), so it rounds level * scale differently from nf4_linear (fp32 product rounded once): the
+check is the error against float64 of the GEMM with those bf16 scales, and beside it the error of
+cuBLAS on the dequantized bf16 weight.
+"""
+
+import argparse
+
+import torch
+import triton.testing as tt
+
+import lora_fused
+from lora_fused import nf4
+
+LEVELS = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+          -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+          0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+          0.7229568362236023, 1.0]
+
+
+def block_scales(state):
+    """fp32 absmax per 64-element block (double quantization decoded)."""
+    if state.state2 is None:
+        return state.absmax.float()
+    s2 = state.state2
+    return s2.code[state.absmax.long()] * s2.absmax.repeat_interleave(s2.blocksize)[: state.absmax.numel()] + state.offset
+
+
+def codes(packed, n, k):
+    b = packed.view(-1)
+    c = torch.stack([b >> 4, b & 15], dim=1).view(-1)[: n * k]
+    return c.view(n, k).long()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--M", default="16,64,256,512,1024,4096")
+    ap.add_argument("--shapes", default="4096:4096,4096:11008,11008:4096,8192:28672")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, lora_fused.build_info())
+    op = torch.ops.lora_fused.nf4_gemm_sm90
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split(":"))
+        w = torch.randn(n, k, device="cuda") * k**-0.5
+        packed, state = nf4.quantize(w, blocksize=64)
+        scales = block_scales(state).to(torch.bfloat16).view(n, k // 64).t().contiguous()  # [K / 64, N]
+        lv = torch.tensor(LEVELS, device="cuda").to(torch.bfloat16).double()
+        w_used = lv[codes(packed, n, k)] * scales.t().double().repeat_interleave(64, dim=1)
+        w16 = nf4.dequantize(packed, state, torch.bfloat16)
+        for m in (int(v) for v in args.M.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            y = op(x, packed, scales, n)
+            ref = x.double() @ w_used.t()
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            err_cublas = (((x @ w16.t()).double() - x.double() @ w16.double().t()).norm() / ref.norm()).item()
+            assert torch.isfinite(y).all() and err < 4 * err_cublas + 1e-6, (shape, m, err, err_cublas)
+            t_op = tt.do_bench(lambda: op(x, packed, scales, n), return_mode="median") * 1e3
+            t_cublas = tt.do_bench(lambda: x @ w16.t(), return_mode="median") * 1e3
+            t_nf4 = tt.do_bench(lambda: lora_fused.nf4_linear(x, packed, state), return_mode="median") * 1e3
+            print(f"{k:>5}->{n:<5} M={m:<5} err {err:.1e} (cuBLAS {err_cublas:.1e}) | nf4_gemm_sm90 {t_op:8.1f} us | "
+                  f"cuBLAS bf16 {t_cublas:8.1f} us ({t_cublas / t_op:.2f}x) | nf4_linear {t_nf4:8.1f} us ({t_nf4 / t_op:.2f}x)",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
