@@ -1,7 +1,7 @@
-"""lora_decode (the fused bf16 LoRA decode kernel, M <= 16) on the GPU at hand, beside the cuBLAS base
-GEMM x @ W^T alone (the goal: <= 1.0x of it), eager PyTorch (base + LoRA as three GEMMs), and the
-kernel with u from cuBLAS instead of the overlapped shrink (LORA_FUSED_PDL=0 keeps the shrink kernel
-but launches after it; k % 32 != 0 would use cuBLAS).
+"""lora_decode (the fused bf16 LoRA decode kernels, M <= 16) on the GPU at hand, beside the cuBLAS base
+GEMM x @ W^T alone (the goal: <= 1.0x of it) and eager PyTorch (base + LoRA as three GEMMs); also
+each of its two kernels forced (LORA_FUSED_DECODE_KERNEL=simt: CUDA-core dot products; =mma: tensor
+cores), and the default without programmatic dependent launch (LORA_FUSED_PDL=0).
 
     python scripts/bench_lora_decode.py [--M 1,2,4,8,16] [--shapes 4096:4096,8192:28672] [--r 16]
 
@@ -38,18 +38,23 @@ def main():
             want = want_base + s * (x.double() @ a.double().t()) @ b.double().t()
             fns = {
                 "lora_decode": (lambda: _ops.lora_decode(x, w, a, b, s), want),
+                "simt": (lambda: _ops.lora_decode(x, w, a, b, s), want),
+                "mma": (lambda: _ops.lora_decode(x, w, a, b, s), want),
                 "no PDL": (lambda: _ops.lora_decode(x, w, a, b, s), want),
                 "cuBLAS base": (lambda: torch.mm(x, w.t()), want_base),
                 "eager": (lambda: torch.mm(x, w.t()) + s * torch.mm(torch.mm(x, a.t()), b.t()), want),
             }
             row, times = f"{k:>5}->{d:<5} M={m:<2} r={r}", {}
             for name, (fn, ref) in fns.items():
-                if name == "no PDL":
-                    os.environ["LORA_FUSED_PDL"] = "0"  # read as the graph is captured
+                env = {"no PDL": ("LORA_FUSED_PDL", "0"), "simt": ("LORA_FUSED_DECODE_KERNEL", "simt"),
+                       "mma": ("LORA_FUSED_DECODE_KERNEL", "mma")}.get(name)
+                if env:
+                    os.environ[env[0]] = env[1]  # read as the graph is captured
                 err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
                 assert err < 2e-2, (name, err)
                 times[name] = graph_us(fn)
                 os.environ.pop("LORA_FUSED_PDL", None)
+                os.environ.pop("LORA_FUSED_DECODE_KERNEL", None)
                 row += f" | {name} {times[name]:6.1f} us"
             row += f" | lora_decode / base {times['lora_decode'] / times['cuBLAS base']:.2f}"
             print(row, flush=True)

@@ -53,6 +53,7 @@ def main():
         lv = torch.tensor(LEVELS, device="cuda").to(torch.bfloat16).double()
         w_used = lv[codes(packed, n, k)] * scales.t().double().repeat_interleave(64, dim=1)
         w16 = nf4.dequantize(packed, state, torch.bfloat16)
+        w_true = nf4.dequantize(packed, state, torch.float32).double()  # the format's exact weight
         for m in (int(v) for v in args.M.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             y = op(x, packed, scales, n)
@@ -60,10 +61,15 @@ def main():
             err = ((y.double() - ref).norm() / ref.norm()).item()
             err_cublas = (((x @ w16.t()).double() - x.double() @ w16.double().t()).norm() / ref.norm()).item()
             assert torch.isfinite(y).all() and err < 4 * err_cublas + 1e-6, (shape, m, err, err_cublas)
+            # Against the format's weight (what nf4_linear must meet): ours vs PyTorch's bf16 matmul.
+            ref_true = x.double() @ w_true.t()
+            e_true = ((y.double() - ref_true).norm() / ref_true.norm()).item()
+            e_torch = (((x @ w16.t()).double() - ref_true).norm() / ref_true.norm()).item()
             t_op = tt.do_bench(lambda: op(x, packed, scales, n), return_mode="median") * 1e3
             t_cublas = tt.do_bench(lambda: x @ w16.t(), return_mode="median") * 1e3
             t_nf4 = tt.do_bench(lambda: lora_fused.nf4_linear(x, packed, state), return_mode="median") * 1e3
-            print(f"{k:>5}->{n:<5} M={m:<5} err {err:.1e} (cuBLAS {err_cublas:.1e}) | nf4_gemm_sm90 {t_op:8.1f} us | "
+            print(f"{k:>5}->{n:<5} M={m:<5} err {err:.1e} (cuBLAS {err_cublas:.1e}) vs format {e_true:.1e} (torch {e_torch:.1e}, "
+                  f"{e_true / e_torch:.2f}x) | nf4_gemm_sm90 {t_op:8.1f} us | "
                   f"cuBLAS bf16 {t_cublas:8.1f} us ({t_cublas / t_op:.2f}x) | nf4_linear {t_nf4:8.1f} us ({t_nf4 / t_op:.2f}x)",
                   flush=True)
 

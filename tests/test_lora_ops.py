@@ -133,17 +133,24 @@ def test_bad_inputs_give_clear_errors(device):
         assert torch.isfinite(_ops.lora_shrink(x, a)).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+# On CUDA each of lora_decode's two kernels is forced in turn (CUDA-core dot products; tensor cores).
+_CUDA = DEVICES[1]
+DECODE_KERNELS = [("cpu", None)] + [pytest.param("cuda", kern, marks=_CUDA.marks, id=f"cuda-{kern}") for kern in ("simt", "mma")]
+
+
+@pytest.mark.parametrize("device,kernel", DECODE_KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 13, 16, 17])
 @pytest.mark.parametrize(
     "k,d,r", [(64, 40, 1), (512, 136, 16), (1544, 33, 64), (1032, 72, 256), (100, 24, 8), (72, 16, 300), (2080, 72, 16), (9216, 40, 8)]
 )
 @pytest.mark.parametrize("bias", [True, False])
-def test_lora_decode_matches_reference(device, dtype, M, k, d, r, bias):
+def test_lora_decode_matches_reference(device, kernel, dtype, M, k, d, r, bias, monkeypatch):
     # k = 100 (not a multiple of 8), r = 300 and fp32 exercise the composed fallback; the rest the
     # kernel, with u from cuBLAS where k % 32 != 0 (1544, 1032, 72) and from the shrink kernel's
     # partial sums elsewhere (2080: three slices of K, the last partial; 9216: eight, the most).
+    if kernel is not None:
+        monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", kernel)
     x = randn(M, k, dtype=dtype, device=device)
     w = randn(d, k, dtype=dtype, device=device, scale=k**-0.5)
     a = randn(r, k, dtype=dtype, device=device, scale=k**-0.5)
@@ -156,13 +163,19 @@ def test_lora_decode_matches_reference(device, dtype, M, k, d, r, bias):
     assert_error_rule(y, ref, same, f"lora_decode M={M} {k}->{d} r={r} {dtype}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_lora_decode_strided_x_and_opcheck(device):
+@pytest.mark.parametrize("device,kernel", DECODE_KERNELS)
+def test_lora_decode_strided_x_and_opcheck(device, kernel, monkeypatch):
+    if kernel is not None:
+        monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", kernel)
     x = randn(4, 264, dtype=torch.bfloat16, device=device)[:, 8:]  # row stride 264, 16-byte aligned rows
     w = randn(48, 256, dtype=torch.bfloat16, device=device, scale=1 / 16)
     a, b = randn(8, 256, dtype=torch.bfloat16, device=device, scale=1 / 16), randn(48, 8, dtype=torch.bfloat16, device=device)
     y = _ops.lora_decode(x, w, a, b, 2.0)
     assert_error_rule(y, reference.lora_linear(x, w, a, b, 2.0), x @ w.t() + 2.0 * ((x @ a.t()) @ b.t()), "strided x")
+    b_t = randn(8, 48, dtype=torch.bfloat16, device=device).t()  # lora_B with column stride 48
+    w_s = randn(48, 264, dtype=torch.bfloat16, device=device, scale=1 / 16)[:, :256]  # weight row stride 264
+    assert_error_rule(_ops.lora_decode(x, w_s, a, b_t, 2.0), reference.lora_linear(x, w_s, a, b_t, 2.0),
+                      x @ w_s.t() + 2.0 * ((x @ a.t()) @ b_t.t()), "strided weight and lora_B")
     x_odd = randn(3, 257, dtype=torch.bfloat16, device=device)[:, 1:]  # misaligned rows: fallback path
     assert_error_rule(_ops.lora_decode(x_odd, w, a, b, 2.0), reference.lora_linear(x_odd, w, a, b, 2.0),
                       x_odd @ w.t() + 2.0 * ((x_odd @ a.t()) @ b.t()), "misaligned x")

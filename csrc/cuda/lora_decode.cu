@@ -2,7 +2,8 @@
 // (M <= 16), where the layer is a matrix-vector product bound by streaming W once.
 // u = x @ A^T comes as partial sums over slices of K from lora_shrink_partials (k % 32 == 0; the
 // kernel here may start while it runs, programmatic dependent launch, and adds them once it has
-// waited for it), else from one small cuBLAS GEMM; the kernel streams W with 16-byte loads: a warp
+// waited for it), else from one small cuBLAS GEMM. From 2 tokens on the tensor-core kernel of
+// lora_decode_mma.cu streams W; for one token the kernel here does, with 16-byte loads: a warp
 // owns kRowsPerWarp output features and walks their rows with SEG 16-byte loads per row in flight,
 // the block's x is staged in shared memory SEG * 256 columns at a time, and scale * u sits in shared
 // memory so the LoRA term joins the same fp32 accumulators before one warp reduction and a single
@@ -13,8 +14,12 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "checks.h"
 #include "cuda/common.cuh"
+#include "cuda/lora_decode_mma.h"
 #include "cuda/lora_shrink_partials.h"
 #include "cuda/pdl.cuh"
 #include "lora_linear_composed.h"
@@ -78,17 +83,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp * kRowsPerWarp;
 
-  if (u == nullptr) cuda::pdl_wait();  // the shrink kernel's partial sums
-  for (int i = threadIdx.x; i < MT * R; i += kThreads) {
-    const int m = i / R, j = i % R;
-    float v = 0.0f;
-    if (m < M && u != nullptr) {
-      v = static_cast<float>(u[m * ldu + j]);
-    } else if (m < M) {
-      for (int sp = 0; sp < splits; ++sp) v += parts[(sp * M + m) * R + j];  // split order: deterministic
-    }
-    us[m][j] = v * scale;
-  }
   float acc[kRowsPerWarp][MT];
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr)
@@ -135,6 +129,19 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
+  // u only now: the shrink kernel (programmatic dependent launch) ran beside the weight stream.
+  if (u == nullptr) cuda::pdl_wait();  // the shrink kernel's partial sums
+  for (int i = threadIdx.x; i < MT * R; i += kThreads) {
+    const int m = i / R, j = i % R;
+    float v = 0.0f;
+    if (m < M && u != nullptr) {
+      v = static_cast<float>(u[m * ldu + j]);
+    } else if (m < M) {
+      for (int sp = 0; sp < splits; ++sp) v += parts[(sp * M + m) * R + j];  // split order: deterministic
+    }
+    us[m][j] = v * scale;
+  }
+  __syncthreads();
   // The LoRA term: lanes split the rank, into the same accumulators.
 #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
@@ -159,6 +166,16 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The tensor-core kernel from 2 tokens on (one token: the CUDA-core dot products stream W as fast and
+// waste nothing); LORA_FUSED_DECODE_KERNEL=simt|mma picks one for comparisons.
+bool use_mma_kernel(int64_t m, int major) {
+  if (major < 8) return false;
+  const char* env = std::getenv("LORA_FUSED_DECODE_KERNEL");
+  if (env != nullptr && std::strcmp(env, "mma") == 0) return true;
+  if (env != nullptr && std::strcmp(env, "simt") == 0) return false;
+  return m >= 2;
+}
 
 // The LoRA input: u [M, r] (T), or the shrink kernel's partial sums (fp32 [splits][M][r]).
 struct ShrinkOut {
@@ -209,6 +226,17 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
     sh.u = at::mm(x, lora_a.t());  // [M, r], cuBLAS
   }
   at::Tensor out = at::empty({M, weight.size(0)}, x.options());
+  if (use_mma_kernel(M, props->major)) {
+    const bool has_u = sh.u.defined();
+    const cuda::LoraDecodeArgs args{x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
+                                    has_u ? sh.u.data_ptr() : nullptr, has_u ? sh.u.stride(0) : int64_t{0},
+                                    has_u ? nullptr : sh.parts.data_ptr<float>(), sh.splits, lora_b.data_ptr(),
+                                    lora_b.stride(0), lora_b.stride(1), bias.has_value() ? bias->data_ptr() : nullptr,
+                                    out.data_ptr(), static_cast<int>(M), static_cast<int>(R), K, weight.size(0),
+                                    static_cast<float>(scale)};
+    cuda::lora_decode_mma_launch(args, dt, sh.pdl, at::cuda::getCurrentCUDAStream());
+    return out;
+  }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "lora_decode_cuda", [&] {
     if (M == 1) launch<scalar_t, 1>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M <= 2) launch<scalar_t, 2>(x, weight, sh, lora_b, bias, out, scale, R);

@@ -45,10 +45,11 @@ struct NumericArrayConverter<bfloat16_t, lora_fused::nf4_t, 8, Round> {
     for (int h = 0; h < 2; ++h) {
       const uint32_t sel = (s >> (16 * h)) & 0xffffu;  // 4 selectors
       const uint32_t sel3 = sel & 0x7777u;
-      // byte k of the mask: 0xff where selector k >= 8 (its bit 3 moved to byte k's sign bit, replicated).
+      // byte k of the mask: 0xff where selector k >= 8 (its bit 3 moved to bit 0 of byte k, times 0xff;
+      // __byte_perm has no sign-replicating mode: it reads only 3 bits of each selector).
       const uint32_t t = sel & 0x8888u;
-      const uint32_t sign = ((t & 0x8u) << 4) | ((t & 0x80u) << 8) | ((t & 0x800u) << 12) | ((t & 0x8000u) << 16);
-      const uint32_t mask = __byte_perm(sign, 0u, 0xba98u);
+      const uint32_t bit = ((t >> 3) & 1u) | ((t & 0x80u) << 1) | ((t & 0x800u) << 5) | ((t & 0x8000u) << 9);
+      const uint32_t mask = bit * 0xffu;
       const uint32_t lo = (__byte_perm(lo0, lo1, sel3) & ~mask) | (__byte_perm(lo2, lo3, sel3) & mask);
       const uint32_t hi = (__byte_perm(hi0, hi1, sel3) & ~mask) | (__byte_perm(hi2, hi3, sel3) & mask);
       o[2 * h] = __byte_perm(lo, hi, 0x5140u);
@@ -91,7 +92,8 @@ using LayoutW = cutlass::layout::RowMajor;      // N x K
 using LayoutX = cutlass::layout::ColumnMajor;   // K x M seen as B
 using LayoutD = cutlass::layout::ColumnMajor;   // N x M column-major = Y [M, N] row-major
 constexpr int AlW = 128 / 4, AlX = 8, AlD = 8;
-using TileShape = Shape<_128, _128, _128>;
+// K tile 64: the collective loads one scale row per k-tile, so the group (64) must be a multiple of it.
+using TileShape = Shape<_128, _128, _64>;
 using ClusterShape = Shape<_1, _1, _1>;
 using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,

@@ -1,0 +1,149 @@
+// lora_decode's tensor-core kernel (lora_decode_mma.h), for M = 2..16 tokens, where a CUDA-core dot
+// product per token costs more than streaming W. Swapped operands: out^T[D, M] = W[D, K] x^T, so the
+// weight rows are the mma's 16 rows and the tokens its 8 (or 2 x 8) columns. Each lane loads 16
+// bytes (8 consecutive k) of two weight rows straight from global memory into its A fragments and 16
+// bytes of x into its B fragment: the k order inside an m16n8k16 step is permuted the same way for
+// A and B (fragment k 2t + e and 2t + 8 + e are k 8t + e and 8t + 2 + e, t = lane % 4), which a dot
+// product does not see. No shared memory on the weight path, U steps of loads in flight per lane.
+// A block: 32 weight rows (2 groups of 16) x 4 warps splitting K; their fp32 partials meet in
+// shared memory, where the LoRA term (u from the shrink kernel's partial sums, scaled once) and the
+// bias join before a single rounding.
+#include "cuda/lora_decode_mma.h"
+
+#include <c10/cuda/CUDAException.h>
+
+#include "cuda/common.cuh"
+#include "cuda/mma_sm80.cuh"
+#include "cuda/pdl.cuh"
+
+namespace lora_fused {
+namespace cuda {
+namespace {
+
+constexpr int kGroups = 2;   // 16-row groups per block
+constexpr int kSplits = 4;   // warps splitting K per group
+constexpr int kThreads = kGroups * kSplits * 32;
+constexpr int kRows = kGroups * 16;
+constexpr int kUnroll = 4;   // 32-column steps whose loads are in flight together
+constexpr int kMaxRank = 256;
+
+__device__ __forceinline__ uint4 load_nc16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const LoraDecodeArgs a) {
+  __shared__ float red[kSplits][kRows][16 + 1];
+  __shared__ float us[16][kMaxRank];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int grp = warp / kSplits, ks = warp % kSplits;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kRows + grp * 16;
+  const int64_t ra = f0 + g < a.D ? f0 + g : a.D - 1, rb = f0 + g + 8 < a.D ? f0 + g + 8 : a.D - 1;
+  const T* wa = static_cast<const T*>(a.w) + ra * a.ldw + 8 * t;
+  const T* wb = static_cast<const T*>(a.w) + rb * a.ldw + 8 * t;
+  const T* xr[NT];
+  bool xin[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int m = g + 8 * n;
+    xin[n] = m < a.M;
+    xr[n] = static_cast<const T*>(a.x) + (xin[n] ? m : 0) * a.ldx + 8 * t;
+  }
+  float c[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
+
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  const int64_t steps = (a.K + 31) / 32;
+  for (int64_t s0 = ks; s0 < steps; s0 += kSplits * kUnroll) {
+    uint4 va[kUnroll], vb[kUnroll], vx[kUnroll][NT];
+    bool ok[kUnroll];
+    // Every load first (out-of-range steps read column 0 and are zeroed after): all in flight at once.
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      const int64_t col = (s0 + i * kSplits) * 32 + 8 * t;
+      ok[i] = s0 + i * kSplits < steps && col < a.K;
+      const int64_t c0 = ok[i] ? col - 8 * t : 0;
+      va[i] = load_nc16(wa + c0);
+      vb[i] = load_nc16(wb + c0);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) vx[i][n] = __ldg(reinterpret_cast<const uint4*>(xr[n] + c0));
+    }
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      if (!ok[i]) va[i] = vb[i] = zero;
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+        if (!ok[i] || !xin[n]) vx[i][n] = zero;
+      const uint32_t a0[4] = {va[i].x, vb[i].x, va[i].y, vb[i].y};  // k 8t..8t+3
+      const uint32_t a1[4] = {va[i].z, vb[i].z, va[i].w, vb[i].w};  // k 8t+4..8t+7
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        mma16816<T>(c[n], a0, vx[i][n].x, vx[i][n].y);
+        mma16816<T>(c[n], a1, vx[i][n].z, vx[i][n].w);
+      }
+    }
+  }
+  // c[n]: rows g, g + 8 of the group, tokens 2t, 2t + 1 (+ 8n).
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int m = 2 * t + 8 * n, r = grp * 16 + g;
+    red[ks][r][m] = c[n][0];
+    red[ks][r][m + 1] = c[n][1];
+    red[ks][r + 8][m] = c[n][2];
+    red[ks][r + 8][m + 1] = c[n][3];
+  }
+  // u only now: the shrink kernel (programmatic dependent launch) ran beside the weight stream.
+  if (a.u == nullptr) pdl_wait();
+  for (int i = threadIdx.x; i < a.M * a.R; i += kThreads) {
+    const int m = i / a.R, j = i % a.R;
+    float v = 0.0f;
+    if (a.u != nullptr) {
+      v = static_cast<float>(static_cast<const T*>(a.u)[m * a.ldu + j]);
+    } else {
+      for (int sp = 0; sp < a.splits; ++sp) v += a.parts[(sp * a.M + m) * a.R + j];  // split order: deterministic
+    }
+    us[m][j] = v * a.scale;
+  }
+  __syncthreads();
+  const T* bm = static_cast<const T*>(a.b);
+  const T* bias = static_cast<const T*>(a.bias);
+  T* out = static_cast<T*>(a.out);
+  for (int i = threadIdx.x; i < kRows * a.M; i += kThreads) {
+    const int r = i % kRows, m = i / kRows;  // consecutive threads: consecutive features
+    const int64_t f = static_cast<int64_t>(blockIdx.x) * kRows + r;
+    if (f >= a.D) continue;
+    float v = 0.0f;
+#pragma unroll
+    for (int sp = 0; sp < kSplits; ++sp) v += red[sp][r][m];
+    const T* brow = bm + f * a.b_sd;
+    for (int j = 0; j < a.R; ++j) v = fmaf(us[m][j], static_cast<float>(brow[j * a.b_sr]), v);
+    if (bias != nullptr) v += static_cast<float>(bias[f]);
+    out[m * a.D + f] = static_cast<T>(v);
+  }
+}
+
+template <typename T, int NT>
+void launch(const LoraDecodeArgs& a, bool pdl, cudaStream_t stream) {
+  const unsigned int grid = grid_x(ceil_div<int64_t>(a.D, kRows), "lora_fused.lora_decode");
+  launch_maybe_pdl(pdl, lora_decode_mma_kernel<T, NT>, dim3(grid), dim3(kThreads), 0, stream, a);
+}
+
+}  // namespace
+
+void lora_decode_mma_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool pdl, cudaStream_t stream) {
+  TORCH_CHECK(a.M >= 1 && a.M <= 16 && a.R >= 1 && a.R <= kMaxRank && a.K % 8 == 0,
+              "lora_fused.lora_decode: internal: the tensor-core kernel got M=", a.M, " R=", a.R, " K=", a.K);
+  if (dtype == at::kBFloat16) {
+    a.M <= 8 ? launch<at::BFloat16, 1>(a, pdl, stream) : launch<at::BFloat16, 2>(a, pdl, stream);
+  } else {
+    TORCH_CHECK(dtype == at::kHalf, "lora_fused.lora_decode: internal: the tensor-core kernel got ", dtype);
+    a.M <= 8 ? launch<at::Half, 1>(a, pdl, stream) : launch<at::Half, 2>(a, pdl, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace lora_fused

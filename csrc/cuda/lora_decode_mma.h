@@ -1,0 +1,35 @@
+// The tensor-core kernel of lora_decode (M = 2..16 tokens): out = x @ W^T + scale * u @ B^T + bias
+// with W streamed once straight from global memory into mma.sync fragments.
+#pragma once
+#include <ATen/ATen.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lora_fused {
+namespace cuda {
+
+struct LoraDecodeArgs {
+  const void* x;  // [M, K], row stride ldx, 16-byte aligned rows
+  int64_t ldx;
+  const void* w;  // [D, K], row stride ldw, 16-byte aligned rows
+  int64_t ldw;
+  const void* u;  // [M, R] (T) with row stride ldu, or nullptr: then parts [splits][M][R] fp32
+  int64_t ldu;
+  const float* parts;
+  int splits;
+  const void* b;  // lora_B [D, R], strides b_sd, b_sr
+  int64_t b_sd, b_sr;
+  const void* bias;  // [D] or nullptr
+  void* out;         // [M, D] contiguous
+  int M, R;
+  int64_t K, D;      // K % 8 == 0
+  float scale;
+};
+
+// bf16 or fp16, M <= 16, R <= 256, sm_80+; pdl: launched to overlap the shrink kernel before it
+// (it then waits for it before it reads parts).
+void lora_decode_mma_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool pdl, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace lora_fused
