@@ -46,9 +46,9 @@ def _check_lora_linear_args(x, weight, lora_A, lora_B, bias, dropout_p):
 
 
 GEMV_MAX_M = 16  # up to here cuBLAS serves mm with its GEMV
-# lora_decode's kernel supports M <= 16, but on an H100 it beat the cuBLAS path only at M = 1
-# (M = 16: 2.6-4.3x the base GEMV, against eager's ~1.4x; see benchmarks/RESULTS.md).
-FUSED_DECODE_MAX_M = 1
+# Inference rows up to which lora_linear runs lora_decode (its kernels take M <= 16; on an H100 the
+# tensor-core one ran M = 16 at 0.64-0.98x eager's time, see benchmarks/RESULTS.md).
+FUSED_DECODE_MAX_M = 16
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:

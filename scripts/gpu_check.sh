@@ -77,8 +77,9 @@ export LORA_FUSED_EXPECT_CUDA=1
 [ "$BENCH" = full ] && export LORA_FUSED_FUZZ_CASES=${LORA_FUSED_FUZZ_CASES:-1000}
 cp -r tests examples "$RUN_DIR/"
 (cd "$RUN_DIR" && "$PY" -c "import lora_fused, json; print(json.dumps(lora_fused.build_info()))") | tee "$OUT/build_info.json"
-# xdist workers (when installed) keep one crashing test from taking the whole run down.
-XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 4")
+# xdist workers (when installed; LORA_FUSED_XDIST of them, default 4) keep one crashing test from
+# taking the whole run down.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n ${LORA_FUSED_XDIST:-4}")
 TEST_RC=0
 if [ $TESTS = 1 ]; then
   (cd "$RUN_DIR" && "$PY" -m pytest ${LORA_FUSED_TESTS:-tests} -q -rs -p no:cacheprovider $XDIST --junitxml="$OUT/junit.xml" 2>&1) > "$OUT/pytest.log"

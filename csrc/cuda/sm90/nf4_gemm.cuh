@@ -2,7 +2,9 @@
 // of W: CUTLASS 3's mixed-input warp-specialised GEMM (TMA, register-sourced wgmma), W's 4-bit codes
 // converted to bf16 levels in registers (a byte_perm table lookup) and scaled by bf16 group scales
 // (one per 64 consecutive elements of a row: NF4's blocksize 64 when K % 64 == 0).
-// Work in progress (branch wip/nf4-gemm-sm90): not yet run on a GPU.
+// Correct on an H100 (tests/test_nf4_gemm_sm90.py) but at 0.5-0.6x cuBLAS bf16's speed
+// (scripts/probe_nf4_gemm_sm90.py; 4-bit A fragments read from unshuffled shared memory): not used by
+// nf4_linear yet.
 #pragma once
 
 #include <cuda_runtime.h>
