@@ -6,7 +6,8 @@ not here: it is cuBLAS GEMMs only (no lora_fused kernel), and racecheck (CUDA 13
 internal "failed to handle a hardware exception" on those cuBLAS calls (scripts/racecheck_probe.py).
 
     compute-sanitizer --tool memcheck --kernel-name kns=lora_fused python3 scripts/sanitize_slice.py
-    options: --quick (one case per kernel family), --no-cublas (no cuBLAS call: for racecheck)
+    options: --quick (one case per kernel family), --no-cublas (no cuBLAS call: for racecheck),
+             --decode-only (lora_decode's kernels only)
 """
 
 import os
@@ -35,6 +36,22 @@ def main():
     # u = x A^T and its backward). --no-cublas keeps to calls without them: qlora's decode kernel fed
     # by lora_shrink, no slab path (whose decode kernel is the only one left unchecked), no backward.
     no_cublas = "--no-cublas" in sys.argv
+    # lora_decode's two kernels, each forced (CUDA-core; tensor-core), u from the shrink kernel's partial
+    # sums under programmatic dependent launch (k % 32 == 0) or from cuBLAS; odd d, strided lora_B.
+    for M, k, d, r in ((1, 96, 40, 8), (7, 264, 33, 16), (16, 1056, 72, 24), (9, 2080, 17, 8)):
+        if no_cublas and k % 32:
+            continue
+        x, w, a = rnd(M, k), rnd(d, k, sc=k**-0.5), rnd(r, k, sc=k**-0.5)
+        b = rnd(r, d, sc=0.3).t() if M == 9 else rnd(d, r, sc=0.3)
+        bias = rnd(d)
+        for kern in ("simt", "mma"):
+            os.environ["LORA_FUSED_DECODE_KERNEL"] = kern
+            close(_ops.lora_decode(x, w, a, b, 2.0, bias), reference.lora_linear(x, w, a, b, 2.0, bias),
+                  f"lora_decode {kern} M={M} {k}->{d} r={r}", 2e-2)
+        del os.environ["LORA_FUSED_DECODE_KERNEL"]
+    if "--decode-only" in sys.argv:
+        print("sanitize slice: all kernels ran and matched float64 (--decode-only)", flush=True)
+        return
     # gemm_concat_k's Hopper kernel (CUTLASS), asked for explicitly since it is not the default path.
     if torch.cuda.get_device_capability() == (9, 0) and lora_fused.build_info()["sm90_gemm"]:
         os.environ["LORA_FUSED_GEMM_CONCAT_K"] = "sm90"
@@ -51,8 +68,6 @@ def main():
         close(_ops.lora_shrink(x, a, 2.0), reference.lora_shrink(x, a, 2.0), f"lora_shrink M={M}", 2e-2)
         y, u = rnd(M, d), rnd(M, r)
         close(_ops.lora_expand(y, u, b, 2.0), reference.lora_expand(y, u, b, 2.0), f"lora_expand M={M}", 2e-2)
-        if M <= 16:
-            close(_ops.lora_decode(x, w, a, b, 2.0, None), reference.lora_linear(x, w, a, b, 2.0), f"lora_decode M={M}", 2e-2)
     # lora_shrink's tensor-core kernel with k split over blocks (the last-block reduction: fences,
     # counters) and rank tiles of 32/64 with tails; a misaligned x (copied first).
     for M, k, r, off in ((20, 1024, 40, 0), (3, 2048, 16, 3))[: 1 if quick else 2]:
