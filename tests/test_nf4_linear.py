@@ -12,17 +12,20 @@ import lora_fused
 from lora_fused import _ops, nf4, reference
 from conftest import DEVICES, DTYPES, HAS_CUDA, assert_error_rule, poison_allocator, randn, requires_cuda
 
-# (M, N, K): M <= 16 with K % 32 == 0 takes the CUDA decode kernel; the rest the slab path.
+# (M, N, K): M <= 16 with K % 32 == 0 takes the CUDA decode kernel; on an H100/H200, bf16 with
+# 17 <= M <= 512, K % 64 == 0 and N % 8 == 0 the Hopper GEMM; the rest the slab path.
 # N not a multiple of 16 or of a 64-row strip, K not a multiple of 128, odd K, one row.
 SHAPES = [(1, 64, 128), (3, 269, 96), (8, 130, 4128), (9, 48, 160), (16, 1031, 256), (1, 17, 7), (17, 96, 64),
-          (64, 257, 40), (129, 33, 544)]
+          (64, 257, 40), (129, 33, 544), (40, 136, 320), (130, 264, 1024)]
 
 
 @pytest.fixture(params=["default", "slabs"])
 def slab_mode(request, monkeypatch):
-    # "slabs" makes the tiled path cut every weight into many small slabs (and odd ones).
+    # "slabs" makes the tiled path cut every weight into many small slabs (and odd ones), and takes
+    # it where the Hopper GEMM would run (17-512 bf16 rows, K % 64 == 0, N % 8 == 0, sm_90).
     if request.param == "slabs":
         monkeypatch.setenv("LORA_FUSED_NF4_SLAB_ELEMS", "3000")
+        monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
     return request.param
 
 
@@ -452,3 +455,36 @@ def test_nf4_linear_lora_a_bad_inputs(device):
         _ops.nf4_linear(x, *args, None, None, b, a[:, :63], 1.0)
     with pytest.raises(ValueError, match=r"lora_A \[r, k\]"):
         _ops.nf4_linear(x, *args, None, None, b[:, :3], a, 1.0)
+
+
+HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0) and lora_fused.build_info()["sm90_gemm"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU and a build with the Hopper GEMMs")
+@pytest.mark.parametrize("M,N,K,mode", [(17, 96, 64, "auto"), (200, 136, 320, "auto"), (512, 264, 1024, "auto"),
+                                        (600, 72, 128, "sm90"), (3, 64, 192, "sm90")])
+@pytest.mark.parametrize("lora", [False, True])
+def test_hopper_gemm_path(M, N, K, mode, lora, monkeypatch):
+    # nf4_linear (and qlora_linear's forward) through the NF4 CUTLASS GEMM: against float64 and
+    # PyTorch on the bf16-dequantized weight, and beside the slab path forced on the same inputs.
+    packed, state = _weight(N, K, "cuda")
+    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
+    bias = randn(N, dtype=torch.bfloat16, device="cuda")
+    a = randn(16, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5) if lora else None
+    b = randn(N, 16, dtype=torch.bfloat16, device="cuda", scale=0.25) if lora else None
+    w = nf4.dequantize(packed, state, torch.bfloat16)
+    same = x @ w.t() + bias + (0.5 * ((x @ a.t()) @ b.t()) if lora else 0)
+    ref = reference.nf4_linear(x, packed, state, bias, a, b, 0.5) if lora else reference.nf4_linear(x, packed, state, bias)
+    run = (lambda: lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias)) if lora else (
+        lambda: lora_fused.nf4_linear(x, packed, state, bias))
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMM", mode)
+    poison_allocator("cuda")
+    y = run()
+    assert_error_rule(y, ref, same, f"Hopper GEMM path M={M} {K}->{N} lora={lora}")
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
+    assert_error_rule(run(), ref, same, f"slab path M={M} {K}->{N} lora={lora}")
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "bogus")
+    if M > 16:  # the decode kernel answers M <= 16 before the choice is read
+        with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMM must be auto, sm90 or slab; got 'bogus'"):
+            run()

@@ -2,8 +2,8 @@
 // (M <= 16), where the layer is a matrix-vector product bound by streaming W once.
 // u = x @ A^T comes as partial sums over slices of K from lora_shrink_partials (k % 32 == 0; the
 // kernel here may start while it runs, programmatic dependent launch, and adds them once it has
-// waited for it), else from one small cuBLAS GEMM. From 2 tokens on the tensor-core kernel of
-// lora_decode_mma.cu streams W; for one token the kernel here does, with 16-byte loads: a warp
+// waited for it), else from one small cuBLAS GEMM. From 2 tokens on (and for one where K <= 4096) the
+// tensor-core kernel of lora_decode_mma.cu streams W; else the kernel here, with 16-byte loads: a warp
 // owns kRowsPerWarp output features and walks their rows with SEG 16-byte loads per row in flight,
 // the block's x is staged in shared memory SEG * 256 columns at a time, and scale * u sits in shared
 // memory so the LoRA term joins the same fp32 accumulators before one warp reduction and a single
@@ -167,14 +167,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The tensor-core kernel from 2 tokens on (one token: the CUDA-core dot products stream W as fast and
-// waste nothing); LORA_FUSED_DECODE_KERNEL=simt|mma picks one for comparisons.
-bool use_mma_kernel(int64_t m, int major) {
+// The tensor-core kernel from 2 tokens on, and for one token where K <= 4096 (H200: 9.0 against 10.7
+// us at 4096->4096, 28.0 against 30.6 at 4096->11008; from K = 8192 the CUDA-core kernel streamed W
+// faster: 36.2 against 40.5 us at 8192->8192); LORA_FUSED_DECODE_KERNEL=simt|mma picks one.
+bool use_mma_kernel(int64_t m, int64_t k, int major) {
   if (major < 8) return false;
   const char* env = std::getenv("LORA_FUSED_DECODE_KERNEL");
   if (env != nullptr && std::strcmp(env, "mma") == 0) return true;
   if (env != nullptr && std::strcmp(env, "simt") == 0) return false;
-  return m >= 2;
+  return m >= 2 || k <= 4096;
 }
 
 // The LoRA input: u [M, r] (T), or the shrink kernel's partial sums (fp32 [splits][M][r]).
@@ -226,7 +227,7 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
     sh.u = at::mm(x, lora_a.t());  // [M, r], cuBLAS
   }
   at::Tensor out = at::empty({M, weight.size(0)}, x.options());
-  if (use_mma_kernel(M, props->major)) {
+  if (use_mma_kernel(M, K, props->major)) {
     const bool has_u = sh.u.defined();
     const cuda::LoraDecodeArgs args{x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
                                     has_u ? sh.u.data_ptr() : nullptr, has_u ? sh.u.stride(0) : int64_t{0},

@@ -1,12 +1,14 @@
 // nf4_linear and nf4_linear_grad_input on CUDA. Forward: up to 16 rows of x (decode) run the
-// tensor-core kernel that streams the NF4 weight once (nf4_gemv.cu); more rows, or shapes it does
-// not take (K not a multiple of 32, fp32), run the tiled path: decode a slab of at most
-// nf4_slab_elems() weights (nf4_dequantize_rect.cu) and hand it to cuBLAS. Backward dX is tiled.
+// tensor-core kernel that streams the NF4 weight once (nf4_gemv.cu); on Hopper, 17-512 bf16 rows run
+// the NF4 CUTLASS GEMM (nf4_linear_sm90.cu); the rest, or shapes they do not take (K not a multiple
+// of 32, fp32), run the tiled path: decode a slab of at most nf4_slab_elems() weights
+// (nf4_dequantize_rect.cu) and hand it to cuBLAS. Backward dX is tiled.
 #include <torch/library.h>
 
 #include "checks.h"
 #include "cuda/common.cuh"
 #include "cuda/nf4_decode.cuh"
+#include "cuda/nf4_linear_sm90.h"
 #include "nf4_linear.h"
 
 namespace lora_fused {
@@ -25,6 +27,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   if (nf4_gemv_cuda(x, w, bias, lora_u, lora_B, lora_A, lora_scale, out)) return out;
   const c10::optional<at::Tensor> u =
       lora_A.has_value() ? c10::optional<at::Tensor>(nf4_lora_u(x, *lora_A, lora_scale)) : lora_u;
+  if (cuda::nf4_linear_sm90(x, w, bias, u, lora_B, out)) return out;
   return nf4_linear_tiled(x, w, bias, u, lora_B, nf4_dequantize_rect_cuda);
 }
 

@@ -1,0 +1,76 @@
+// nf4_linear's Hopper path (nf4_linear_sm90.h). The GEMM takes one bf16 scale per 64-element group,
+// N-contiguous ([K / 64, N]): a small kernel decodes the (double-quantized) absmax into that form at
+// each call (N*K/64 values, a few microseconds against the GEMM's tens), so no state is cached
+// beside the weight. Rounding: level (bf16) x scale (bf16), rounded to bf16, where the slab path
+// rounds level x scale once from fp32; measured 1.30-1.34x PyTorch's error on the dequantized bf16
+// weight (scripts/probe_nf4_gemm_sm90.py), within the 2x rule.
+#include "cuda/nf4_linear_sm90.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "cuda/common.cuh"
+#include "cuda/nf4_decode.cuh"
+#include "cuda/nf4_gemm_sm90.h"
+
+namespace lora_fused {
+namespace cuda {
+namespace {
+
+constexpr int64_t kGroup = 64;
+
+// out[g, n] = bf16(scale of block n * groups + g): K % 64 == 0, so 64-element blocks never span rows.
+__global__ void group_scales_kernel(BlockScales s, int64_t n, int64_t groups, __nv_bfloat16* __restrict__ out) {
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (o >= n * groups) return;
+  const int64_t g = o / n, row = o % n;
+  out[o] = __float2bfloat16_rn(s(row * groups + g));
+}
+
+enum class Mode { kAuto, kSm90, kSlab };
+
+Mode mode() {
+  const char* env = std::getenv("LORA_FUSED_NF4_GEMM");
+  if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return Mode::kAuto;
+  if (std::strcmp(env, "sm90") == 0) return Mode::kSm90;
+  TORCH_CHECK(std::strcmp(env, "slab") == 0, "lora_fused.nf4_linear: LORA_FUSED_NF4_GEMM must be auto, sm90 or slab; got '",
+              env, "'");
+  return Mode::kSlab;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+}  // namespace
+
+bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B, at::Tensor& out) {
+  const Mode md = mode();
+  if (md == Mode::kSlab) return false;
+  const int64_t m = x.size(0), n = w.out_features, k = w.in_features;
+  if (x.scalar_type() != at::kBFloat16 || w.blocksize != kGroup || k % kGroup != 0 || n % 8 != 0 || m < 1) return false;
+  if (md == Mode::kAuto && (m <= 16 || m > kNf4Sm90MaxM)) return false;
+  if (!aligned16(w.packed) || !nf4_gemm_sm90_available() || !nf4_gemm_sm90_can_implement(m, n, k)) return false;
+  at::Tensor xc = x.contiguous();
+  if (!aligned16(xc)) xc = xc.clone();
+  const int64_t groups = k / kGroup;
+  at::Tensor scales = at::empty({groups, n}, x.options());
+  const int64_t total = groups * n;
+  constexpr int kThreads = 256;
+  group_scales_kernel<<<grid_x(ceil_div<int64_t>(total, kThreads), "lora_fused.nf4_linear"), kThreads, 0,
+                        at::cuda::getCurrentCUDAStream()>>>(make_block_scales(w), n, groups,
+                                                            reinterpret_cast<__nv_bfloat16*>(scales.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  out = nf4_gemm_sm90_run(xc, w.packed, scales, n);
+  // The LoRA term and the bias after the GEMM, one pass each over out ([M, N], M <= 512): the GEMM's
+  // epilogue has no source operand yet.
+  if (lora_u.has_value()) out.addmm_(*lora_u, lora_B->t());
+  if (bias.has_value()) out.add_(*bias);
+  return true;
+}
+
+}  // namespace cuda
+}  // namespace lora_fused

@@ -1,0 +1,22 @@
+// nf4_linear's Hopper path (sm_90): the NF4 x bf16 CUTLASS GEMM for batches between the decode
+// kernel's 16 rows and the point where the slab path (decode slabs into cuBLAS) is faster.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "nf4_linear.h"
+
+namespace lora_fused {
+namespace cuda {
+
+// Rows of x up to which the Hopper GEMM runs by default: on an H100 it beat the slab path at every
+// measured shape up to 512 rows (1.2-2.7x) and lost at some from 1024 (benchmarks/RESULTS.md).
+constexpr int64_t kNf4Sm90MaxM = 512;
+
+// out = x @ W^T + lora_u @ lora_B^T + bias through the Hopper GEMM, and true, where it applies: an
+// sm_90 GPU and build, bf16, blocksize 64, K % 64 == 0, N % 8 == 0, 16 < M <= kNf4Sm90MaxM
+// (LORA_FUSED_NF4_GEMM=sm90: any M wherever it can run; =slab: never). Else false, out untouched.
+bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B, at::Tensor& out);
+
+}  // namespace cuda
+}  // namespace lora_fused
