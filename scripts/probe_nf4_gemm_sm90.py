@@ -1,4 +1,5 @@
-"""Probe of the work-in-progress NF4 Hopper GEMM (lora_fused::nf4_gemm_sm90, branch wip/nf4-gemm-sm90):
+"""Probe of the NF4 Hopper GEMM (lora_fused::nf4_gemm_sm90: 128x128 and 128x256 tiles, the weight as
+bitsandbytes packs it and reordered by nf4_repack_sm90):
 its accuracy against float64 and its speed beside cuBLAS bf16 (x @ W^T with the 16-bit weight) and
 nf4_linear (the slab path: dequantize slabs into cuBLAS), on an H100.
 
@@ -11,6 +12,7 @@ cuBLAS on the dequantized bf16 weight.
 """
 
 import argparse
+import os
 
 import torch
 import triton.testing as tt
@@ -53,6 +55,7 @@ def main():
         lv = torch.tensor(LEVELS, device="cuda").to(torch.bfloat16).double()
         w_used = lv[codes(packed, n, k)] * scales.t().double().repeat_interleave(64, dim=1)
         w16 = nf4.dequantize(packed, state, torch.bfloat16)
+        packed_s = torch.ops.lora_fused.nf4_repack_sm90(packed, n, k)  # the Shuffled GEMMs' layout
         w_true = nf4.dequantize(packed, state, torch.float32).double()  # the format's exact weight
         for m in (int(v) for v in args.M.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -66,10 +69,20 @@ def main():
             e_true = ((y.double() - ref_true).norm() / ref_true.norm()).item()
             e_torch = (((x @ w16.t()).double() - ref_true).norm() / ref_true.norm()).item()
             t_op = tt.do_bench(lambda: op(x, packed, scales, n), return_mode="median") * 1e3
+            variants = {}  # (tile_tokens, shuffled) -> us, each checked first
+            for tile, shuf in ((256, False), (128, True), (256, True)):
+                wv = packed_s if shuf else packed
+                yv = op(x, wv, scales, n, tile, shuf)
+                ev = ((yv.double() - ref).norm() / ref.norm()).item()
+                assert torch.isfinite(yv).all() and ev < 4 * err_cublas + 1e-6, (shape, m, tile, shuf, ev)
+                variants[(tile, shuf)] = tt.do_bench(lambda: op(x, wv, scales, n, tile, shuf), return_mode="median") * 1e3
             t_cublas = tt.do_bench(lambda: x @ w16.t(), return_mode="median") * 1e3
+            os.environ["LORA_FUSED_NF4_GEMM"] = "slab"  # the slab path (M > 16), whatever nf4_linear picks by default
             t_nf4 = tt.do_bench(lambda: lora_fused.nf4_linear(x, packed, state), return_mode="median") * 1e3
+            del os.environ["LORA_FUSED_NF4_GEMM"]
             print(f"{k:>5}->{n:<5} M={m:<5} err {err:.1e} (cuBLAS {err_cublas:.1e}) vs format {e_true:.1e} (torch {e_torch:.1e}, "
-                  f"{e_true / e_torch:.2f}x) | nf4_gemm_sm90 {t_op:8.1f} us | "
+                  f"{e_true / e_torch:.2f}x) | nf4_gemm_sm90 {t_op:8.1f} us, 128x256 {variants[(256, False)]:8.1f}, "
+                  f"shuffled 128x128 {variants[(128, True)]:8.1f}, 128x256 {variants[(256, True)]:8.1f} | "
                   f"cuBLAS bf16 {t_cublas:8.1f} us ({t_cublas / t_op:.2f}x) | nf4_linear {t_nf4:8.1f} us ({t_nf4 / t_op:.2f}x)",
                   flush=True)
 

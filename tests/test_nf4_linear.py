@@ -463,7 +463,7 @@ HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0) and lora_fuse
 @pytest.mark.cuda
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU and a build with the Hopper GEMMs")
 @pytest.mark.parametrize("M,N,K,mode", [(17, 96, 64, "auto"), (200, 136, 320, "auto"), (512, 264, 1024, "auto"),
-                                        (600, 72, 128, "sm90"), (3, 64, 192, "sm90")])
+                                        (600, 72, 128, "sm90"), (40, 1008, 2048, "auto")])
 @pytest.mark.parametrize("lora", [False, True])
 def test_hopper_gemm_path(M, N, K, mode, lora, monkeypatch):
     # nf4_linear (and qlora_linear's forward) through the NF4 CUTLASS GEMM: against float64 and
@@ -485,6 +485,5 @@ def test_hopper_gemm_path(M, N, K, mode, lora, monkeypatch):
     monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
     assert_error_rule(run(), ref, same, f"slab path M={M} {K}->{N} lora={lora}")
     monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "bogus")
-    if M > 16:  # the decode kernel answers M <= 16 before the choice is read
-        with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMM must be auto, sm90 or slab; got 'bogus'"):
-            run()
+    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMM must be auto, sm90 or slab; got 'bogus'"):
+        run()

@@ -1,7 +1,8 @@
 // lora_fused::nf4_gemm_sm90: y = x @ dequant(W)^T on Hopper through the mixed-input CUTLASS GEMM of
-// cuda/sm90/nf4_gemm_bf16.cu, W as NF4 codes (bitsandbytes' packing) with bf16 scales per 64-element
-// group ([K / 64, N]); the op checks its inputs, and its host side (nf4_gemm_sm90.h) also serves
-// nf4_linear's Hopper path. CUDA (sm_90a builds) only.
+// cuda/sm90/nf4_gemm_*.cu, W as NF4 codes (bitsandbytes' packing, or with shuffled=True the layout
+// lora_fused::nf4_repack_sm90 makes) with bf16 scales per 64-element group ([K / 64, N]); the ops
+// check their inputs, and the host side (nf4_gemm_sm90.h) also serves nf4_linear's Hopper path.
+// CUDA (sm_90a builds) only: probes of the GEMM's variants.
 #include "cuda/nf4_gemm_sm90.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -26,6 +27,13 @@ bool nf4_gemm_sm90_available() {
 
 #if LORA_FUSED_WITH_SM90
 namespace {
+const sm90::Nf4GemmOps& tile_ops(int64_t tile_tokens, bool shuffled) {
+  TORCH_CHECK(tile_tokens == 128 || tile_tokens == 256, "lora_fused.nf4_gemm_sm90: tile_tokens must be 128 or 256; got ",
+              tile_tokens);
+  if (shuffled) return tile_tokens == 128 ? sm90::kNf4Gemm128x128Shuffled : sm90::kNf4Gemm128x256Shuffled;
+  return tile_tokens == 128 ? sm90::kNf4Gemm128x128 : sm90::kNf4Gemm128x256;
+}
+
 sm90::Nf4GemmProblem problem(int64_t m, int64_t n, int64_t k) {
   sm90::Nf4GemmProblem p;
   p.m = static_cast<int>(m);
@@ -36,28 +44,32 @@ sm90::Nf4GemmProblem problem(int64_t m, int64_t n, int64_t k) {
 }  // namespace
 #endif
 
-bool nf4_gemm_sm90_can_implement(int64_t m, int64_t n, int64_t k) {
+bool nf4_gemm_sm90_can_implement(int64_t m, int64_t n, int64_t k, bool shuffled) {
 #if LORA_FUSED_WITH_SM90
-  return m >= 1 && m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX && sm90::nf4_gemm_can_implement(problem(m, n, k));
+  // Both tiles take the same problems (the constraints are the k tile's and the alignments).
+  return m >= 1 && m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX &&
+         tile_ops(128, shuffled).can_implement(problem(m, n, k));
 #else
   return false;
 #endif
 }
 
-at::Tensor nf4_gemm_sm90_run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n) {
+at::Tensor nf4_gemm_sm90_run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, int64_t n,
+                             int64_t tile_tokens, bool shuffled) {
 #if LORA_FUSED_WITH_SM90
+  const sm90::Nf4GemmOps& ops = tile_ops(tile_tokens, shuffled);
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(nf4_gemm_sm90_can_implement(m, n, k), "lora_fused.nf4_gemm_sm90: CUTLASS cannot take M=", m, " N=", n,
-              " K=", k, " (needs K % 64 == 0 and N % 8 == 0)");
+  TORCH_CHECK(nf4_gemm_sm90_can_implement(m, n, k, shuffled), "lora_fused.nf4_gemm_sm90: CUTLASS cannot take M=", m,
+              " N=", n, " K=", k, shuffled ? " (needs K % 64 == 0 and N % 16 == 0)" : " (needs K % 64 == 0 and N % 8 == 0)");
   at::Tensor y = at::empty({m, n}, x.options());
   sm90::Nf4GemmProblem p = problem(m, n, k);
   p.x = x.data_ptr();
   p.w = packed.data_ptr();
   p.scales = scales.data_ptr();
   p.y = y.data_ptr();
-  const size_t ws_bytes = sm90::nf4_gemm_workspace_bytes(p);
+  const size_t ws_bytes = ops.workspace_bytes(p);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
-  const char* err = sm90::nf4_gemm_run(p, ws_bytes > 0 ? ws.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream());
+  const char* err = ops.run(p, ws_bytes > 0 ? ws.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == nullptr, "lora_fused.nf4_gemm_sm90: ", err);
   return y;
 #else
@@ -70,7 +82,7 @@ namespace {
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 at::Tensor nf4_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                              int64_t out_features) {
+                              int64_t out_features, int64_t tile_tokens, bool shuffled) {
   TORCH_CHECK(x.is_cuda() && packed.is_cuda() && scales.is_cuda(), "lora_fused.nf4_gemm_sm90: CUDA tensors only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "lora_fused.nf4_gemm_sm90: x must be bf16 [M, K]; got ",
               x.scalar_type(), " ", x.sizes());
@@ -88,15 +100,40 @@ at::Tensor nf4_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& packed, con
   if (!aligned16(xc)) xc = xc.clone();
   if (!aligned16(wc)) wc = wc.clone();
   if (!aligned16(sc)) sc = sc.clone();
-  return nf4_gemm_sm90_run(xc, wc, sc, n);
+  return nf4_gemm_sm90_run(xc, wc, sc, n, tile_tokens, shuffled);
+}
+
+at::Tensor nf4_repack_sm90_cuda(const at::Tensor& packed, int64_t out_features, int64_t in_features) {
+  const int64_t n = out_features, k = in_features;
+  TORCH_CHECK(packed.is_cuda() && packed.scalar_type() == at::kByte && packed.numel() * 2 == n * k,
+              "lora_fused.nf4_repack_sm90: packed must be CUDA uint8 with N*K/2 codes; got ", packed.scalar_type(), " ",
+              packed.device(), " with ", packed.numel(), " for N=", n, " K=", k);
+  TORCH_CHECK(n % 16 == 0 && k % 64 == 0 && n <= INT32_MAX && k <= INT32_MAX,
+              "lora_fused.nf4_repack_sm90: needs N % 16 == 0 and K % 64 == 0; got N=", n, " K=", k);
+  const c10::cuda::CUDAGuard guard(packed.device());
+  TORCH_CHECK(nf4_gemm_sm90_available(), "lora_fused.nf4_repack_sm90: needs an sm_90 GPU and an sm_90a build");
+  at::Tensor src = packed.contiguous();
+  if (!aligned16(src)) src = src.clone();
+  at::Tensor dst = at::empty({n * k / 2}, packed.options());
+#if LORA_FUSED_WITH_SM90
+  const char* err = sm90::nf4_repack(src.data_ptr(), dst.data_ptr(), static_cast<int>(n), static_cast<int>(k),
+                                     at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == nullptr, "lora_fused.nf4_repack_sm90: ", err);
+#endif
+  return dst;
 }
 
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_FRAGMENT(lora_fused, m) {
-  m.def("nf4_gemm_sm90(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor");
+  m.def("nf4_gemm_sm90(Tensor x, Tensor packed, Tensor scales, int out_features, int tile_tokens=128, "
+        "bool shuffled=False) -> Tensor");
+  m.def("nf4_repack_sm90(Tensor packed, int out_features, int in_features) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(lora_fused, CUDA, m) { m.impl("nf4_gemm_sm90", &cuda::nf4_gemm_sm90_cuda); }
+TORCH_LIBRARY_IMPL(lora_fused, CUDA, m) {
+  m.impl("nf4_gemm_sm90", &cuda::nf4_gemm_sm90_cuda);
+  m.impl("nf4_repack_sm90", &cuda::nf4_repack_sm90_cuda);
+}
 
 }  // namespace lora_fused

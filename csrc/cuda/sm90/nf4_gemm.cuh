@@ -2,9 +2,8 @@
 // of W: CUTLASS 3's mixed-input warp-specialised GEMM (TMA, register-sourced wgmma), W's 4-bit codes
 // converted to bf16 levels in registers (a byte_perm table lookup) and scaled by bf16 group scales
 // (one per 64 consecutive elements of a row: NF4's blocksize 64 when K % 64 == 0).
-// Correct on an H100 (tests/test_nf4_gemm_sm90.py) but at 0.5-0.6x cuBLAS bf16's speed
-// (scripts/probe_nf4_gemm_sm90.py; 4-bit A fragments read from unshuffled shared memory): not used by
-// nf4_linear yet.
+// Correct on an H100 (tests/test_nf4_gemm_sm90.py); with 128 x 128 tiles at 0.5-0.6x cuBLAS bf16's
+// speed from 256 tokens on (scripts/probe_nf4_gemm_sm90.py), so nf4_linear uses it for 17-512 rows.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,9 +23,22 @@ struct Nf4GemmProblem {
   void* y = nullptr;
 };
 
-size_t nf4_gemm_workspace_bytes(const Nf4GemmProblem& p);
-bool nf4_gemm_can_implement(const Nf4GemmProblem& p);
-// nullptr on success, else what went wrong.
-const char* nf4_gemm_run(const Nf4GemmProblem& p, void* workspace, cudaStream_t stream);
+// One tile configuration of the GEMM (nf4_gemm_bf16_128x*.cu): its workspace, whether CUTLASS takes
+// a problem, and the launch (nullptr on success, else what went wrong).
+struct Nf4GemmOps {
+  size_t (*workspace_bytes)(const Nf4GemmProblem& p);
+  bool (*can_implement)(const Nf4GemmProblem& p);
+  const char* (*run)(const Nf4GemmProblem& p, void* workspace, cudaStream_t stream);
+};
+extern const Nf4GemmOps kNf4Gemm128x128;  // 128 weight rows x 128 tokens per tile
+extern const Nf4GemmOps kNf4Gemm128x256;  // 128 weight rows x 256 tokens per tile
+// The same with w in nf4_repack's layout (n % 16 == 0): each thread reads its 8 codes of an mma
+// fragment as one 32-bit word from shared memory instead of byte by byte.
+extern const Nf4GemmOps kNf4Gemm128x128Shuffled;
+extern const Nf4GemmOps kNf4Gemm128x256Shuffled;
+
+// dst (n * k / 2 bytes) = the NF4 codes of src (bitsandbytes' packing, [n, k]) reordered for the
+// Shuffled GEMMs; n % 16 == 0, k % 64 == 0, both buffers 16-byte aligned. nullptr on success.
+const char* nf4_repack(const void* src, void* dst, int n, int k, cudaStream_t stream);
 
 }  // namespace lora_fused::sm90
