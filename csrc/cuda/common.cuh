@@ -26,6 +26,15 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// A 16-byte read-only load that the compiler keeps in program order with the other volatile asm
+// (loads, mma): written all before the arithmetic that uses them, the loads stay in flight together
+// instead of being interleaved with it a few at a time.
+__device__ __forceinline__ uint4 load_nc16(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -47,14 +47,6 @@ __device__ __forceinline__ float2 unpack2(uint32_t v, at::Half) {
   return __half22float2(*reinterpret_cast<const __half2*>(&v));
 }
 
-// A 16-byte read-only load that the compiler keeps in program order with the others (volatile):
-// written all before the dot products, they stay in flight together instead of being interleaved
-// with the FMAs two at a time.
-__device__ __forceinline__ uint4 load_nc16(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
 
 // acc += dot(w[0:8], x[0:8]) for 8 packed 16-bit values each.
 template <typename T>
@@ -110,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int rr = 0; rr < kRowsPerWarp; ++rr) {
           const int64_t n = n0 + rr < D ? n0 + rr : D - 1;
           const int cs = c + sg * 32 * 8 < kc ? c + sg * 32 * 8 : c;
-          wv[sg][rr] = load_nc16(w + n * ldw + k0 + cs);
+          wv[sg][rr] = cuda::load_nc16(w + n * ldw + k0 + cs);
         }
 #pragma unroll
       for (int sg = 0; sg < SEG; ++sg)

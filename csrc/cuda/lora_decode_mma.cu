@@ -29,11 +29,6 @@ constexpr int kRows = kGroups * 16;
 constexpr int kUnroll = 4;   // 32-column steps whose loads are in flight together
 constexpr int kMaxRank = 256;
 
-__device__ __forceinline__ uint4 load_nc16(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const LoraDecodeArgs a) {

@@ -24,13 +24,6 @@ namespace {
 
 constexpr int kWarps = 8;
 
-// A 16-byte read-only load that the compiler keeps ahead of the mmas that follow it (volatile, as
-// the mma asm is): otherwise it interleaves them and the warp waits once per chunk.
-__device__ __forceinline__ uint4 load16(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
 constexpr int kChunksPerWarp = 4;  // of 32 columns, per batch
 static_assert(kLoraShrinkSplitCols == 32 * kWarps * kChunksPerWarp, "one batch per split at the least width");
 
@@ -56,9 +49,9 @@ __global__ void __launch_bounds__(32 * kWarps, 1) lora_shrink_partials_kernel(co
 #pragma unroll
     for (int i = 0; i < kChunksPerWarp; ++i) {
       const int kc = first + kWarps * i, col = 32 * (kc < end ? kc : 0);
-      xa[i] = load16(x0 + col);
-      xb[i] = load16(x8 + col);
-      av[i] = load16(ar + col);
+      xa[i] = load_nc16(x0 + col);
+      xb[i] = load_nc16(x8 + col);
+      av[i] = load_nc16(ar + col);
     }
 #pragma unroll
     for (int i = 0; i < kChunksPerWarp; ++i) {
