@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (m < M && u != nullptr) {
       v = static_cast<float>(u[m * ldu + j]);
     } else if (m < M) {
-      for (int sp = 0; sp < splits; ++sp) v += parts[(sp * M + m) * R + j];  // split order: deterministic
+      v = cuda::lora_shrink_sum(parts, splits, M, R, m, j);
     }
     us[m][j] = v * scale;
   }

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/common.cuh"
+#include "cuda/lora_shrink_partials.h"
 #include "cuda/mma_sm80.cuh"
 #include "cuda/pdl.cuh"
 
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
     if (a.u != nullptr) {
       v = static_cast<float>(static_cast<const T*>(a.u)[m * a.ldu + j]);
     } else {
-      for (int sp = 0; sp < a.splits; ++sp) v += a.parts[(sp * a.M + m) * a.R + j];  // split order: deterministic
+      v = lora_shrink_sum(a.parts, a.splits, a.M, a.R, m, j);
     }
     us[m][j] = v * a.scale;
   }
