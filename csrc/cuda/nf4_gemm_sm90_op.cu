@@ -39,6 +39,11 @@ sm90::Nf4GemmProblem problem(int64_t m, int64_t n, int64_t k) {
   p.m = static_cast<int>(m);
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
+  // CUTLASS's can_implement rejects a null scale pointer (it never dereferences them): placeholders,
+  // 256-byte aligned, until run() sets the real ones.
+  const void* placeholder = reinterpret_cast<const void*>(uintptr_t{256});
+  p.x = p.w = p.scales = placeholder;
+  p.y = const_cast<void*>(placeholder);
   return p;
 }
 }  // namespace

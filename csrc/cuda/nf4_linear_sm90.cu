@@ -51,9 +51,13 @@ bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optiona
   const Mode md = mode();
   if (md == Mode::kSlab) return false;
   const int64_t m = x.size(0), n = w.out_features, k = w.in_features;
-  if (x.scalar_type() != at::kBFloat16 || w.blocksize != kGroup || k % kGroup != 0 || n % 8 != 0 || m < 1) return false;
-  if (md == Mode::kAuto && (m <= 16 || m > kNf4Sm90MaxM)) return false;
-  if (!aligned16(w.packed) || !nf4_gemm_sm90_available() || !nf4_gemm_sm90_can_implement(m, n, k)) return false;
+  const bool takes = x.scalar_type() == at::kBFloat16 && w.blocksize == kGroup && k % kGroup == 0 && n % 8 == 0 &&
+                     m >= 1 && aligned16(w.packed) && nf4_gemm_sm90_available() && nf4_gemm_sm90_can_implement(m, n, k);
+  if (md == Mode::kAuto && (!takes || m <= 16 || m > kNf4Sm90MaxM)) return false;
+  // Forced, a call the GEMM cannot take is an error rather than a silent fallback (tests rely on it).
+  TORCH_CHECK(takes, "lora_fused.nf4_linear: LORA_FUSED_NF4_GEMM=sm90, but the Hopper NF4 GEMM takes only bf16 x, blocksize ",
+              kGroup, ", K % 64 == 0, N % 8 == 0, a 16-byte aligned weight, on an sm_90 GPU with an sm_90a build; got ",
+              x.scalar_type(), " M=", m, " N=", n, " K=", k, " blocksize ", w.blocksize);
   at::Tensor xc = x.contiguous();
   if (!aligned16(xc)) xc = xc.clone();
   const int64_t groups = k / kGroup;
