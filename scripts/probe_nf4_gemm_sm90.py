@@ -1,9 +1,9 @@
 """Probe of the NF4 Hopper GEMM (lora_fused::nf4_gemm_sm90: 128x128 and 128x256 tiles, the weight as
 bitsandbytes packs it and reordered by nf4_repack_sm90):
 its accuracy against float64 and its speed beside cuBLAS bf16 (x @ W^T with the 16-bit weight) and
-nf4_linear (the slab path: dequantize slabs into cuBLAS), on an H100.
+nf4_linear's slab path (dequantize slabs into cuBLAS) and its default path, on a Hopper GPU.
 
-    python scripts/probe_nf4_gemm_sm90.py [--M 16,64,256,512,1024,4096] [--shapes 4096:4096,8192:8192]
+    python scripts/probe_nf4_gemm_sm90.py [--M 16,64,128,256,512,1024,2048,4096] [--shapes 4096:4096,8192:8192]
 
 Its scales are bf16 per 64-element group (the double-quantized absmax decoded once, as a layer would
 keep them), so it rounds level * scale differently from nf4_linear (fp32 product rounded once): the
@@ -42,7 +42,7 @@ def codes(packed, n, k):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--M", default="16,64,256,512,1024,4096")
+    ap.add_argument("--M", default="16,64,128,256,512,1024,2048,4096")
     ap.add_argument("--shapes", default="4096:4096,4096:11008,11008:4096,8192:28672")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, lora_fused.build_info())
@@ -80,10 +80,12 @@ def main():
             os.environ["LORA_FUSED_NF4_GEMM"] = "slab"  # the slab path (M > 16), whatever nf4_linear picks by default
             t_nf4 = tt.do_bench(lambda: lora_fused.nf4_linear(x, packed, state), return_mode="median") * 1e3
             del os.environ["LORA_FUSED_NF4_GEMM"]
+            t_auto = tt.do_bench(lambda: lora_fused.nf4_linear(x, packed, state), return_mode="median") * 1e3
             print(f"{k:>5}->{n:<5} M={m:<5} err {err:.1e} (cuBLAS {err_cublas:.1e}) vs format {e_true:.1e} (torch {e_torch:.1e}, "
                   f"{e_true / e_torch:.2f}x) | nf4_gemm_sm90 {t_op:8.1f} us, 128x256 {variants[(256, False)]:8.1f}, "
                   f"shuffled 128x128 {variants[(128, True)]:8.1f}, 128x256 {variants[(256, True)]:8.1f} | "
-                  f"cuBLAS bf16 {t_cublas:8.1f} us ({t_cublas / t_op:.2f}x) | nf4_linear {t_nf4:8.1f} us ({t_nf4 / t_op:.2f}x)",
+                  f"cuBLAS bf16 {t_cublas:8.1f} us ({t_cublas / t_op:.2f}x) | slab path {t_nf4:8.1f} us ({t_nf4 / t_op:.2f}x) "
+                  f"| nf4_linear (default path) {t_auto:8.1f} us, {t_cublas / t_auto:.2f}x cuBLAS's speed",
                   flush=True)
 
 

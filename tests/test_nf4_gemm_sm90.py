@@ -56,7 +56,8 @@ def test_nf4_repack_sm90_layout(n, k):
 
 
 @pytest.mark.parametrize("m,n,k", [(16, 128, 64), (1, 136, 256), (37, 264, 512), (300, 1000, 1024), (4096, 512, 4096),
-                                   (512, 4104, 2048), (37, 272, 512), (300, 1008, 1024)])
+                                   (512, 4104, 2048), (37, 272, 512), (300, 1008, 1024),
+                                   (64, 128, 8192)])  # one tile, 128 k-tiles: stream-K splits K
 @pytest.mark.parametrize("tile_tokens", [128, 256])
 @pytest.mark.parametrize("shuffled", [False, True])
 def test_nf4_gemm_sm90_matches_reference(m, n, k, tile_tokens, shuffled):

@@ -13,7 +13,7 @@ from lora_fused import _ops, nf4, reference
 from conftest import DEVICES, DTYPES, HAS_CUDA, assert_error_rule, poison_allocator, randn, requires_cuda
 
 # (M, N, K): M <= 16 with K % 32 == 0 takes the CUDA decode kernel; on an H100/H200, bf16 with
-# 17 <= M <= 512, K % 64 == 0 and N % 8 == 0 the Hopper GEMM; the rest the slab path.
+# 17 <= M <= 1024, K % 64 == 0 and N % 8 == 0 the Hopper GEMM; the rest the slab path.
 # N not a multiple of 16 or of a 64-row strip, K not a multiple of 128, odd K, one row.
 SHAPES = [(1, 64, 128), (3, 269, 96), (8, 130, 4128), (9, 48, 160), (16, 1031, 256), (1, 17, 7), (17, 96, 64),
           (64, 257, 40), (129, 33, 544), (40, 136, 320), (130, 264, 1024)]
@@ -22,7 +22,7 @@ SHAPES = [(1, 64, 128), (3, 269, 96), (8, 130, 4128), (9, 48, 160), (16, 1031, 2
 @pytest.fixture(params=["default", "slabs"])
 def slab_mode(request, monkeypatch):
     # "slabs" makes the tiled path cut every weight into many small slabs (and odd ones), and takes
-    # it where the Hopper GEMM would run (17-512 bf16 rows, K % 64 == 0, N % 8 == 0, sm_90).
+    # it where the Hopper GEMM would run (17-1024 bf16 rows, K % 64 == 0, N % 8 == 0, sm_90).
     if request.param == "slabs":
         monkeypatch.setenv("LORA_FUSED_NF4_SLAB_ELEMS", "3000")
         monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
@@ -463,7 +463,8 @@ HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0) and lora_fuse
 @pytest.mark.cuda
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU and a build with the Hopper GEMMs")
 @pytest.mark.parametrize("M,N,K,mode", [(17, 96, 64, "auto"), (200, 136, 320, "auto"), (512, 264, 1024, "auto"),
-                                        (600, 72, 128, "sm90"), (40, 1008, 2048, "auto")])
+                                        (600, 72, 128, "auto"), (40, 1008, 2048, "auto"),
+                                        (129, 8, 64, "auto"), (1024, 40, 4096, "auto"), (1500, 24, 192, "sm90")])
 @pytest.mark.parametrize("lora", [False, True])
 def test_hopper_gemm_path(M, N, K, mode, lora, monkeypatch):
     # nf4_linear (and qlora_linear's forward) through the NF4 CUTLASS GEMM: against float64 and

@@ -72,6 +72,7 @@ at::Tensor nf4_gemm_sm90_run(const at::Tensor& x, const at::Tensor& packed, cons
   p.w = packed.data_ptr();
   p.scales = scales.data_ptr();
   p.y = y.data_ptr();
+  p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const size_t ws_bytes = ops.workspace_bytes(p);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
   const char* err = ops.run(p, ws_bytes > 0 ? ws.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream());

@@ -1,5 +1,5 @@
 // nf4_linear and nf4_linear_grad_input on CUDA. Forward: up to 16 rows of x (decode) run the
-// tensor-core kernel that streams the NF4 weight once (nf4_gemv.cu); on Hopper, 17-512 bf16 rows run
+// tensor-core kernel that streams the NF4 weight once (nf4_gemv.cu); on Hopper, 17-1024 bf16 rows run
 // the NF4 CUTLASS GEMM (nf4_linear_sm90.cu); the rest, or shapes they do not take (K not a multiple
 // of 32, fp32), run the tiled path: decode a slab of at most nf4_slab_elems() weights
 // (nf4_dequantize_rect.cu) and hand it to cuBLAS. Backward dX is tiled.

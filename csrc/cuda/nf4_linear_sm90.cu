@@ -68,8 +68,8 @@ bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optiona
                         at::cuda::getCurrentCUDAStream()>>>(make_block_scales(w), n, groups,
                                                             reinterpret_cast<__nv_bfloat16*>(scales.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  out = nf4_gemm_sm90_run(xc, w.packed, scales, n);
-  // The LoRA term and the bias after the GEMM, one pass each over out ([M, N], M <= 512): the GEMM's
+  out = nf4_gemm_sm90_run(xc, w.packed, scales, n, m <= kNf4Sm90Tile128MaxM ? 128 : 256);
+  // The LoRA term and the bias after the GEMM, one pass each over out ([M, N], M <= 1024): the GEMM's
   // epilogue has no source operand yet.
   if (lora_u.has_value()) out.addmm_(*lora_u, lora_B->t());
   if (bias.has_value()) out.add_(*bias);

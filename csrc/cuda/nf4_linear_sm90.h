@@ -8,9 +8,11 @@
 namespace lora_fused {
 namespace cuda {
 
-// Rows of x up to which the Hopper GEMM runs by default: on an H100 it beat the slab path at every
-// measured shape up to 512 rows (1.2-2.7x) and lost at some from 1024 (benchmarks/RESULTS.md).
-constexpr int64_t kNf4Sm90MaxM = 512;
+// Rows of x up to which the Hopper GEMM runs by default: on an H200 (data-parallel tiles) it beat the
+// slab path at every measured shape from 256 to 1024 rows (1.1-1.7x) and lost at 4096 (1.1-1.2x;
+// benchmarks/RESULTS.md). Tiles of 128 tokens up to kNf4Sm90Tile128MaxM rows, else 256 (faster there).
+constexpr int64_t kNf4Sm90MaxM = 1024;
+constexpr int64_t kNf4Sm90Tile128MaxM = 128;
 
 // out = x @ W^T + lora_u @ lora_B^T + bias through the Hopper GEMM, and true, where it applies: an
 // sm_90 GPU and build, bf16, blocksize 64, K % 64 == 0, N % 8 == 0, 16 < M <= kNf4Sm90MaxM

@@ -21,6 +21,7 @@ struct Nf4GemmProblem {
   const void* w = nullptr;
   const void* scales = nullptr;
   void* y = nullptr;
+  int sm_count = 0;  // the GPU's SMs: the persistent stream-K grid's size
 };
 
 // One tile configuration of the GEMM (nf4_gemm_bf16_128x*.cu): its workspace, whether CUTLASS takes

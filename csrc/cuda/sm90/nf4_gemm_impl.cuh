@@ -161,7 +161,11 @@ struct Nf4Gemm {
       LayoutX, AlX, Acc, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue>;
+  // Stream-K: with few tokens there are only N / 128 output tiles (32 at N = 4096) for 132 SMs, so
+  // the persistent grid splits K among CTAs (partials reduced in the workspace); with many tiles
+  // its heuristic keeps whole tiles per CTA.
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue,
+                                                          cutlass::gemm::StreamKScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
   static typename GemmKernel::StrideA stride_w(const Nf4GemmProblem& p) {
@@ -174,6 +178,8 @@ struct Nf4Gemm {
   static typename Gemm::Arguments arguments(const Nf4GemmProblem& p) {
     using StrideS = typename CollectiveMainloop::StrideScale;  // (N, K / 64): N contiguous
     const int64_t k = p.k, n = p.n;
+    cutlass::KernelHardwareInfo hw;
+    hw.sm_count = p.sm_count;  // 0: CUTLASS asks the driver
     return typename Gemm::Arguments{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {p.n, p.m, p.k, 1},
@@ -181,7 +187,8 @@ struct Nf4Gemm {
          reinterpret_cast<const ElementX*>(p.x), typename GemmKernel::StrideB{k, cute::Int<1>{}, int64_t(0)},
          reinterpret_cast<const ElementScale*>(p.scales), StrideS{cute::Int<1>{}, n, int64_t(0)}, kGroup},
         {{1.f, 0.f}, nullptr, typename GemmKernel::StrideC{cute::Int<1>{}, n, int64_t(0)},
-         reinterpret_cast<ElementOut*>(p.y), typename GemmKernel::StrideD{cute::Int<1>{}, n, int64_t(0)}}};
+         reinterpret_cast<ElementOut*>(p.y), typename GemmKernel::StrideD{cute::Int<1>{}, n, int64_t(0)}},
+        hw};
   }
   static size_t workspace_bytes(const Nf4GemmProblem& p) { return Gemm::get_workspace_size(arguments(p)); }
   static bool can_implement(const Nf4GemmProblem& p) {
