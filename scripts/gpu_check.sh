@@ -5,6 +5,8 @@
 #   scripts/gpu_check.sh            build + tests + quick benchmarks
 #   scripts/gpu_check.sh --full     build + tests (1000 randomized cases per op) + full benchmark grid
 #   scripts/gpu_check.sh --no-bench build + tests only
+#   scripts/gpu_check.sh --no-bench --cuda-cases   build + tests without the cases parametrized
+#                                   with device "cpu" (CI runs those): about half the tests
 #   scripts/gpu_check.sh --full --no-tests   build + full benchmark grid only
 #   LORA_FUSED_TESTS="tests/test_distributed.py" scripts/gpu_check.sh --no-bench   a subset of the tests
 #   LORA_FUSED_BENCH_ARGS="--ops qlora_linear --M 4096" scripts/gpu_check.sh        a chosen benchmark grid
@@ -29,8 +31,9 @@ for arg in "$@"; do
     --no-bench) BENCH=none ;;
     --no-tests) TESTS=0 ;;
     --sanitize) SANITIZE=1 ;;
-    --no-build) BUILD=0 ;;  # reuse the build a previous call on this (still warm) machine installed
-    *) echo "gpu_check.sh: unknown option $arg (use --full, --no-bench, --no-tests or --sanitize)"; exit 2 ;;
+    --no-build) BUILD=0 ;;
+    --cuda-cases) export LORA_FUSED_CUDA_CASES_ONLY=1 ;;  # reuse the build a previous call on this (still warm) machine installed
+    *) echo "gpu_check.sh: unknown option $arg (use --full, --no-bench, --no-tests, --sanitize, --no-build or --cuda-cases)"; exit 2 ;;
   esac
 done
 export PYTHONUNBUFFERED=1

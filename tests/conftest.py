@@ -30,6 +30,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long randomized runs (scripts/gpu_check.sh --full)")
 
 
+def pytest_collection_modifyitems(config, items):
+    # LORA_FUSED_CUDA_CASES_ONLY=1 (scripts/gpu_check.sh --cuda-cases): leave out the cases
+    # parametrized with device "cpu", which CI runs anyway, so a GPU call spends its time on CUDA.
+    if os.environ.get("LORA_FUSED_CUDA_CASES_ONLY") != "1":
+        return
+    def on_cpu(it):
+        return getattr(it, "callspec", None) is not None and it.callspec.params.get("device") == "cpu"
+
+    cpu = [it for it in items if on_cpu(it)]
+    if cpu:
+        config.hook.pytest_deselected(items=cpu)
+        items[:] = [it for it in items if not on_cpu(it)]
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # A fresh, reproducible stream per test, derived from its id (LORA_FUSED_TEST_SEED shifts all).
