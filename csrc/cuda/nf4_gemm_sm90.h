@@ -8,6 +8,9 @@
 namespace lora_fused {
 namespace cuda {
 
+// t itself when contiguous and 16-byte aligned (as TMA needs), else a copy that is.
+at::Tensor contiguous_aligned16(const at::Tensor& t);
+
 // Whether this build and the current GPU run it at all (an sm_90a build on an sm_90 GPU).
 bool nf4_gemm_sm90_available();
 

@@ -39,11 +39,6 @@ sm90::Nf4GemmProblem problem(int64_t m, int64_t n, int64_t k) {
   p.m = static_cast<int>(m);
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
-  // CUTLASS's can_implement rejects a null scale pointer (it never dereferences them): placeholders,
-  // 256-byte aligned, until run() sets the real ones.
-  const void* placeholder = reinterpret_cast<const void*>(uintptr_t{256});
-  p.x = p.w = p.scales = placeholder;
-  p.y = const_cast<void*>(placeholder);
   return p;
 }
 }  // namespace
@@ -83,9 +78,12 @@ at::Tensor nf4_gemm_sm90_run(const at::Tensor& x, const at::Tensor& packed, cons
 #endif
 }
 
-namespace {
+at::Tensor contiguous_aligned16(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+namespace {
 
 at::Tensor nf4_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                               int64_t out_features, int64_t tile_tokens, bool shuffled) {
@@ -102,11 +100,8 @@ at::Tensor nf4_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& packed, con
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(nf4_gemm_sm90_available(), "lora_fused.nf4_gemm_sm90: needs an sm_90 GPU and an sm_90a build; this GPU is sm_",
               prop->major, prop->minor, ", build_info()['sm90_gemm'] tells the build");
-  at::Tensor xc = x.contiguous(), wc = packed.contiguous(), sc = scales.contiguous();
-  if (!aligned16(xc)) xc = xc.clone();
-  if (!aligned16(wc)) wc = wc.clone();
-  if (!aligned16(sc)) sc = sc.clone();
-  return nf4_gemm_sm90_run(xc, wc, sc, n, tile_tokens, shuffled);
+  return nf4_gemm_sm90_run(contiguous_aligned16(x), contiguous_aligned16(packed), contiguous_aligned16(scales), n,
+                           tile_tokens, shuffled);
 }
 
 at::Tensor nf4_repack_sm90_cuda(const at::Tensor& packed, int64_t out_features, int64_t in_features) {
@@ -118,8 +113,7 @@ at::Tensor nf4_repack_sm90_cuda(const at::Tensor& packed, int64_t out_features, 
               "lora_fused.nf4_repack_sm90: needs N % 16 == 0 and K % 64 == 0; got N=", n, " K=", k);
   const c10::cuda::CUDAGuard guard(packed.device());
   TORCH_CHECK(nf4_gemm_sm90_available(), "lora_fused.nf4_repack_sm90: needs an sm_90 GPU and an sm_90a build");
-  at::Tensor src = packed.contiguous();
-  if (!aligned16(src)) src = src.clone();
+  const at::Tensor src = contiguous_aligned16(packed);
   at::Tensor dst = at::empty({n * k / 2}, packed.options());
 #if LORA_FUSED_WITH_SM90
   const char* err = sm90::nf4_repack(src.data_ptr(), dst.data_ptr(), static_cast<int>(n), static_cast<int>(k),

@@ -70,8 +70,7 @@ bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optiona
   TORCH_CHECK(takes, "lora_fused.nf4_linear: LORA_FUSED_NF4_GEMM=sm90, but the Hopper NF4 GEMM takes only bf16 x, blocksize ",
               kGroup, ", K % 64 == 0, N % 8 == 0, a 16-byte aligned weight, on an sm_90 GPU with an sm_90a build; got ",
               x.scalar_type(), " M=", m, " N=", n, " K=", k, " blocksize ", w.blocksize);
-  at::Tensor xc = x.contiguous();
-  if (!aligned16(xc)) xc = xc.clone();
+  const at::Tensor xc = contiguous_aligned16(x);
   const int64_t groups = k / kGroup;
   at::Tensor scales = at::empty({groups, n}, x.options());
   const int64_t tiles = ceil_div<int64_t>(n, kScaleTile) * ceil_div<int64_t>(groups, kScaleTile);

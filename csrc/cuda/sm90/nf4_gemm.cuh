@@ -2,8 +2,8 @@
 // of W: CUTLASS 3's mixed-input warp-specialised GEMM (TMA, register-sourced wgmma), W's 4-bit codes
 // converted to bf16 levels in registers (a byte_perm table lookup) and scaled by bf16 group scales
 // (one per 64 consecutive elements of a row: NF4's blocksize 64 when K % 64 == 0).
-// Correct on an H100 (tests/test_nf4_gemm_sm90.py); with 128 x 128 tiles at 0.5-0.6x cuBLAS bf16's
-// speed from 256 tokens on (scripts/probe_nf4_gemm_sm90.py), so nf4_linear uses it for 17-512 rows.
+// Stream-K tile scheduler. Correct on an H100 and an H200 (tests/test_nf4_gemm_sm90.py); 0.5-0.8x
+// cuBLAS bf16's speed (scripts/probe_nf4_gemm_sm90.py), so nf4_linear uses it for 17-1024 rows only.
 #pragma once
 
 #include <cuda_runtime.h>

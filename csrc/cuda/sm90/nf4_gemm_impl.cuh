@@ -191,8 +191,16 @@ struct Nf4Gemm {
         hw};
   }
   static size_t workspace_bytes(const Nf4GemmProblem& p) { return Gemm::get_workspace_size(arguments(p)); }
+  // Asked before the tensors exist: CUTLASS refuses a null scale pointer (it never dereferences
+  // the pointers here), so null ones stand in as a 256-byte aligned placeholder.
   static bool can_implement(const Nf4GemmProblem& p) {
-    return p.k % kGroup == 0 && (!Shuffled || p.n % 16 == 0) && Gemm::can_implement(arguments(p)) == cutlass::Status::kSuccess;
+    Nf4GemmProblem q = p;
+    const void* placeholder = reinterpret_cast<const void*>(uintptr_t{256});
+    if (q.scales == nullptr) q.scales = placeholder;
+    if (q.x == nullptr) q.x = placeholder;
+    if (q.w == nullptr) q.w = placeholder;
+    if (q.y == nullptr) q.y = const_cast<void*>(placeholder);
+    return q.k % kGroup == 0 && (!Shuffled || q.n % 16 == 0) && Gemm::can_implement(arguments(q)) == cutlass::Status::kSuccess;
   }
   static const char* run(const Nf4GemmProblem& p, void* workspace, cudaStream_t stream) {
     Gemm gemm;
