@@ -17,6 +17,7 @@ import torch
 
 import lora_fused
 from lora_fused import _ops, nf4
+from probe_nf4_gemm_sm90 import block_scales  # same folder: the GEMM's bf16 group scales
 
 
 def main():
@@ -30,9 +31,7 @@ def main():
     w = torch.randn(n, k, device="cuda") * k**-0.5
     w16 = w.to(dt)
     packed, state = nf4.quantize(w, blocksize=64)
-    s2 = state.state2
-    absmax = s2.code[state.absmax.long()] * s2.absmax.repeat_interleave(s2.blocksize)[: state.absmax.numel()] + state.offset
-    scales = absmax.to(dt).view(n, k // 64).t().contiguous()  # [K / 64, N]
+    scales = block_scales(state).to(dt).view(n, k // 64).t().contiguous()  # [K / 64, N]
     a = (torch.randn(16, k, device="cuda") * k**-0.5).to(dt)
     b = (torch.randn(n, 16, device="cuda") * 0.1).to(dt)
     xs = {m: torch.randn(m, k, device="cuda", dtype=dt) for m in (1, 16, args.M)}
