@@ -237,11 +237,25 @@ Nf4Weight check_nf4_linear_grad_input_args(const at::Tensor& grad_out, at::Devic
                                            const c10::optional<at::Tensor>& nested_code, double offset,
                                            int64_t blocksize, int64_t nested_blocksize, int64_t in_features,
                                            const c10::optional<at::Tensor>& lora_du,
-                                           const c10::optional<at::Tensor>& lora_A) {
+                                           const c10::optional<at::Tensor>& lora_A,
+                                           const c10::optional<at::Tensor>& lora_B) {
   const char* op = "lora_fused.nf4_linear_grad_input";
   Nf4Weight w = make_nf4_weight(grad_out, true, device, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                 nested_blocksize, in_features, op);
-  if (check_lora_pair(grad_out, "grad_out", lora_du, "lora_du", lora_A, "lora_A", op)) {
+  if (lora_B.has_value()) {
+    check_lora_pair(grad_out, "grad_out", lora_B, "lora_B", lora_A, "lora_A", op);
+    const at::Tensor& b = *lora_B;
+    const at::Tensor& a = *lora_A;
+    TORCH_CHECK_VALUE(b.size(1) >= 1 && b.size(0) == grad_out.size(1) && a.size(0) == b.size(1) &&
+                          a.size(1) == in_features,
+                      op, ": expected grad_out [M, n], lora_B [n, r], lora_A [r, ", in_features,
+                      "] with r >= 1; got grad_out ", grad_out.sizes(), ", lora_B ", b.sizes(), ", lora_A ",
+                      a.sizes());
+  }
+  if (lora_du.has_value() || !lora_B.has_value()) {
+    check_lora_pair(grad_out, "grad_out", lora_du, "lora_du", lora_A, "lora_A", op);
+  }
+  if (lora_du.has_value()) {
     const at::Tensor& du = *lora_du;
     const at::Tensor& a = *lora_A;
     TORCH_CHECK_VALUE(du.size(1) >= 1 && du.size(0) == grad_out.size(0) && a.size(0) == du.size(1) &&

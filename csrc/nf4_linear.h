@@ -19,8 +19,8 @@ struct Nf4Weight {
 };
 
 // Check what the ops receive (device, ranks, dtypes, shapes, the NF4 state; for nf4_linear also
-// bias [N] and lora_u [M, r] or lora_A [r, K] with lora_B [N, r]; for the gradient lora_du [M, r]
-// with lora_A [r, K]) and return the weight with contiguous tensors.
+// bias [N] and lora_u [M, r] or lora_A [r, K] with lora_B [N, r]; for the gradient lora_A [r, K]
+// with lora_du [M, r] and/or lora_B [N, r]) and return the weight with contiguous tensors.
 Nf4Weight check_nf4_linear_args(const at::Tensor& x, at::DeviceType device, const at::Tensor& packed,
                                 const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
                                 const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
@@ -36,12 +36,29 @@ Nf4Weight check_nf4_linear_grad_input_args(const at::Tensor& grad_out, at::Devic
                                            const c10::optional<at::Tensor>& nested_code, double offset,
                                            int64_t blocksize, int64_t nested_blocksize, int64_t in_features,
                                            const c10::optional<at::Tensor>& lora_du,
-                                           const c10::optional<at::Tensor>& lora_A);
+                                           const c10::optional<at::Tensor>& lora_A,
+                                           const c10::optional<at::Tensor>& lora_B);
+
+// Whether the LoRA term goes into the decoded slabs (W + s B A: one rank-r update per slab, ~1 us
+// per million weights on an H200, the slab in L2) rather than beside the slab GEMMs (an [M, N] or
+// [M, K] term they accumulate onto with beta = 1: ~2 us per million outputs forward, ~3.5 backward;
+// benchmarks/RESULTS.md, session 12). Forward from M >= K/2, backward from M >= N/4.
+// LORA_FUSED_NF4_MERGE overrides: 1 merges always, 0 never, "gemm" always but with a GEMM over the
+// decoded slab in place of the merging decode kernel (A/B timing, tests).
+bool nf4_merge_lora_forward(int64_t m, int64_t k);
+bool nf4_merge_lora_backward(int64_t m, int64_t n);
+bool nf4_merge_with_gemm();
 
 // Decodes rows [row0, row0 + rows) x columns [col0, col0 + cols) of the weight into a new contiguous
 // [rows, cols] tensor of `dtype` on the weight's device.
 using DequantRect = std::function<at::Tensor(const Nf4Weight&, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
                                              at::ScalarType dtype)>;
+// Decodes a rectangle as DequantRect and adds lora_scale * lora_B @ lora_A ([rows, r] @ [r, cols]: the
+// rectangle's slices of the adapters) in the same pass, in x's dtype; returns an undefined tensor
+// where it does not apply (the tiled path then decodes and adds the product with a GEMM).
+using DequantRectLora = std::function<at::Tensor(const Nf4Weight&, int64_t row0, int64_t rows, int64_t col0,
+                                                 int64_t cols, const at::Tensor& lora_B, const at::Tensor& lora_A,
+                                                 double lora_scale)>;
 
 // Elements of 16-bit weight a tiled call decodes at once: N*K/4 clamped to [2^22, 2^24] (8 to 32 MiB
 // in bf16), unless LORA_FUSED_NF4_SLAB_ELEMS says otherwise (tests use it to force many slabs).
@@ -50,15 +67,21 @@ using DequantRect = std::function<at::Tensor(const Nf4Weight&, int64_t row0, int
 int64_t nf4_slab_elems(int64_t n, int64_t k);
 
 // out = x @ W^T + bias + lora_u @ lora_B^T, one slab of rows of W at a time: each slab's GEMM writes
-// its column block of out, accumulating onto the bias/LoRA term where there is one (beta = 1).
+// its column block of out, accumulating onto the bias/LoRA term where there is one (beta = 1). With
+// lora_A (and no lora_u), out = x @ (W + lora_scale * lora_B @ lora_A)^T + bias: the LoRA term is
+// added to each decoded slab before its GEMM.
 at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
                             const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
-                            const DequantRect& dequant);
+                            const c10::optional<at::Tensor>& lora_A, double lora_scale, const DequantRect& dequant,
+                            const DequantRectLora& dequant_lora = nullptr);
 
 // grad_x = grad_out @ W + lora_du @ lora_A, one slab of columns of W at a time: each slab's GEMM
-// writes its column block of grad_x, or accumulates onto the LoRA term there (beta = 1).
+// writes its column block of grad_x, or accumulates onto the LoRA term there (beta = 1). With lora_B
+// (and no lora_du), grad_x = grad_out @ (W + lora_scale * lora_B @ lora_A), merged per slab.
 at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weight& w,
                                        const c10::optional<at::Tensor>& lora_du,
-                                       const c10::optional<at::Tensor>& lora_A, const DequantRect& dequant);
+                                       const c10::optional<at::Tensor>& lora_A,
+                                       const c10::optional<at::Tensor>& lora_B, double lora_scale,
+                                       const DequantRect& dequant, const DequantRectLora& dequant_lora = nullptr);
 
 }  // namespace lora_fused

@@ -2,6 +2,7 @@
 // multiply it with the backend's GEMM (cuBLAS on CUDA) straight into its block of the output, next
 // slab. Extra memory is one slab, never the full 16-bit weight.
 #include <cstdlib>
+#include <string>
 
 #include "nf4_linear.h"
 
@@ -34,15 +35,57 @@ at::Tensor nf4_lora_u(const at::Tensor& x, const at::Tensor& lora_A, double scal
   return scale == 1.0 ? u : u.mul_(scale);
 }
 
+namespace {
+
+// LORA_FUSED_NF4_MERGE: unset or "auto" -1, "0" 0, else (1, gemm) 1.
+int merge_override() {
+  const char* env = std::getenv("LORA_FUSED_NF4_MERGE");
+  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return -1;
+  return std::string(env) == "0" ? 0 : 1;
+}
+
+}  // namespace
+
+bool nf4_merge_lora_forward(int64_t m, int64_t k) {
+  const int o = merge_override();
+  return o >= 0 ? o == 1 : 2 * m >= k;
+}
+
+bool nf4_merge_lora_backward(int64_t m, int64_t n) {
+  const int o = merge_override();
+  return o >= 0 ? o == 1 : 4 * m >= n;
+}
+
+bool nf4_merge_with_gemm() {
+  const char* env = std::getenv("LORA_FUSED_NF4_MERGE");
+  return env != nullptr && std::string(env) == "gemm";
+}
+
 at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
-                            const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
-                            const DequantRect& dequant) {
+                            const c10::optional<at::Tensor>& lora_u_in, const c10::optional<at::Tensor>& lora_B,
+                            const c10::optional<at::Tensor>& lora_A, double lora_scale, const DequantRect& dequant,
+                            const DequantRectLora& dequant_lora) {
   const int64_t m = x.size(0), n = w.out_features, k = w.in_features;
   const at::ScalarType t = x.scalar_type();
   const int64_t rows = slab_extent(nf4_slab_elems(n, k), k, n, 128);
   if (m == 0) return at::empty({0, n}, x.options());
+  const bool merge = lora_A.has_value() && !lora_u_in.has_value() && nf4_merge_lora_forward(m, k);
+  const c10::optional<at::Tensor> lora_u = lora_A.has_value() && !merge && !lora_u_in.has_value()
+                                               ? c10::optional<at::Tensor>(nf4_lora_u(x, *lora_A, lora_scale))
+                                               : lora_u_in;
+  // Rows [n0, n0 + r) of W (+ lora_scale * lora_B[n0:] @ lora_A when merging), transposed.
+  const bool one_pass = merge && dequant_lora && !nf4_merge_with_gemm();
+  const auto slab_t = [&](int64_t n0, int64_t r) {
+    if (one_pass) {
+      const at::Tensor ws = dequant_lora(w, n0, r, 0, k, lora_B->narrow(0, n0, r), *lora_A, lora_scale);
+      if (ws.defined()) return ws.t();
+    }
+    at::Tensor ws = dequant(w, n0, r, 0, k, t);
+    if (merge) ws.addmm_(lora_B->narrow(0, n0, r), *lora_A, 1.0, lora_scale);
+    return ws.t();
+  };
   if (rows == n && !lora_u.has_value()) {  // one slab: the GEMM takes the bias in its epilogue
-    const at::Tensor wt = dequant(w, 0, n, 0, k, t).t();
+    const at::Tensor wt = slab_t(0, n);
     return bias.has_value() ? at::addmm(*bias, x, wt) : at::mm(x, wt);
   }
   // The bias and LoRA terms first, then every slab's GEMM accumulates onto its column block (beta = 1).
@@ -58,7 +101,7 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
   const bool accumulate = lora_u.has_value() || bias.has_value();
   for (int64_t n0 = 0; n0 < n; n0 += rows) {
     const int64_t r = std::min(rows, n - n0);
-    const at::Tensor wt = dequant(w, n0, r, 0, k, t).t();
+    const at::Tensor wt = slab_t(n0, r);
     at::Tensor block = out.narrow(1, n0, r);
     if (accumulate) {
       block.addmm_(x, wt);
@@ -70,19 +113,38 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
 }
 
 at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weight& w,
-                                       const c10::optional<at::Tensor>& lora_du,
-                                       const c10::optional<at::Tensor>& lora_A, const DequantRect& dequant) {
+                                       const c10::optional<at::Tensor>& lora_du_in,
+                                       const c10::optional<at::Tensor>& lora_A,
+                                       const c10::optional<at::Tensor>& lora_B, double lora_scale,
+                                       const DequantRect& dequant, const DequantRectLora& dequant_lora) {
   const int64_t m = grad_out.size(0), n = w.out_features, k = w.in_features;
   const at::ScalarType t = grad_out.scalar_type();
   if (m == 0) return at::empty({0, k}, grad_out.options());
   const int64_t cols = slab_extent(nf4_slab_elems(n, k), n, k, 64);
+  // Given both lora_du (= lora_scale * grad_out @ lora_B) and lora_B, either form will do.
+  const bool merge = lora_B.has_value() && (!lora_du_in.has_value() || nf4_merge_lora_backward(m, n));
+  c10::optional<at::Tensor> lora_du;
+  if (!merge && lora_A.has_value()) {
+    lora_du = lora_du_in.has_value() ? *lora_du_in : nf4_lora_u(grad_out, lora_B->t(), lora_scale);
+  }
+  // Columns [k0, k0 + c) of W (+ lora_scale * lora_B @ lora_A[:, k0:] when merging).
+  const bool one_pass = merge && dequant_lora && !nf4_merge_with_gemm();
+  const auto slab = [&](int64_t k0, int64_t c) {
+    if (one_pass) {
+      const at::Tensor ws = dequant_lora(w, 0, n, k0, c, *lora_B, lora_A->narrow(1, k0, c), lora_scale);
+      if (ws.defined()) return ws;
+    }
+    at::Tensor ws = dequant(w, 0, n, k0, c, t);
+    if (merge) ws.addmm_(*lora_B, lora_A->narrow(1, k0, c), 1.0, lora_scale);
+    return ws;
+  };
   if (!lora_du.has_value()) {
-    if (cols == k) return at::mm(grad_out, dequant(w, 0, n, 0, k, t));
+    if (cols == k) return at::mm(grad_out, slab(0, k));
     at::Tensor out = at::empty({m, k}, grad_out.options());
     for (int64_t k0 = 0; k0 < k; k0 += cols) {
       const int64_t c = std::min(cols, k - k0);
       at::Tensor block = out.narrow(1, k0, c);
-      at::mm_out(block, grad_out, dequant(w, 0, n, k0, c, t));
+      at::mm_out(block, grad_out, slab(k0, c));
     }
     return out;
   }
@@ -90,7 +152,7 @@ at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weig
   at::Tensor out = at::mm(*lora_du, *lora_A);
   for (int64_t k0 = 0; k0 < k; k0 += cols) {
     const int64_t c = std::min(cols, k - k0);
-    out.narrow(1, k0, c).addmm_(grad_out, dequant(w, 0, n, k0, c, t));
+    out.narrow(1, k0, c).addmm_(grad_out, slab(k0, c));
   }
   return out;
 }

@@ -49,17 +49,20 @@ TORCH_LIBRARY(lora_fused, m) {
   // nf4_dequantize's; K = x.shape[1]) decoded to x's dtype on the fly, never as a whole 16-bit copy.
   // x: [M, K] bf16/fp16/fp32; bias: [N]; lora_u: [M, r] (already scaled), lora_B: [N, r]. Or, in
   // place of lora_u, lora_A [r, K] and lora_scale: u = lora_scale * x @ lora_A^T is computed by the op
-  // (inside the decode kernel where it can: qlora_linear's inference path).
+  // (inside the decode kernel where it can: qlora_linear's inference path), or, from M >= K/2 on the slab
+  // path, lora_scale * lora_B @ lora_A is added to each decoded slab of W and no u is made.
   m.def(
       "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
       "int blocksize, int nested_blocksize, int out_features, Tensor? bias=None, Tensor? lora_u=None, "
       "Tensor? lora_B=None, Tensor? lora_A=None, float lora_scale=1.0) -> Tensor");
   // grad_x = grad_out @ W + lora_du @ lora_A for nf4_linear's / qlora_linear's backward: grad_out [M, N],
   // lora_du [M, r], lora_A [r, in_features] -> [M, in_features]; the LoRA term is the GEMMs' accumulator.
+  // Or, with lora_B [N, r] and lora_scale, lora_du = lora_scale * grad_out @ lora_B: then the op may merge
+  // lora_scale * lora_B @ lora_A into each decoded slab of W instead (given lora_du too, it picks).
   m.def(
       "nf4_linear_grad_input(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
       "Tensor? nested_code, float offset, int blocksize, int nested_blocksize, int in_features, "
-      "Tensor? lora_du=None, Tensor? lora_A=None) -> Tensor");
+      "Tensor? lora_du=None, Tensor? lora_A=None, Tensor? lora_B=None, float lora_scale=1.0) -> Tensor");
 }
 
 // `import lora_fused._C` loads this library, which runs the registrations above; the module itself

@@ -78,7 +78,8 @@ def _nf4_linear_backward(ctx, dout):
         dus = torch.mm(dout, lora_B).mul_(s) if (needs[0] or needs[12]) else None
         if needs[0]:
             dx = _ops.nf4_linear_grad_input(
-                dout, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, k, dus, lora_A
+                dout, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, k, dus, lora_A,
+                lora_B, s,
             )
         if needs[12]:
             dA = torch.mm(dus.t(), x)

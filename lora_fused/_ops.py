@@ -96,12 +96,16 @@ def nf4_linear_grad_input(
     in_features: int,
     lora_du: Optional[torch.Tensor] = None,
     lora_A: Optional[torch.Tensor] = None,
+    lora_B: Optional[torch.Tensor] = None,
+    lora_scale: float = 1.0,
 ) -> torch.Tensor:
     """grad_out @ W + lora_du @ lora_A for grad_out [M, N], the NF4 weight W [N, in_features] and
-    the optional LoRA pair lora_du [M, r], lora_A [r, in_features]."""
+    the optional LoRA pair lora_du [M, r], lora_A [r, in_features]. lora_B [N, r] with lora_scale
+    stands for lora_du = lora_scale * grad_out @ lora_B (given both, the op uses either): the op may
+    then add lora_scale * lora_B @ lora_A to each decoded slab of W instead of making the [M, K] term."""
     return _ops.nf4_linear_grad_input.default(
         grad_out, packed, absmax, nested_absmax, nested_code, float(offset), int(blocksize), int(nested_blocksize),
-        int(in_features), lora_du, lora_A,
+        int(in_features), lora_du, lora_A, lora_B, float(lora_scale),
     )
 
 
@@ -176,9 +180,10 @@ def _nf4_linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, bloc
 
 @torch.library.register_fake("lora_fused::nf4_linear_grad_input")
 def _nf4_linear_grad_input_fake(grad_out, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                nested_blocksize, in_features, lora_du=None, lora_A=None):
+                                nested_blocksize, in_features, lora_du=None, lora_A=None, lora_B=None, lora_scale=1.0):
     torch._check(grad_out.dim() == 2, lambda: "nf4_linear_grad_input: grad_out must be [M, N]")
-    torch._check((lora_du is None) == (lora_A is None), lambda: "nf4_linear_grad_input: lora_du and lora_A come together")
+    torch._check((lora_du is None and lora_B is None) == (lora_A is None),
+                 lambda: "nf4_linear_grad_input: lora_A comes with lora_du and/or lora_B")
     return grad_out.new_empty((grad_out.shape[0], in_features))
 
 

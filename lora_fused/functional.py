@@ -160,8 +160,6 @@ def lora_linear(
 
 
 _NF4_COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Rows of x up to which nf4_linear runs its decode kernels on CUDA (csrc/cuda/nf4_gemv.cu).
-NF4_DECODE_MAX_M = 16
 
 
 def _nf4_args(fn: str, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> tuple:
@@ -186,29 +184,32 @@ def _nf4_args(fn: str, x: torch.Tensor, packed: torch.Tensor, state: QuantState)
 class _NF4LinearFunction(torch.autograd.Function):
     """y = x W^T + bias [+ (s xl A^T) B^T], W the frozen NF4 weight, xl = x or lora_dropout(x), as
     one autograd node (the op's generated autograd and the eager LoRA ops around it cost the host
-    more than the GPU work at M = 4096: benchmarks/RESULTS.md, session 3). Forward: u = s xl A^T,
-    then nf4_linear with u B^T as the slab GEMMs' accumulator. Backward: dU = s dY B, dB = dY^T u,
-    dA = dU^T xl and, without dropout, dX = dY W + dU A with dU A as the accumulator of the
-    nf4_linear_grad_input slab GEMMs (no [M, K] add); with dropout, dX = dY W + dropout(dU A), the
-    mask (and xl) regenerated from the seed rather than kept."""
+    more than the GPU work at M = 4096: benchmarks/RESULTS.md, session 3). Forward without dropout:
+    nf4_linear with lora_A, which adds s B A to each decoded slab of W at large M (else it makes
+    u = s x A^T and u B^T is the slab GEMMs' accumulator); with dropout u = s xl A^T is made here.
+    Backward: dU = s dY B, dB = dY^T u (u made again: not kept), dA = dU^T xl and,
+    without dropout, dX from nf4_linear_grad_input given dU, A and B: dY (W + s B A) merged per slab
+    at large M, else dY W + dU A with dU A as the slab GEMMs' accumulator (no [M, K] add); with
+    dropout, dX = dY W + dropout(dU A), the mask (and xl) regenerated from the seed, not kept."""
 
     @staticmethod
     def forward(ctx, x, A, B, bias, scaling, nf4, n, p, seed):
         x2 = x.reshape(-1, x.shape[-1])  # here, not outside: no autograd view node (see lora_linear's)
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
-        y, u = _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n)
+        y = _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n)
         ctx.scaling, ctx.nf4, ctx.k, ctx.p, ctx.x_shape = scaling, nf4[4:], x2.shape[1], p, x.shape
         ctx.has_lora, ctx.has_bias = A is not None, bias is not None
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        # u is not kept (without dropout the op may never make it): backward makes it again for dB.
         ctx.save_for_backward(
-            x2 if need_a else None, A if need_x else None, B if (need_x or need_a) else None,
-            u if need_b else None, seed, *nf4[:4],
+            x2 if (need_a or need_b) else None, A if (need_x or need_b) else None,
+            B if (need_x or need_a) else None, seed, *nf4[:4],
         )
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, A, B, u, seed, packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
+        x2, A, B, seed, packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         weight = (packed, absmax, nested_absmax, nested_code, *ctx.nf4)
         p = ctx.p
@@ -216,15 +217,19 @@ class _NF4LinearFunction(torch.autograd.Function):
         dx = dA = dB = dbias = du = None
         if ctx.has_lora and (need_x or need_a):
             du = _scaled_mm(dy, B, ctx.scaling)
-        if ctx.has_lora and need_b:
-            dB = torch.mm(dy.t(), u)
-        if ctx.has_lora and need_a:
-            dA = torch.mm(du.t(), _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2)
-        fold = ctx.has_lora and p == 0.0 and need_x
+        if ctx.has_lora and (need_a or need_b):
+            xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2
+            if need_b:
+                dB = torch.mm(dy.t(), _scaled_mm(xl, A.t(), ctx.scaling))
+            if need_a:
+                dA = torch.mm(du.t(), xl)
         if need_x:
-            dx = _ops.nf4_linear_grad_input(dy, *weight, ctx.k, du if fold else None, A if fold else None)
-            if ctx.has_lora and p > 0.0:
-                dx.add_(_ops.lora_dropout(torch.mm(du, A), p, seed))
+            if ctx.has_lora and p == 0.0:  # the op picks dY W + dU A or dY (W + s B A)
+                dx = _ops.nf4_linear_grad_input(dy, *weight, ctx.k, du, A, B, ctx.scaling)
+            else:
+                dx = _ops.nf4_linear_grad_input(dy, *weight, ctx.k)
+                if ctx.has_lora:
+                    dx.add_(_ops.lora_dropout(torch.mm(du, A), p, seed))
         if need_bias and ctx.has_bias:
             dbias = dy.sum(0)
         if dx is not None and len(ctx.x_shape) != 2:
@@ -233,14 +238,21 @@ class _NF4LinearFunction(torch.autograd.Function):
 
 
 def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n):
-    """(y, u): the forward of _NF4LinearFunction, also run directly where no gradient is needed."""
-    u = _scaled_mm(x2 if xl is None else xl, A.t(), scaling) if A is not None else None
+    """The forward of _NF4LinearFunction, also run directly where no gradient is needed. Without
+    dropout the op gets lora_A and makes u = s x A^T itself (decode kernels, Hopper GEMM) or merges
+    s B A into the weight's slabs (large M) instead; with dropout u = s xl A^T is made here."""
+    if A is None:
+        lora = (bias,)
+    elif xl is None:
+        lora = (bias, None, B, A, float(scaling))
+    else:
+        lora = (bias, _scaled_mm(xl, A.t(), scaling), B)
     if torch.compiler.is_compiling():
-        return _ops.nf4_linear(x2, *nf4, n, bias, u, B), u
+        return _ops.nf4_linear(x2, *nf4, n, *lora)
     # Straight to the backend kernel: the op's Autograd kernel (torch.library.register_autograd, in
     # Python) would otherwise run and redispatch even with grad mode off (~15 us of host on CPU).
     with torch._C._AutoDispatchBelowAutograd():
-        return _ops.nf4_linear(x2, *nf4, n, bias, u, B), u
+        return _ops.nf4_linear(x2, *nf4, n, *lora)
 
 
 def _nf4_apply(x, A, B, bias, scaling, args, p=0.0):
@@ -254,16 +266,7 @@ def _nf4_apply(x, A, B, bias, scaling, args, p=0.0):
     else:
         x2 = x.reshape(-1, x.shape[-1])
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
-        if A is not None and xl is None and x2.is_cuda and x2.shape[0] <= NF4_DECODE_MAX_M:
-            # Decode: the op makes u = s x A^T itself, in a small kernel that its decode kernel overlaps.
-            lora = (bias, None, B, A, float(scaling))
-            if torch.compiler.is_compiling():
-                y = _ops.nf4_linear(x2, *nf4, n, *lora)
-            else:
-                with torch._C._AutoDispatchBelowAutograd():  # as in _nf4_forward
-                    y = _ops.nf4_linear(x2, *nf4, n, *lora)
-        else:
-            y = _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)[0]
+        y = _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
@@ -295,8 +298,9 @@ def qlora_linear(
 
     lora_A: [r, K], lora_B: [N, r] (any float dtype; used in x's dtype, gradients in their own).
     The LoRA term enters the NF4 matmul's output directly: in the decode kernel's epilogue (M <= 16 on
-    CUDA), or as the accumulator the slab GEMMs add onto (beta = 1), so it costs no extra pass; in
-    backward dU A is likewise the accumulator of dX's slab GEMMs. One autograd node for the layer.
+    CUDA), as the accumulator the GEMMs add onto (beta = 1), or, at large M, added to each decoded
+    slab of the weight (x (W + s B A)^T: no [M, N] term at all); backward likewise for dX. One
+    autograd node for the layer.
     Dropout is Philox from a seed (lora_dropout): backward regenerates its mask, no copy is kept.
     """
     args = _nf4_args("qlora_linear", x, packed, state)

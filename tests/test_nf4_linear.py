@@ -217,6 +217,10 @@ def test_opcheck(device):
         du = randn(m, 4, dtype=torch.bfloat16, device=device)
         a = randn(4, 64, dtype=torch.bfloat16, device=device)
         torch.library.opcheck(torch.ops.lora_fused.nf4_linear_grad_input.default, (g,) + args + (64, du, a))
+        bd = b.detach()  # nf4_linear_grad_input has no autograd formula (it is one)
+        torch.library.opcheck(torch.ops.lora_fused.nf4_linear_grad_input.default, (g,) + args + (64, None, a, bd, 0.5))
+        torch.library.opcheck(torch.ops.lora_fused.nf4_linear_grad_input.default,
+                              (g,) + args + (64, (g @ bd).mul_(0.5), a, bd, 0.5))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -338,6 +342,15 @@ def test_bad_inputs_give_clear_errors(device):
         _ops.nf4_linear_grad_input(g, *args, 64, randn(4, 2, device=device), randn(2, 63, device=device))
     with pytest.raises(TypeError, match="same dtype"):
         _ops.nf4_linear_grad_input(g, *args, 64, randn(4, 2, device=device), randn(2, 64, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match="lora_B and lora_A come together"):
+        _ops.nf4_linear_grad_input(g, *args, 64, None, None, randn(40, 2, device=device), 0.5)
+    with pytest.raises(ValueError, match=r"lora_B \[n, r\], lora_A \[r, 64\]"):
+        _ops.nf4_linear_grad_input(g, *args, 64, None, randn(2, 64, device=device), randn(39, 2, device=device), 0.5)
+    with pytest.raises(ValueError, match=r"lora_B \[n, r\], lora_A \[r, 64\]"):
+        _ops.nf4_linear_grad_input(g, *args, 64, None, randn(3, 64, device=device), randn(40, 2, device=device), 0.5)
+    with pytest.raises(TypeError, match="same dtype"):
+        _ops.nf4_linear_grad_input(g, *args, 64, None, randn(2, 64, device=device),
+                                   randn(40, 2, dtype=torch.bfloat16, device=device), 0.5)
     with pytest.raises(TypeError, match="QuantState"):
         lora_fused.nf4_linear(x, packed, {"absmax": state.absmax})
     with pytest.raises(ValueError, match=r"expected lora_A \[r, 64\]"):
@@ -455,6 +468,54 @@ def test_nf4_linear_lora_a_bad_inputs(device):
         _ops.nf4_linear(x, *args, None, None, b, a[:, :63], 1.0)
     with pytest.raises(ValueError, match=r"lora_A \[r, k\]"):
         _ops.nf4_linear(x, *args, None, None, b[:, :3], a, 1.0)
+
+
+# (M, N, K, r): one token, odd N, K not a multiple of 64 (the merging decode kernel's column tile;
+# the decode-then-GEMM merge instead) or of 128, M >= K/2 and M < K/2, r not a multiple of 16, r = 80.
+MERGE_SHAPES = [(1, 64, 128, 4), (33, 130, 96, 16), (64, 257, 192, 8), (300, 96, 64, 64), (40, 72, 4160, 80)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,r", MERGE_SHAPES)
+@pytest.mark.parametrize("merge", ["1", "gemm", "0"])
+@pytest.mark.parametrize("slabs", ["one", "many"])
+def test_lora_term_merged_into_the_slabs(device, dtype, M, N, K, r, merge, slabs, monkeypatch):
+    # LORA_FUSED_NF4_MERGE forces the LoRA term into each decoded slab of W (x (W + s B A)^T forward,
+    # dY (W + s B A) backward), by the merging decode kernel (1; on CUDA where it applies) or a GEMM
+    # over the decoded slab (gemm; on CPU both are that), or beside the slab GEMMs (0), whatever M is
+    # (the default picks by M). "many": slabs of 40000 weights, so 9-row slabs at K = 4160 and 128/512-column ones backward.
+    monkeypatch.setenv("LORA_FUSED_NF4_MERGE", merge)
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
+    if slabs == "many":
+        monkeypatch.setenv("LORA_FUSED_NF4_SLAB_ELEMS", "40000")
+    packed, state = _weight(N, K, device)
+    x = randn(M, K, dtype=dtype, device=device).requires_grad_()
+    a = randn(r, K, dtype=dtype, device=device, scale=K**-0.5).requires_grad_()
+    b = randn(N, r, dtype=dtype, device=device, scale=r**-0.5).requires_grad_()
+    bias = randn(N, dtype=dtype, device=device).requires_grad_()
+    params = (x, a, b, bias)
+    poison_allocator(device)
+    y = lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias)
+    w = nf4.dequantize(packed, state, dtype)
+    same = x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()) + bias
+    assert_error_rule(y.detach(), reference.nf4_linear(x, packed, state, bias, a, b, 0.5), same.detach(), "fwd")
+    g = randn(M, N, dtype=dtype, device=device)
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    refs = torch.autograd.grad(reference.nf4_linear(p64[0], packed, state, p64[3], p64[1], p64[2], 0.5), p64, g.double())
+    for name, o, r_, t in zip(("x", "A", "B", "bias"), torch.autograd.grad(y, params, g), refs,
+                              torch.autograd.grad(same, params, g)):
+        assert o.dtype == dtype
+        assert_error_rule(o, r_, t, f"grad {name}")
+    # The op alone: lora_B (with lora_scale) in place of lora_du, and both together.
+    s2 = state.state2
+    args = (packed, state.absmax, s2.absmax, s2.code, state.offset, state.blocksize, s2.blocksize, K)
+    ad, bd = a.detach(), b.detach()
+    du = (g @ bd).mul_(0.5)
+    exact = g.double() @ (w.double() + 0.5 * bd.double() @ ad.double())
+    torch_dx = g @ w + du @ ad
+    for lora in ((None, ad, bd, 0.5), (du, ad, bd, 0.5)):
+        assert_error_rule(_ops.nf4_linear_grad_input(g, *args, *lora), exact, torch_dx, "nf4_linear_grad_input")
 
 
 HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0) and lora_fused.build_info()["sm90_gemm"]

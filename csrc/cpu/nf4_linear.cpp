@@ -58,19 +58,19 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           double lora_scale) {
   const Nf4Weight w = check_nf4_linear_args(x, at::kCPU, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                             nested_blocksize, out_features, bias, lora_u, lora_B, lora_A);
-  const c10::optional<at::Tensor> u =
-      lora_A.has_value() ? c10::optional<at::Tensor>(nf4_lora_u(x, *lora_A, lora_scale)) : lora_u;
-  return nf4_linear_tiled(x, w, bias, u, lora_B, nf4_dequantize_rect_cpu);
+  return nf4_linear_tiled(x, w, bias, lora_u, lora_B, lora_A, lora_scale, nf4_dequantize_rect_cpu);
 }
 
 at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
                                      const c10::optional<at::Tensor>& nested_absmax,
                                      const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
                                      int64_t nested_blocksize, int64_t in_features,
-                                     const c10::optional<at::Tensor>& lora_du, const c10::optional<at::Tensor>& lora_A) {
+                                     const c10::optional<at::Tensor>& lora_du, const c10::optional<at::Tensor>& lora_A,
+                                     const c10::optional<at::Tensor>& lora_B, double lora_scale) {
   const Nf4Weight w = check_nf4_linear_grad_input_args(grad_out, at::kCPU, packed, absmax, nested_absmax, nested_code,
-                                                       offset, blocksize, nested_blocksize, in_features, lora_du, lora_A);
-  return nf4_linear_grad_input_tiled(grad_out, w, lora_du, lora_A, nf4_dequantize_rect_cpu);
+                                                       offset, blocksize, nested_blocksize, in_features, lora_du,
+                                                       lora_A, lora_B);
+  return nf4_linear_grad_input_tiled(grad_out, w, lora_du, lora_A, lora_B, lora_scale, nf4_dequantize_rect_cpu);
 }
 
 }  // namespace

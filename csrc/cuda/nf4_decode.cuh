@@ -24,6 +24,29 @@ struct BlockScales {
     const int64_t b2 = nested_shift >= 0 ? block >> nested_shift : block / nested_blocksize;
     return __fadd_rn(__fmul_rn(__ldg(nested_code + codes[block]), __ldg(nested_absmax + b2)), offset);
   }
+
+  // The same scale in two steps, for the streaming decoders: load() issues the global loads (the
+  // fp32 scale, or the 8-bit code and its nested absmax: independent, so they fly beside the weight
+  // loads), finish() looks the code up in a shared-memory copy of the nested code table (made by
+  // load_code), so no global load waits on another.
+  struct Parts {
+    float value;  // the fp32 scale, or the nested absmax
+    uint32_t code;
+  };
+  __device__ __forceinline__ Parts load(int64_t block) const {
+    if (absmax != nullptr) return {__ldg(absmax + block), 0u};
+    const int64_t b2 = nested_shift >= 0 ? block >> nested_shift : block / nested_blocksize;
+    return {__ldg(nested_absmax + b2), __ldg(codes + block)};
+  }
+  __device__ __forceinline__ float finish(const Parts& p, const float* code_smem) const {
+    return absmax != nullptr ? p.value : __fadd_rn(__fmul_rn(code_smem[p.code], p.value), offset);
+  }
+  // Copies the 256-entry nested code table to `code_smem` (no-op for fp32 scales); the caller
+  // synchronises the block before finish().
+  __device__ __forceinline__ void load_code(float* code_smem) const {
+    if (absmax != nullptr) return;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) code_smem[i] = __ldg(nested_code + i);
+  }
 };
 
 inline int log2_exact(int64_t v) {
@@ -75,6 +98,10 @@ __device__ __forceinline__ void store8(out_t* dst, const uint32_t word, const fl
 // Launchers used by nf4_linear's CUDA implementation (csrc/cuda/nf4_linear.cu).
 at::Tensor nf4_dequantize_rect_cuda(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
                                     at::ScalarType dtype);
+// The same with lora_scale * lora_B @ lora_A added (nf4_dequantize_rect_lora.cu): bf16/fp16 adapters,
+// r <= 128, cols a multiple of 64, sm_80+; an undefined tensor otherwise.
+at::Tensor nf4_dequantize_rect_lora_cuda(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+                                         const at::Tensor& lora_B, const at::Tensor& lora_A, double lora_scale);
 // The small-M kernel: false (and nothing launched) when the shapes/dtypes are outside what it takes.
 // The LoRA term: lora_u @ lora_B^T, or with lora_A (and no lora_u) u = lora_scale * x @ lora_A^T
 // first (where the block-aligned kernel applies, by a small kernel that it overlaps).

@@ -2,7 +2,9 @@
 // tensor-core kernel that streams the NF4 weight once (nf4_gemv.cu); on Hopper, 17-1024 bf16 rows run
 // the NF4 CUTLASS GEMM (nf4_linear_sm90.cu); the rest, or shapes they do not take (K not a multiple
 // of 32, fp32), run the tiled path: decode a slab of at most nf4_slab_elems() weights
-// (nf4_dequantize_rect.cu) and hand it to cuBLAS. Backward dX is tiled.
+// (nf4_dequantize_rect.cu) and hand it to cuBLAS; from M >= K/2 with lora_A, each slab gets the LoRA
+// term s B A added as it is decoded (nf4_dequantize_rect_lora.cu; nf4_merge_lora_forward). Backward
+// dX is tiled, likewise merged from M >= N/4.
 #include <torch/library.h>
 
 #include "checks.h"
@@ -25,10 +27,14 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out;
   if (nf4_gemv_cuda(x, w, bias, lora_u, lora_B, lora_A, lora_scale, out)) return out;
+  if (lora_A.has_value() && nf4_merge_lora_forward(x.size(0), w.in_features)) {  // LoRA merged into the slabs
+    return nf4_linear_tiled(x, w, bias, c10::nullopt, lora_B, lora_A, lora_scale, nf4_dequantize_rect_cuda,
+                            nf4_dequantize_rect_lora_cuda);
+  }
   const c10::optional<at::Tensor> u =
       lora_A.has_value() ? c10::optional<at::Tensor>(nf4_lora_u(x, *lora_A, lora_scale)) : lora_u;
   if (cuda::nf4_linear_sm90(x, w, bias, u, lora_B, out)) return out;
-  return nf4_linear_tiled(x, w, bias, u, lora_B, nf4_dequantize_rect_cuda);
+  return nf4_linear_tiled(x, w, bias, u, lora_B, c10::nullopt, 1.0, nf4_dequantize_rect_cuda);
 }
 
 at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
@@ -36,11 +42,14 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tens
                                       const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
                                       int64_t nested_blocksize, int64_t in_features,
                                       const c10::optional<at::Tensor>& lora_du,
-                                      const c10::optional<at::Tensor>& lora_A) {
-  const Nf4Weight w = check_nf4_linear_grad_input_args(grad_out, at::kCUDA, packed, absmax, nested_absmax,
-                                                       nested_code, offset, blocksize, nested_blocksize, in_features, lora_du, lora_A);
+                                      const c10::optional<at::Tensor>& lora_A, const c10::optional<at::Tensor>& lora_B,
+                                      double lora_scale) {
+  const Nf4Weight w = check_nf4_linear_grad_input_args(grad_out, at::kCUDA, packed, absmax, nested_absmax, nested_code,
+                                                       offset, blocksize, nested_blocksize, in_features, lora_du,
+                                                       lora_A, lora_B);
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  return nf4_linear_grad_input_tiled(grad_out, w, lora_du, lora_A, nf4_dequantize_rect_cuda);
+  return nf4_linear_grad_input_tiled(grad_out, w, lora_du, lora_A, lora_B, lora_scale, nf4_dequantize_rect_cuda,
+                                     nf4_dequantize_rect_lora_cuda);
 }
 
 }  // namespace
