@@ -19,13 +19,17 @@ int64_t nf4_slab_elems(int64_t n, int64_t k) {
 
 namespace {
 
-// Slab extent along a dimension of `extent`, given `per` elements per unit: a multiple of `align`
-// when the slab is at least that big (GEMM tiles), at least 1.
+// Slab extent along a dimension of `extent`, given `per` elements per unit: as few slabs as the
+// budget allows, of about equal size (a short last slab is a skinny GEMM and two more launches of
+// its own: 4096->11008 took 4 x 2688 rows + 256), rounded up to a multiple of `align` when at least
+// that big (GEMM tiles; so up to align - 1 units over the budget), at least 1.
 int64_t slab_extent(int64_t budget, int64_t per, int64_t extent, int64_t align) {
-  int64_t s = std::max<int64_t>(1, budget / per);
+  const int64_t s = std::max<int64_t>(1, budget / per);
   if (s >= extent) return extent;
-  if (s >= align) s -= s % align;
-  return s;
+  const int64_t count = (extent + s - 1) / s;
+  int64_t even = (extent + count - 1) / count;
+  if (even >= align) even = (even + align - 1) / align * align;
+  return std::min(even, extent);
 }
 
 }  // namespace

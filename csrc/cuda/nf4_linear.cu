@@ -27,14 +27,10 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out;
   if (nf4_gemv_cuda(x, w, bias, lora_u, lora_B, lora_A, lora_scale, out)) return out;
-  if (lora_A.has_value() && nf4_merge_lora_forward(x.size(0), w.in_features)) {  // LoRA merged into the slabs
-    return nf4_linear_tiled(x, w, bias, c10::nullopt, lora_B, lora_A, lora_scale, nf4_dequantize_rect_cuda,
-                            nf4_dequantize_rect_lora_cuda);
-  }
-  const c10::optional<at::Tensor> u =
-      lora_A.has_value() ? c10::optional<at::Tensor>(nf4_lora_u(x, *lora_A, lora_scale)) : lora_u;
-  if (cuda::nf4_linear_sm90(x, w, bias, u, lora_B, out)) return out;
-  return nf4_linear_tiled(x, w, bias, u, lora_B, c10::nullopt, 1.0, nf4_dequantize_rect_cuda);
+  if (cuda::nf4_linear_sm90(x, w, bias, lora_u, lora_B, lora_A, lora_scale, out)) return out;
+  // With lora_A the tiled path merges s B A into the slabs (large M) or makes u itself.
+  return nf4_linear_tiled(x, w, bias, lora_u, lora_B, lora_A, lora_scale, nf4_dequantize_rect_cuda,
+                          nf4_dequantize_rect_lora_cuda);
 }
 
 at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,

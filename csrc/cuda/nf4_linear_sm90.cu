@@ -59,7 +59,8 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 }  // namespace
 
 bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
-                     const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B, at::Tensor& out) {
+                     const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
+                     const c10::optional<at::Tensor>& lora_A, double lora_scale, at::Tensor& out) {
   const Mode md = mode();
   if (md == Mode::kSlab) return false;
   const int64_t m = x.size(0), n = w.out_features, k = w.in_features;
@@ -81,7 +82,11 @@ bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optiona
   out = nf4_gemm_sm90_run(xc, w.packed, scales, n, m <= kNf4Sm90Tile128MaxM ? 128 : 256);
   // The LoRA term and the bias after the GEMM, one pass each over out ([M, N], M <= 1024): the GEMM's
   // epilogue has no source operand yet.
-  if (lora_u.has_value()) out.addmm_(*lora_u, lora_B->t());
+  if (lora_A.has_value()) {
+    out.addmm_(nf4_lora_u(x, *lora_A, lora_scale), lora_B->t());
+  } else if (lora_u.has_value()) {
+    out.addmm_(*lora_u, lora_B->t());
+  }
   if (bias.has_value()) out.add_(*bias);
   return true;
 }

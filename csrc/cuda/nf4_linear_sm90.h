@@ -17,8 +17,10 @@ constexpr int64_t kNf4Sm90Tile128MaxM = 128;
 // out = x @ W^T + lora_u @ lora_B^T + bias through the Hopper GEMM, and true, where it applies: an
 // sm_90 GPU and build, bf16, blocksize 64, K % 64 == 0, N % 8 == 0, 16 < M <= kNf4Sm90MaxM
 // (LORA_FUSED_NF4_GEMM=sm90: any M wherever it can run; =slab: never). Else false, out untouched.
+// With lora_A (no lora_u), lora_u = lora_scale * x @ lora_A^T is made here once the GEMM takes the call.
 bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
-                     const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B, at::Tensor& out);
+                     const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
+                     const c10::optional<at::Tensor>& lora_A, double lora_scale, at::Tensor& out);
 
 }  // namespace cuda
 }  // namespace lora_fused
