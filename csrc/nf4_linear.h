@@ -39,12 +39,12 @@ Nf4Weight check_nf4_linear_grad_input_args(const at::Tensor& grad_out, at::Devic
                                            const c10::optional<at::Tensor>& lora_A,
                                            const c10::optional<at::Tensor>& lora_B);
 
-// Whether the LoRA term goes into the decoded slabs (W + s B A: one rank-r update per slab, ~1 us
-// per million weights on an H200, the slab in L2) rather than beside the slab GEMMs (an [M, N] or
-// [M, K] term they accumulate onto with beta = 1: ~2 us per million outputs forward, ~3.5 backward;
-// benchmarks/RESULTS.md, session 12). Forward from M >= K/2, backward from M >= N/4.
-// LORA_FUSED_NF4_MERGE overrides: 1 merges always, 0 never, "gemm" always but with a GEMM over the
-// decoded slab in place of the merging decode kernel (A/B timing, tests).
+// Whether the LoRA term goes into the decoded slabs (W + s B A, added as each slab is decoded) rather
+// than beside the slab GEMMs (an [M, N] or [M, K] term they accumulate onto with beta = 1). Only on
+// request, LORA_FUSED_NF4_MERGE = 1 (or "gemm": a GEMM over the decoded slab in place of the merging
+// decode kernel; 0 or unset: never): on an H200 at 4096->11008, M = 4096 the merged fwd+bwd took
+// 1255 us of kernels against 1228 beside (benchmarks/RESULTS.md, session 13): the merging decode
+// costs 25 us per slab against 11 for the plain one, and the slab GEMMs ran slower on merged values.
 bool nf4_merge_lora_forward(int64_t m, int64_t k);
 bool nf4_merge_lora_backward(int64_t m, int64_t n);
 bool nf4_merge_with_gemm();

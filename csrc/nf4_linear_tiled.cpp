@@ -41,24 +41,17 @@ at::Tensor nf4_lora_u(const at::Tensor& x, const at::Tensor& lora_A, double scal
 
 namespace {
 
-// LORA_FUSED_NF4_MERGE: unset or "auto" -1, "0" 0, else (1, gemm) 1.
-int merge_override() {
+// LORA_FUSED_NF4_MERGE = 1 or gemm: merge (see nf4_linear.h).
+bool merge_requested() {
   const char* env = std::getenv("LORA_FUSED_NF4_MERGE");
-  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return -1;
-  return std::string(env) == "0" ? 0 : 1;
+  return env != nullptr && (std::string(env) == "1" || std::string(env) == "gemm");
 }
 
 }  // namespace
 
-bool nf4_merge_lora_forward(int64_t m, int64_t k) {
-  const int o = merge_override();
-  return o >= 0 ? o == 1 : 2 * m >= k;
-}
+bool nf4_merge_lora_forward(int64_t /*m*/, int64_t /*k*/) { return merge_requested(); }
 
-bool nf4_merge_lora_backward(int64_t m, int64_t n) {
-  const int o = merge_override();
-  return o >= 0 ? o == 1 : 4 * m >= n;
-}
+bool nf4_merge_lora_backward(int64_t /*m*/, int64_t /*n*/) { return merge_requested(); }
 
 bool nf4_merge_with_gemm() {
   const char* env = std::getenv("LORA_FUSED_NF4_MERGE");

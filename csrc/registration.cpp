@@ -49,8 +49,8 @@ TORCH_LIBRARY(lora_fused, m) {
   // nf4_dequantize's; K = x.shape[1]) decoded to x's dtype on the fly, never as a whole 16-bit copy.
   // x: [M, K] bf16/fp16/fp32; bias: [N]; lora_u: [M, r] (already scaled), lora_B: [N, r]. Or, in
   // place of lora_u, lora_A [r, K] and lora_scale: u = lora_scale * x @ lora_A^T is computed by the op
-  // (inside the decode kernel where it can: qlora_linear's inference path), or, from M >= K/2 on the slab
-  // path, lora_scale * lora_B @ lora_A is added to each decoded slab of W and no u is made.
+  // (inside the decode kernel where it can: qlora_linear's inference path), or, on the slab path with
+  // LORA_FUSED_NF4_MERGE=1, lora_scale * lora_B @ lora_A is added to each decoded slab of W, no u made.
   m.def(
       "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
       "int blocksize, int nested_blocksize, int out_features, Tensor? bias=None, Tensor? lora_u=None, "

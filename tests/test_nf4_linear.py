@@ -471,7 +471,7 @@ def test_nf4_linear_lora_a_bad_inputs(device):
 
 
 # (M, N, K, r): one token, odd N, K not a multiple of 64 (the merging decode kernel's column tile;
-# the decode-then-GEMM merge instead) or of 128, M >= K/2 and M < K/2, r not a multiple of 16, r = 80.
+# the decode-then-GEMM merge instead) or of 128, M above and below K, r not a multiple of 16, r = 80.
 MERGE_SHAPES = [(1, 64, 128, 4), (33, 130, 96, 16), (64, 257, 192, 8), (300, 96, 64, 64), (40, 72, 4160, 80)]
 
 
@@ -483,8 +483,8 @@ MERGE_SHAPES = [(1, 64, 128, 4), (33, 130, 96, 16), (64, 257, 192, 8), (300, 96,
 def test_lora_term_merged_into_the_slabs(device, dtype, M, N, K, r, merge, slabs, monkeypatch):
     # LORA_FUSED_NF4_MERGE forces the LoRA term into each decoded slab of W (x (W + s B A)^T forward,
     # dY (W + s B A) backward), by the merging decode kernel (1; on CUDA where it applies) or a GEMM
-    # over the decoded slab (gemm; on CPU both are that), or beside the slab GEMMs (0), whatever M is
-    # (the default picks by M). "many": slabs of 40000 weights, so 9-row slabs at K = 4160 and 128/512-column ones backward.
+    # over the decoded slab (gemm; on CPU both are that), or beside the slab GEMMs (0, the default).
+    # "many": slabs of 40000 weights, so 9-row slabs at K = 4160 and 128-576-column ones backward.
     monkeypatch.setenv("LORA_FUSED_NF4_MERGE", merge)
     monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
     if slabs == "many":

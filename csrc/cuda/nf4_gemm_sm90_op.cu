@@ -39,6 +39,9 @@ sm90::Nf4GemmProblem problem(int64_t m, int64_t n, int64_t k) {
   p.m = static_cast<int>(m);
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
+  // Left at 0, CUTLASS asks the driver for the SM count on every can_implement / workspace query:
+  // hundreds of microseconds of host per nf4_linear call (session 13's host profile).
+  p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return p;
 }
 }  // namespace
@@ -67,7 +70,6 @@ at::Tensor nf4_gemm_sm90_run(const at::Tensor& x, const at::Tensor& packed, cons
   p.w = packed.data_ptr();
   p.scales = scales.data_ptr();
   p.y = y.data_ptr();
-  p.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const size_t ws_bytes = ops.workspace_bytes(p);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
   const char* err = ops.run(p, ws_bytes > 0 ? ws.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream());

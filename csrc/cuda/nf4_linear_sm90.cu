@@ -64,6 +64,7 @@ bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optiona
   const Mode md = mode();
   if (md == Mode::kSlab) return false;
   const int64_t m = x.size(0), n = w.out_features, k = w.in_features;
+  if (md == Mode::kAuto && (m <= 16 || m > kNf4Sm90MaxM)) return false;  // before asking CUTLASS: host time
   const bool takes = x.scalar_type() == at::kBFloat16 && w.blocksize == kGroup && k % kGroup == 0 && n % 8 == 0 &&
                      m >= 1 && aligned16(w.packed) && nf4_gemm_sm90_available() && nf4_gemm_sm90_can_implement(m, n, k);
   if (md == Mode::kAuto && (!takes || m <= 16 || m > kNf4Sm90MaxM)) return false;
