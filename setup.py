@@ -71,6 +71,21 @@ def wheel_cuda_include_dirs(cuda_home):
     return dirs
 
 
+def cublaslt_link_args(cuda_home):
+    """Linker flags for cuBLASLt (csrc/cuda/blaslt_gemm.cu calls it directly): the copy in torch's
+    nvidia-* wheels first, whose soname is the library torch itself loads, else the toolkit's."""
+    dirs = []
+    for sp in sys.path:
+        dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "cu[0-9]*", "lib"))) + sorted(
+            glob.glob(os.path.join(sp, "nvidia", "cublas", "lib")))
+    dirs += [os.path.join(cuda_home, d) for d in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"))]
+    for d in dirs:
+        for name in ["libcublasLt.so"] + sorted(os.path.basename(f) for f in glob.glob(os.path.join(d, "libcublasLt.so.[0-9]*"))):
+            if os.path.isfile(os.path.join(d, name)):
+                return [f"-L{d}", f"-l:{name}"]
+    raise RuntimeError(f"lora_fused: no libcublasLt.so found (looked in {dirs}); install torch's CUDA wheels or the CUDA toolkit")
+
+
 def cutlass_include_dir():
     """CUTLASS 3 headers: $CUTLASS_INCLUDE_DIR, else those the nvidia-cutlass wheel carries."""
     path = os.environ.get("CUTLASS_INCLUDE_DIR")
@@ -142,6 +157,7 @@ if cuda_home:
         cpp_sources + cuda_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags},
+        extra_link_args=cublaslt_link_args(cuda_home),
     )
     print(f"lora_fused: building the CUDA extension for TORCH_CUDA_ARCH_LIST={arch_list} with {cuda_home}")
 else:

@@ -1,6 +1,7 @@
 #include "gemm_concat_k.h"
 
 #include "checks.h"
+#include "gemm.h"
 
 namespace lora_fused {
 
@@ -29,8 +30,9 @@ void check_gemm_concat_k_args(const at::Tensor& a, const at::Tensor& b, const at
 
 at::Tensor gemm_concat_k_composed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, const at::Tensor& b2,
                                   const c10::optional<at::Tensor>& bias) {
-  at::Tensor out = bias.has_value() ? at::addmm(*bias, a2, b2.t()) : at::mm(a2, b2.t());
-  return out.addmm_(a, b.t());
+  at::Tensor out = bias.has_value() ? at::addmm(*bias, a2, b2.t()) : gemm(a2, b2.t());
+  gemm_into(out, a, b.t(), 1.0, true);
+  return out;
 }
 
 }  // namespace lora_fused

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "gemm.h"
 #include "nf4_linear.h"
 
 namespace lora_fused {
@@ -35,8 +36,7 @@ int64_t slab_extent(int64_t budget, int64_t per, int64_t extent, int64_t align) 
 }  // namespace
 
 at::Tensor nf4_lora_u(const at::Tensor& x, const at::Tensor& lora_A, double scale) {
-  at::Tensor u = at::mm(x, lora_A.t());
-  return scale == 1.0 ? u : u.mul_(scale);
+  return gemm(x, lora_A.t(), scale);
 }
 
 namespace {
@@ -83,12 +83,14 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
   };
   if (rows == n && !lora_u.has_value()) {  // one slab: the GEMM takes the bias in its epilogue
     const at::Tensor wt = slab_t(0, n);
-    return bias.has_value() ? at::addmm(*bias, x, wt) : at::mm(x, wt);
+    return bias.has_value() ? at::addmm(*bias, x, wt) : gemm(x, wt);
   }
   // The bias and LoRA terms first, then every slab's GEMM accumulates onto its column block (beta = 1).
   at::Tensor out;
-  if (lora_u.has_value()) {
-    out = bias.has_value() ? at::addmm(*bias, *lora_u, lora_B->t()) : at::mm(*lora_u, lora_B->t());
+  if (lora_u.has_value() && bias.has_value()) {
+    out = at::addmm(*bias, *lora_u, lora_B->t());
+  } else if (lora_u.has_value()) {
+    out = gemm(*lora_u, lora_B->t());
   } else if (bias.has_value()) {
     out = at::empty({m, n}, x.options());  // not expand().contiguous(): at M = 1 that aliases bias
     out.copy_(bias->expand({m, n}));
@@ -99,12 +101,7 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
   for (int64_t n0 = 0; n0 < n; n0 += rows) {
     const int64_t r = std::min(rows, n - n0);
     const at::Tensor wt = slab_t(n0, r);
-    at::Tensor block = out.narrow(1, n0, r);
-    if (accumulate) {
-      block.addmm_(x, wt);
-    } else {
-      at::mm_out(block, x, wt);
-    }
+    gemm_into(out.narrow(1, n0, r), x, wt, 1.0, accumulate);
   }
   return out;
 }
@@ -136,20 +133,19 @@ at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weig
     return ws;
   };
   if (!lora_du.has_value()) {
-    if (cols == k) return at::mm(grad_out, slab(0, k));
+    if (cols == k) return gemm(grad_out, slab(0, k));
     at::Tensor out = at::empty({m, k}, grad_out.options());
     for (int64_t k0 = 0; k0 < k; k0 += cols) {
       const int64_t c = std::min(cols, k - k0);
-      at::Tensor block = out.narrow(1, k0, c);
-      at::mm_out(block, grad_out, slab(k0, c));
+      gemm_into(out.narrow(1, k0, c), grad_out, slab(k0, c), 1.0, false);
     }
     return out;
   }
   // The LoRA term first (one skinny GEMM), then every slab's GEMM adds onto its column block.
-  at::Tensor out = at::mm(*lora_du, *lora_A);
+  at::Tensor out = gemm(*lora_du, *lora_A);
   for (int64_t k0 = 0; k0 < k; k0 += cols) {
     const int64_t c = std::min(cols, k - k0);
-    out.narrow(1, k0, c).addmm_(grad_out, slab(k0, c));
+    gemm_into(out.narrow(1, k0, c), grad_out, slab(k0, c), 1.0, true);
   }
   return out;
 }

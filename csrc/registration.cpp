@@ -35,6 +35,13 @@ TORCH_LIBRARY(lora_fused, m) {
   // Dropout whose mask is a pure function of (seed, element index): Philox4x32-10, keep where the
   // element's uniform >= p, kept values scaled by 1 / (1 - p). x: [M, K]; seed: int64 [1] on x's device.
   m.def("lora_dropout(Tensor x, float p, Tensor seed) -> Tensor");
+  // The LoRA branch's backward (y = ... + scale * (x @ lora_A^T) @ lora_B^T): grad_out [M, N], x [M, K]
+  // (dropout applied), lora_A [r, K], lora_B [N, r] -> (du = scale * grad_out @ lora_B [M, r],
+  // dA = du^T @ x [r, K], dB = grad_out^T @ u [N, r]) with u = scale * x @ lora_A^T unless given; a
+  // gradient not needed comes back with 0 rows. In grad_out's dtype, fp32 accumulation.
+  m.def(
+      "lora_adapter_grads(Tensor grad_out, Tensor x, Tensor lora_A, Tensor lora_B, float scale, Tensor? u=None, "
+      "bool need_A=True, bool need_B=True) -> (Tensor, Tensor, Tensor)");
   // NF4 (bitsandbytes layout): w (any shape, fp32/fp16/bf16) -> (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks]).
   m.def("nf4_quantize(Tensor w, int blocksize) -> (Tensor, Tensor)");
   // Inverse of nf4_quantize. absmax is fp32 [blocks], or uint8 codes [blocks] when double-quantized, in which

@@ -60,8 +60,8 @@ def _nf4_linear_setup(ctx, inputs, output):
     # With lora_A the op made u = s x A^T itself: dx and dA need du = s dout B, dB needs u again.
     ctx.save_for_backward(
         packed, absmax, nested_absmax, nested_code,
-        lora_u if need_b else None, lora_B if need_u or (ctx.own_u and (need_x or need_a)) else None,
-        x if ctx.own_u and (need_a or need_b) else None, lora_A if ctx.own_u and (need_x or need_b) else None,
+        lora_u if need_b else None, lora_B if need_u or ctx.own_u else None,
+        x if ctx.own_u and (need_a or need_b) else None, lora_A if ctx.own_u else None,
     )
 
 
@@ -75,16 +75,17 @@ def _nf4_linear_backward(ctx, dout):
         db = dout.sum(0)
     if ctx.own_u:
         s = ctx.lora_scale
-        dus = torch.mm(dout, lora_B).mul_(s) if (needs[0] or needs[12]) else None
+        dus = None
+        if needs[11] or needs[12]:  # du, dA, dB in one op
+            dus, dA, dB = _ops.lora_adapter_grads(dout, x, lora_A, lora_B, s, None, needs[12], needs[11])
+            dA, dB = (dA if needs[12] else None), (dB if needs[11] else None)
+        elif needs[0]:
+            dus = torch.mm(dout, lora_B).mul_(s)
         if needs[0]:
             dx = _ops.nf4_linear_grad_input(
                 dout, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, k, dus, lora_A,
                 lora_B, s,
             )
-        if needs[12]:
-            dA = torch.mm(dus.t(), x)
-        if needs[11]:
-            dB = torch.mm(dout.t(), torch.mm(x, lora_A.t()).mul_(s))
         return (dx, None, None, None, None, None, None, None, None, db, None, dB, dA, None)[: ctx.n_inputs]
     if needs[0]:
         dx = _ops.nf4_linear_grad_input(

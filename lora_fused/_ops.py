@@ -124,6 +124,22 @@ def lora_dropout(x: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     return _ops.lora_dropout.default(x, float(p), seed)
 
 
+def lora_adapter_grads(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    u: Optional[torch.Tensor] = None,
+    need_A: bool = True,
+    need_B: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LoRA branch's backward in one op: (du = scale * grad_out @ lora_B [M, r], dA = du^T @ x [r, K],
+    dB = grad_out^T @ u [N, r]), u = scale * x @ lora_A^T unless given; x is the branch's input (after
+    dropout). A gradient not needed comes back with 0 rows. No autograd."""
+    return _ops.lora_adapter_grads.default(grad_out, x, lora_A, lora_B, float(scale), u, bool(need_A), bool(need_B))
+
+
 def dropout_seed(device: torch.device) -> torch.Tensor:
     """A fresh lora_dropout seed from torch's generator for `device` (CUDA-graph safe on CUDA)."""
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
@@ -199,6 +215,20 @@ def _gemm_concat_k_fake(a, b, a2, b2, bias=None):
 def _lora_dropout_fake(x, p, seed):
     torch._check(x.dim() == 2, lambda: "lora_dropout: x must be [M, K]")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lora_fused::lora_adapter_grads")
+def _lora_adapter_grads_fake(grad_out, x, lora_A, lora_B, scale, u=None, need_A=True, need_B=True):
+    torch._check(grad_out.dim() == 2 and x.dim() == 2 and lora_A.dim() == 2 and lora_B.dim() == 2,
+                 lambda: "lora_adapter_grads: operands must be 2-D")
+    torch._check(x.shape[0] == grad_out.shape[0] and lora_A.shape[1] == x.shape[1], lambda: "lora_adapter_grads: x disagrees")
+    torch._check(lora_B.shape[0] == grad_out.shape[1] and lora_B.shape[1] == lora_A.shape[0],
+                 lambda: "lora_adapter_grads: lora_B disagrees")
+    r = lora_A.shape[0]
+    du = grad_out.new_empty((grad_out.shape[0], r))
+    dA = grad_out.new_empty((r if need_A else 0, x.shape[1]))
+    dB = grad_out.new_empty((grad_out.shape[1] if need_B else 0, r))
+    return du, dA, dB
 
 
 @torch.library.register_fake("lora_fused::blockwise_quantize")

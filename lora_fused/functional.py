@@ -101,11 +101,13 @@ class _LoraLinearFunction(torch.autograd.Function):
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         s, p = ctx.scaling, ctx.p
         dx = dA = dB = dbias = None
-        du = _scaled_mm(dy, B, s) if (need_x or need_a) else None
-        if need_b:
-            dB = torch.mm(dy.t(), u)
-        if need_a:
-            dA = torch.mm(du.t(), _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2)
+        du = None
+        if need_a or need_b:  # du, dA, dB in one op (one host dispatch: the step is host-bound at M = 4096)
+            xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 and need_a else x2
+            du, dA, dB = _ops.lora_adapter_grads(dy, xl, A, B, s, u, need_a, need_b)
+            dA, dB = (dA if need_a else None), (dB if need_b else None)
+        elif need_x:
+            du = _scaled_mm(dy, B, s)
         if need_x:
             if p > 0.0:
                 dx = _base_plus(dy, weight.t(), _ops.lora_dropout(torch.mm(du, A), p, seed))
@@ -188,7 +190,7 @@ class _NF4LinearFunction(torch.autograd.Function):
     nf4_linear with lora_A, which makes u = s x A^T itself (u B^T is the slab GEMMs' accumulator; or,
     LORA_FUSED_NF4_MERGE=1, it adds s B A to each decoded slab of W); with dropout u = s xl A^T is
     made here.
-    Backward: dU = s dY B, dB = dY^T u (u made again: not kept), dA = dU^T xl and,
+    Backward: dU = s dY B, dB = dY^T u (u made again: not kept), dA = dU^T xl (lora_adapter_grads) and,
     without dropout, dX from nf4_linear_grad_input given dU, A and B: dY W + dU A with dU A as the
     slab GEMMs' accumulator (no [M, K] add), or dY (W + s B A) merged per slab on request; with
     dropout, dX = dY W + dropout(dU A), the mask (and xl) regenerated from the seed, not kept."""
@@ -202,10 +204,7 @@ class _NF4LinearFunction(torch.autograd.Function):
         ctx.has_lora, ctx.has_bias = A is not None, bias is not None
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         # u is not kept (without dropout the op may never make it): backward makes it again for dB.
-        ctx.save_for_backward(
-            x2 if (need_a or need_b) else None, A if (need_x or need_b) else None,
-            B if (need_x or need_a) else None, seed, *nf4[:4],
-        )
+        ctx.save_for_backward(x2 if (need_a or need_b) else None, A, B, seed, *nf4[:4])
         return y
 
     @staticmethod
@@ -216,14 +215,12 @@ class _NF4LinearFunction(torch.autograd.Function):
         p = ctx.p
         dy = dy.contiguous()
         dx = dA = dB = dbias = du = None
-        if ctx.has_lora and (need_x or need_a):
-            du = _scaled_mm(dy, B, ctx.scaling)
-        if ctx.has_lora and (need_a or need_b):
+        if ctx.has_lora and (need_a or need_b):  # du, dA, dB in one op (u = s xl A^T made again there)
             xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2
-            if need_b:
-                dB = torch.mm(dy.t(), _scaled_mm(xl, A.t(), ctx.scaling))
-            if need_a:
-                dA = torch.mm(du.t(), xl)
+            du, dA, dB = _ops.lora_adapter_grads(dy, xl, A, B, ctx.scaling, None, need_a, need_b)
+            dA, dB = (dA if need_a else None), (dB if need_b else None)
+        elif ctx.has_lora and need_x:
+            du = _scaled_mm(dy, B, ctx.scaling)
         if need_x:
             if ctx.has_lora and p == 0.0:  # the op picks dY W + dU A or dY (W + s B A)
                 dx = _ops.nf4_linear_grad_input(dy, *weight, ctx.k, du, A, B, ctx.scaling)

@@ -21,6 +21,15 @@ def lora_expand(y: torch.Tensor, u: torch.Tensor, lora_B: torch.Tensor, scale: f
     return y.double() + scale * (u.double() @ lora_B.double().t())
 
 
+def lora_adapter_grads(
+    grad_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(du, dA, dB) of y = scale * (x A^T) B^T for the upstream gradient grad_out, in float64."""
+    dy, xd, a, b = grad_out.double(), x.double(), lora_A.double(), lora_B.double()
+    du = scale * (dy @ b)
+    return du, du.t() @ xd, dy.t() @ (scale * (xd @ a.t()))
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
