@@ -2,7 +2,8 @@
 // problem (shape, strides, dtype, pointer alignment, beta, device). torch.mm asks cuBLAS's
 // heuristic on every call: 20-40 us of host per GEMM on the H100 machine, 137 us for addmm with
 // alpha (torch.profiler, benchmarks/RESULTS.md), so the NF4 slab loop (a GEMM per slab) and the LoRA
-// terms beside it left the GPU idle between kernels. A cached call is one cublasLtMatmul.
+// terms beside it left the GPU idle between kernels. A cached call is one cublasLtMatmul, with
+// torch's own cuBLASLt workspace for the stream (so memory is what torch.mm's would be).
 // Row-major out [m, n] = a [m, k] @ b [k, n] is, in cuBLAS's column-major terms, out^T = b^T a^T:
 // each operand's storage read column-major is its transpose when it is row-major (op N) and the
 // matrix itself when it is column-major (op T).
@@ -27,8 +28,6 @@ namespace {
                 cublasLtGetStatusString(status_));                                                      \
   } while (0)
 
-// Workspace a plan may use (split-K reductions); allocated per call from torch's caching allocator.
-constexpr uint64_t kMaxWorkspace = uint64_t{32} << 20;
 
 // A 2-D tensor as cuBLAS sees it: `stored` rows x cols column-major with leading dimension ld, and
 // whether its transpose (op T) or the storage itself (op N) is the tensor's transpose.
@@ -119,7 +118,9 @@ std::shared_ptr<const Plan> make_plan(const Key& key, cudaDataType_t type, cubla
   LORA_FUSED_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   const std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>, decltype(&cublasLtMatmulPreferenceDestroy)>
       pref_guard(pref, &cublasLtMatmulPreferenceDestroy);
-  const uint64_t max_ws = kMaxWorkspace;
+  // torch's own cuBLASLt workspace for this stream (kept, so no allocation per call, and the peak
+  // memory of a layer is what torch.mm's would be).
+  const uint64_t max_ws = at::cuda::getCUDABlasLtWorkspaceSize();
   LORA_FUSED_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                                  &max_ws, sizeof(max_ws)));
   // Split-K only with a reduction in fp32 through the workspace: no in-place (atomic) reduction, no
@@ -180,14 +181,12 @@ bool blaslt_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const std::shared_ptr<const Plan> plan = find_plan(key, t == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F, handle);
   if (!plan->ok) return false;
-  at::Tensor workspace;
-  if (plan->workspace > 0) {
-    workspace = at::empty({static_cast<int64_t>(plan->workspace)}, out.options().dtype(at::kByte));
-  }
+  if (plan->workspace > at::cuda::getCUDABlasLtWorkspaceSize()) return false;  // resized since the plan was made
+  void* workspace = plan->workspace > 0 ? at::cuda::getCUDABlasLtWorkspace() : nullptr;
   const float alpha_f = static_cast<float>(alpha), beta_f = accumulate ? 1.0f : 0.0f;
   LORA_FUSED_CUBLASLT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha_f, b.data_ptr(), plan->p, a.data_ptr(), plan->q,
                                            &beta_f, out.data_ptr(), plan->d, out.data_ptr(), plan->d, &plan->algo,
-                                           plan->workspace > 0 ? workspace.data_ptr() : nullptr, plan->workspace,
+                                           workspace, plan->workspace,
                                            at::cuda::getCurrentCUDAStream()));
   return true;
 }
