@@ -27,6 +27,10 @@ void check_lora_shrink_args(const at::Tensor& x, const at::Tensor& a);
 // y: [M, d], u: [M, r], lora_B: [d, r], r >= 1.
 void check_lora_expand_args(const at::Tensor& y, const at::Tensor& u, const at::Tensor& b);
 
+// grad_out: [M, N], x: [M, K], lora_A: [r, K], lora_B: [N, r], u: [M, r] or none; one dtype and device.
+void check_lora_adapter_grads_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& lora_A,
+                                   const at::Tensor& lora_B, const c10::optional<at::Tensor>& u);
+
 // x: [M, k], weight: [d, k], lora_A: [r, k], lora_B: [d, r], bias: [d] or none; one dtype and device.
 void check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
                             const c10::optional<at::Tensor>& bias, const char* op);

@@ -9,24 +9,13 @@ way). When host >= graph, the eager call is bound by the host. A development too
 import argparse
 import os
 import statistics
-import time
 
 import torch
 from triton.testing import do_bench
 
 import lora_fused
+from blas_host_overhead import host_us  # scripts/ is on the path when run as a script
 from lora_fused import nf4
-
-
-def host_us(fn, n=20):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    us = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return us
 
 
 def graph_us(fn):

@@ -7,24 +7,12 @@ enqueue N calls (the GPU queue never fills at these sizes) / N.
 """
 
 import argparse
-import time
 
 import torch
 
 import lora_fused
+from blas_host_overhead import host_us  # scripts/ is on the path when run as a script
 from lora_fused import _ops, nf4
-
-
-def host_us(fn, n=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    us = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return us
 
 
 def main():
