@@ -81,28 +81,24 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
     if (merge) ws.addmm_(lora_B->narrow(0, n0, r), *lora_A, 1.0, lora_scale);
     return ws.t();
   };
-  if (rows == n && !lora_u.has_value()) {  // one slab: the GEMM takes the bias in its epilogue
+  // The slab GEMMs write out (onto the bias when there is no LoRA term: beta = 1), then the LoRA
+  // term (and the bias with it) is added in one pass: as the GEMMs' accumulator instead, it cost
+  // more (beta = 1 over [M, N] plus a K = r GEMM writing it; see add_low_rank.cu).
+  const bool bias_first = bias.has_value() && !lora_u.has_value();
+  if (rows == n) {  // one slab: the GEMM takes the bias in its epilogue
     const at::Tensor wt = slab_t(0, n);
-    return bias.has_value() ? at::addmm(*bias, x, wt) : gemm(x, wt);
+    at::Tensor out = bias_first ? at::addmm(*bias, x, wt) : gemm(x, wt);
+    if (lora_u.has_value()) add_low_rank_(out, *lora_u, lora_B->t(), bias);
+    return out;
   }
-  // The bias and LoRA terms first, then every slab's GEMM accumulates onto its column block (beta = 1).
-  at::Tensor out;
-  if (lora_u.has_value() && bias.has_value()) {
-    out = at::addmm(*bias, *lora_u, lora_B->t());
-  } else if (lora_u.has_value()) {
-    out = gemm(*lora_u, lora_B->t());
-  } else if (bias.has_value()) {
-    out = at::empty({m, n}, x.options());  // not expand().contiguous(): at M = 1 that aliases bias
-    out.copy_(bias->expand({m, n}));
-  } else {
-    out = at::empty({m, n}, x.options());
-  }
-  const bool accumulate = lora_u.has_value() || bias.has_value();
+  at::Tensor out = at::empty({m, n}, x.options());
+  if (bias_first) out.copy_(bias->expand({m, n}));  // not expand().contiguous(): at M = 1 that aliases bias
   for (int64_t n0 = 0; n0 < n; n0 += rows) {
     const int64_t r = std::min(rows, n - n0);
     const at::Tensor wt = slab_t(n0, r);
-    gemm_into(out.narrow(1, n0, r), x, wt, 1.0, accumulate);
+    gemm_into(out.narrow(1, n0, r), x, wt, 1.0, bias_first);
   }
+  if (lora_u.has_value()) add_low_rank_(out, *lora_u, lora_B->t(), bias);
   return out;
 }
 
@@ -132,21 +128,18 @@ at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weig
     if (merge) ws.addmm_(*lora_B, lora_A->narrow(1, k0, c), 1.0, lora_scale);
     return ws;
   };
-  if (!lora_du.has_value()) {
-    if (cols == k) return gemm(grad_out, slab(0, k));
-    at::Tensor out = at::empty({m, k}, grad_out.options());
+  // The slab GEMMs write grad_x, then the LoRA term is added in one pass (see nf4_linear_tiled).
+  at::Tensor out;
+  if (cols == k) {
+    out = gemm(grad_out, slab(0, k));
+  } else {
+    out = at::empty({m, k}, grad_out.options());
     for (int64_t k0 = 0; k0 < k; k0 += cols) {
       const int64_t c = std::min(cols, k - k0);
       gemm_into(out.narrow(1, k0, c), grad_out, slab(k0, c), 1.0, false);
     }
-    return out;
   }
-  // The LoRA term first (one skinny GEMM), then every slab's GEMM adds onto its column block.
-  at::Tensor out = gemm(*lora_du, *lora_A);
-  for (int64_t k0 = 0; k0 < k; k0 += cols) {
-    const int64_t c = std::min(cols, k - k0);
-    gemm_into(out.narrow(1, k0, c), grad_out, slab(k0, c), 1.0, true);
-  }
+  if (lora_du.has_value()) add_low_rank_(out, *lora_du, *lora_A);
   return out;
 }
 
