@@ -51,6 +51,8 @@ def main():
         dst = torch.empty_like(src)
         copy_ms = tt.do_bench(lambda: dst.copy_(src), warmup=25, rep=200)
         copy_tbs = 2 * src.numel() * 2 / copy_ms / 1e9
+        fill_ms = tt.do_bench(lambda: dst.fill_(1.0), warmup=25, rep=200)
+        print(f"{n}x{k}: write-only fill {dst.numel() * 2 / fill_ms / 1e9:.2f} TB/s")
         ours_ms = tt.do_bench(lambda: nf4.dequantize(packed, state, torch.bfloat16), warmup=25, rep=200)
         print(f"{n}x{k}: copy {copy_tbs:.2f} TB/s; nf4.dequantize {ours_ms * 1e3:.1f} us "
               f"{nbytes / ours_ms / 1e9:.2f} TB/s = {nbytes / ours_ms / 1e9 / copy_tbs:.1%} of copy")

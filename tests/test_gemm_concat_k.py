@@ -23,6 +23,12 @@ SHAPES = [
     (2049, 1032, 520, 16),
     (4097, 2056, 200, 8),  # enough tiles for the Hopper kernel by itself; K1 not a multiple of 64
     (4500, 4104, 72, 24),
+    # add_low_rank's kernel (the LoRA term after the base GEMM): odd ranks, rank 1, a partial last
+    # column tile and row tile, a handful of rows.
+    (65, 260, 96, 7),
+    (33, 1028, 64, 1),
+    (3, 12, 40, 3),
+    (97, 1540, 64, 63),
 ]
 
 
