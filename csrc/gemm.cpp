@@ -46,4 +46,12 @@ void add_low_rank_(const at::Tensor& out, const at::Tensor& u, const at::Tensor&
   }
 }
 
+bool low_rank_pass_applies(const at::Tensor& like, int64_t n, int64_t r) {
+#ifdef LORA_FUSED_WITH_CUDA
+  return like.is_cuda() && cuda::add_low_rank_takes(like.scalar_type(), n, r);
+#else
+  return false;
+#endif
+}
+
 }  // namespace lora_fused
