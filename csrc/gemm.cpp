@@ -34,24 +34,4 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, double alpha) {
   return out;
 }
 
-void add_low_rank_(const at::Tensor& out, const at::Tensor& u, const at::Tensor& v,
-                   const c10::optional<at::Tensor>& bias) {
-#ifdef LORA_FUSED_WITH_CUDA
-  if (out.is_cuda() && cuda::add_low_rank(out, u, v, bias)) return;
-#endif
-  gemm_into(out, u, v, 1.0, true);
-  if (bias.has_value()) {
-    at::Tensor o = out;
-    o.add_(*bias);
-  }
-}
-
-bool low_rank_pass_applies(const at::Tensor& like, int64_t n, int64_t r) {
-#ifdef LORA_FUSED_WITH_CUDA
-  return like.is_cuda() && cuda::add_low_rank_takes(like.scalar_type(), n, r);
-#else
-  return false;
-#endif
-}
-
 }  // namespace lora_fused

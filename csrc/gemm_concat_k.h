@@ -10,9 +10,8 @@ namespace lora_fused {
 void check_gemm_concat_k_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, const at::Tensor& b2,
                               const c10::optional<at::Tensor>& bias, at::DeviceType device);
 
-// a·bᵀ, then a2·b2ᵀ + bias added in place by add_low_rank_'s pass where it applies; elsewhere
-// (bias + a2·b2ᵀ) first and a·bᵀ accumulated onto it (beta = 1). The CPU implementation, and the
-// CUDA one's where the Hopper kernel does not apply.
+// ATen GEMMs: (bias + a2·b2ᵀ), then a·bᵀ accumulated onto it (beta = 1). The CPU implementation,
+// and the CUDA one's where the Hopper kernel does not apply.
 at::Tensor gemm_concat_k_composed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, const at::Tensor& b2,
                                   const c10::optional<at::Tensor>& bias);
 

@@ -30,11 +30,6 @@ void check_gemm_concat_k_args(const at::Tensor& a, const at::Tensor& b, const at
 
 at::Tensor gemm_concat_k_composed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2, const at::Tensor& b2,
                                   const c10::optional<at::Tensor>& bias) {
-  if (low_rank_pass_applies(a, b.size(0), a2.size(1))) {
-    at::Tensor out = gemm(a, b.t());
-    add_low_rank_(out, a2, b2.t(), bias);
-    return out;
-  }
   at::Tensor out = bias.has_value() ? at::addmm(*bias, a2, b2.t()) : gemm(a2, b2.t());
   gemm_into(out, a, b.t(), 1.0, true);
   return out;

@@ -67,8 +67,7 @@ using DequantRectLora = std::function<at::Tensor(const Nf4Weight&, int64_t row0,
 int64_t nf4_slab_elems(int64_t n, int64_t k);
 
 // out = x @ W^T + bias + lora_u @ lora_B^T, one slab of rows of W at a time: each slab's GEMM writes
-// its column block of out (onto the bias, beta = 1, when there is no LoRA term); then the LoRA term
-// and the bias are added in one pass (add_low_rank_). With
+// its column block of out, accumulating onto the bias/LoRA term where there is one (beta = 1). With
 // lora_A (and no lora_u), out = x @ (W + lora_scale * lora_B @ lora_A)^T + bias: the LoRA term is
 // added to each decoded slab before its GEMM.
 at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
@@ -77,7 +76,7 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
                             const DequantRectLora& dequant_lora = nullptr);
 
 // grad_x = grad_out @ W + lora_du @ lora_A, one slab of columns of W at a time: each slab's GEMM
-// writes its column block of grad_x, then the LoRA term is added in one pass (add_low_rank_). With lora_B
+// writes its column block of grad_x, or accumulates onto the LoRA term there (beta = 1). With lora_B
 // (and no lora_du), grad_x = grad_out @ (W + lora_scale * lora_B @ lora_A), merged per slab.
 at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weight& w,
                                        const c10::optional<at::Tensor>& lora_du,

@@ -81,31 +81,28 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
     if (merge) ws.addmm_(lora_B->narrow(0, n0, r), *lora_A, 1.0, lora_scale);
     return ws.t();
   };
-  // Where add_low_rank_'s pass applies, the slab GEMMs write out (onto the bias when there is no
-  // LoRA term: beta = 1) and the LoRA term and the bias are added after in one pass; elsewhere the
-  // bias and LoRA term come first and every slab's GEMM accumulates onto its column block (beta = 1).
-  const bool after = lora_u.has_value() && low_rank_pass_applies(x, n, lora_u->size(1));
-  if (rows == n && (after || !lora_u.has_value())) {  // one slab: the GEMM takes the bias in its epilogue
+  if (rows == n && !lora_u.has_value()) {  // one slab: the GEMM takes the bias in its epilogue
     const at::Tensor wt = slab_t(0, n);
-    at::Tensor out = bias.has_value() && !after ? at::addmm(*bias, x, wt) : gemm(x, wt);
-    if (after) add_low_rank_(out, *lora_u, lora_B->t(), bias);
-    return out;
+    return bias.has_value() ? at::addmm(*bias, x, wt) : gemm(x, wt);
   }
+  // The bias and LoRA terms first, then every slab's GEMM accumulates onto its column block (beta = 1).
   at::Tensor out;
-  if (lora_u.has_value() && !after) {
-    out = bias.has_value() ? at::addmm(*bias, *lora_u, lora_B->t()) : gemm(*lora_u, lora_B->t());
+  if (lora_u.has_value() && bias.has_value()) {
+    out = at::addmm(*bias, *lora_u, lora_B->t());
+  } else if (lora_u.has_value()) {
+    out = gemm(*lora_u, lora_B->t());
+  } else if (bias.has_value()) {
+    out = at::empty({m, n}, x.options());  // not expand().contiguous(): at M = 1 that aliases bias
+    out.copy_(bias->expand({m, n}));
   } else {
     out = at::empty({m, n}, x.options());
-    // not expand().contiguous(): at M = 1 that aliases bias
-    if (bias.has_value() && !after) out.copy_(bias->expand({m, n}));
   }
-  const bool accumulate = !after && (lora_u.has_value() || bias.has_value());
+  const bool accumulate = lora_u.has_value() || bias.has_value();
   for (int64_t n0 = 0; n0 < n; n0 += rows) {
     const int64_t r = std::min(rows, n - n0);
     const at::Tensor wt = slab_t(n0, r);
     gemm_into(out.narrow(1, n0, r), x, wt, 1.0, accumulate);
   }
-  if (after) add_low_rank_(out, *lora_u, lora_B->t(), bias);
   return out;
 }
 
@@ -135,24 +132,21 @@ at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weig
     if (merge) ws.addmm_(*lora_B, lora_A->narrow(1, k0, c), 1.0, lora_scale);
     return ws;
   };
-  // As in nf4_linear_tiled: the LoRA term after the slab GEMMs in one pass where that applies,
-  // else first (one skinny GEMM) with every slab's GEMM adding onto its column block (beta = 1).
-  const bool after = lora_du.has_value() && low_rank_pass_applies(grad_out, k, lora_du->size(1));
-  at::Tensor out;
-  if (lora_du.has_value() && !after) {
-    out = gemm(*lora_du, *lora_A);
-  } else if (cols == k) {
-    out = gemm(grad_out, slab(0, k));
-    if (after) add_low_rank_(out, *lora_du, *lora_A);
+  if (!lora_du.has_value()) {
+    if (cols == k) return gemm(grad_out, slab(0, k));
+    at::Tensor out = at::empty({m, k}, grad_out.options());
+    for (int64_t k0 = 0; k0 < k; k0 += cols) {
+      const int64_t c = std::min(cols, k - k0);
+      gemm_into(out.narrow(1, k0, c), grad_out, slab(k0, c), 1.0, false);
+    }
     return out;
-  } else {
-    out = at::empty({m, k}, grad_out.options());
   }
+  // The LoRA term first (one skinny GEMM), then every slab's GEMM adds onto its column block.
+  at::Tensor out = gemm(*lora_du, *lora_A);
   for (int64_t k0 = 0; k0 < k; k0 += cols) {
     const int64_t c = std::min(cols, k - k0);
-    gemm_into(out.narrow(1, k0, c), grad_out, slab(k0, c), 1.0, lora_du.has_value() && !after);
+    gemm_into(out.narrow(1, k0, c), grad_out, slab(k0, c), 1.0, true);
   }
-  if (after) add_low_rank_(out, *lora_du, *lora_A);
   return out;
 }
 

@@ -15,7 +15,6 @@
 #include "cuda/common.cuh"
 #include "cuda/nf4_decode.cuh"
 #include "cuda/nf4_gemm_sm90.h"
-#include "gemm.h"
 
 namespace lora_fused {
 namespace cuda {
@@ -82,13 +81,14 @@ bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optiona
                                                             reinterpret_cast<__nv_bfloat16*>(scales.data_ptr()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   out = nf4_gemm_sm90_run(xc, w.packed, scales, n, m <= kNf4Sm90Tile128MaxM ? 128 : 256);
-  // The LoRA term and the bias after the GEMM, one pass over out ([M, N], M <= 1024): the GEMM's
+  // The LoRA term and the bias after the GEMM, one pass each over out ([M, N], M <= 1024): the GEMM's
   // epilogue has no source operand yet.
-  if (lora_A.has_value() || lora_u.has_value()) {
-    add_low_rank_(out, lora_A.has_value() ? nf4_lora_u(x, *lora_A, lora_scale) : *lora_u, lora_B->t(), bias);
-  } else if (bias.has_value()) {
-    out.add_(*bias);
+  if (lora_A.has_value()) {
+    out.addmm_(nf4_lora_u(x, *lora_A, lora_scale), lora_B->t());
+  } else if (lora_u.has_value()) {
+    out.addmm_(*lora_u, lora_B->t());
   }
+  if (bias.has_value()) out.add_(*bias);
   return true;
 }
 
