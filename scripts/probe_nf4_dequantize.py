@@ -6,7 +6,8 @@ device-event medians, as TB/s of bytes read + written and as a fraction of a dev
     python scripts/probe_nf4_dequantize.py [--shapes 11008:4096,28672:8192] [--variants 0,2,6,18,22]
 
 A variant is a bit field: 1 unroll 8 (else 4), 2 resident grid, 4 scale shuffled from one lane of
-8, 8 pair table (byte -> two levels), 16 bf16x2 conversion.
+8, 8 pair table (byte -> two levels), 16 bf16x2 conversion, 32 streaming stores, 64 two adjacent
+groups per thread.
 """
 
 import argparse
@@ -19,7 +20,7 @@ from torch.utils.cpp_extension import load
 from lora_fused import nf4
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NAMES = {1: "unroll8", 2: "resident", 4: "shfl-scale", 8: "pair-lut", 16: "cvt2"}
+NAMES = {1: "unroll8", 2: "resident", 4: "shfl-scale", 8: "pair-lut", 16: "cvt2", 32: "stream", 64: "pair-group"}
 
 
 def variant_name(v):
@@ -29,7 +30,7 @@ def variant_name(v):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="11008:4096,28672:8192")
-    ap.add_argument("--variants", default="0,1,2,3,6,7,10,14,18,22,26,30,31")
+    ap.add_argument("--variants", default="2,6,22,38,54,70,102,118,66,98")
     ap.add_argument("--blocks-per-sm", default="0", help="caps on resident blocks per SM to try (0: occupancy)")
     args = ap.parse_args()
     ext = load(
@@ -52,7 +53,11 @@ def main():
         copy_ms = tt.do_bench(lambda: dst.copy_(src), warmup=25, rep=200)
         copy_tbs = 2 * src.numel() * 2 / copy_ms / 1e9
         fill_ms = tt.do_bench(lambda: dst.fill_(1.0), warmup=25, rep=200)
-        print(f"{n}x{k}: write-only fill {dst.numel() * 2 / fill_ms / 1e9:.2f} TB/s")
+        read_ms = tt.do_bench(lambda: src.sum(dtype=torch.float32), warmup=25, rep=200)
+        print(f"{n}x{k}: write-only fill {dst.numel() * 2 / fill_ms / 1e9:.2f} TB/s, read-only sum "
+              f"{src.numel() * 2 / read_ms / 1e9:.2f} TB/s, copy {copy_tbs:.2f} TB/s; a dequantize moving "
+              f"{packed.numel()} read + {ref.numel() * 2} written bytes at those rates would take "
+              f"{(packed.numel() / (src.numel() * 2 / read_ms) + ref.numel() * 2 / (dst.numel() * 2 / fill_ms)) * 1e3:.1f} us")
         ours_ms = tt.do_bench(lambda: nf4.dequantize(packed, state, torch.bfloat16), warmup=25, rep=200)
         print(f"{n}x{k}: copy {copy_tbs:.2f} TB/s; nf4.dequantize {ours_ms * 1e3:.1f} us "
               f"{nbytes / ours_ms / 1e9:.2f} TB/s = {nbytes / ours_ms / 1e9 / copy_tbs:.1%} of copy")
