@@ -470,17 +470,22 @@ def test_nf4_linear_lora_a_bad_inputs(device):
         _ops.nf4_linear(x, *args, None, None, b[:, :3], a, 1.0)
 
 
-# (M, N, K, r): one token, odd N, K not a multiple of 64 (the merging decode kernel's column tile;
-# the decode-then-GEMM merge instead) or of 128, M above and below K, r not a multiple of 16, r = 80.
-MERGE_SHAPES = [(1, 64, 128, 4), (33, 130, 96, 16), (64, 257, 192, 8), (300, 96, 64, 64), (40, 72, 4160, 80)]
+# (M, N, K, r, blocksize): one token, odd N, K not a multiple of 64 (the merging decode kernel's
+# column strip; the decode-then-GEMM merge instead) or of 128, M above and below K, r not a multiple
+# of 16, r = 80 and 24 (the kernel's k-steps of 16: 1, 2, 4, 8), odd r (lora_B read by elements),
+# blocksize 32 (two quantization blocks per strip row) and 128, and N = 4001 with K = 4160: warps
+# walking several 16-row tiles of a strip, the last one partial.
+MERGE_SHAPES = [(1, 64, 128, 4, 64), (33, 130, 96, 16, 64), (64, 257, 192, 8, 64), (300, 96, 64, 64, 64),
+                (40, 72, 4160, 80, 64), (50, 200, 256, 24, 64), (17, 70, 128, 7, 32), (9, 300, 640, 16, 128),
+                (5, 4001, 4160, 16, 64)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M,N,K,r", MERGE_SHAPES)
+@pytest.mark.parametrize("M,N,K,r,blocksize", MERGE_SHAPES)
 @pytest.mark.parametrize("merge", ["1", "gemm", "0"])
 @pytest.mark.parametrize("slabs", ["one", "many"])
-def test_lora_term_merged_into_the_slabs(device, dtype, M, N, K, r, merge, slabs, monkeypatch):
+def test_lora_term_merged_into_the_slabs(device, dtype, M, N, K, r, blocksize, merge, slabs, monkeypatch):
     # LORA_FUSED_NF4_MERGE forces the LoRA term into each decoded slab of W (x (W + s B A)^T forward,
     # dY (W + s B A) backward), by the merging decode kernel (1; on CUDA where it applies) or a GEMM
     # over the decoded slab (gemm; on CPU both are that), or beside the slab GEMMs (0, the default).
@@ -489,7 +494,7 @@ def test_lora_term_merged_into_the_slabs(device, dtype, M, N, K, r, merge, slabs
     monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
     if slabs == "many":
         monkeypatch.setenv("LORA_FUSED_NF4_SLAB_ELEMS", "40000")
-    packed, state = _weight(N, K, device)
+    packed, state = _weight(N, K, device, blocksize=blocksize)
     x = randn(M, K, dtype=dtype, device=device).requires_grad_()
     a = randn(r, K, dtype=dtype, device=device, scale=K**-0.5).requires_grad_()
     b = randn(N, r, dtype=dtype, device=device, scale=r**-0.5).requires_grad_()
