@@ -7,7 +7,7 @@ device-event medians, as TB/s of bytes read + written and as a fraction of a dev
 
 A variant is a bit field: 1 unroll 8 (else 4), 2 resident grid, 4 scale shuffled from one lane of
 8, 8 pair table (byte -> two levels), 16 bf16x2 conversion, 32 streaming stores, 64 two adjacent
-groups per thread.
+groups per thread, 128 no decode (the same bytes moved: the ceiling of this traffic; not checked).
 """
 
 import argparse
@@ -20,7 +20,7 @@ from torch.utils.cpp_extension import load
 from lora_fused import nf4
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NAMES = {1: "unroll8", 2: "resident", 4: "shfl-scale", 8: "pair-lut", 16: "cvt2", 32: "stream", 64: "pair-group"}
+NAMES = {1: "unroll8", 2: "resident", 4: "shfl-scale", 8: "pair-lut", 16: "cvt2", 32: "stream", 64: "pair-group", 128: "no-decode"}
 
 
 def variant_name(v):
@@ -30,7 +30,7 @@ def variant_name(v):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="11008:4096,28672:8192")
-    ap.add_argument("--variants", default="2,6,22,38,54,70,102,118,66,98")
+    ap.add_argument("--variants", default="6,22,38,134,166")
     ap.add_argument("--blocks-per-sm", default="0", help="caps on resident blocks per SM to try (0: occupancy)")
     args = ap.parse_args()
     ext = load(
@@ -67,7 +67,7 @@ def main():
                     continue
                 fn = lambda: ext.dequant(packed, state.absmax, s2.absmax, s2.code, state.offset, 64, n, k, v, cap)
                 got = fn()
-                if not torch.equal(got, ref):
+                if not v & 128 and not torch.equal(got, ref):
                     print(f"  variant {v:2d} {variant_name(v):40s} WRONG ({(got != ref).sum().item()} elements differ)")
                     continue
                 ms = tt.do_bench(fn, warmup=25, rep=200)

@@ -9,6 +9,8 @@
 //   kCvt2     two floats to bf16x2 in one conversion
 //   kStream   output stored with the evict-first (streaming) hint
 //   kPairGrp  two adjacent 8-element groups per thread (an 8-byte load, two adjacent 16-byte stores)
+//   kNoDecode the ceiling of this traffic: each 4-byte word stored 4 times over as the 16-byte group (no
+//             scale, no table), the same bytes read and written as a decode
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
@@ -18,7 +20,7 @@
 
 using lora_fused::cuda::BlockScales;
 
-template <int kUnroll, bool kResident, bool kShflScale, bool kPairLut, bool kCvt2, bool kStream, bool kPairGrp>
+template <int kUnroll, bool kResident, bool kShflScale, bool kPairLut, bool kCvt2, bool kStream, bool kPairGrp, bool kNoDecode>
 __global__ void __launch_bounds__(256)
     dequant_kernel(const uint8_t* __restrict__ packed, uint32_t groups, int bs_shift, BlockScales scales,
                    __nv_bfloat16* __restrict__ out) {
@@ -87,6 +89,7 @@ __global__ void __launch_bounds__(256)
                     (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&c)) << 16);
           }
         }
+        if (kNoDecode) o = make_uint4(words[u][g], words[u][g], words[u][g], words[u][g]);
         uint4* dst = reinterpret_cast<uint4*>(out) + static_cast<size_t>(i) * kG + g;
         if (kStream)
           __stcs(dst, o);
@@ -97,10 +100,10 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-template <int kUnroll, bool kResident, bool kShflScale, bool kPairLut, bool kCvt2, bool kStream, bool kPairGrp>
+template <int kUnroll, bool kResident, bool kShflScale, bool kPairLut, bool kCvt2, bool kStream, bool kPairGrp, bool kNoDecode>
 void launch(const at::Tensor& packed, const at::Tensor& codes, const at::Tensor& nested_absmax,
             const at::Tensor& nested_code, double offset, int64_t blocksize, at::Tensor& out, int64_t blocks_per_sm) {
-  const auto kernel = dequant_kernel<kUnroll, kResident, kShflScale, kPairLut, kCvt2, kStream, kPairGrp>;
+  const auto kernel = dequant_kernel<kUnroll, kResident, kShflScale, kPairLut, kCvt2, kStream, kPairGrp, kNoDecode>;
   const uint32_t groups = static_cast<uint32_t>(out.numel() / 8);
   const BlockScales s = lora_fused::cuda::make_block_scales(codes, nested_absmax, nested_code, offset, 256);
   const uint32_t units = groups / (kPairGrp ? 2 : 1);
@@ -117,7 +120,7 @@ void launch(const at::Tensor& packed, const at::Tensor& codes, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// variant: a bit field (unroll8 | resident << 1 | shfl << 2 | pairlut << 3 | cvt2 << 4 | stream << 5 | pairgrp << 6)
+// variant: a bit field (unroll8 | resident << 1 | shfl << 2 | pairlut << 3 | cvt2 << 4 | stream << 5 | pairgrp << 6 | nodecode << 7)
 at::Tensor dequant(const at::Tensor& packed, const at::Tensor& codes, const at::Tensor& nested_absmax,
                    const at::Tensor& nested_code, double offset, int64_t blocksize, int64_t n, int64_t k,
                    int64_t variant, int64_t blocks_per_sm) {
@@ -126,11 +129,11 @@ at::Tensor dequant(const at::Tensor& packed, const at::Tensor& codes, const at::
 #define V(v)                                                                                                         \
   case v:                                                                                                            \
     launch<(v) & 1 ? 8 : 4, ((v) & 2) != 0, ((v) & 4) != 0, ((v) & 8) != 0, ((v) & 16) != 0, ((v) & 32) != 0,         \
-           ((v) & 64) != 0>(                                                                                         \
+           ((v) & 64) != 0, ((v) & 128) != 0>(                                                                                         \
         packed, codes, nested_absmax, nested_code, offset, blocksize, out, blocks_per_sm);                            \
     break;
   switch (variant) {  // the variants the probe's default list runs (each one costs compile time)
-    V(2) V(6) V(22) V(38) V(54) V(70) V(102) V(118) V(66) V(98)
+    V(6) V(22) V(38) V(134) V(166)
     default:
       TORCH_CHECK(false, "variant ", variant, " is not built");
   }
