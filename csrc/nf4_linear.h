@@ -42,9 +42,10 @@ Nf4Weight check_nf4_linear_grad_input_args(const at::Tensor& grad_out, at::Devic
 // Whether the LoRA term goes into the decoded slabs (W + s B A, added as each slab is decoded) rather
 // than beside the slab GEMMs (an [M, N] or [M, K] term they accumulate onto with beta = 1). Only on
 // request, LORA_FUSED_NF4_MERGE = 1 (or "gemm": a GEMM over the decoded slab in place of the merging
-// decode kernel; 0 or unset: never): on an H200 at 4096->11008, M = 4096 the merged fwd+bwd took
-// 1255 us of kernels against 1228 beside (benchmarks/RESULTS.md, session 13): the merging decode
-// costs 25 us per slab against 11 for the plain one, and the slab GEMMs ran slower on merged values.
+// decode kernel; 0 or unset: never). On an H200 at 4096->11008, M = 4096 the merged fwd+bwd took
+// 1264 us against 1319 beside (interleaved, second version of the merging kernel: 16.8 us per slab
+// against 10.8 for the plain decode; benchmarks/RESULTS.md, session 16); the default stays beside
+// until the change making merged the default (471c5b7) has had its GPU test run.
 bool nf4_merge_lora_forward(int64_t m, int64_t k);
 bool nf4_merge_lora_backward(int64_t m, int64_t n);
 bool nf4_merge_with_gemm();
