@@ -39,16 +39,17 @@ Nf4Weight check_nf4_linear_grad_input_args(const at::Tensor& grad_out, at::Devic
                                            const c10::optional<at::Tensor>& lora_A,
                                            const c10::optional<at::Tensor>& lora_B);
 
-// Whether the LoRA term goes into the decoded slabs (W + s B A, added as each slab is decoded) rather
-// than beside the slab GEMMs (an [M, N] or [M, K] term they accumulate onto with beta = 1). Only on
-// request, LORA_FUSED_NF4_MERGE = 1 (or "gemm": a GEMM over the decoded slab in place of the merging
-// decode kernel; 0 or unset: never). On an H200 at 4096->11008, M = 4096 the merged fwd+bwd took
-// 1264 us against 1319 beside (interleaved, second version of the merging kernel: 16.8 us per slab
-// against 10.8 for the plain decode; benchmarks/RESULTS.md, session 16); the default stays beside
-// until the change making merged the default (471c5b7) has had its GPU test run.
-bool nf4_merge_lora_forward(int64_t m, int64_t k);
-bool nf4_merge_lora_backward(int64_t m, int64_t n);
-bool nf4_merge_with_gemm();
+// Where the slab path puts the LoRA term: into the decoded slabs (W + s B A, added as each slab is
+// decoded; forward x (W + s B A)^T, backward dY (W + s B A)) or beside the slab GEMMs (an [M, N] or
+// [M, K] term they accumulate onto with beta = 1). LORA_FUSED_NF4_MERGE: unset (kAuto) merges by the
+// merging decode kernel where it applies and M >= kNf4MergeMinRows (H200, 4096->11008, M = 4096,
+// interleaved: 1264 us fwd+bwd merged against 1319 beside, benchmarks/RESULTS.md session 16; below
+// that the kernel's extra ~6 us per slab outweighs the [M, slab] term it saves), beside elsewhere;
+// 0 never merges; 1 always (the kernel, or a decode and a GEMM where it does not apply); gemm always
+// by a decode and a GEMM.
+enum class Nf4Merge { kAuto, kNever, kKernel, kGemm };
+Nf4Merge nf4_merge_mode();
+constexpr int64_t kNf4MergeMinRows = 2048;
 
 // Decodes rows [row0, row0 + rows) x columns [col0, col0 + cols) of the weight into a new contiguous
 // [rows, cols] tensor of `dtype` on the weight's device.

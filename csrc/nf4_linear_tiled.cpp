@@ -39,23 +39,14 @@ at::Tensor nf4_lora_u(const at::Tensor& x, const at::Tensor& lora_A, double scal
   return gemm(x, lora_A.t(), scale);
 }
 
-namespace {
-
-// LORA_FUSED_NF4_MERGE = 1 or gemm: merge (see nf4_linear.h).
-bool merge_requested() {
+Nf4Merge nf4_merge_mode() {
   const char* env = std::getenv("LORA_FUSED_NF4_MERGE");
-  return env != nullptr && (std::string(env) == "1" || std::string(env) == "gemm");
-}
-
-}  // namespace
-
-bool nf4_merge_lora_forward(int64_t /*m*/, int64_t /*k*/) { return merge_requested(); }
-
-bool nf4_merge_lora_backward(int64_t /*m*/, int64_t /*n*/) { return merge_requested(); }
-
-bool nf4_merge_with_gemm() {
-  const char* env = std::getenv("LORA_FUSED_NF4_MERGE");
-  return env != nullptr && std::string(env) == "gemm";
+  if (env == nullptr || *env == '\0') return Nf4Merge::kAuto;
+  const std::string v(env);
+  if (v == "0") return Nf4Merge::kNever;
+  if (v == "1") return Nf4Merge::kKernel;
+  if (v == "gemm") return Nf4Merge::kGemm;
+  TORCH_CHECK(false, "LORA_FUSED_NF4_MERGE must be unset, 0, 1 or gemm; got '", v, "'");
 }
 
 at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
@@ -66,13 +57,27 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
   const at::ScalarType t = x.scalar_type();
   const int64_t rows = slab_extent(nf4_slab_elems(n, k), k, n, 128);
   if (m == 0) return at::empty({0, n}, x.options());
-  const bool merge = lora_A.has_value() && !lora_u_in.has_value() && nf4_merge_lora_forward(m, k);
+  const Nf4Merge mode = nf4_merge_mode();
+  bool merge = false;
+  at::Tensor first_slab;  // kAuto: the first slab, merged by the kernel (undefined: it does not apply)
+  if (lora_A.has_value() && !lora_u_in.has_value()) {
+    if (mode == Nf4Merge::kAuto) {
+      if (dequant_lora && m >= kNf4MergeMinRows) {
+        const int64_t r = std::min(rows, n);
+        first_slab = dequant_lora(w, 0, r, 0, k, lora_B->narrow(0, 0, r), *lora_A, lora_scale);
+        merge = first_slab.defined();
+      }
+    } else {
+      merge = mode != Nf4Merge::kNever;
+    }
+  }
   const c10::optional<at::Tensor> lora_u = lora_A.has_value() && !merge && !lora_u_in.has_value()
                                                ? c10::optional<at::Tensor>(nf4_lora_u(x, *lora_A, lora_scale))
                                                : lora_u_in;
   // Rows [n0, n0 + r) of W (+ lora_scale * lora_B[n0:] @ lora_A when merging), transposed.
-  const bool one_pass = merge && dequant_lora && !nf4_merge_with_gemm();
+  const bool one_pass = merge && dequant_lora && mode != Nf4Merge::kGemm;
   const auto slab_t = [&](int64_t n0, int64_t r) {
+    if (n0 == 0 && first_slab.defined()) return first_slab.t();
     if (one_pass) {
       const at::Tensor ws = dequant_lora(w, n0, r, 0, k, lora_B->narrow(0, n0, r), *lora_A, lora_scale);
       if (ws.defined()) return ws.t();
@@ -116,14 +121,28 @@ at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weig
   if (m == 0) return at::empty({0, k}, grad_out.options());
   const int64_t cols = slab_extent(nf4_slab_elems(n, k), n, k, 64);
   // Given both lora_du (= lora_scale * grad_out @ lora_B) and lora_B, either form will do.
-  const bool merge = lora_B.has_value() && (!lora_du_in.has_value() || nf4_merge_lora_backward(m, n));
+  const Nf4Merge mode = nf4_merge_mode();
+  bool merge = false;
+  at::Tensor first_slab;  // kAuto: the first slab, merged by the kernel (undefined: it does not apply)
+  if (lora_B.has_value() && !lora_du_in.has_value()) {
+    merge = true;
+  } else if (lora_B.has_value() && mode == Nf4Merge::kAuto) {
+    if (dequant_lora && m >= kNf4MergeMinRows) {
+      const int64_t c = std::min(cols, k);
+      first_slab = dequant_lora(w, 0, n, 0, c, *lora_B, lora_A->narrow(1, 0, c), lora_scale);
+      merge = first_slab.defined();
+    }
+  } else if (lora_B.has_value()) {
+    merge = mode != Nf4Merge::kNever;
+  }
   c10::optional<at::Tensor> lora_du;
   if (!merge && lora_A.has_value()) {
     lora_du = lora_du_in.has_value() ? *lora_du_in : nf4_lora_u(grad_out, lora_B->t(), lora_scale);
   }
   // Columns [k0, k0 + c) of W (+ lora_scale * lora_B @ lora_A[:, k0:] when merging).
-  const bool one_pass = merge && dequant_lora && !nf4_merge_with_gemm();
+  const bool one_pass = merge && dequant_lora && mode != Nf4Merge::kGemm;
   const auto slab = [&](int64_t k0, int64_t c) {
+    if (k0 == 0 && first_slab.defined()) return first_slab;
     if (one_pass) {
       const at::Tensor ws = dequant_lora(w, 0, n, k0, c, *lora_B, lora_A->narrow(1, k0, c), lora_scale);
       if (ws.defined()) return ws;

@@ -57,7 +57,7 @@ TORCH_LIBRARY(lora_fused, m) {
   // x: [M, K] bf16/fp16/fp32; bias: [N]; lora_u: [M, r] (already scaled), lora_B: [N, r]. Or, in
   // place of lora_u, lora_A [r, K] and lora_scale: u = lora_scale * x @ lora_A^T is computed by the op
   // (inside the decode kernel where it can: qlora_linear's inference path), or, on the slab path with
-  // LORA_FUSED_NF4_MERGE=1, lora_scale * lora_B @ lora_A is added to each decoded slab of W, no u made.
+  // M >= 2048 (LORA_FUSED_NF4_MERGE, nf4_linear.h), lora_scale * lora_B @ lora_A is added to each decoded slab of W, no u made.
   m.def(
       "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
       "int blocksize, int nested_blocksize, int out_features, Tensor? bias=None, Tensor? lora_u=None, "

@@ -187,12 +187,12 @@ class _NF4LinearFunction(torch.autograd.Function):
     """y = x W^T + bias [+ (s xl A^T) B^T], W the frozen NF4 weight, xl = x or lora_dropout(x), as
     one autograd node (the op's generated autograd and the eager LoRA ops around it cost the host
     more than the GPU work at M = 4096: benchmarks/RESULTS.md, session 3). Forward without dropout:
-    nf4_linear with lora_A, which makes u = s x A^T itself (u B^T is the slab GEMMs' accumulator; or,
-    LORA_FUSED_NF4_MERGE=1, it adds s B A to each decoded slab of W); with dropout u = s xl A^T is
-    made here.
+    nf4_linear with lora_A, which makes u = s x A^T itself (u B^T is the slab GEMMs' accumulator) or,
+    at M >= 2048 on CUDA (LORA_FUSED_NF4_MERGE), adds s B A to each decoded slab of W; with dropout
+    u = s xl A^T is made here.
     Backward: dU = s dY B, dB = dY^T u (u made again: not kept), dA = dU^T xl (lora_adapter_grads) and,
     without dropout, dX from nf4_linear_grad_input given dU, A and B: dY W + dU A with dU A as the
-    slab GEMMs' accumulator (no [M, K] add), or dY (W + s B A) merged per slab on request; with
+    slab GEMMs' accumulator (no [M, K] add), or dY (W + s B A) merged per slab (as forward); with
     dropout, dX = dY W + dropout(dU A), the mask (and xl) regenerated from the seed, not kept."""
 
     @staticmethod
@@ -238,7 +238,7 @@ class _NF4LinearFunction(torch.autograd.Function):
 def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n):
     """The forward of _NF4LinearFunction, also run directly where no gradient is needed. Without
     dropout the op gets lora_A and makes u = s x A^T itself (decode kernels, Hopper GEMM, slabs) or
-    merges s B A into the weight's slabs (LORA_FUSED_NF4_MERGE=1); with dropout u = s xl A^T is made here."""
+    merges s B A into the weight's slabs (LORA_FUSED_NF4_MERGE); with dropout u = s xl A^T is made here."""
     if A is None:
         lora = (bias,)
     elif xl is None:
@@ -296,8 +296,8 @@ def qlora_linear(
 
     lora_A: [r, K], lora_B: [N, r] (any float dtype; used in x's dtype, gradients in their own).
     The LoRA term enters the NF4 matmul's output directly: in the decode kernel's epilogue (M <= 16 on
-    CUDA), or as the accumulator the GEMMs add onto (beta = 1), so it costs no extra pass (or, with
-    LORA_FUSED_NF4_MERGE=1, added to each decoded slab of the weight: x (W + s B A)^T); backward
+    CUDA), or as the accumulator the GEMMs add onto (beta = 1), so it costs no extra pass, or (slab
+    path, M >= 2048, LORA_FUSED_NF4_MERGE) added to each decoded slab of the weight: x (W + s B A)^T; backward
     likewise for dX. One autograd node for the layer.
     Dropout is Philox from a seed (lora_dropout): backward regenerates its mask, no copy is kept.
     """

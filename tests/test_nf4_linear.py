@@ -477,20 +477,24 @@ def test_nf4_linear_lora_a_bad_inputs(device):
 # walking several 16-row tiles of a strip, the last one partial.
 MERGE_SHAPES = [(1, 64, 128, 4, 64), (33, 130, 96, 16, 64), (64, 257, 192, 8, 64), (300, 96, 64, 64, 64),
                 (40, 72, 4160, 80, 64), (50, 200, 256, 24, 64), (17, 70, 128, 7, 32), (9, 300, 640, 16, 128),
-                (5, 4001, 4160, 16, 64)]
+                (5, 4001, 4160, 16, 64), (2048, 130, 256, 16, 64)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,N,K,r,blocksize", MERGE_SHAPES)
-@pytest.mark.parametrize("merge", ["1", "gemm", "0"])
+@pytest.mark.parametrize("merge", ["1", "gemm", "0", None])
 @pytest.mark.parametrize("slabs", ["one", "many"])
 def test_lora_term_merged_into_the_slabs(device, dtype, M, N, K, r, blocksize, merge, slabs, monkeypatch):
     # LORA_FUSED_NF4_MERGE forces the LoRA term into each decoded slab of W (x (W + s B A)^T forward,
     # dY (W + s B A) backward), by the merging decode kernel (1; on CUDA where it applies) or a GEMM
-    # over the decoded slab (gemm; on CPU both are that), or beside the slab GEMMs (0, the default).
+    # over the decoded slab (gemm; on CPU both are that), beside the slab GEMMs (0), or unset: by the
+    # kernel where it applies and M >= 2048 (the M = 2048 shape, on CUDA), beside elsewhere.
     # "many": slabs of 40000 weights, so 9-row slabs at K = 4160 and 128-576-column ones backward.
-    monkeypatch.setenv("LORA_FUSED_NF4_MERGE", merge)
+    if merge is None:
+        monkeypatch.delenv("LORA_FUSED_NF4_MERGE", raising=False)
+    else:
+        monkeypatch.setenv("LORA_FUSED_NF4_MERGE", merge)
     monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
     if slabs == "many":
         monkeypatch.setenv("LORA_FUSED_NF4_SLAB_ELEMS", "40000")
@@ -521,6 +525,16 @@ def test_lora_term_merged_into_the_slabs(device, dtype, M, N, K, r, blocksize, m
     torch_dx = g @ w + du @ ad
     for lora in ((None, ad, bd, 0.5), (du, ad, bd, 0.5)):
         assert_error_rule(_ops.nf4_linear_grad_input(g, *args, *lora), exact, torch_dx, "nf4_linear_grad_input")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_unknown_merge_setting_is_an_error(device, monkeypatch):
+    monkeypatch.setenv("LORA_FUSED_NF4_MERGE", "yes")
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
+    packed, state = _weight(64, 128, device)
+    x, a, b = randn(3, 128, device=device), randn(4, 128, device=device), randn(64, 4, device=device)
+    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_MERGE must be unset, 0, 1 or gemm; got 'yes'"):
+        lora_fused.qlora_linear(x, packed, state, a, b, 0.5)
 
 
 HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0) and lora_fused.build_info()["sm90_gemm"]

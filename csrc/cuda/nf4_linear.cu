@@ -2,7 +2,7 @@
 // tensor-core kernel that streams the NF4 weight once (nf4_gemv.cu); on Hopper, 17-1024 bf16 rows run
 // the NF4 CUTLASS GEMM (nf4_linear_sm90.cu); the rest, or shapes they do not take (K not a multiple
 // of 32, fp32), run the tiled path: decode a slab of at most nf4_slab_elems() weights
-// (nf4_dequantize_rect.cu) and hand it to cuBLAS; with lora_A and LORA_FUSED_NF4_MERGE=1, each slab
+// (nf4_dequantize_rect.cu) and hand it to cuBLAS; with lora_A at M >= 2048 (nf4_merge_mode), each slab
 // gets the LoRA term s B A added as it is decoded (nf4_dequantize_rect_lora.cu). Backward dX is tiled
 // likewise.
 #include <torch/library.h>
@@ -28,7 +28,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   at::Tensor out;
   if (nf4_gemv_cuda(x, w, bias, lora_u, lora_B, lora_A, lora_scale, out)) return out;
   if (cuda::nf4_linear_sm90(x, w, bias, lora_u, lora_B, lora_A, lora_scale, out)) return out;
-  // With lora_A the tiled path makes u itself (or merges s B A into the slabs: nf4_merge_lora_forward).
+  // With lora_A the tiled path makes u itself or merges s B A into the slabs (nf4_merge_mode).
   return nf4_linear_tiled(x, w, bias, lora_u, lora_B, lora_A, lora_scale, nf4_dequantize_rect_cuda,
                           nf4_dequantize_rect_lora_cuda);
 }
