@@ -5,7 +5,8 @@ unprofiled call, so `ncu --profile-from-start off` sees exactly the kernels of t
         python scripts/ncu_targets.py nf4_gemm_128x256 cublas lora_decode_m1 ...
 
 Targets (4096->11008 unless named; bf16): nf4_gemm_128x256 / nf4_gemm_128x128 (the NF4 Hopper GEMM,
-M=4096 or --M), cublas (x @ W^T, the same M), slab (nf4_linear's slab path, same M),
+M=4096 or --M), cublas (x @ W^T, the same M), slab (nf4_linear's slab path, same M), slab_merged
+(qlora_linear forward on the slab path, s B A merged into each decoded slab),
 lora_decode_m1 / lora_decode_m16 and cublas_m1 / cublas_m16 (decode), nf4_decode_m16 (nf4_linear at
 16 tokens).
 """
@@ -49,6 +50,8 @@ def main():
         "nf4_gemm_128x128": lambda: torch.ops.lora_fused.nf4_gemm_sm90(x, packed, scales, n, 128),
         "cublas": lambda: x @ w16.t(),
         "slab": slab,
+        # qlora_linear's forward at M >= 2048: the slabs decoded with s B A merged in (no grad: no backward)
+        "slab_merged": lambda: lora_fused.qlora_linear(x, packed, state, a, b, 2.0),
         "lora_decode_m1": lambda: _ops.lora_decode(xs[1], w16, a, b, 2.0),
         "lora_decode_m16": lambda: _ops.lora_decode(xs[16], w16, a, b, 2.0),
         "cublas_m1": lambda: xs[1] @ w16.t(),

@@ -50,6 +50,9 @@ def main():
     ap.add_argument("--M", default="1,16,4096")
     ap.add_argument("--qlora", action="store_true", help="profile qlora_linear forward+backward (r=16) instead")
     ap.add_argument("--host", action="store_true", help="with --qlora: where the host (CPU) time goes, per op")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --qlora: repeat the cases in turn (clock drift then falls on each alike), and add "
+                         "qlora_linear with lora_B = 0 (its merged slabs hold the NF4 values exactly)")
     args = ap.parse_args()
     if args.qlora:
         return profile_qlora(args)
@@ -82,9 +85,16 @@ def profile_qlora(args, r=16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             dy = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
             # autograd.grad, not backward(): no .grad accumulation kernels in the figures.
-            show(f"{k}->{d} M={m} nf4_linear fwd+bwd", lambda: torch.autograd.grad(lora_fused.nf4_linear(x, packed, state), x, dy))
             qlora = lambda: torch.autograd.grad(lora_fused.qlora_linear(x, packed, state, A, B, 2.0), (x, A, B), dy)  # noqa: E731
-            show(f"{k}->{d} M={m} qlora_linear fwd+bwd", qlora, reps=5)
+            B0 = torch.zeros_like(B, requires_grad=True)
+            for rnd in range(args.rounds):
+                tag = f" (round {rnd + 1})" if args.rounds > 1 else ""
+                show(f"{k}->{d} M={m} nf4_linear fwd+bwd{tag}",
+                     lambda: torch.autograd.grad(lora_fused.nf4_linear(x, packed, state), x, dy))
+                show(f"{k}->{d} M={m} qlora_linear fwd+bwd{tag}", qlora, reps=5)
+                if args.rounds > 1:
+                    show(f"{k}->{d} M={m} qlora_linear fwd+bwd, lora_B = 0{tag}",
+                         lambda: torch.autograd.grad(lora_fused.qlora_linear(x, packed, state, A, B0, 2.0), (x, A, B0), dy))
             if args.host:
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     for _ in range(5):
