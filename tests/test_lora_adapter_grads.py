@@ -1,11 +1,13 @@
 """lora_adapter_grads (the LoRA branch's backward in one op) against float64, on every operand
-layout, with both of CUDA's GEMM routes (cuBLASLt with cached plans, and ATen); opcheck; bad inputs."""
+layout, with both of CUDA's GEMM routes (cuBLASLt with cached plans, and ATen); the CUDA kernel that
+makes du and dB from one read of grad_out (shapes around its 256-row panels and 64-column chunks,
+every rank class); opcheck; bad inputs."""
 
 import pytest
 import torch
 
 from lora_fused import _ops, reference
-from conftest import DEVICES, DTYPES, assert_error_rule, poison_allocator, randn
+from conftest import DEVICES, DTYPES, assert_error_rule, poison_allocator, randn, requires_cuda
 
 SHAPES = [(1, 17, 9, 1), (7, 64, 40, 8), (64, 129, 255, 16), (333, 1000, 96, 64), (5, 255, 130, 256), (4097, 96, 200, 16)]
 
@@ -55,6 +57,68 @@ def test_matches_reference(device, blas, dtype, M, K, N, r, layout, route):
     for name, ours, ref, same in (("du", du, ref_du, t_du), ("dA", dA, ref_dA, t_dA), ("dB", dB, ref_dB, t_dB)):
         assert ours.dtype == dtype and ours.device.type == device, name
         assert_error_rule(ours, ref, same, f"{name} {what}")
+
+
+def _cuda_kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+# (M, N, r) for the one-read kernel: M = 1, panel edges (255, 256, 257), column chunks cut short
+# (N % 64 != 0), several panels and column splits, every rank class (r <= 16, 32, 64; r not a
+# multiple of 8), and a QLoRA layer's size (4097 x 11008).
+DY_GRADS_SHAPES = [(1, 8, 2), (7, 40, 8), (255, 1000, 16), (256, 64, 6), (257, 4104, 32), (300, 136, 30),
+                   (513, 264, 64), (1030, 2056, 40), (4097, 11008, 16)]
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,r", DY_GRADS_SHAPES)
+def test_one_read_kernel_matches_reference(dtype, M, N, r, monkeypatch):
+    monkeypatch.delenv("LORA_FUSED_LORA_GRADS", raising=False)
+    K = 24
+    dy = randn(M, N, dtype=dtype, device="cuda")
+    x = randn(M, K, dtype=dtype, device="cuda")
+    a = randn(r, K, dtype=dtype, device="cuda", scale=K**-0.5)
+    b = randn(N, r, dtype=dtype, device="cuda")
+    s = 0.75
+    poison_allocator("cuda")
+    names = _cuda_kernel_names(lambda: _ops.lora_adapter_grads(dy, x, a, b, s))
+    assert any("lora_dy_grads_kernel" in n for n in names), f"the one-read kernel did not run: {names}"
+    du, dA, dB = _ops.lora_adapter_grads(dy, x, a, b, s)
+    ref_du, ref_dA, ref_dB = reference.lora_adapter_grads(dy, x, a, b, s)
+    t_du = torch.mm(dy, b) * s
+    t_dA, t_dB = torch.mm(t_du.t(), x), torch.mm(dy.t(), torch.mm(x, a.t()) * s)
+    for name, ours, ref, same in (("du", du, ref_du, t_du), ("dA", dA, ref_dA, t_dA), ("dB", dB, ref_dB, t_dB)):
+        assert ours.dtype == dtype, name
+        assert_error_rule(ours, ref, same, f"{name} {dtype} M={M} N={N} r={r}")
+    # Fixed reduction order: the same bits on a second call.
+    du2, dA2, dB2 = _ops.lora_adapter_grads(dy, x, a, b, s)
+    assert torch.equal(du, du2) and torch.equal(dA, dA2) and torch.equal(dB, dB2)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_one_read_kernel_only_where_it_applies(monkeypatch):
+    # LORA_FUSED_LORA_GRADS=gemm, odd r, r > 64, N % 8 != 0, fp32 and a strided grad_out take the two
+    # GEMMs (and still match: test_matches_reference); the default takes the kernel.
+    M, K, N, r = 64, 32, 128, 8
+    dy, x = randn(M, N, dtype=torch.bfloat16, device="cuda"), randn(M, K, dtype=torch.bfloat16, device="cuda")
+    a, b = randn(r, K, dtype=torch.bfloat16, device="cuda"), randn(N, r, dtype=torch.bfloat16, device="cuda")
+    ran = lambda *args: any("lora_dy_grads_kernel" in n for n in _cuda_kernel_names(lambda: _ops.lora_adapter_grads(*args)))  # noqa: E731
+    monkeypatch.delenv("LORA_FUSED_LORA_GRADS", raising=False)
+    assert ran(dy, x, a, b, 1.0)
+    assert not ran(dy, x, a[:7], b[:, :7].contiguous(), 1.0)
+    assert not ran(dy, x, randn(72, K, dtype=torch.bfloat16, device="cuda"), randn(N, 72, dtype=torch.bfloat16, device="cuda"), 1.0)
+    assert not ran(dy[:, :124].contiguous(), x, a, b[:124].contiguous(), 1.0)
+    assert not ran(dy.float(), x.float(), a.float(), b.float(), 1.0)
+    assert not ran(randn(M, N + 8, dtype=torch.bfloat16, device="cuda")[:, :N], x, a, b, 1.0)
+    assert not ran(dy, x, a, b, 1.0, None, True, False)  # no dB wanted: du alone is one GEMM
+    monkeypatch.setenv("LORA_FUSED_LORA_GRADS", "gemm")
+    assert not ran(dy, x, a, b, 1.0)
 
 
 @pytest.mark.parametrize("device,blas", DEVICE_BLAS)

@@ -57,6 +57,14 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t smem_addr
                                     : "r"(smem_addr)));
 }
 
+// As ldmatrix_x4, each matrix transposed: register j receives, of matrix j, the elements at rows
+// 2 (i % 4) and 2 (i % 4) + 1 of column i / 4 (lane i): a B (col) fragment from a row-major [k][n] tile.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t smem_addr) {
+  LORA_FUSED_SM80_ONLY(asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                                    : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                                    : "r"(smem_addr)));
+}
+
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

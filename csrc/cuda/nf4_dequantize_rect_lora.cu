@@ -76,7 +76,7 @@ __device__ __forceinline__ void load_tile(TileLoads<kSteps>& l, int64_t r0, cons
 }
 
 template <typename T, int kSteps, bool kVec>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kSteps == 1 ? 7 : 1)
     nf4_dequantize_rect_lora_kernel(const uint8_t* __restrict__ packed, int64_t k, int64_t first, int64_t rows,
                                     int64_t cols, int bs_shift, bool share, cuda::BlockScales scales,
                                     const T* __restrict__ lora_B, int64_t ldb, const T* __restrict__ lora_A,
