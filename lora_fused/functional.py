@@ -190,7 +190,8 @@ class _NF4LinearFunction(torch.autograd.Function):
     nf4_linear with lora_A, which makes u = s x A^T itself (u B^T is the slab GEMMs' accumulator) or,
     at M >= 2048 on CUDA (LORA_FUSED_NF4_MERGE), adds s B A to each decoded slab of W; with dropout
     u = s xl A^T is made here.
-    Backward: dU = s dY B, dB = dY^T u (u made again: not kept), dA = dU^T xl (lora_adapter_grads) and,
+    Backward: dU = s dY B, dB = dY^T u (u made again: not kept; on CUDA both from one read of dY),
+    dA = dU^T xl (lora_adapter_grads) and,
     without dropout, dX from nf4_linear_grad_input given dU, A and B: dY W + dU A with dU A as the
     slab GEMMs' accumulator (no [M, K] add), or dY (W + s B A) merged per slab (as forward); with
     dropout, dX = dY W + dropout(dU A), the mask (and xl) regenerated from the seed, not kept."""

@@ -8,7 +8,9 @@
 // chunk columns by 8 ranks, over the panel's 256 rows), the chunk read transposed by ldmatrix.trans.
 // mma.sync m16n8k16, fp32 accumulators; r zero-padded to kR (16, 32, 64). dB per row panel and dU
 // per column range are fp32 partials that a second kernel sums in a fixed order and rounds once:
-// deterministic, no atomics.
+// deterministic, no atomics. Measured on an H100 (session 17): 47 + 6 us at 4096 x 11008, r = 16,
+// 1.13-1.20x faster than the two GEMMs at r = 16, but slower at r = 64 (one block per SM, bound by
+// its shared-memory reads) and at 256 rows (a single row panel: many column splits and partials).
 #include <cstdlib>
 #include <cstring>
 
