@@ -78,7 +78,7 @@ DY_GRADS_SHAPES = [(1, 8, 2), (7, 40, 8), (255, 1000, 16), (256, 64, 6), (257, 4
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,N,r", DY_GRADS_SHAPES)
 def test_one_read_kernel_matches_reference(dtype, M, N, r, monkeypatch):
-    monkeypatch.delenv("LORA_FUSED_LORA_GRADS", raising=False)
+    monkeypatch.setenv("LORA_FUSED_LORA_GRADS", "fused")  # also below the default's 2048 rows and r <= 32
     K = 24
     dy = randn(M, N, dtype=dtype, device="cuda")
     x = randn(M, K, dtype=dtype, device="cuda")
@@ -104,12 +104,19 @@ def test_one_read_kernel_matches_reference(dtype, M, N, r, monkeypatch):
 @requires_cuda
 def test_one_read_kernel_only_where_it_applies(monkeypatch):
     # LORA_FUSED_LORA_GRADS=gemm, odd r, r > 64, N % 8 != 0, fp32 and a strided grad_out take the two
-    # GEMMs (and still match: test_matches_reference); the default takes the kernel.
+    # GEMMs (and still match: test_matches_reference); =fused takes the kernel wherever it applies;
+    # unset, from 2048 rows with r <= 32 only.
     M, K, N, r = 64, 32, 128, 8
     dy, x = randn(M, N, dtype=torch.bfloat16, device="cuda"), randn(M, K, dtype=torch.bfloat16, device="cuda")
     a, b = randn(r, K, dtype=torch.bfloat16, device="cuda"), randn(N, r, dtype=torch.bfloat16, device="cuda")
     ran = lambda *args: any("lora_dy_grads_kernel" in n for n in _cuda_kernel_names(lambda: _ops.lora_adapter_grads(*args)))  # noqa: E731
     monkeypatch.delenv("LORA_FUSED_LORA_GRADS", raising=False)
+    assert not ran(dy, x, a, b, 1.0)  # 64 rows
+    big_dy, big_x = randn(2048, N, dtype=torch.bfloat16, device="cuda"), randn(2048, K, dtype=torch.bfloat16, device="cuda")
+    assert ran(big_dy, big_x, a, b, 1.0)
+    assert ran(big_dy, big_x, randn(32, K, dtype=torch.bfloat16, device="cuda"), randn(N, 32, dtype=torch.bfloat16, device="cuda"), 1.0)
+    assert not ran(big_dy, big_x, randn(34, K, dtype=torch.bfloat16, device="cuda"), randn(N, 34, dtype=torch.bfloat16, device="cuda"), 1.0)
+    monkeypatch.setenv("LORA_FUSED_LORA_GRADS", "fused")
     assert ran(dy, x, a, b, 1.0)
     assert not ran(dy, x, a[:7], b[:, :7].contiguous(), 1.0)
     assert not ran(dy, x, randn(72, K, dtype=torch.bfloat16, device="cuda"), randn(N, 72, dtype=torch.bfloat16, device="cuda"), 1.0)
@@ -118,7 +125,10 @@ def test_one_read_kernel_only_where_it_applies(monkeypatch):
     assert not ran(randn(M, N + 8, dtype=torch.bfloat16, device="cuda")[:, :N], x, a, b, 1.0)
     assert not ran(dy, x, a, b, 1.0, None, True, False)  # no dB wanted: du alone is one GEMM
     monkeypatch.setenv("LORA_FUSED_LORA_GRADS", "gemm")
-    assert not ran(dy, x, a, b, 1.0)
+    assert not ran(big_dy, big_x, a, b, 1.0)
+    monkeypatch.setenv("LORA_FUSED_LORA_GRADS", "yes")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_LORA_GRADS must be unset, fused or gemm; got 'yes'"):
+        _ops.lora_adapter_grads(big_dy, big_x, a, b, 1.0)
 
 
 @pytest.mark.parametrize("device,blas", DEVICE_BLAS)
