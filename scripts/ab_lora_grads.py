@@ -1,6 +1,6 @@
 """A/B of lora_adapter_grads' two CUDA routes on the GPU at hand, interleaved in one process: du and dB
-from one read of grad_out (the default) against two cuBLAS GEMMs (LORA_FUSED_LORA_GRADS=gemm, read at
-each call), alone and inside qlora_linear / lora_linear forward+backward. A development tool.
+from one read of grad_out (LORA_FUSED_LORA_GRADS=fused) against two cuBLAS GEMMs (=gemm; read at each
+call), alone and inside qlora_linear / lora_linear forward+backward. A development tool.
 
     python scripts/ab_lora_grads.py [--rounds 3]
 """
@@ -44,10 +44,7 @@ def main():
     for _ in range(args.rounds):
         for name, fn in cases.items():
             for mode in ("fused", "gemm"):
-                if mode == "gemm":
-                    os.environ["LORA_FUSED_LORA_GRADS"] = "gemm"
-                else:
-                    os.environ.pop("LORA_FUSED_LORA_GRADS", None)
+                os.environ["LORA_FUSED_LORA_GRADS"] = mode
                 fn()
                 times[(name, mode)].append(do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3)
     os.environ.pop("LORA_FUSED_LORA_GRADS", None)
