@@ -14,8 +14,6 @@
 // at 32 + 8 t, in each of two rows: it loads their codes as two 4-byte words and stores two 16-byte
 // vectors per row, and each warp store fills whole 32-byte sectors (4 lanes x 16 contiguous bytes).
 // Each value is level * scale + s * (B A) in fp32, rounded once.
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "cuda/common.cuh"
@@ -77,15 +75,8 @@ __device__ __forceinline__ void load_tile(TileLoads<kSteps>& l, int64_t r0, cons
   }
 }
 
-// kAhead: tiles whose loads are in flight while one is computed (1 or 2); kPrefetch: with kAhead = 1,
-// the codes of the tile after the next are also asked into L2 (no registers held for them).
-template <int kSteps, int kAhead>
-constexpr int min_blocks() {
-  return kSteps == 1 ? (kAhead == 1 ? 7 : 5) : 1;
-}
-
-template <typename T, int kSteps, bool kVec, int kAhead, bool kPrefetch>
-__global__ void __launch_bounds__(kThreads, min_blocks<kSteps, kAhead>())
+template <typename T, int kSteps, bool kVec>
+__global__ void __launch_bounds__(kThreads, kSteps == 1 ? 7 : 1)
     nf4_dequantize_rect_lora_kernel(const uint8_t* __restrict__ packed, int64_t k, int64_t first, int64_t rows,
                                     int64_t cols, int bs_shift, bool share, cuda::BlockScales scales,
                                     const T* __restrict__ lora_B, int64_t ldb, const T* __restrict__ lora_A,
@@ -105,14 +96,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks<kSteps, kAhead>())
   const int64_t tiles = (rows + 15) / 16, step = static_cast<int64_t>(blocks_per_strip) * kWarps;
   int64_t tile = static_cast<int64_t>(part) * kWarps + warp;
 
-  const auto load = [&](TileLoads<kSteps>& l, int64_t tl) {
-    if (tl < tiles)
-      load_tile<T, kSteps, kVec>(l, 16 * tl, packed, k, first, rows, c0, bs_shift, share, scales, lora_B, ldb, rank, g, t);
-  };
-  // The first tiles' loads fly while lora_A's strip is staged.
-  TileLoads<kSteps> cur, nxt;
-  load(cur, tile);
-  if (kAhead == 2) load(nxt, tile + step);
+  // The first tile's loads fly while lora_A's strip is staged.
+  TileLoads<kSteps> cur;
+  if (tile < tiles)
+    load_tile<T, kSteps, kVec>(cur, 16 * tile, packed, k, first, rows, c0, bs_shift, share, scales, lora_B, ldb, rank, g, t);
   if (threadIdx.x < 16) levels[threadIdx.x] = nf4::level(threadIdx.x);
   scales.load_code(code);
   if (kVec) {
@@ -137,15 +124,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks<kSteps, kAhead>())
 
   for (; tile < tiles; tile += step) {
     const int64_t r0 = 16 * tile;
-    TileLoads<kSteps> fut;
-    load(fut, tile + kAhead * step);
-    if (kPrefetch && t == 0 && tile + 2 * step < tiles) {  // this lane's 32 code bytes of two rows
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t row = 16 * (tile + 2 * step) + g + 8 * h;
-        if (row < rows) asm volatile("prefetch.global.L2 [%0];" ::"l"(packed + (first + row * k + c0) / 2));
-      }
-    }
+    TileLoads<kSteps> next;
+    if (tile + step < tiles)
+      load_tile<T, kSteps, kVec>(next, r0 + 16 * step, packed, k, first, rows, c0, bs_shift, share, scales, lora_B,
+                                 ldb, rank, g, t);
     float acc[8][4];
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -177,35 +159,20 @@ __global__ void __launch_bounds__(kThreads, min_blocks<kSteps, kAhead>())
         *reinterpret_cast<uint4*>(out + row * cols + c0 + 32 * q + 8 * t) = *reinterpret_cast<const uint4*>(v);
       }
     }
-    if (kAhead == 2) {
-      cur = nxt;
-      nxt = fut;
-    } else {
-      cur = fut;
-    }
+    cur = next;
   }
 }
 
 // Blocks of the kernel that fit on one SM at once (asked once per instantiation and process).
-template <typename T, int kSteps, bool kVec, int kAhead, bool kPrefetch>
+template <typename T, int kSteps, bool kVec>
 int resident_per_sm(size_t smem) {
   static const int per_sm = [smem] {
     int b = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, nf4_dequantize_rect_lora_kernel<T, kSteps, kVec, kAhead, kPrefetch>,
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, nf4_dequantize_rect_lora_kernel<T, kSteps, kVec>,
                                                                  kThreads, smem));
     return std::max(b, 1);
   }();
   return per_sm;
-}
-
-// LORA_FUSED_NF4_MERGE_AHEAD (a development switch for an A/B, r <= 16 only): unset or 1, one tile
-// ahead; 2, two tiles ahead; 1p, one ahead and the codes of the next into L2.
-int pipeline_variant() {
-  const char* env = std::getenv("LORA_FUSED_NF4_MERGE_AHEAD");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return 0;
-  if (std::strcmp(env, "2") == 0) return 1;
-  TORCH_CHECK(std::strcmp(env, "1p") == 0, "LORA_FUSED_NF4_MERGE_AHEAD must be unset, 1, 2 or 1p; got '", env, "'");
-  return 2;
 }
 
 }  // namespace
@@ -238,32 +205,21 @@ at::Tensor nf4_dequantize_rect_lora_cuda(const Nf4Weight& w, int64_t row0, int64
   const bool vec = rank % 2 == 0 && a.stride(0) % 8 == 0 && b.stride(0) % 2 == 0 &&
                    reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(b.data_ptr()) % 4 == 0;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const auto launch = [&](auto tag, auto steps_tag, auto vec_tag, auto ahead_tag, auto prefetch_tag) {
+  const auto launch = [&](auto tag, auto steps_tag, auto vec_tag) {
     using T = decltype(tag);
     constexpr int kSteps = decltype(steps_tag)::value;
     constexpr bool kVec = decltype(vec_tag)::value;
-    constexpr int kAhead = decltype(ahead_tag)::value;
-    constexpr bool kPrefetch = decltype(prefetch_tag)::value;
-    const int64_t resident = static_cast<int64_t>(resident_per_sm<T, kSteps, kVec, kAhead, kPrefetch>(smem)) * sms;
+    const int64_t resident = static_cast<int64_t>(resident_per_sm<T, kSteps, kVec>(smem)) * sms;
     const int64_t per_strip = std::max<int64_t>(
         1, std::min<int64_t>(cuda::ceil_div<int64_t>(tiles, kWarps), resident / std::max(strips, 1)));
     const int64_t grid = per_strip * strips;
     TORCH_CHECK(grid < (int64_t{1} << 31), "lora_fused.nf4_dequantize_rect_lora: ", strips, " strips are too many");
-    nf4_dequantize_rect_lora_kernel<T, kSteps, kVec, kAhead, kPrefetch><<<static_cast<unsigned int>(grid), kThreads, smem, stream>>>(
+    nf4_dequantize_rect_lora_kernel<T, kSteps, kVec><<<static_cast<unsigned int>(grid), kThreads, smem, stream>>>(
         w.packed.data_ptr<uint8_t>(), k, first, rows, cols, bs_shift, share, scales, b.data_ptr<T>(), b.stride(0),
         a.data_ptr<T>(), a.stride(0), static_cast<int>(rank), s, out.data_ptr<T>(), strips, static_cast<int>(per_strip));
   };
-  const int variant = pipeline_variant();
-  const auto by_variant = [&](auto tag, auto steps_tag, auto vec_tag) {
-    using one = std::integral_constant<int, 1>;
-    if constexpr (decltype(steps_tag)::value == 1) {
-      if (variant == 1) return launch(tag, steps_tag, vec_tag, std::integral_constant<int, 2>(), std::false_type());
-      if (variant == 2) return launch(tag, steps_tag, vec_tag, one(), std::true_type());
-    }
-    launch(tag, steps_tag, vec_tag, one(), std::false_type());
-  };
   const auto by_vec = [&](auto tag, auto steps_tag) {
-    vec ? by_variant(tag, steps_tag, std::true_type()) : by_variant(tag, steps_tag, std::false_type());
+    vec ? launch(tag, steps_tag, std::true_type()) : launch(tag, steps_tag, std::false_type());
   };
   const auto by_steps = [&](auto tag) {
     switch (steps) {
