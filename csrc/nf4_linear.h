@@ -51,16 +51,17 @@ enum class Nf4Merge { kAuto, kNever, kKernel, kGemm };
 Nf4Merge nf4_merge_mode();
 constexpr int64_t kNf4MergeMinRows = 2048;
 
-// Decodes rows [row0, row0 + rows) x columns [col0, col0 + cols) of the weight into a new contiguous
-// [rows, cols] tensor of `dtype` on the weight's device.
+// Decodes rows [row0, row0 + rows) x columns [col0, col0 + cols) of the weight into the first rows of
+// a new contiguous [rows + spare_rows, cols] tensor of `dtype` on the weight's device (the spare rows
+// are left for the caller to fill).
 using DequantRect = std::function<at::Tensor(const Nf4Weight&, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
-                                             at::ScalarType dtype)>;
+                                             at::ScalarType dtype, int64_t spare_rows)>;
 // Decodes a rectangle as DequantRect and adds lora_scale * lora_B @ lora_A ([rows, r] @ [r, cols]: the
 // rectangle's slices of the adapters) in the same pass, in x's dtype; returns an undefined tensor
 // where it does not apply (the tiled path then decodes and adds the product with a GEMM).
 using DequantRectLora = std::function<at::Tensor(const Nf4Weight&, int64_t row0, int64_t rows, int64_t col0,
                                                  int64_t cols, const at::Tensor& lora_B, const at::Tensor& lora_A,
-                                                 double lora_scale)>;
+                                                 double lora_scale, int64_t spare_rows)>;
 
 // Elements of 16-bit weight a tiled call decodes at once: N*K/4 clamped to [2^22, 2^24] (8 to 32 MiB
 // in bf16), unless LORA_FUSED_NF4_SLAB_ELEMS says otherwise (tests use it to force many slabs).
@@ -71,11 +72,14 @@ int64_t nf4_slab_elems(int64_t n, int64_t k);
 // out = x @ W^T + bias + lora_u @ lora_B^T, one slab of rows of W at a time: each slab's GEMM writes
 // its column block of out, accumulating onto the bias/LoRA term where there is one (beta = 1). With
 // lora_A (and no lora_u), out = x @ (W + lora_scale * lora_B @ lora_A)^T + bias: the LoRA term is
-// added to each decoded slab before its GEMM.
+// added to each decoded slab before its GEMM. Given u_out (with lora_A, no lora_u), it also returns
+// u = lora_scale * x @ lora_A^T there for the backward: the u the path made, or, merged, from the first
+// slab's GEMM with lora_A as extra rows of the slab (its output columns are the next slab's until that
+// GEMM runs), or one more GEMM where that does not fit (a bias, one slab).
 at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
                             const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
                             const c10::optional<at::Tensor>& lora_A, double lora_scale, const DequantRect& dequant,
-                            const DequantRectLora& dequant_lora = nullptr);
+                            const DequantRectLora& dequant_lora = nullptr, at::Tensor* u_out = nullptr);
 
 // grad_x = grad_out @ W + lora_du @ lora_A, one slab of columns of W at a time: each slab's GEMM
 // writes its column block of grad_x, or accumulates onto the LoRA term there (beta = 1). With lora_B

@@ -52,11 +52,21 @@ Nf4Merge nf4_merge_mode() {
 at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
                             const c10::optional<at::Tensor>& lora_u_in, const c10::optional<at::Tensor>& lora_B,
                             const c10::optional<at::Tensor>& lora_A, double lora_scale, const DequantRect& dequant,
-                            const DequantRectLora& dequant_lora) {
+                            const DequantRectLora& dequant_lora, at::Tensor* u_out) {
   const int64_t m = x.size(0), n = w.out_features, k = w.in_features;
   const at::ScalarType t = x.scalar_type();
   const int64_t rows = slab_extent(nf4_slab_elems(n, k), k, n, 128);
-  if (m == 0) return at::empty({0, n}, x.options());
+  const bool want_u = u_out != nullptr && lora_A.has_value() && !lora_u_in.has_value();
+  const int64_t rank = lora_A.has_value() ? lora_A->size(0) : 0;
+  if (m == 0) {
+    if (want_u) *u_out = at::empty({0, rank}, x.options());
+    return at::empty({0, n}, x.options());
+  }
+  // Merged, u can come from the first slab's GEMM: lora_A as `rank` more rows of the slab writes
+  // x A^T into the next slab's first columns, read out before that slab's GEMM overwrites them (with
+  // a bias there, they would not start at zero).
+  const bool u_in_slab0 = want_u && !bias.has_value() && rows < n && rows + rank <= n;
+  const int64_t spare0 = u_in_slab0 ? rank : 0;
   const Nf4Merge mode = nf4_merge_mode();
   bool merge = false;
   at::Tensor first_slab;  // kAuto: the first slab, merged by the kernel (undefined: it does not apply)
@@ -64,7 +74,7 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
     if (mode == Nf4Merge::kAuto) {
       if (dequant_lora && m >= kNf4MergeMinRows) {
         const int64_t r = std::min(rows, n);
-        first_slab = dequant_lora(w, 0, r, 0, k, lora_B->narrow(0, 0, r), *lora_A, lora_scale);
+        first_slab = dequant_lora(w, 0, r, 0, k, lora_B->narrow(0, 0, r), *lora_A, lora_scale, spare0);
         merge = first_slab.defined();
       }
     } else {
@@ -74,20 +84,21 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
   const c10::optional<at::Tensor> lora_u = lora_A.has_value() && !merge && !lora_u_in.has_value()
                                                ? c10::optional<at::Tensor>(nf4_lora_u(x, *lora_A, lora_scale))
                                                : lora_u_in;
-  // Rows [n0, n0 + r) of W (+ lora_scale * lora_B[n0:] @ lora_A when merging), transposed.
+  // Rows [n0, n0 + r) of W (+ lora_scale * lora_B[n0:] @ lora_A when merging), then `spare` rows.
   const bool one_pass = merge && dequant_lora && mode != Nf4Merge::kGemm;
-  const auto slab_t = [&](int64_t n0, int64_t r) {
-    if (n0 == 0 && first_slab.defined()) return first_slab.t();
+  const auto slab = [&](int64_t n0, int64_t r, int64_t spare) {
+    if (n0 == 0 && first_slab.defined()) return first_slab;
     if (one_pass) {
-      const at::Tensor ws = dequant_lora(w, n0, r, 0, k, lora_B->narrow(0, n0, r), *lora_A, lora_scale);
-      if (ws.defined()) return ws.t();
+      const at::Tensor ws = dequant_lora(w, n0, r, 0, k, lora_B->narrow(0, n0, r), *lora_A, lora_scale, spare);
+      if (ws.defined()) return ws;
     }
-    at::Tensor ws = dequant(w, n0, r, 0, k, t);
-    if (merge) ws.addmm_(lora_B->narrow(0, n0, r), *lora_A, 1.0, lora_scale);
-    return ws.t();
+    at::Tensor ws = dequant(w, n0, r, 0, k, t, spare);
+    if (merge) ws.narrow(0, 0, r).addmm_(lora_B->narrow(0, n0, r), *lora_A, 1.0, lora_scale);
+    return ws;
   };
   if (rows == n && !lora_u.has_value()) {  // one slab: the GEMM takes the bias in its epilogue
-    const at::Tensor wt = slab_t(0, n);
+    const at::Tensor wt = slab(0, n, 0).t();
+    if (want_u) *u_out = nf4_lora_u(x, *lora_A, lora_scale);
     return bias.has_value() ? at::addmm(*bias, x, wt) : gemm(x, wt);
   }
   // The bias and LoRA terms first, then every slab's GEMM accumulates onto its column block (beta = 1).
@@ -105,9 +116,16 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
   const bool accumulate = lora_u.has_value() || bias.has_value();
   for (int64_t n0 = 0; n0 < n; n0 += rows) {
     const int64_t r = std::min(rows, n - n0);
-    const at::Tensor wt = slab_t(n0, r);
-    gemm_into(out.narrow(1, n0, r), x, wt, 1.0, accumulate);
+    if (n0 == 0 && merge && u_in_slab0) {  // merged: no LoRA term, no bias, so out starts unwritten
+      at::Tensor ws = slab(0, r, rank);
+      ws.narrow(0, r, rank).copy_(*lora_A);
+      gemm_into(out.narrow(1, 0, r + rank), x, ws.t(), 1.0, false);
+      *u_out = out.narrow(1, r, rank).mul(lora_scale).contiguous();
+      continue;
+    }
+    gemm_into(out.narrow(1, n0, r), x, slab(n0, r, 0).t(), 1.0, accumulate);
   }
+  if (want_u && !(merge && u_in_slab0)) *u_out = lora_u.has_value() ? *lora_u : nf4_lora_u(x, *lora_A, lora_scale);
   return out;
 }
 
@@ -129,7 +147,7 @@ at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weig
   } else if (lora_B.has_value() && mode == Nf4Merge::kAuto) {
     if (dequant_lora && m >= kNf4MergeMinRows) {
       const int64_t c = std::min(cols, k);
-      first_slab = dequant_lora(w, 0, n, 0, c, *lora_B, lora_A->narrow(1, 0, c), lora_scale);
+      first_slab = dequant_lora(w, 0, n, 0, c, *lora_B, lora_A->narrow(1, 0, c), lora_scale, 0);
       merge = first_slab.defined();
     }
   } else if (lora_B.has_value()) {
@@ -144,10 +162,10 @@ at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weig
   const auto slab = [&](int64_t k0, int64_t c) {
     if (k0 == 0 && first_slab.defined()) return first_slab;
     if (one_pass) {
-      const at::Tensor ws = dequant_lora(w, 0, n, k0, c, *lora_B, lora_A->narrow(1, k0, c), lora_scale);
+      const at::Tensor ws = dequant_lora(w, 0, n, k0, c, *lora_B, lora_A->narrow(1, k0, c), lora_scale, 0);
       if (ws.defined()) return ws;
     }
-    at::Tensor ws = dequant(w, 0, n, k0, c, t);
+    at::Tensor ws = dequant(w, 0, n, k0, c, t, 0);
     if (merge) ws.addmm_(*lora_B, lora_A->narrow(1, k0, c), 1.0, lora_scale);
     return ws;
   };

@@ -62,6 +62,13 @@ TORCH_LIBRARY(lora_fused, m) {
       "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, float offset, "
       "int blocksize, int nested_blocksize, int out_features, Tensor? bias=None, Tensor? lora_u=None, "
       "Tensor? lora_B=None, Tensor? lora_A=None, float lora_scale=1.0) -> Tensor");
+  // nf4_linear with lora_A (no lora_u) that also returns u = lora_scale * x @ lora_A^T [M, r], which
+  // qlora_linear's backward needs for dB = grad_out^T u: merged on the slab path, u comes from the first
+  // slab's GEMM (nf4_linear.h) instead of a GEMM of its own in the backward.
+  m.def(
+      "nf4_linear_with_u(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+      "float offset, int blocksize, int nested_blocksize, int out_features, Tensor? bias, Tensor lora_B, "
+      "Tensor lora_A, float lora_scale) -> (Tensor, Tensor)");
   // grad_x = grad_out @ W + lora_du @ lora_A for nf4_linear's / qlora_linear's backward: grad_out [M, N],
   // lora_du [M, r], lora_A [r, in_features] -> [M, in_features]; the LoRA term is the GEMMs' accumulator.
   // Or, with lora_B [N, r] and lora_scale, lora_du = lora_scale * grad_out @ lora_B: then the op may merge

@@ -84,6 +84,29 @@ def nf4_linear(
     )
 
 
+def nf4_linear_with_u(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: float,
+    blocksize: int,
+    nested_blocksize: int,
+    out_features: int,
+    bias: Optional[torch.Tensor],
+    lora_B: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_scale: float,
+) -> tuple:
+    """(nf4_linear's out with lora_A, u = lora_scale * x @ lora_A^T [M, r]): u for the backward's
+    dB = grad_out^T u, made by the forward (on the merged slab path by the first slab's GEMM)."""
+    return _ops.nf4_linear_with_u.default(
+        x, packed, absmax, nested_absmax, nested_code, float(offset), int(blocksize), int(nested_blocksize),
+        int(out_features), bias, lora_B, lora_A, float(lora_scale),
+    )
+
+
 def nf4_linear_grad_input(
     grad_out: torch.Tensor,
     packed: torch.Tensor,
@@ -192,6 +215,15 @@ def _nf4_linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, bloc
     torch._check(x.dim() == 2, lambda: "nf4_linear: x must be [M, K]")
     torch._check(packed.numel() == (out_features * x.shape[1] + 1) // 2, lambda: "nf4_linear: packed does not hold W")
     return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.register_fake("lora_fused::nf4_linear_with_u")
+def _nf4_linear_with_u_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                            out_features, bias, lora_B, lora_A, lora_scale):
+    out = _nf4_linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                           out_features, bias, None, lora_B, lora_A, lora_scale)
+    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == x.shape[1], lambda: "nf4_linear_with_u: lora_A must be [r, K]")
+    return out, x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
 @torch.library.register_fake("lora_fused::nf4_linear_grad_input")

@@ -190,8 +190,9 @@ class _NF4LinearFunction(torch.autograd.Function):
     nf4_linear with lora_A, which makes u = s x A^T itself (u B^T is the slab GEMMs' accumulator) or,
     at M >= 2048 on CUDA (LORA_FUSED_NF4_MERGE), adds s B A to each decoded slab of W; with dropout
     u = s xl A^T is made here.
-    Backward: dU = s dY B, dB = dY^T u (u made again: not kept; on CUDA both from one read of dY),
-    dA = dU^T xl (lora_adapter_grads) and,
+    Backward: dU = s dY B, dB = dY^T u (u kept from the forward when B needs a gradient: nf4_linear_with_u,
+    which on the merged slab path takes it from the first slab's GEMM; on CUDA dU and dB from one read
+    of dY), dA = dU^T xl (lora_adapter_grads) and,
     without dropout, dX from nf4_linear_grad_input given dU, A and B: dY W + dU A with dU A as the
     slab GEMMs' accumulator (no [M, K] add), or dY (W + s B A) merged per slab (as forward); with
     dropout, dX = dY W + dropout(dU A), the mask (and xl) regenerated from the seed, not kept."""
@@ -200,25 +201,25 @@ class _NF4LinearFunction(torch.autograd.Function):
     def forward(ctx, x, A, B, bias, scaling, nf4, n, p, seed):
         x2 = x.reshape(-1, x.shape[-1])  # here, not outside: no autograd view node (see lora_linear's)
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
-        y = _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n)
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        keep_u = A is not None and need_b  # u [M, r] for dB = dY^T u
+        y, u = _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n, keep_u)
         ctx.scaling, ctx.nf4, ctx.k, ctx.p, ctx.x_shape = scaling, nf4[4:], x2.shape[1], p, x.shape
         ctx.has_lora, ctx.has_bias = A is not None, bias is not None
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        # u is not kept (without dropout the op may never make it): backward makes it again for dB.
-        ctx.save_for_backward(x2 if (need_a or need_b) else None, A, B, seed, *nf4[:4])
+        ctx.save_for_backward(x2 if (need_a or need_b) else None, A, B, seed, u, *nf4[:4])
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, A, B, seed, packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
+        x2, A, B, seed, u, packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
         need_x, need_a, need_b, need_bias = ctx.needs_input_grad[:4]
         weight = (packed, absmax, nested_absmax, nested_code, *ctx.nf4)
         p = ctx.p
         dy = dy.contiguous()
         dx = dA = dB = dbias = du = None
-        if ctx.has_lora and (need_a or need_b):  # du, dA, dB in one op (u = s xl A^T made again there)
-            xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else x2
-            du, dA, dB = _ops.lora_adapter_grads(dy, xl, A, B, ctx.scaling, None, need_a, need_b)
+        if ctx.has_lora and (need_a or need_b):  # du, dA, dB in one op (u from the forward)
+            xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 and need_a else x2
+            du, dA, dB = _ops.lora_adapter_grads(dy, xl, A, B, ctx.scaling, u, need_a, need_b)
             dA, dB = (dA if need_a else None), (dB if need_b else None)
         elif ctx.has_lora and need_x:
             du = _scaled_mm(dy, B, ctx.scaling)
@@ -236,22 +237,31 @@ class _NF4LinearFunction(torch.autograd.Function):
         return dx, dA, dB, dbias, None, None, None, None, None
 
 
-def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n):
-    """The forward of _NF4LinearFunction, also run directly where no gradient is needed. Without
-    dropout the op gets lora_A and makes u = s x A^T itself (decode kernels, Hopper GEMM, slabs) or
-    merges s B A into the weight's slabs (LORA_FUSED_NF4_MERGE); with dropout u = s xl A^T is made here."""
+def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n, keep_u=False):
+    """The forward of _NF4LinearFunction, also run directly where no gradient is needed: (y, u), u =
+    s xl A^T when keep_u, else None. Without dropout the op gets lora_A and makes u = s x A^T itself
+    (decode kernels, Hopper GEMM, slabs) or merges s B A into the weight's slabs (LORA_FUSED_NF4_MERGE;
+    nf4_linear_with_u then gives u too); with dropout u = s xl A^T is made here."""
+    u = None
     if A is None:
-        lora = (bias,)
+        op, lora = _ops.nf4_linear, (bias,)
+    elif xl is None and keep_u:
+        op, lora = _ops.nf4_linear_with_u, (bias, B, A, float(scaling))
     elif xl is None:
-        lora = (bias, None, B, A, float(scaling))
+        op, lora = _ops.nf4_linear, (bias, None, B, A, float(scaling))
     else:
-        lora = (bias, _scaled_mm(xl, A.t(), scaling), B)
+        u = _scaled_mm(xl, A.t(), scaling)
+        op, lora = _ops.nf4_linear, (bias, u, B)
     if torch.compiler.is_compiling():
-        return _ops.nf4_linear(x2, *nf4, n, *lora)
-    # Straight to the backend kernel: the op's Autograd kernel (torch.library.register_autograd, in
-    # Python) would otherwise run and redispatch even with grad mode off (~15 us of host on CPU).
-    with torch._C._AutoDispatchBelowAutograd():
-        return _ops.nf4_linear(x2, *nf4, n, *lora)
+        y = op(x2, *nf4, n, *lora)
+    else:
+        # Straight to the backend kernel: the op's Autograd kernel (torch.library.register_autograd, in
+        # Python) would otherwise run and redispatch even with grad mode off (~15 us of host on CPU).
+        with torch._C._AutoDispatchBelowAutograd():
+            y = op(x2, *nf4, n, *lora)
+    if op is _ops.nf4_linear_with_u:
+        y, u = y
+    return y, (u if keep_u else None)
 
 
 def _nf4_apply(x, A, B, bias, scaling, args, p=0.0):
@@ -265,7 +275,7 @@ def _nf4_apply(x, A, B, bias, scaling, args, p=0.0):
     else:
         x2 = x.reshape(-1, x.shape[-1])
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
-        y = _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)
+        y = _nf4_forward(x2, xl, A, B, bias, float(scaling), nf4, n)[0]
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 

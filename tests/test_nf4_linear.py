@@ -212,6 +212,11 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.lora_fused.nf4_linear.default, (x,) + args + (40, None, None, None))
         a4 = randn(4, 64, dtype=torch.bfloat16, device=device).requires_grad_()
         torch.library.opcheck(torch.ops.lora_fused.nf4_linear.default, (x,) + args + (40, bias, None, b, a4, 0.5))
+        # nf4_linear_with_u has no autograd formula (qlora_linear's autograd.Function calls it).
+        torch.library.opcheck(torch.ops.lora_fused.nf4_linear_with_u.default,
+                              (x.detach(),) + args + (40, None, b.detach(), a4.detach(), 0.5))
+        torch.library.opcheck(torch.ops.lora_fused.nf4_linear_with_u.default,
+                              (x.detach(),) + args + (40, bias.detach(), b.detach(), a4.detach(), 0.5))
         g = randn(m, 40, dtype=torch.bfloat16, device=device)
         torch.library.opcheck(torch.ops.lora_fused.nf4_linear_grad_input.default, (g,) + args + (64,))
         du = randn(m, 4, dtype=torch.bfloat16, device=device)
@@ -525,6 +530,68 @@ def test_lora_term_merged_into_the_slabs(device, dtype, M, N, K, r, blocksize, m
     torch_dx = g @ w + du @ ad
     for lora in ((None, ad, bd, 0.5), (du, ad, bd, 0.5)):
         assert_error_rule(_ops.nf4_linear_grad_input(g, *args, *lora), exact, torch_dx, "nf4_linear_grad_input")
+
+
+# (M, N, K, r): r = 64 filling the columns after the first 32-row slab exactly ("many": 3000-weight
+# slabs), 20 one-row slabs with r = 24 (u does not fit beside the first slab: a GEMM of its own),
+# odd r, K not a multiple of 64 (no merging decode kernel), M = 2048 (merged by default on CUDA).
+WITH_U_SHAPES = [(1, 64, 128, 4), (33, 130, 96, 16), (300, 96, 64, 64), (17, 70, 128, 7), (40, 20, 4160, 24),
+                 (2048, 130, 256, 16)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,r", WITH_U_SHAPES)
+@pytest.mark.parametrize("merge", ["1", "gemm", "0", None])
+@pytest.mark.parametrize("slabs", ["one", "many"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_nf4_linear_with_u_returns_u_for_the_backward(device, dtype, M, N, K, r, merge, slabs, with_bias, monkeypatch):
+    # nf4_linear_with_u: nf4_linear's output with lora_A, and u = s x A^T, which qlora_linear keeps for
+    # dB. Merged, without a bias and with room beside the first slab, u comes out of that slab's GEMM
+    # (lora_A as extra rows of the slab, written into the next slab's columns before its GEMM).
+    if merge is None:
+        monkeypatch.delenv("LORA_FUSED_NF4_MERGE", raising=False)
+    else:
+        monkeypatch.setenv("LORA_FUSED_NF4_MERGE", merge)
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
+    if slabs == "many":
+        monkeypatch.setenv("LORA_FUSED_NF4_SLAB_ELEMS", "3000")
+    packed, state = _weight(N, K, device)
+    x = randn(M, K, dtype=dtype, device=device)
+    a = randn(r, K, dtype=dtype, device=device, scale=K**-0.5)
+    b = randn(N, r, dtype=dtype, device=device, scale=r**-0.5)
+    bias = randn(N, dtype=dtype, device=device) if with_bias else None
+    s2 = state.state2
+    args = (packed, state.absmax, s2.absmax, s2.code, state.offset, state.blocksize, s2.blocksize, N)
+    poison_allocator(device)
+    y, u = _ops.nf4_linear_with_u(x, *args, bias, b, a, 0.5)
+    w = nf4.dequantize(packed, state, dtype)
+    same = x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()) + (bias if with_bias else 0)
+    assert_error_rule(y, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), same, "out")
+    assert u.dtype == dtype and u.is_contiguous()
+    assert_error_rule(u, 0.5 * (x.double() @ a.double().t()), (x @ a.t()) * 0.5, "u")
+    if with_bias:
+        return
+    # qlora_linear's gradients with u kept from the forward (no bias: the first slab's GEMM makes it).
+    params = [t.clone().requires_grad_() for t in (x, a, b)]
+    g = randn(M, N, dtype=dtype, device=device)
+    grads = torch.autograd.grad(lora_fused.qlora_linear(params[0], packed, state, params[1], params[2], 0.5), params, g)
+    p64 = [t.double().requires_grad_() for t in (x, a, b)]
+    refs = torch.autograd.grad(reference.nf4_linear(p64[0], packed, state, None, p64[1], p64[2], 0.5), p64, g.double())
+    pt = [t.clone().requires_grad_() for t in (x, a, b)]
+    torch_grads = torch.autograd.grad(pt[0] @ w.t() + 0.5 * ((pt[0] @ pt[1].t()) @ pt[2].t()), pt, g)
+    for name, o, r_, t in zip(("x", "A", "B"), grads, refs, torch_grads):
+        assert_error_rule(o, r_, t, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nf4_linear_with_u_of_no_rows(device):
+    packed, state = _weight(64, 128, device)
+    s2 = state.state2
+    args = (packed, state.absmax, s2.absmax, s2.code, state.offset, state.blocksize, s2.blocksize, 64)
+    x, a, b = randn(0, 128, device=device), randn(4, 128, device=device), randn(64, 4, device=device)
+    y, u = _ops.nf4_linear_with_u(x, *args, None, b, a, 0.5)
+    assert y.shape == (0, 64) and u.shape == (0, 4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

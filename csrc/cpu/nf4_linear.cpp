@@ -13,7 +13,7 @@ namespace lora_fused {
 namespace {
 
 at::Tensor nf4_dequantize_rect_cpu(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
-                                   at::ScalarType dtype) {
+                                   at::ScalarType dtype, int64_t spare_rows) {
   const int64_t k = w.in_features, bs = w.blocksize;
   const uint8_t* bytes = w.packed.data_ptr<uint8_t>();
   const bool nested = w.absmax.scalar_type() == at::kByte;
@@ -23,7 +23,7 @@ at::Tensor nf4_dequantize_rect_cpu(const Nf4Weight& w, int64_t row0, int64_t row
   const float* c2 = nested ? w.nested_code->data_ptr<float>() : nullptr;
   const int64_t nbs = w.nested_blocksize;
   const float off = static_cast<float>(w.offset);
-  at::Tensor out = at::empty({rows, cols}, w.packed.options().dtype(dtype));
+  at::Tensor out = at::empty({rows + spare_rows, cols}, w.packed.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nf4_dequantize_rect_cpu", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
@@ -61,6 +61,19 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   return nf4_linear_tiled(x, w, bias, lora_u, lora_B, lora_A, lora_scale, nf4_dequantize_rect_cpu);
 }
 
+std::tuple<at::Tensor, at::Tensor> nf4_linear_with_u_cpu(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code, double offset,
+    int64_t blocksize, int64_t nested_blocksize, int64_t out_features, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_B, const at::Tensor& lora_A, double lora_scale) {
+  const Nf4Weight w = check_nf4_linear_args(x, at::kCPU, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                            nested_blocksize, out_features, bias, c10::nullopt, lora_B, lora_A);
+  at::Tensor u;
+  at::Tensor out = nf4_linear_tiled(x, w, bias, c10::nullopt, lora_B, lora_A, lora_scale, nf4_dequantize_rect_cpu,
+                                    nullptr, &u);
+  return {out, u};
+}
+
 at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
                                      const c10::optional<at::Tensor>& nested_absmax,
                                      const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
@@ -77,6 +90,7 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_out, const at::Tenso
 
 TORCH_LIBRARY_IMPL(lora_fused, CPU, m) {
   m.impl("nf4_linear", &nf4_linear_cpu);
+  m.impl("nf4_linear_with_u", &nf4_linear_with_u_cpu);
   m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cpu);
 }
 

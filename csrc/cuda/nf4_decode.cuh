@@ -95,13 +95,15 @@ __device__ __forceinline__ void store8(out_t* dst, const uint32_t word, const fl
 
 }  // namespace cuda
 
-// Launchers used by nf4_linear's CUDA implementation (csrc/cuda/nf4_linear.cu).
+// Launchers used by nf4_linear's CUDA implementation (csrc/cuda/nf4_linear.cu); spare_rows as in
+// DequantRect (nf4_linear.h).
 at::Tensor nf4_dequantize_rect_cuda(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
-                                    at::ScalarType dtype);
+                                    at::ScalarType dtype, int64_t spare_rows = 0);
 // The same with lora_scale * lora_B @ lora_A added (nf4_dequantize_rect_lora.cu): bf16/fp16 adapters,
 // r <= 128, cols a multiple of 64, sm_80+; an undefined tensor otherwise.
 at::Tensor nf4_dequantize_rect_lora_cuda(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
-                                         const at::Tensor& lora_B, const at::Tensor& lora_A, double lora_scale);
+                                         const at::Tensor& lora_B, const at::Tensor& lora_A, double lora_scale,
+                                         int64_t spare_rows = 0);
 // The small-M kernel: false (and nothing launched) when the shapes/dtypes are outside what it takes.
 // The LoRA term: lora_u @ lora_B^T, or with lora_A (and no lora_u) u = lora_scale * x @ lora_A^T
 // first (where the block-aligned kernel applies, by a small kernel that it overlaps).

@@ -90,11 +90,11 @@ int64_t resident_blocks() {
 }  // namespace
 
 at::Tensor nf4_dequantize_rect_cuda(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
-                                    at::ScalarType dtype) {
+                                    at::ScalarType dtype, int64_t spare_rows) {
   const char* op = "lora_fused.nf4_dequantize_rect";
   TORCH_CHECK(row0 >= 0 && col0 >= 0 && row0 + rows <= w.out_features && col0 + cols <= w.in_features, op,
               ": rectangle out of range");
-  at::Tensor out = at::empty({rows, cols}, w.packed.options().dtype(dtype));
+  at::Tensor out = at::empty({rows + spare_rows, cols}, w.packed.options().dtype(dtype));
   if (rows * cols == 0) return out;
   const int bs_shift = cuda::log2_exact(w.blocksize);
   TORCH_CHECK(bs_shift >= 0, op, ": blocksize must be a power of two; got ", w.blocksize);

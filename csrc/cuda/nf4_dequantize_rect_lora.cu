@@ -178,7 +178,8 @@ int resident_per_sm(size_t smem) {
 }  // namespace
 
 at::Tensor nf4_dequantize_rect_lora_cuda(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
-                                         const at::Tensor& lora_B, const at::Tensor& lora_A, double lora_scale) {
+                                         const at::Tensor& lora_B, const at::Tensor& lora_A, double lora_scale,
+                                         int64_t spare_rows) {
   const at::ScalarType dtype = lora_B.scalar_type();
   const int64_t k = w.in_features, rank = lora_A.size(0);
   const bool fits = (dtype == at::kBFloat16 || dtype == at::kHalf) && lora_A.scalar_type() == dtype &&
@@ -190,7 +191,7 @@ at::Tensor nf4_dequantize_rect_lora_cuda(const Nf4Weight& w, int64_t row0, int64
   // Inner strides of 1 (the slices of contiguous adapters are); anything else is copied, it is small.
   const at::Tensor b = lora_B.stride(1) == 1 ? lora_B : lora_B.contiguous();
   const at::Tensor a = lora_A.stride(1) == 1 ? lora_A : lora_A.contiguous();
-  at::Tensor out = at::empty({rows, cols}, w.packed.options().dtype(dtype));
+  at::Tensor out = at::empty({rows + spare_rows, cols}, w.packed.options().dtype(dtype));
   const int steps = rank <= 16 ? 1 : rank <= 32 ? 2 : rank <= 64 ? 4 : 8;
   const size_t smem = static_cast<size_t>(kCols) * (16 * steps + 2) * 2;  // a_s
   const int strips = static_cast<int>(cols / kCols);

@@ -33,6 +33,25 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
                           nf4_dequantize_rect_lora_cuda);
 }
 
+std::tuple<at::Tensor, at::Tensor> nf4_linear_with_u_cuda(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code, double offset,
+    int64_t blocksize, int64_t nested_blocksize, int64_t out_features, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_B, const at::Tensor& lora_A, double lora_scale) {
+  const Nf4Weight w = check_nf4_linear_args(x, at::kCUDA, packed, absmax, nested_absmax, nested_code, offset,
+                                            blocksize, nested_blocksize, out_features, bias, c10::nullopt, lora_B,
+                                            lora_A);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out, u;
+  // The decode and Hopper-GEMM kernels make u inside; for the backward it is made once more here.
+  if (nf4_gemv_cuda(x, w, bias, c10::nullopt, lora_B, lora_A, lora_scale, out) ||
+      cuda::nf4_linear_sm90(x, w, bias, c10::nullopt, lora_B, lora_A, lora_scale, out))
+    return {out, nf4_lora_u(x, lora_A, lora_scale)};
+  out = nf4_linear_tiled(x, w, bias, c10::nullopt, lora_B, lora_A, lora_scale, nf4_dequantize_rect_cuda,
+                         nf4_dequantize_rect_lora_cuda, &u);
+  return {out, u};
+}
+
 at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
                                       const c10::optional<at::Tensor>& nested_absmax,
                                       const c10::optional<at::Tensor>& nested_code, double offset, int64_t blocksize,
@@ -52,6 +71,7 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tens
 
 TORCH_LIBRARY_IMPL(lora_fused, CUDA, m) {
   m.impl("nf4_linear", &nf4_linear_cuda);
+  m.impl("nf4_linear_with_u", &nf4_linear_with_u_cuda);
   m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cuda);
 }
 
