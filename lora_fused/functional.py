@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -190,9 +191,9 @@ class _NF4LinearFunction(torch.autograd.Function):
     nf4_linear with lora_A, which makes u = s x A^T itself (u B^T is the slab GEMMs' accumulator) or,
     at M >= 2048 on CUDA (LORA_FUSED_NF4_MERGE), adds s B A to each decoded slab of W; with dropout
     u = s xl A^T is made here.
-    Backward: dU = s dY B, dB = dY^T u (u kept from the forward when B needs a gradient: nf4_linear_with_u,
-    which on the merged slab path takes it from the first slab's GEMM; on CUDA dU and dB from one read
-    of dY), dA = dU^T xl (lora_adapter_grads) and,
+    Backward: dU = s dY B, dB = dY^T u (u made again, or kept from the forward with
+    LORA_FUSED_QLORA_KEEP_U=1: see _keep_u; on CUDA dU and dB from one read of dY), dA = dU^T xl
+    (lora_adapter_grads) and,
     without dropout, dX from nf4_linear_grad_input given dU, A and B: dY W + dU A with dU A as the
     slab GEMMs' accumulator (no [M, K] add), or dY (W + s B A) merged per slab (as forward); with
     dropout, dX = dY W + dropout(dU A), the mask (and xl) regenerated from the seed, not kept."""
@@ -202,7 +203,7 @@ class _NF4LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # here, not outside: no autograd view node (see lora_linear's)
         xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 else None
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        keep_u = A is not None and need_b  # u [M, r] for dB = dY^T u
+        keep_u = A is not None and need_b and _keep_u()  # u [M, r] for dB = dY^T u
         y, u = _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n, keep_u)
         ctx.scaling, ctx.nf4, ctx.k, ctx.p, ctx.x_shape = scaling, nf4[4:], x2.shape[1], p, x.shape
         ctx.has_lora, ctx.has_bias = A is not None, bias is not None
@@ -218,7 +219,7 @@ class _NF4LinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dA = dB = dbias = du = None
         if ctx.has_lora and (need_a or need_b):  # du, dA, dB in one op (u from the forward)
-            xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 and need_a else x2
+            xl = _ops.lora_dropout(x2, p, seed) if p > 0.0 and (need_a or u is None) else x2
             du, dA, dB = _ops.lora_adapter_grads(dy, xl, A, B, ctx.scaling, u, need_a, need_b)
             dA, dB = (dA if need_a else None), (dB if need_b else None)
         elif ctx.has_lora and need_x:
@@ -235,6 +236,18 @@ class _NF4LinearFunction(torch.autograd.Function):
         if dx is not None and len(ctx.x_shape) != 2:
             dx = dx.reshape(ctx.x_shape)
         return dx, dA, dB, dbias, None, None, None, None, None
+
+
+def _keep_u() -> bool:
+    """LORA_FUSED_QLORA_KEEP_U=1: qlora_linear keeps u = s xl A^T from the forward for dB
+    (nf4_linear_with_u; merged on the slab path, the first slab's GEMM makes it) instead of making it
+    again in the backward. Off by default: on an H100 the step was not faster with it (1249.0 us
+    against 1242.5 in an earlier call, benchmarks/RESULTS.md session 18), not yet A/B'd in one process.
+    Read at each call (under torch.compile, when compiled)."""
+    v = os.environ.get("LORA_FUSED_QLORA_KEEP_U", "")
+    if v not in ("", "0", "1"):
+        raise ValueError(f"LORA_FUSED_QLORA_KEEP_U must be unset, 0 or 1; got {v!r}")
+    return v == "1"
 
 
 def _nf4_forward(x2, xl, A, B, bias, scaling, nf4, n, keep_u=False):

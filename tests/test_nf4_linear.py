@@ -393,9 +393,15 @@ def test_peak_memory_is_one_slab_not_the_16bit_weight():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_every_subset_of_inputs_needing_gradients(device, dropout, bias):
+@pytest.mark.parametrize("keep_u", [None, "1"])
+def test_every_subset_of_inputs_needing_gradients(device, dropout, bias, keep_u, monkeypatch):
     """The layer's autograd node computes only the gradients asked for, and each one right, for every
-    subset of x, lora_A, lora_B, bias that requires grad (frozen adapters, frozen inputs, ...)."""
+    subset of x, lora_A, lora_B, bias that requires grad (frozen adapters, frozen inputs, ...), with
+    u made again in the backward or kept from the forward (LORA_FUSED_QLORA_KEEP_U)."""
+    if keep_u is None:
+        monkeypatch.delenv("LORA_FUSED_QLORA_KEEP_U", raising=False)
+    else:
+        monkeypatch.setenv("LORA_FUSED_QLORA_KEEP_U", keep_u)
     M, K, N, r = 7, 64, 40, 4
     packed, state = _weight(N, K, device)
     w = nf4.dequantize(packed, state, torch.float32)
@@ -573,6 +579,7 @@ def test_nf4_linear_with_u_returns_u_for_the_backward(device, dtype, M, N, K, r,
     if with_bias:
         return
     # qlora_linear's gradients with u kept from the forward (no bias: the first slab's GEMM makes it).
+    monkeypatch.setenv("LORA_FUSED_QLORA_KEEP_U", "1")
     params = [t.clone().requires_grad_() for t in (x, a, b)]
     g = randn(M, N, dtype=dtype, device=device)
     grads = torch.autograd.grad(lora_fused.qlora_linear(params[0], packed, state, params[1], params[2], 0.5), params, g)
@@ -582,6 +589,15 @@ def test_nf4_linear_with_u_returns_u_for_the_backward(device, dtype, M, N, K, r,
     torch_grads = torch.autograd.grad(pt[0] @ w.t() + 0.5 * ((pt[0] @ pt[1].t()) @ pt[2].t()), pt, g)
     for name, o, r_, t in zip(("x", "A", "B"), grads, refs, torch_grads):
         assert_error_rule(o, r_, t, f"grad {name}")
+
+
+def test_an_unknown_keep_u_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("LORA_FUSED_QLORA_KEEP_U", "yes")
+    packed, state = _weight(64, 128, "cpu")
+    x = randn(3, 128).requires_grad_()
+    a, b = randn(4, 128).requires_grad_(), randn(64, 4).requires_grad_()
+    with pytest.raises(ValueError, match="LORA_FUSED_QLORA_KEEP_U must be unset, 0 or 1; got 'yes'"):
+        lora_fused.qlora_linear(x, packed, state, a, b, 0.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
