@@ -3,6 +3,7 @@
 // slab. Extra memory is one slab, never the full 16-bit weight.
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #include "gemm.h"
 #include "nf4_linear.h"
@@ -87,7 +88,7 @@ at::Tensor nf4_linear_tiled(const at::Tensor& x, const Nf4Weight& w, const c10::
   // Rows [n0, n0 + r) of W (+ lora_scale * lora_B[n0:] @ lora_A when merging), then `spare` rows.
   const bool one_pass = merge && dequant_lora && mode != Nf4Merge::kGemm;
   const auto slab = [&](int64_t n0, int64_t r, int64_t spare) {
-    if (n0 == 0 && first_slab.defined()) return first_slab;
+    if (n0 == 0 && first_slab.defined()) return std::exchange(first_slab, at::Tensor());  // one slab alive
     if (one_pass) {
       const at::Tensor ws = dequant_lora(w, n0, r, 0, k, lora_B->narrow(0, n0, r), *lora_A, lora_scale, spare);
       if (ws.defined()) return ws;
@@ -160,7 +161,7 @@ at::Tensor nf4_linear_grad_input_tiled(const at::Tensor& grad_out, const Nf4Weig
   // Columns [k0, k0 + c) of W (+ lora_scale * lora_B @ lora_A[:, k0:] when merging).
   const bool one_pass = merge && dequant_lora && mode != Nf4Merge::kGemm;
   const auto slab = [&](int64_t k0, int64_t c) {
-    if (k0 == 0 && first_slab.defined()) return first_slab;
+    if (k0 == 0 && first_slab.defined()) return std::exchange(first_slab, at::Tensor());  // one slab alive
     if (one_pass) {
       const at::Tensor ws = dequant_lora(w, 0, n, k0, c, *lora_B, lora_A->narrow(1, k0, c), lora_scale, 0);
       if (ws.defined()) return ws;
