@@ -494,6 +494,18 @@ MERGE_SHAPES = [(1, 64, 128, 4, 64), (33, 130, 96, 16, 64), (64, 257, 192, 8, 64
                 (5, 4001, 4160, 16, 64), (2048, 130, 256, 16, 64)]
 
 
+def _slab_path(monkeypatch, merge, slab_elems):
+    """The slab path (not the Hopper GEMM), LORA_FUSED_NF4_MERGE = merge (None: unset), and slabs of
+    slab_elems weights (None: the default size)."""
+    if merge is None:
+        monkeypatch.delenv("LORA_FUSED_NF4_MERGE", raising=False)
+    else:
+        monkeypatch.setenv("LORA_FUSED_NF4_MERGE", merge)
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
+    if slab_elems is not None:
+        monkeypatch.setenv("LORA_FUSED_NF4_SLAB_ELEMS", str(slab_elems))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,N,K,r,blocksize", MERGE_SHAPES)
@@ -505,13 +517,7 @@ def test_lora_term_merged_into_the_slabs(device, dtype, M, N, K, r, blocksize, m
     # over the decoded slab (gemm; on CPU both are that), beside the slab GEMMs (0), or unset: by the
     # kernel where it applies and M >= 2048 (the M = 2048 shape, on CUDA), beside elsewhere.
     # "many": slabs of 40000 weights, so 9-row slabs at K = 4160 and 128-576-column ones backward.
-    if merge is None:
-        monkeypatch.delenv("LORA_FUSED_NF4_MERGE", raising=False)
-    else:
-        monkeypatch.setenv("LORA_FUSED_NF4_MERGE", merge)
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
-    if slabs == "many":
-        monkeypatch.setenv("LORA_FUSED_NF4_SLAB_ELEMS", "40000")
+    _slab_path(monkeypatch, merge, 40000 if slabs == "many" else None)
     packed, state = _weight(N, K, device, blocksize=blocksize)
     x = randn(M, K, dtype=dtype, device=device).requires_grad_()
     a = randn(r, K, dtype=dtype, device=device, scale=K**-0.5).requires_grad_()
@@ -558,13 +564,7 @@ def test_nf4_linear_with_u_returns_u_for_the_backward(device, dtype, M, N, K, r,
     # nf4_linear_with_u: nf4_linear's output with lora_A, and u = s x A^T, which qlora_linear keeps for
     # dB. Merged, without a bias and with room beside the first slab, u comes out of that slab's GEMM
     # (lora_A as extra rows of the slab, written into the next slab's columns before its GEMM).
-    if merge is None:
-        monkeypatch.delenv("LORA_FUSED_NF4_MERGE", raising=False)
-    else:
-        monkeypatch.setenv("LORA_FUSED_NF4_MERGE", merge)
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
-    if slabs == "many":
-        monkeypatch.setenv("LORA_FUSED_NF4_SLAB_ELEMS", "3000")
+    _slab_path(monkeypatch, merge, 3000 if slabs == "many" else None)
     packed, state = _weight(N, K, device)
     x = randn(M, K, dtype=dtype, device=device)
     a = randn(r, K, dtype=dtype, device=device, scale=K**-0.5)
