@@ -1,10 +1,10 @@
-"""Would decoding slab i + 1 on a second stream while slab i's GEMM runs hide the decode? A probe of the
-scheduling alone, in plain torch (no build needed): NF4 slabs decoded by lora_fused.nf4.dequantize
-(the slab decoder's kernel) and multiplied by torch.mm, serially against two-stream variants, at the
-QLoRA shape 4096 -> 11008, M = 4096, forward (slabs of rows) and backward (slabs of columns).
-A development tool.
+"""Would decoding slab i + 1 on a second stream while slab i's GEMM runs hide the decode, as is or with
+the GEMMs kept off a few SMs (torch's experimental SM carveout for cuBLAS)? A probe of the scheduling
+alone, in torch around lora_fused's decode kernel: NF4 slabs decoded by lora_fused.nf4.dequantize
+and multiplied by torch.mm, serially against two-stream variants, at the QLoRA shape 4096 -> 11008,
+M = 4096, forward (slabs of rows) and backward (slabs of columns). A development tool.
 
-    python scripts/probe_slab_overlap.py [--rounds 3]
+    python scripts/probe_slab_overlap.py [--rounds 3] [--carveouts 8,16,24]
 """
 
 import argparse
@@ -74,7 +74,23 @@ def overlapped(x, q, outs, gemm, decode_stream, gemm_stream):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--carveouts", default="8,16,24",
+                    help="SMs kept from the GEMMs (torch's experimental cuBLAS SM carveout) for the decodes")
     args = ap.parse_args()
+    carveouts = [int(c) for c in args.carveouts.split(",") if c]
+    if carveouts and not hasattr(torch._C, "_set_sm_carveout_experimental"):
+        print("this torch has no SM carveout for cuBLAS: carveout variants skipped")
+        carveouts = []
+
+    def carved(c, fn):
+        def run():
+            torch._C._set_sm_carveout_experimental(c)
+            try:
+                fn()
+            finally:
+                torch._C._set_sm_carveout_experimental(None)
+        return run
+
     torch.manual_seed(0)
     dt, dev = torch.bfloat16, "cuda"
     side_same = torch.cuda.Stream(priority=0)
@@ -92,13 +108,20 @@ def main():
                 "decodes alone": lambda: [nf4.dequantize(*qi) for qi in q],
                 "GEMMs alone": lambda: [gemm(x, r_, o) for r_, o in zip(slabs_bf16, outs)],
             }
+            for c in carveouts:
+                # The GEMMs on all but c SMs, so that the next slab's decode (side stream) has SMs of its own.
+                variants[f"decode on side, GEMM carveout {c}"] = carved(
+                    c, lambda: overlapped(x, q, outs, gemm, side_same, main_s))
+                variants[f"GEMMs alone, carveout {c}"] = carved(
+                    c, lambda: [gemm(x, r_, o) for r_, o in zip(slabs_bf16, outs)])
             slabs_bf16 = [nf4.dequantize(*qi) for qi in q]
-            for name in ("serial", "decode on side stream", "GEMM on high-priority side"):
+            for name in [v for v in variants if "alone" not in v]:
                 for o in outs:
                     o.fill_(float("nan"))
                 variants[name]()
                 torch.cuda.synchronize()
-                assert all(torch.equal(o, r_) for o, r_ in zip(outs, ref)), name
+                for o, r_ in zip(outs, ref):  # another SM count may pick another cuBLAS kernel: close, not equal
+                    torch.testing.assert_close(o, r_, rtol=2e-2, atol=2e-2, msg=name)
             times = {name: [] for name in variants}
             for _ in range(args.rounds):
                 for name, fn in variants.items():
@@ -106,7 +129,7 @@ def main():
             what = f"{'backward dX' if backward else 'forward y'} M={m} {k}->{n}, {slabs} slabs"
             print(f"{what}: medians over {args.rounds} interleaved rounds (us)")
             for name in variants:
-                print(f"  {name:28s} {statistics.median(times[name]):8.1f}")
+                print(f"  {name:36s} {statistics.median(times[name]):8.1f}")
             del x, q, outs, ref, slabs_bf16
 
 
