@@ -60,5 +60,17 @@ void opt_in_dynamic_smem(size_t bytes) {
   }
 }
 
+// Blocks of Kernel that fit on one SM at once with `threads` threads and `smem` bytes of dynamic
+// shared memory, asked once per process: each caller passes the same threads and smem for a kernel.
+template <auto Kernel>
+int resident_blocks_per_sm(int threads, size_t smem) {
+  static const int per_sm = [threads, smem] {
+    int b = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kernel, threads, smem));
+    return b < 1 ? 1 : b;
+  }();
+  return per_sm;
+}
+
 }  // namespace cuda
 }  // namespace lora_fused

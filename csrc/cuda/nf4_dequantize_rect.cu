@@ -76,17 +76,6 @@ __global__ void __launch_bounds__(kThreads)
   out[i] = static_cast<out_t>(nf4::level((f & 1) ? (b & 15) : (b >> 4)) * scales(f >> bs_shift));
 }
 
-// Blocks of Kernel that fit on the device at once (its occupancy, asked once per process).
-template <auto Kernel>
-int64_t resident_blocks() {
-  static const int per_sm = [] {
-    int b = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kernel, kThreads, 0));
-    return std::max(b, 1);
-  }();
-  return static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-}
-
 }  // namespace
 
 at::Tensor nf4_dequantize_rect_cuda(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
@@ -119,7 +108,9 @@ at::Tensor nf4_dequantize_rect_cuda(const Nf4Weight& w, int64_t row0, int64_t ro
                                             : nf4_dequantize_rect_vec_kernel<scalar_t, true, false>)
                                    : (share ? nf4_dequantize_rect_vec_kernel<scalar_t, false, true>
                                             : nf4_dequantize_rect_vec_kernel<scalar_t, false, false>);
-      const int64_t resident = resident_blocks<nf4_dequantize_rect_vec_kernel<scalar_t, true, true>>();
+      const int64_t resident =
+          static_cast<int64_t>(cuda::resident_blocks_per_sm<nf4_dequantize_rect_vec_kernel<scalar_t, true, true>>(kThreads, 0)) *
+          at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
       const int64_t grid = std::min(cuda::ceil_div<int64_t>(groups, kThreads * kUnroll), resident);
       kernel<<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(
           packed, k, first, static_cast<uint32_t>(cols / 8), static_cast<uint32_t>(groups), bs_shift, scales, dst);

@@ -163,18 +163,6 @@ __global__ void __launch_bounds__(kThreads, kSteps == 1 ? 7 : 1)
   }
 }
 
-// Blocks of the kernel that fit on one SM at once (asked once per instantiation and process).
-template <typename T, int kSteps, bool kVec>
-int resident_per_sm(size_t smem) {
-  static const int per_sm = [smem] {
-    int b = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, nf4_dequantize_rect_lora_kernel<T, kSteps, kVec>,
-                                                                 kThreads, smem));
-    return std::max(b, 1);
-  }();
-  return per_sm;
-}
-
 }  // namespace
 
 at::Tensor nf4_dequantize_rect_lora_cuda(const Nf4Weight& w, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
@@ -210,7 +198,7 @@ at::Tensor nf4_dequantize_rect_lora_cuda(const Nf4Weight& w, int64_t row0, int64
     using T = decltype(tag);
     constexpr int kSteps = decltype(steps_tag)::value;
     constexpr bool kVec = decltype(vec_tag)::value;
-    const int64_t resident = static_cast<int64_t>(resident_per_sm<T, kSteps, kVec>(smem)) * sms;
+    const int64_t resident = static_cast<int64_t>(cuda::resident_blocks_per_sm<nf4_dequantize_rect_lora_kernel<T, kSteps, kVec>>(kThreads, smem)) * sms;
     const int64_t per_strip = std::max<int64_t>(
         1, std::min<int64_t>(cuda::ceil_div<int64_t>(tiles, kWarps), resident / std::max(strips, 1)));
     const int64_t grid = per_strip * strips;
