@@ -176,7 +176,8 @@ def compile_hopper_objects(build_temp):
     flags += [f"-I{d}" for d in include_dirs] + defines
     if os.environ.get("CC"):  # the host compiler the rest of the extension is built with (as torch does)
         flags = ["-ccbin", os.environ["CC"]] + flags
-    headers = glob.glob("csrc/cuda/sm90/*.cuh") + glob.glob("csrc/cuda/sm90/*.h")
+    # The sm90 files include headers of csrc/cuda/ too (nf4_levels_bf16.cuh, ...).
+    headers = [h for d in ("csrc/cuda/sm90", "csrc/cuda") for e in ("cuh", "h") for h in glob.glob(f"{d}/*.{e}")]
     newest_header = max((os.path.getmtime(h) for h in headers), default=0.0)
     out_dir = os.path.join(build_temp, "sm90")
     os.makedirs(out_dir, exist_ok=True)

@@ -10,6 +10,7 @@
 #include <cutlass/gemm/collective/collective_builder.hpp>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
 
+#include "cuda/nf4_levels_bf16.cuh"
 #include "cuda/sm90/nf4_gemm.cuh"
 
 namespace lora_fused {
@@ -27,21 +28,6 @@ struct nf4s_t : cutlass::integer_subbyte<4, false> {
   nf4s_t() = default;
 };
 
-namespace sm90::nf4_gemm_detail {
-// 4 NF4 codes (the 4-bit nibbles of sel's low 16 bits; nibble n decides byte n) -> their bf16
-// levels' low bytes (lo) and high bytes (hi), byte n each. Per byte plane two 8-entry tables (levels
-// 0-7, 8-15) are looked up with the codes' bits 0-2, then one byte_perm picks, byte by byte, the
-// table that bit 3 names (selector nibble n + 4 reads the second word): 9 instructions for 4 codes.
-// (__byte_perm reads 3 bits of a selector, so bit 3 cannot select directly.)
-__device__ __forceinline__ void nf4_level_bytes4(uint32_t sel, uint32_t& lo, uint32_t& hi) {
-  constexpr uint32_t lo0 = 0xca063280u, lo1 = 0x00ba3d92u, lo2 = 0xad7c25a3u, lo3 = 0x803910e2u;
-  constexpr uint32_t hi0 = 0xbebfbfbfu, hi1 = 0x00bdbebeu, hi2 = 0x3e3e3e3du, hi3 = 0x3f3f3f3eu;
-  const uint32_t sel3 = sel & 0x7777u;
-  const uint32_t pick = ((sel >> 1) & 0x4444u) | 0x3210u;
-  lo = __byte_perm(__byte_perm(lo0, lo1, sel3), __byte_perm(lo2, lo3, sel3), pick);
-  hi = __byte_perm(__byte_perm(hi0, hi1, sel3), __byte_perm(hi2, hi3, sel3), pick);
-}
-}  // namespace sm90::nf4_gemm_detail
 }  // namespace lora_fused
 
 namespace cutlass {
@@ -59,17 +45,8 @@ struct NumericArrayConverter<bfloat16_t, lora_fused::nf4_t, 8, Round> {
 
   CUTLASS_DEVICE static result_type convert(source_type const& source) {
     const uint32_t w = reinterpret_cast<uint32_t const&>(source);
-    // Byte n of a half's level bytes belongs to nibble n, and bitsandbytes put element 2j in byte j's
-    // HIGH nibble: the final byte_perms take bytes (1, 0) and (3, 2), so no nibble swap is needed.
     result_type out;
-    uint32_t* o = reinterpret_cast<uint32_t*>(&out);
-    uint32_t lo, hi;
-    lora_fused::sm90::nf4_gemm_detail::nf4_level_bytes4(w, lo, hi);
-    o[0] = __byte_perm(lo, hi, 0x4051u);
-    o[1] = __byte_perm(lo, hi, 0x6273u);
-    lora_fused::sm90::nf4_gemm_detail::nf4_level_bytes4(w >> 16, lo, hi);
-    o[2] = __byte_perm(lo, hi, 0x4051u);
-    o[3] = __byte_perm(lo, hi, 0x6273u);
+    lora_fused::cuda::nf4_levels8_bf16(w, reinterpret_cast<uint32_t(&)[4]>(out));
     return out;
   }
   CUTLASS_DEVICE result_type operator()(source_type const& s) const { return convert(s); }
@@ -116,8 +93,8 @@ struct LayoutAwareConvertImpl<lora_fused::nf4s_t, bfloat16_t, cute::Layout<cute:
     auto&& o = cute::recast<Words>(dst)(0);
     // Level bytes of nibbles 0-3 (a) and 4-7 (b); elements 2p and 2p + 1 are nibbles p and p + 4.
     uint32_t la, ha, lb, hb;
-    lora_fused::sm90::nf4_gemm_detail::nf4_level_bytes4(w, la, ha);
-    lora_fused::sm90::nf4_gemm_detail::nf4_level_bytes4(w >> 16, lb, hb);
+    lora_fused::cuda::nf4_level_bytes4(w, la, ha);
+    lora_fused::cuda::nf4_level_bytes4(w >> 16, lb, hb);
     const uint32_t lo03 = __byte_perm(la, lb, 0x5140u), hi03 = __byte_perm(ha, hb, 0x5140u);  // elements 0-3
     const uint32_t lo47 = __byte_perm(la, lb, 0x7362u), hi47 = __byte_perm(ha, hb, 0x7362u);  // elements 4-7
     o[0] = __byte_perm(lo03, hi03, 0x5140u);
