@@ -5,19 +5,23 @@
 // 1024-4096 tokens (benchmarks/RESULTS.md, sessions 11-12), which is why nf4_linear decodes 16-bit
 // slabs of W from 2048 tokens: extra memory issue 5 wants gone.
 //
-// y [M, N] = x [M, K] (bf16) . W^T, W [N, K] NF4 in bitsandbytes' packing with one scale per 64
-// consecutive elements of a row (blocksize 64, K % 64 == 0; fp32 or double-quantized absmax).
-// Swapped like the CUTLASS kernel: the MMA's M is W's rows (A, 128 per tile), its N the tokens
-// (B, 256 per tile), so W's tile is decoded once per 256 tokens.
-// - Warpgroup 0 (80 registers): thread t decodes row t of the A tile, one k-tile (64 columns = one
-//   quantization block) at a time: 32 bytes of codes (loaded two k-tiles ahead), the row's scale,
-//   8 x 8 levels by byte_perm (cuda/nf4_levels_bf16.cuh) times the bf16 scale, 16-byte stores into
-//   the 128-byte-swizzled K-major layout wgmma reads; then a proxy fence and an mbarrier arrive.
-//   Its thread 0 also issues the TMA load of the x tile [256, 64] of the same stage.
-// - Warpgroups 1-2 (216 registers): 64 weight rows x 256 tokens each, wgmma m64n256k16 from shared
-//   memory, fp32 accumulators; a stage is released once the next k-tile's wgmmas are issued.
+// Forward: y [M, N] = x [M, K] (bf16) . W^T; backward (kTrans): dX [M, K] = dY [M, N] . W. W [N, K]
+// is NF4 in bitsandbytes' packing with one scale per 64 consecutive elements of a row (blocksize
+// 64, K % 64 == 0; fp32 or double-quantized absmax). Swapped like the CUTLASS kernel: the MMA's M is
+// the output features (A, 128 per tile: W's rows forward, its columns backward), its N the tokens
+// (B, 256 per tile), so a W tile is decoded once per 256 tokens.
+// - Warpgroup 0 (80 registers) decodes the A tile, one k-tile (64 along the reduction) at a time.
+//   Each thread takes 64 elements of one W row = one quantization block: forward, row t of the tile;
+//   backward, W row kt * 64 + t / 2, columns 64 (t % 2) ... of the tile. 32 bytes of codes (loaded
+//   two k-tiles ahead), the block's scale, 8 x 8 levels by byte_perm (cuda/nf4_levels_bf16.cuh) times
+//   the bf16 scale, eight 16-byte stores into the 128-byte-swizzled layout wgmma reads (K-major
+//   forward, MN-major backward: 8 consecutive W columns are contiguous in both); then a proxy fence
+//   and an mbarrier arrive. Its thread 0 also issues the TMA load of the activation tile [256, 64].
+//   Rows past N decode to zeros (backward they are summed), columns past K are never stored.
+// - Warpgroups 1-2 (216 registers): 64 output features x 256 tokens each, wgmma m64n256k16 from
+//   shared memory, fp32 accumulators; a stage is released once the next k-tile's wgmmas are issued.
 // - Epilogue: fp32 -> bf16 stores straight from the accumulators (transposed: 2-byte stores).
-// 4 stages of 16 + 32 KiB. Non-persistent grid (N / 128, M / 256).
+// 4 stages of 16 + 32 KiB. Non-persistent grid (features / 128, M / 256).
 // `mode` 1 skips the decode (A holds stale data, results are wrong): the cost of decoding.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -39,13 +43,18 @@ constexpr int kStages = 4;
 constexpr int kThreads = 384;
 
 using T = cutlass::bfloat16_t;
-using SmemLayoutA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, make_shape(Int<kBM>{}, Int<kBK>{}, Int<kStages>{})));
+// A: forward K-major (W rows are the MMA's M), backward MN-major (W columns are).
+template <bool kTrans>
+using SmemLayoutA = decltype(tile_to_shape(
+    cute::conditional_t<kTrans, GMMA::Layout_MN_SW128_Atom<T>, GMMA::Layout_K_SW128_Atom<T>>{},
+    make_shape(Int<kBM>{}, Int<kBK>{}, Int<kStages>{})));
 using SmemLayoutB = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, make_shape(Int<kBN>{}, Int<kBK>{}, Int<kStages>{})));
-using TiledMma = decltype(make_tiled_mma(SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>{},
-                                         Layout<Shape<_2, _1, _1>>{}));
+template <bool kTrans>
+using TiledMma = decltype(make_tiled_mma(
+    SM90_64x256x16_F32BF16BF16_SS<kTrans ? GMMA::Major::MN : GMMA::Major::K, GMMA::Major::K>{}, Layout<Shape<_2, _1, _1>>{}));
 
 struct SharedStorage {
-  alignas(1024) cute::ArrayEngine<T, cosize_v<SmemLayoutA>> a;
+  alignas(1024) cute::ArrayEngine<T, kBM * kBK * kStages> a;
   alignas(1024) cute::ArrayEngine<T, cosize_v<SmemLayoutB>> b;
   alignas(16) float nested_code[256];
   uint64_t full_a[kStages];  // 128 decode threads arrive
@@ -78,19 +87,23 @@ struct Scales {
 using Barrier = cutlass::arch::ClusterBarrier;
 using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 
-template <class TmaB>
+// m tokens; n, k: W's shape [n, k]. Output features: n forward, k backward.
+template <bool kTrans, class TmaB>
 __global__ void __launch_bounds__(kThreads, 1)
     nf4_ss_gemm_kernel(int m, int n, int k, const uint8_t* __restrict__ packed, Scales scales,
                        CUTE_GRID_CONSTANT TmaB const tma_b, __nv_bfloat16* __restrict__ y, int mode) {
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
-  Tensor sA = make_tensor(make_smem_ptr(ss.a.begin()), SmemLayoutA{});  // (kBM, kBK, kStages)
+  Tensor sA = make_tensor(make_smem_ptr(ss.a.begin()), SmemLayoutA<kTrans>{});  // (kBM, kBK, kStages)
   Tensor sB = make_tensor(make_smem_ptr(ss.b.begin()), SmemLayoutB{});  // (kBN, kBK, kStages)
-  const int tile_n = blockIdx.x, tile_m = blockIdx.y;
-  const int k_tiles = k / kBK;
+  const int tile_f = blockIdx.x, tile_m = blockIdx.y;
+  const int features = kTrans ? k : n, reduction = kTrans ? n : k;
+  const int k_tiles = (reduction + kBK - 1) / kBK;
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
+    // The swizzle formulas below (and TMA's 128-byte swizzle) assume 1 KiB-aligned tiles.
+    if (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) % 1024 != 0) __trap();
     for (int s = 0; s < kStages; ++s) {
       Barrier::init(&ss.full_a[s], 128);
       TxBarrier::init(&ss.full_b[s], 1);
@@ -106,29 +119,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {
     cutlass::arch::warpgroup_reg_dealloc<80>();
     const int t = threadIdx.x;
-    const int64_t row = static_cast<int64_t>(tile_n) * kBM + t;
-    const bool row_ok = row < n;
-    Tensor mB = tma_b.get_tma_tensor(make_shape(m, k));
+    Tensor mB = tma_b.get_tma_tensor(make_shape(m, reduction));
     Tensor gB = local_tile(mB, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(tile_m, _));  // (kBN, kBK, k_tiles)
     auto [tBgB, tBsB] = tma_partition(tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
     constexpr uint32_t kTmaBytes = kBN * kBK * sizeof(T);
-    // Row `row`'s codes: 32 bytes per k-tile (k % 64 == 0, so 32-byte aligned); rows past N decode zeros.
-    const uint4* codes = reinterpret_cast<const uint4*>(packed + (row_ok ? row * (k / 2) : 0));
-    const int64_t block0 = row_ok ? row * (k / kBK) : 0;
+    // This thread's 64 elements of W per k-tile: row `row` (forward fixed, backward + 64 per k-tile),
+    // columns col0 ... col0 + 63 (forward + 64 per k-tile, backward fixed). 32 bytes of codes,
+    // 32-byte aligned (k % 64 == 0), and one quantization block.
+    const int64_t row = kTrans ? t / 2 : static_cast<int64_t>(tile_f) * kBM + t;
+    const int64_t col0 = kTrans ? static_cast<int64_t>(tile_f) * kBM + 64 * (t % 2) : 0;
+    const int64_t row_step = kTrans ? kBK : 0, col_step = kTrans ? 0 : kBK;
     struct Step {
       uint4 a, b;
       Scales::Parts s;
+      bool ok;
     };
     const auto load = [&](int kt) {
-      Step st{make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), {0.f, 0u}};
-      if (row_ok && kt < k_tiles) {
-        st.a = __ldg(codes + 2 * kt);
-        st.b = __ldg(codes + 2 * kt + 1);
-        st.s = scales.load(block0 + kt);
+      Step st{make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), {0.f, 0u}, false};
+      const int64_t r = row + row_step * kt, c = col0 + col_step * kt;
+      if (kt < k_tiles && r < n && c < k) {
+        const int64_t e = r * k + c;  // first element, a multiple of 64
+        const uint4* codes = reinterpret_cast<const uint4*>(packed + e / 2);
+        st.a = __ldg(codes);
+        st.b = __ldg(codes + 1);
+        st.s = scales.load(e / 64);
+        st.ok = true;
       }
       return st;
     };
-    const uint32_t a_row = static_cast<uint32_t>(__cvta_generic_to_shared(ss.a.begin())) + 1024 * (t / 8) + 128 * (t % 8);
+    // Byte address of this thread's chunk 0 in stage 0, and the XOR key of its 16-byte chunks: the
+    // element offsets SmemLayoutA gives (checked on the host for every element of both layouts):
+    // K-major, element (row i, column j): 512 (i / 8) + 64 (i % 8) + 8 ((j / 8) ^ (i % 8)) + j % 8;
+    // MN-major, (i, j): 512 (i / 64) + 1024 (j / 8) + 64 (j % 8) + 8 (((i % 64) / 8) ^ (j % 8)) + i % 8;
+    // 8192 more per stage.
+    const uint32_t key = kTrans ? (t / 2) % 8 : t % 8;
+    const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(ss.a.begin())) +
+                            (kTrans ? 1024 * (t % 2) + 2048 * (t / 16) + 128 * key : 1024 * (t / 8) + 128 * key);
     Step cur = load(0), next = load(1);
     for (int kt = 0; kt < k_tiles; ++kt) {
       const int s = kt % kStages;
@@ -140,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         copy(tma_b.with(ss.full_b[s]), tBgB(_, kt), tBsB(_, s));
       }
       if (mode != 1) {
-        const float scale = row_ok ? scales.finish(cur.s, ss.nested_code) : 0.f;
+        const float scale = cur.ok ? scales.finish(cur.s, ss.nested_code) : 0.f;
         const __nv_bfloat162 s2 = __float2bfloat162_rn(scale);
         const uint32_t words[8] = {cur.a.x, cur.a.y, cur.a.z, cur.a.w, cur.b.x, cur.b.y, cur.b.z, cur.b.w};
 #pragma unroll
@@ -152,11 +178,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             __nv_bfloat162 v = __hmul2(reinterpret_cast<const __nv_bfloat162&>(o[i]), s2);
             o[i] = reinterpret_cast<const uint32_t&>(v);
           }
-          // Columns 8c..8c+7 of the row: one 16-byte chunk of the 128-byte swizzle (chunk c of row t
-          // at chunk c ^ (t % 8); rows 128 bytes apart; 8-row atoms of 1 KiB): the element offset
-          // 8192 s + 512 (t / 8) + 64 (t % 8) + 8 (c ^ (t % 8)) that SmemLayoutA gives (checked on
-          // the host for every row, chunk and stage). st.shared: a generic store costs more.
-          const uint32_t addr = a_row + s * (kBM * kBK * 2) + 16 * (c ^ (t & 7));
+          // W columns 8c ... 8c + 7 of this thread's 64: one 16-byte chunk of the swizzled layout.
+          const uint32_t addr = a_base + s * (kBM * kBK * 2) + 16 * (c ^ key);
           asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(o[0]), "r"(o[1]), "r"(o[2]), "r"(o[3]));
         }
       }
@@ -167,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<216>();
-    TiledMma mma;
+    TiledMma<kTrans> mma;
     auto thr = mma.get_thread_slice(threadIdx.x - 128);
     Tensor tCsA = thr.partition_A(sA);  // (MMA, MMA_M, MMA_K, kStages)
     Tensor tCsB = thr.partition_B(sB);
@@ -192,11 +215,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_fence_operand(acc);
     Tensor cC = make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{});
     Tensor tCcC = thr.partition_C(cC);  // (weight row, token) of each accumulator
-    const int64_t n0 = static_cast<int64_t>(tile_n) * kBM, m0 = static_cast<int64_t>(tile_m) * kBN;
+    const int64_t f0 = static_cast<int64_t>(tile_f) * kBM, m0 = static_cast<int64_t>(tile_m) * kBN;
 #pragma unroll
     for (int i = 0; i < size(acc); ++i) {
-      const int64_t r = n0 + get<0>(tCcC(i)), tok = m0 + get<1>(tCcC(i));
-      if (r < n && tok < m) y[tok * n + r] = __float2bfloat16_rn(acc(i));
+      const int64_t f = f0 + get<0>(tCcC(i)), tok = m0 + get<1>(tCcC(i));
+      if (f < features && tok < m) y[tok * features + f] = __float2bfloat16_rn(acc(i));
     }
   }
 }
@@ -204,22 +227,32 @@ __global__ void __launch_bounds__(kThreads, 1)
 }  // namespace nf4_ss_probe
 using namespace nf4_ss_probe;
 
-// y = x . dequant(W)^T; absmax (fp32, one per 64-block) or, when it is null, codes / nested_absmax /
-// nested_code / offset (double quantization, nested blocks of 256). Returns 0, or what failed.
-extern "C" int nf4_ss_gemm(int mode, int m, int n, int k, const void* x, const void* packed, const void* absmax,
-                           const void* codes, const void* nested_absmax, const void* nested_code, float offset, void* y,
-                           void* stream) {
-  if (k % kBK != 0 || m < 1 || n < 1) return 1;
-  if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(packed) % 16 != 0) return 2;
-  Tensor mX = make_tensor(make_gmem_ptr(reinterpret_cast<const T*>(x)), make_shape(m, k), make_stride(k, Int<1>{}));
-  auto tma_b = make_tma_atom(SM90_TMA_LOAD{}, mX, SmemLayoutB{}(_, _, 0), make_shape(Int<kBN>{}, Int<kBK>{}));
-  const Scales sc{static_cast<const float*>(absmax), static_cast<const uint8_t*>(codes),
-                  static_cast<const float*>(nested_absmax), static_cast<const float*>(nested_code), offset};
-  auto kernel = nf4_ss_gemm_kernel<decltype(tma_b)>;
+// trans 0: y [m, n] = act [m, k] . dequant(W)^T; trans 1: y [m, k] = act [m, n] . dequant(W), for W
+// [n, k]; absmax (fp32, one per 64-block) or, when it is null, codes / nested_absmax / nested_code /
+// offset (double quantization, nested blocks of 256). Returns 0, or what failed.
+template <bool kTrans>
+int launch(int mode, int m, int n, int k, const void* act, const void* packed, const Scales& sc, void* y, void* stream) {
+  const int reduction = kTrans ? n : k, features = kTrans ? k : n;
+  Tensor mAct = make_tensor(make_gmem_ptr(reinterpret_cast<const T*>(act)), make_shape(m, reduction),
+                            make_stride(reduction, Int<1>{}));
+  auto tma_b = make_tma_atom(SM90_TMA_LOAD{}, mAct, SmemLayoutB{}(_, _, 0), make_shape(Int<kBN>{}, Int<kBK>{}));
+  auto kernel = nf4_ss_gemm_kernel<kTrans, decltype(tma_b)>;
   const int smem = static_cast<int>(sizeof(SharedStorage));
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 3;
-  const dim3 grid((n + kBM - 1) / kBM, (m + kBN - 1) / kBN);
+  const dim3 grid((features + kBM - 1) / kBM, (m + kBN - 1) / kBN);
   kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
       m, n, k, static_cast<const uint8_t*>(packed), sc, tma_b, static_cast<__nv_bfloat16*>(y), mode);
   return cudaGetLastError() == cudaSuccess ? 0 : 4;
+}
+
+extern "C" int nf4_ss_gemm(int mode, int trans, int m, int n, int k, const void* act, const void* packed,
+                           const void* absmax, const void* codes, const void* nested_absmax, const void* nested_code,
+                           float offset, void* y, void* stream) {
+  // TMA: the activation's rows 16-byte aligned (backward: n % 8 == 0).
+  if (k % kBK != 0 || m < 1 || n < 1 || (trans && n % 8 != 0)) return 1;
+  if (reinterpret_cast<uintptr_t>(act) % 16 != 0 || reinterpret_cast<uintptr_t>(packed) % 16 != 0) return 2;
+  const Scales sc{static_cast<const float*>(absmax), static_cast<const uint8_t*>(codes),
+                  static_cast<const float*>(nested_absmax), static_cast<const float*>(nested_code), offset};
+  return trans ? launch<true>(mode, m, n, k, act, packed, sc, y, stream)
+               : launch<false>(mode, m, n, k, act, packed, sc, y, stream);
 }
