@@ -21,6 +21,11 @@
 // - Warpgroups 1-2 (216 registers): 64 output features x 256 tokens each, wgmma m64n256k16 from
 //   shared memory, fp32 accumulators; a stage is released once the next k-tile's wgmmas are issued.
 // - Epilogue: fp32 -> bf16 stores straight from the accumulators (transposed: 2-byte stores).
+// - With LoRA (kLora), the reduction runs on over the rank as whole k-tiles, one GEMM over [K | r]:
+//   forward y = [x | u] [W | B]^T (u = s x A^T, made before), backward dX = [dY | du] [W ; A]
+//   (du = s dY B). The decode warpgroup copies lora_B's rows (forward) or lora_A's rows (backward)
+//   into those k-tiles of A (zeros past r), and TMA loads u or du as their B tiles: the LoRA term
+//   costs ceil(r / 64) more k-tiles, no pass over the output.
 // 4 stages of 16 + 32 KiB. Non-persistent grid (features / 128, M / 256).
 // `mode` 1 skips the decode (A holds stale data, results are wrong): the cost of decoding.
 #include <cuda_bf16.h>
@@ -87,18 +92,21 @@ struct Scales {
 using Barrier = cutlass::arch::ClusterBarrier;
 using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 
-// m tokens; n, k: W's shape [n, k]. Output features: n forward, k backward.
-template <bool kTrans, class TmaB>
+// m tokens; n, k: W's shape [n, k]. Output features: n forward, k backward. LoRA (kLora): lora_w is
+// lora_B [n, r] forward, lora_A [r, k] backward; tma_u loads u / du [m, r].
+template <bool kTrans, bool kLora, class TmaB, class TmaU>
 __global__ void __launch_bounds__(kThreads, 1)
     nf4_ss_gemm_kernel(int m, int n, int k, const uint8_t* __restrict__ packed, Scales scales,
-                       CUTE_GRID_CONSTANT TmaB const tma_b, __nv_bfloat16* __restrict__ y, int mode) {
+                       CUTE_GRID_CONSTANT TmaB const tma_b, const __nv_bfloat16* __restrict__ lora_w, int r,
+                       CUTE_GRID_CONSTANT TmaU const tma_u, __nv_bfloat16* __restrict__ y, int mode) {
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   Tensor sA = make_tensor(make_smem_ptr(ss.a.begin()), SmemLayoutA<kTrans>{});  // (kBM, kBK, kStages)
   Tensor sB = make_tensor(make_smem_ptr(ss.b.begin()), SmemLayoutB{});  // (kBN, kBK, kStages)
   const int tile_f = blockIdx.x, tile_m = blockIdx.y;
   const int features = kTrans ? k : n, reduction = kTrans ? n : k;
-  const int k_tiles = (reduction + kBK - 1) / kBK;
+  const int k_tiles_w = (reduction + kBK - 1) / kBK;
+  const int k_tiles = k_tiles_w + (kLora ? (r + kBK - 1) / kBK : 0);
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -122,6 +130,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor mB = tma_b.get_tma_tensor(make_shape(m, reduction));
     Tensor gB = local_tile(mB, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(tile_m, _));  // (kBN, kBK, k_tiles)
     auto [tBgB, tBsB] = tma_partition(tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+    Tensor mU = tma_u.get_tma_tensor(make_shape(m, kLora ? r : reduction));
+    Tensor gU = local_tile(mU, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(tile_m, _));  // (kBN, kBK, rank tiles)
+    auto [tUgU, tUsU] = tma_partition(tma_u, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gU));
     constexpr uint32_t kTmaBytes = kBN * kBK * sizeof(T);
     // This thread's 64 elements of W per k-tile: row `row` (forward fixed, backward + 64 per k-tile),
     // columns col0 ... col0 + 63 (forward + 64 per k-tile, backward fixed). 32 bytes of codes,
@@ -136,9 +147,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     const auto load = [&](int kt) {
       Step st{make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), {0.f, 0u}, false};
-      const int64_t r = row + row_step * kt, c = col0 + col_step * kt;
-      if (kt < k_tiles && r < n && c < k) {
-        const int64_t e = r * k + c;  // first element, a multiple of 64
+      const int64_t wr = row + row_step * kt, wc = col0 + col_step * kt;
+      if (kt < k_tiles_w && wr < n && wc < k) {
+        const int64_t e = wr * k + wc;  // first element, a multiple of 64
         const uint4* codes = reinterpret_cast<const uint4*>(packed + e / 2);
         st.a = __ldg(codes);
         st.b = __ldg(codes + 1);
@@ -163,9 +174,27 @@ __global__ void __launch_bounds__(kThreads, 1)
       Barrier::wait(&ss.empty[s], phase ^ 1);  // a fresh barrier passes parity 1 at once
       if (t == 0) {
         TxBarrier::arrive_and_expect_tx(&ss.full_b[s], kTmaBytes);
-        copy(tma_b.with(ss.full_b[s]), tBgB(_, kt), tBsB(_, s));
+        if (!kLora || kt < k_tiles_w) {
+          copy(tma_b.with(ss.full_b[s]), tBgB(_, kt), tBsB(_, s));
+        } else {
+          copy(tma_u.with(ss.full_b[s]), tUgU(_, kt - k_tiles_w), tUsU(_, s));
+        }
       }
-      if (mode != 1) {
+      if (kLora && kt >= k_tiles_w) {
+        // The LoRA k-tile: this thread's 64 elements of lora_B row tile_f * 128 + t, ranks j0 ...
+        // (forward), or of lora_A row j0 + t / 2, the same columns as its W elements (backward).
+        const int j0 = (kt - k_tiles_w) * kBK;
+        const int64_t lr = kTrans ? j0 + t / 2 : static_cast<int64_t>(tile_f) * kBM + t;
+        const int64_t lc = kTrans ? col0 : j0;
+        const int64_t rows = kTrans ? r : n, cols = kTrans ? k : r, ld = kTrans ? k : r;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          uint4 v = make_uint4(0, 0, 0, 0);
+          if (lr < rows && lc + 8 * c < cols) v = __ldg(reinterpret_cast<const uint4*>(lora_w + lr * ld + lc + 8 * c));
+          const uint32_t addr = a_base + s * (kBM * kBK * 2) + 16 * (c ^ key);
+          asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+        }
+      } else if (mode != 1) {
         const float scale = cur.ok ? scales.finish(cur.s, ss.nested_code) : 0.f;
         const __nv_bfloat162 s2 = __float2bfloat162_rn(scale);
         const uint32_t words[8] = {cur.a.x, cur.a.y, cur.a.z, cur.a.w, cur.b.x, cur.b.y, cur.b.z, cur.b.w};
@@ -230,29 +259,42 @@ using namespace nf4_ss_probe;
 // trans 0: y [m, n] = act [m, k] . dequant(W)^T; trans 1: y [m, k] = act [m, n] . dequant(W), for W
 // [n, k]; absmax (fp32, one per 64-block) or, when it is null, codes / nested_absmax / nested_code /
 // offset (double quantization, nested blocks of 256). Returns 0, or what failed.
-template <bool kTrans>
-int launch(int mode, int m, int n, int k, const void* act, const void* packed, const Scales& sc, void* y, void* stream) {
+auto activation_tma(const void* p, int rows, int cols) {
+  Tensor t = make_tensor(make_gmem_ptr(reinterpret_cast<const T*>(p)), make_shape(rows, cols), make_stride(cols, Int<1>{}));
+  return make_tma_atom(SM90_TMA_LOAD{}, t, SmemLayoutB{}(_, _, 0), make_shape(Int<kBN>{}, Int<kBK>{}));
+}
+
+template <bool kTrans, bool kLora>
+int launch(int mode, int m, int n, int k, const void* act, const void* packed, const Scales& sc, const void* lora_w,
+           int r, const void* lora_act, void* y, void* stream) {
   const int reduction = kTrans ? n : k, features = kTrans ? k : n;
-  Tensor mAct = make_tensor(make_gmem_ptr(reinterpret_cast<const T*>(act)), make_shape(m, reduction),
-                            make_stride(reduction, Int<1>{}));
-  auto tma_b = make_tma_atom(SM90_TMA_LOAD{}, mAct, SmemLayoutB{}(_, _, 0), make_shape(Int<kBN>{}, Int<kBK>{}));
-  auto kernel = nf4_ss_gemm_kernel<kTrans, decltype(tma_b)>;
+  auto tma_b = activation_tma(act, m, reduction);
+  auto tma_u = kLora ? activation_tma(lora_act, m, r) : tma_b;  // same type either way
+  auto kernel = nf4_ss_gemm_kernel<kTrans, kLora, decltype(tma_b), decltype(tma_u)>;
   const int smem = static_cast<int>(sizeof(SharedStorage));
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 3;
   const dim3 grid((features + kBM - 1) / kBM, (m + kBN - 1) / kBN);
   kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-      m, n, k, static_cast<const uint8_t*>(packed), sc, tma_b, static_cast<__nv_bfloat16*>(y), mode);
+      m, n, k, static_cast<const uint8_t*>(packed), sc, tma_b, static_cast<const __nv_bfloat16*>(lora_w), r, tma_u,
+      static_cast<__nv_bfloat16*>(y), mode);
   return cudaGetLastError() == cudaSuccess ? 0 : 4;
 }
 
+// LoRA when r > 0: lora_w = lora_B [n, r] (forward) or lora_A [r, k] (backward), lora_act = u or du
+// [m, r], both bf16, r % 8 == 0 and 16-byte aligned.
 extern "C" int nf4_ss_gemm(int mode, int trans, int m, int n, int k, const void* act, const void* packed,
                            const void* absmax, const void* codes, const void* nested_absmax, const void* nested_code,
-                           float offset, void* y, void* stream) {
-  // TMA: the activation's rows 16-byte aligned (backward: n % 8 == 0).
-  if (k % kBK != 0 || m < 1 || n < 1 || (trans && n % 8 != 0)) return 1;
+                           float offset, const void* lora_w, int r, const void* lora_act, void* y, void* stream) {
+  // TMA: the activations' rows 16-byte aligned (backward: n % 8 == 0; LoRA: r % 8 == 0).
+  if (k % kBK != 0 || m < 1 || n < 1 || (trans && n % 8 != 0) || r < 0 || r % 8 != 0) return 1;
   if (reinterpret_cast<uintptr_t>(act) % 16 != 0 || reinterpret_cast<uintptr_t>(packed) % 16 != 0) return 2;
+  if (r > 0 && (reinterpret_cast<uintptr_t>(lora_w) % 16 != 0 || reinterpret_cast<uintptr_t>(lora_act) % 16 != 0)) return 2;
   const Scales sc{static_cast<const float*>(absmax), static_cast<const uint8_t*>(codes),
                   static_cast<const float*>(nested_absmax), static_cast<const float*>(nested_code), offset};
-  return trans ? launch<true>(mode, m, n, k, act, packed, sc, y, stream)
-               : launch<false>(mode, m, n, k, act, packed, sc, y, stream);
+  if (r > 0) {
+    return trans ? launch<true, true>(mode, m, n, k, act, packed, sc, lora_w, r, lora_act, y, stream)
+                 : launch<false, true>(mode, m, n, k, act, packed, sc, lora_w, r, lora_act, y, stream);
+  }
+  return trans ? launch<true, false>(mode, m, n, k, act, packed, sc, nullptr, 0, nullptr, y, stream)
+               : launch<false, false>(mode, m, n, k, act, packed, sc, nullptr, 0, nullptr, y, stream);
 }

@@ -3,7 +3,11 @@ dX = dY W, beside cuBLAS on the dequantized bf16 weight and what lora_fused runs
 NF4 GEMM that converts in the MMA warps' registers (torch.ops.lora_fused.nf4_gemm_sm90, forward
 only) and nf4_linear / nf4_linear_grad_input (the slab path from 2048 tokens). Every result is
 checked against float64 first (NaN-poisoned output; ragged M, N and K included). Mode 1 (no
-decode: the A tiles hold stale data) times the MMA pipeline alone. Run by run_probe.sh:
+decode: the A tiles hold stale data) times the MMA pipeline alone. With --lora R (default 16; 0:
+none), each case runs again with the LoRA term as R more reduction columns ([x | u] [W | B]^T,
+[dY | du] [W ; A]; u = s x A^T and du = s dY B made by cuBLAS and timed with it) beside lora_fused's
+qlora forward / input gradient today (nf4_linear / nf4_linear_grad_input given the LoRA pair).
+Run by run_probe.sh:
 
     python probe.py /tmp/nf4_ss_gemm.so [--M 1,1000,256,1024,4096] [--shapes 4096:11008,...]
 """
@@ -23,10 +27,12 @@ from lora_fused import _ops, nf4  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("lib")
 ap.add_argument("--M", default="1,1000,256,1024,4096")
-ap.add_argument("--shapes", default="4032:4000,4096:11008,11008:4096,4096:4096,8192:28672")
+ap.add_argument("--shapes", default="4032:4000,4096:11008,11008:4096,4096:4096")  # 8192:28672: slow float64 references
+ap.add_argument("--lora", type=int, default=16)
 args = ap.parse_args()
 lib = ctypes.CDLL(args.lib)
-lib.nf4_ss_gemm.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+lib.nf4_ss_gemm.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+                            + [ctypes.c_void_p] * 3)
 ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else 0)  # noqa: E731
 bench = lambda f: tt.do_bench(f, return_mode="median") * 1e3  # noqa: E731
 print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
@@ -43,44 +49,64 @@ for shape in args.shapes.split(","):
     w16 = nf4.dequantize(packed, state, torch.bfloat16)
     scales_t = scales.view(n, k // 64).t().contiguous()  # [K / 64, N] for nf4_gemm_sm90
     lf_args = (packed, state.absmax, s2.absmax, s2.code, float(state.offset), 64, s2.blocksize)
+    rank, sc = args.lora, 0.5
+    lora_A = torch.randn(rank, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+    lora_B = torch.randn(n, rank, device="cuda", dtype=torch.bfloat16) * rank**-0.5
     for trans in (0, 1):
         for m in (int(v) for v in args.M.split(",")):
             act = torch.randn(m, n if trans else k, device="cuda", dtype=torch.bfloat16)
             feats = k if trans else n
             stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-
-            def ours(mode, y):
-                rc = lib.nf4_ss_gemm(mode, trans, m, n, k, ptr(act), ptr(packed), None, ptr(state.absmax),
-                                     ptr(s2.absmax), ptr(s2.code), float(state.offset), ptr(y), stream)
-                assert rc == 0, f"nf4_ss_gemm returned {rc}"
-
-            y = torch.full((m, feats), float("nan"), device="cuda", dtype=torch.bfloat16)
-            ours(0, y)
-            torch.cuda.synchronize()
-            ref = act.double() @ (w_used if trans else w_used.t())
             w16_op = w16 if trans else w16.t()
-            err = ((y.double() - ref).norm() / ref.norm()).item()
-            err_cublas = (((act @ w16_op).double() - act.double() @ w16_op.double()).norm() / ref.norm()).item()
-            ok = bool(torch.isfinite(y).all()) and err < 4 * err_cublas + 1e-6
-            what = f"{'dX = dY W ' if trans else 'y = x W^T '}{k}->{n} M={m}"
-            line = f"{what}: err {err:.2e} (cuBLAS bf16 {err_cublas:.2e}) {'ok' if ok else 'WRONG'}"
-            if not ok:
-                bad = (~torch.isfinite(y)).sum().item()
-                diff = (y.double() - ref).abs().nan_to_num(1e30)
-                print(line, f"non-finite {bad}; max abs diff {diff.max().item():.3g} at {divmod(diff.argmax().item(), feats)}",
-                      flush=True)
-                continue
-            t_ours = bench(lambda: ours(0, y))
-            t_nodecode = bench(lambda: ours(1, y))
-            t_cublas = bench(lambda: act @ w16_op)
-            if trans:
-                t_lf = bench(lambda: _ops.nf4_linear_grad_input(act, *lf_args, k))
-                t_rs = float("nan")
-            else:
-                t_lf = bench(lambda: _ops.nf4_linear(act, *lf_args, n))
-                t_rs = bench(lambda: rs(act, packed, scales_t, n, 256 if m > 128 else 128)) if rs else float("nan")
-            tf = 2 * m * n * k / t_ours / 1e6
-            print(f"{line}; us: ours {t_ours:.1f} ({tf:.0f} TF/s, {t_ours / t_cublas:.3f}x cuBLAS), no decode {t_nodecode:.1f}, "
-                  f"CUTLASS RS {t_rs:.1f} ({t_rs / t_cublas:.3f}x), lora_fused today {t_lf:.1f} ({t_lf / t_cublas:.3f}x), "
-                  f"cuBLAS bf16 {t_cublas:.1f}", flush=True)
+            ref_base = act.double() @ (w_used if trans else w_used.t())
+            err_cublas = (((act @ w16_op).double() - act.double() @ w16_op.double()).norm() / ref_base.norm()).item()
+            for r in ((0, rank) if rank else (0,)):
+                # u = s x A^T (forward) or du = s dY B (backward), as the layer makes them.
+                lw, la = ((lora_A, None) if trans else (lora_B, None)) if r else (None, None)
+                make_u = (lambda: torch.mm(act, lora_B).mul_(sc)) if trans else (lambda: torch.mm(act, lora_A.t()).mul_(sc))
+                if r:
+                    la = make_u()
+
+                def ours(mode, y, lora_act=None):
+                    rc = lib.nf4_ss_gemm(mode, trans, m, n, k, ptr(act), ptr(packed), None, ptr(state.absmax),
+                                         ptr(s2.absmax), ptr(s2.code), float(state.offset), ptr(lw), r,
+                                         ptr(lora_act if lora_act is not None else la), ptr(y), stream)
+                    assert rc == 0, f"nf4_ss_gemm returned {rc}"
+
+                y = torch.full((m, feats), float("nan"), device="cuda", dtype=torch.bfloat16)
+                ours(0, y)
+                torch.cuda.synchronize()
+                ref = ref_base + (la.double() @ (lora_A.double() if trans else lora_B.double().t()) if r else 0)
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                ok = bool(torch.isfinite(y).all()) and err < 4 * err_cublas + 1e-6
+                what = f"{'dX = dY W ' if trans else 'y = x W^T '}{k}->{n} M={m}{f' LoRA r={r}' if r else ''}"
+                line = f"{what}: err {err:.2e} (cuBLAS bf16 {err_cublas:.2e}) {'ok' if ok else 'WRONG'}"
+                if not ok:
+                    bad = (~torch.isfinite(y)).sum().item()
+                    diff = (y.double() - ref).abs().nan_to_num(1e30)
+                    print(line, f"non-finite {bad}; max abs diff {diff.max().item():.3g} at {divmod(diff.argmax().item(), feats)}",
+                          flush=True)
+                    continue
+                t_cublas = bench(lambda: act @ w16_op)
+                if r:  # ours with its u / du GEMM, against lora_fused's LoRA-merged slab path today
+                    t_ours = bench(lambda: ours(0, y, make_u()))
+                    if trans:
+                        t_lf = bench(lambda: _ops.nf4_linear_grad_input(act, *lf_args, k, None, lora_A, lora_B, sc))
+                    else:
+                        t_lf = bench(lambda: _ops.nf4_linear(act, *lf_args, n, None, None, lora_B, lora_A, sc))
+                    print(f"{line}; us: ours + u GEMM {t_ours:.1f} ({t_ours / t_cublas:.3f}x cuBLAS base), "
+                          f"lora_fused today {t_lf:.1f} ({t_lf / t_cublas:.3f}x), cuBLAS bf16 base {t_cublas:.1f}", flush=True)
+                    continue
+                t_ours = bench(lambda: ours(0, y))
+                t_nodecode = bench(lambda: ours(1, y))
+                if trans:
+                    t_lf = bench(lambda: _ops.nf4_linear_grad_input(act, *lf_args, k))
+                    t_rs = float("nan")
+                else:
+                    t_lf = bench(lambda: _ops.nf4_linear(act, *lf_args, n))
+                    t_rs = bench(lambda: rs(act, packed, scales_t, n, 256 if m > 128 else 128)) if rs else float("nan")
+                tf = 2 * m * n * k / t_ours / 1e6
+                print(f"{line}; us: ours {t_ours:.1f} ({tf:.0f} TF/s, {t_ours / t_cublas:.3f}x cuBLAS), no decode {t_nodecode:.1f}, "
+                      f"CUTLASS RS {t_rs:.1f} ({t_rs / t_cublas:.3f}x), lora_fused today {t_lf:.1f} ({t_lf / t_cublas:.3f}x), "
+                      f"cuBLAS bf16 {t_cublas:.1f}", flush=True)
     del w, w16, w_used, packed
