@@ -652,5 +652,5 @@ def test_hopper_gemm_path(M, N, K, mode, lora, monkeypatch):
     monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "slab")
     assert_error_rule(run(), ref, same, f"slab path M={M} {K}->{N} lora={lora}")
     monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "bogus")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMM must be auto, sm90 or slab; got 'bogus'"):
+    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMM must be auto, sm90, slab or ss; got 'bogus'"):
         run()

@@ -4,13 +4,15 @@
 // of 32, fp32), run the tiled path: decode a slab of at most nf4_slab_elems() weights
 // (nf4_dequantize_rect.cu) and hand it to cuBLAS; with lora_A at M >= 2048 (nf4_merge_mode), each slab
 // gets the LoRA term s B A added as it is decoded (nf4_dequantize_rect_lora.cu). Backward dX is tiled
-// likewise.
+// likewise. LORA_FUSED_NF4_GEMM=ss sends every bf16 call past the decode kernel, forward and
+// backward, through the NF4 GEMM with a decoding warpgroup instead (nf4_linear_ss.cu; opt-in).
 #include <torch/library.h>
 
 #include "checks.h"
 #include "cuda/common.cuh"
 #include "cuda/nf4_decode.cuh"
 #include "cuda/nf4_linear_sm90.h"
+#include "cuda/nf4_linear_ss.h"
 #include "nf4_linear.h"
 
 namespace lora_fused {
@@ -27,6 +29,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out;
   if (nf4_gemv_cuda(x, w, bias, lora_u, lora_B, lora_A, lora_scale, out)) return out;
+  if (cuda::nf4_ss_requested() && cuda::nf4_linear_ss(x, w, bias, lora_u, lora_B, lora_A, lora_scale, out)) return out;
   if (cuda::nf4_linear_sm90(x, w, bias, lora_u, lora_B, lora_A, lora_scale, out)) return out;
   // With lora_A the tiled path makes u itself or merges s B A into the slabs (nf4_merge_mode).
   return nf4_linear_tiled(x, w, bias, lora_u, lora_B, lora_A, lora_scale, nf4_dequantize_rect_cuda,
@@ -43,6 +46,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_linear_with_u_cuda(
                                             lora_A);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out, u;
+  if (cuda::nf4_ss_requested() && cuda::nf4_linear_ss(x, w, bias, c10::nullopt, lora_B, lora_A, lora_scale, out, &u))
+    return {out, u};
   // The decode and Hopper-GEMM kernels make u inside; for the backward it is made once more here.
   if (nf4_gemv_cuda(x, w, bias, c10::nullopt, lora_B, lora_A, lora_scale, out) ||
       cuda::nf4_linear_sm90(x, w, bias, c10::nullopt, lora_B, lora_A, lora_scale, out))
@@ -63,6 +68,9 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tens
                                                        offset, blocksize, nested_blocksize, in_features, lora_du,
                                                        lora_A, lora_B);
   const c10::cuda::CUDAGuard guard(grad_out.device());
+  at::Tensor out;
+  if (cuda::nf4_ss_requested() && cuda::nf4_linear_grad_input_ss(grad_out, w, lora_du, lora_A, lora_B, lora_scale, out))
+    return out;
   return nf4_linear_grad_input_tiled(grad_out, w, lora_du, lora_A, lora_B, lora_scale, nf4_dequantize_rect_cuda,
                                      nf4_dequantize_rect_lora_cuda);
 }

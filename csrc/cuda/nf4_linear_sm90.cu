@@ -49,7 +49,8 @@ Mode mode() {
   const char* env = std::getenv("LORA_FUSED_NF4_GEMM");
   if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return Mode::kAuto;
   if (std::strcmp(env, "sm90") == 0) return Mode::kSm90;
-  TORCH_CHECK(std::strcmp(env, "slab") == 0, "lora_fused.nf4_linear: LORA_FUSED_NF4_GEMM must be auto, sm90 or slab; got '",
+  if (std::strcmp(env, "ss") == 0) return Mode::kAuto;  // nf4_linear_ss.cu's; where it does not apply, as auto
+  TORCH_CHECK(std::strcmp(env, "slab") == 0, "lora_fused.nf4_linear: LORA_FUSED_NF4_GEMM must be auto, sm90, slab or ss; got '",
               env, "'");
   return Mode::kSlab;
 }

@@ -1,4 +1,4 @@
-"""Times the NF4 GEMM with a decoding warpgroup (nf4_ss_gemm.cu), forward y = x W^T and backward
+"""Times the NF4 GEMM with a decoding warpgroup (csrc/cuda/sm90/nf4_ss_gemm.cu), forward y = x W^T and backward
 dX = dY W, beside cuBLAS on the dequantized bf16 weight and what lora_fused runs today: the CUTLASS
 NF4 GEMM that converts in the MMA warps' registers (torch.ops.lora_fused.nf4_gemm_sm90, forward
 only) and nf4_linear / nf4_linear_grad_input (the slab path from 2048 tokens). Every result is

@@ -1,9 +1,11 @@
-// Probe: can an NF4 x bf16 GEMM on Hopper run at a bf16 GEMM's speed if the NF4 tiles are decoded
-// by a warpgroup of their own into shared memory, so that the MMA warpgroups run plain SS wgmma
-// (both operands from shared memory) exactly as a bf16 GEMM does? The CUTLASS mixed-input kernel
-// (csrc/cuda/sm90/) converts in the MMA warps' registers (RS wgmma) and runs at 1.2-1.3x cuBLAS at
-// 1024-4096 tokens (benchmarks/RESULTS.md, sessions 11-12), which is why nf4_linear decodes 16-bit
-// slabs of W from 2048 tokens: extra memory issue 5 wants gone.
+// The NF4 x bf16 Hopper GEMM with a decoding warpgroup: the NF4 tiles are decoded by a warpgroup of
+// their own into shared memory, so that the MMA warpgroups run plain SS wgmma (both operands from
+// shared memory) exactly as a bf16 GEMM does. The CUTLASS mixed-input kernel (nf4_gemm_impl.cuh)
+// converts in the MMA warps' registers (RS wgmma) and runs at 1.2-1.3x cuBLAS at 1024-4096 tokens
+// (benchmarks/RESULTS.md, sessions 11-12), which is why nf4_linear decodes 16-bit slabs of W from 2048
+// tokens: extra memory issue 5 wants gone. This kernel needs no slab, forward or backward, and takes
+// the LoRA term as more reduction columns. Host side: nf4_ss_gemm.h; probe:
+// scripts/probe_nf4_ss_gemm/. Not yet run on a GPU (session 19 wrote it without one).
 //
 // Forward: y [M, N] = x [M, K] (bf16) . W^T; backward (kTrans): dX [M, K] = dY [M, N] . W. W [N, K]
 // is NF4 in bitsandbytes' packing with one scale per 64 consecutive elements of a row (blocksize
@@ -20,14 +22,15 @@
 //   Rows past N decode to zeros (backward they are summed), columns past K are never stored.
 // - Warpgroups 1-2 (216 registers): 64 output features x 256 tokens each, wgmma m64n256k16 from
 //   shared memory, fp32 accumulators; a stage is released once the next k-tile's wgmmas are issued.
-// - Epilogue: fp32 -> bf16 stores straight from the accumulators (transposed: 2-byte stores).
+// - Epilogue: fp32 (+ bias, forward) -> bf16 stores straight from the accumulators (transposed:
+//   2-byte stores).
 // - With LoRA (kLora), the reduction runs on over the rank as whole k-tiles, one GEMM over [K | r]:
 //   forward y = [x | u] [W | B]^T (u = s x A^T, made before), backward dX = [dY | du] [W ; A]
 //   (du = s dY B). The decode warpgroup copies lora_B's rows (forward) or lora_A's rows (backward)
 //   into those k-tiles of A (zeros past r), and TMA loads u or du as their B tiles: the LoRA term
 //   costs ceil(r / 64) more k-tiles, no pass over the output.
 // 4 stages of 16 + 32 KiB. Non-persistent grid (features / 128, M / 256).
-// `mode` 1 skips the decode (A holds stale data, results are wrong): the cost of decoding.
+// skip_decode (probes) leaves the A tiles stale (results are wrong): the cost of decoding.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -36,10 +39,11 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "cuda/nf4_levels_bf16.cuh"
+#include "cuda/sm90/nf4_ss_gemm.h"
 
+namespace lora_fused::sm90 {
+namespace nf4_ss_detail {
 using namespace cute;
-
-namespace nf4_ss_probe {
 
 constexpr int kBM = 128;  // weight rows per tile
 constexpr int kBN = 256;  // tokens per tile
@@ -67,9 +71,8 @@ struct SharedStorage {
   uint64_t empty[kStages];   // 256 MMA threads arrive
 };
 
-// A row's scale for one 64-block: fp32 absmax, or (double quantization, bitsandbytes' rounding: mul
-// then add) nested_code[code] * nested_absmax[block / 256] + offset. (Without ATen, so this file
-// builds with CUDA and CUTLASS headers alone.)
+// A block's scale: fp32 absmax, or (double quantization, bitsandbytes' rounding: mul then add)
+// nested_code[code] * nested_absmax[block / 256] + offset, the code table read from shared memory.
 struct Scales {
   const float* absmax;
   const uint8_t* codes;
@@ -98,7 +101,8 @@ template <bool kTrans, bool kLora, class TmaB, class TmaU>
 __global__ void __launch_bounds__(kThreads, 1)
     nf4_ss_gemm_kernel(int m, int n, int k, const uint8_t* __restrict__ packed, Scales scales,
                        CUTE_GRID_CONSTANT TmaB const tma_b, const __nv_bfloat16* __restrict__ lora_w, int r,
-                       CUTE_GRID_CONSTANT TmaU const tma_u, __nv_bfloat16* __restrict__ y, int mode) {
+                       CUTE_GRID_CONSTANT TmaU const tma_u, const __nv_bfloat16* __restrict__ bias,
+                       __nv_bfloat16* __restrict__ y, bool skip_decode) {
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   Tensor sA = make_tensor(make_smem_ptr(ss.a.begin()), SmemLayoutA<kTrans>{});  // (kBM, kBK, kStages)
@@ -194,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t addr = a_base + s * (kBM * kBK * 2) + 16 * (c ^ key);
           asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
         }
-      } else if (mode != 1) {
+      } else if (!skip_decode) {
         const float scale = cur.ok ? scales.finish(cur.s, ss.nested_code) : 0.f;
         const __nv_bfloat162 s2 = __float2bfloat162_rn(scale);
         const uint32_t words[8] = {cur.a.x, cur.a.y, cur.a.z, cur.a.w, cur.b.x, cur.b.y, cur.b.z, cur.b.w};
@@ -248,53 +252,61 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < size(acc); ++i) {
       const int64_t f = f0 + get<0>(tCcC(i)), tok = m0 + get<1>(tCcC(i));
-      if (f < features && tok < m) y[tok * features + f] = __float2bfloat16_rn(acc(i));
+      if (f < features && tok < m) {
+        y[tok * features + f] = __float2bfloat16_rn(bias != nullptr ? acc(i) + __bfloat162float(bias[f]) : acc(i));
+      }
     }
   }
 }
 
-}  // namespace nf4_ss_probe
-using namespace nf4_ss_probe;
-
-// trans 0: y [m, n] = act [m, k] . dequant(W)^T; trans 1: y [m, k] = act [m, n] . dequant(W), for W
-// [n, k]; absmax (fp32, one per 64-block) or, when it is null, codes / nested_absmax / nested_code /
-// offset (double quantization, nested blocks of 256). Returns 0, or what failed.
 auto activation_tma(const void* p, int rows, int cols) {
   Tensor t = make_tensor(make_gmem_ptr(reinterpret_cast<const T*>(p)), make_shape(rows, cols), make_stride(cols, Int<1>{}));
   return make_tma_atom(SM90_TMA_LOAD{}, t, SmemLayoutB{}(_, _, 0), make_shape(Int<kBN>{}, Int<kBK>{}));
 }
 
 template <bool kTrans, bool kLora>
-int launch(int mode, int m, int n, int k, const void* act, const void* packed, const Scales& sc, const void* lora_w,
-           int r, const void* lora_act, void* y, void* stream) {
-  const int reduction = kTrans ? n : k, features = kTrans ? k : n;
-  auto tma_b = activation_tma(act, m, reduction);
-  auto tma_u = kLora ? activation_tma(lora_act, m, r) : tma_b;  // same type either way
+const char* launch(const Nf4SsProblem& p, cudaStream_t stream) {
+  const int reduction = kTrans ? p.n : p.k, features = kTrans ? p.k : p.n;
+  auto tma_b = activation_tma(p.act, p.m, reduction);
+  auto tma_u = kLora ? activation_tma(p.lora_act, p.m, p.r) : tma_b;  // the same type either way
   auto kernel = nf4_ss_gemm_kernel<kTrans, kLora, decltype(tma_b), decltype(tma_u)>;
   const int smem = static_cast<int>(sizeof(SharedStorage));
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) return 3;
-  const dim3 grid((features + kBM - 1) / kBM, (m + kBN - 1) / kBN);
-  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-      m, n, k, static_cast<const uint8_t*>(packed), sc, tma_b, static_cast<const __nv_bfloat16*>(lora_w), r, tma_u,
-      static_cast<__nv_bfloat16*>(y), mode);
-  return cudaGetLastError() == cudaSuccess ? 0 : 4;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+    return "cudaFuncSetAttribute (dynamic shared memory) failed";
+  }
+  const Scales sc{p.absmax, p.codes, p.nested_absmax, p.nested_code, p.offset};
+  const dim3 grid((features + kBM - 1) / kBM, (p.m + kBN - 1) / kBN);
+  kernel<<<grid, kThreads, smem, stream>>>(p.m, p.n, p.k, p.packed, sc, tma_b,
+                                           static_cast<const __nv_bfloat16*>(p.lora_w), p.r, tma_u,
+                                           static_cast<const __nv_bfloat16*>(p.bias), static_cast<__nv_bfloat16*>(p.y),
+                                           p.skip_decode);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
-// LoRA when r > 0: lora_w = lora_B [n, r] (forward) or lora_A [r, k] (backward), lora_act = u or du
-// [m, r], both bf16, r % 8 == 0 and 16-byte aligned.
-extern "C" int nf4_ss_gemm(int mode, int trans, int m, int n, int k, const void* act, const void* packed,
-                           const void* absmax, const void* codes, const void* nested_absmax, const void* nested_code,
-                           float offset, const void* lora_w, int r, const void* lora_act, void* y, void* stream) {
-  // TMA: the activations' rows 16-byte aligned (backward: n % 8 == 0; LoRA: r % 8 == 0).
-  if (k % kBK != 0 || m < 1 || n < 1 || (trans && n % 8 != 0) || r < 0 || r % 8 != 0) return 1;
-  if (reinterpret_cast<uintptr_t>(act) % 16 != 0 || reinterpret_cast<uintptr_t>(packed) % 16 != 0) return 2;
-  if (r > 0 && (reinterpret_cast<uintptr_t>(lora_w) % 16 != 0 || reinterpret_cast<uintptr_t>(lora_act) % 16 != 0)) return 2;
-  const Scales sc{static_cast<const float*>(absmax), static_cast<const uint8_t*>(codes),
-                  static_cast<const float*>(nested_absmax), static_cast<const float*>(nested_code), offset};
-  if (r > 0) {
-    return trans ? launch<true, true>(mode, m, n, k, act, packed, sc, lora_w, r, lora_act, y, stream)
-                 : launch<false, true>(mode, m, n, k, act, packed, sc, lora_w, r, lora_act, y, stream);
+bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
+
+}  // namespace nf4_ss_detail
+
+const char* nf4_ss_gemm_check(const Nf4SsProblem& p) {
+  using namespace nf4_ss_detail;
+  if (p.m < 1 || p.n < 1 || p.k < 1 || p.k % kBK != 0) return "needs m, n >= 1 and k a positive multiple of 64";
+  if (p.trans && p.n % 8 != 0) return "needs n % 8 == 0 backward (dY's rows 16-byte aligned for TMA)";
+  if (p.r < 0 || p.r % 8 != 0) return "needs the LoRA rank r % 8 == 0";
+  if (!aligned16(p.act) || !aligned16(p.packed) || !aligned16(p.y)) return "needs 16-byte aligned act, packed and y";
+  if (p.r > 0 && (!aligned16(p.lora_w) || !aligned16(p.lora_act))) return "needs 16-byte aligned LoRA tensors";
+  if (p.trans && p.bias != nullptr) return "takes a bias forward only";
+  if (p.absmax == nullptr && (p.codes == nullptr || p.nested_absmax == nullptr || p.nested_code == nullptr)) {
+    return "needs absmax, or codes, nested_absmax and nested_code";
   }
-  return trans ? launch<true, false>(mode, m, n, k, act, packed, sc, nullptr, 0, nullptr, y, stream)
-               : launch<false, false>(mode, m, n, k, act, packed, sc, nullptr, 0, nullptr, y, stream);
+  return nullptr;
 }
+
+const char* nf4_ss_gemm_run(const Nf4SsProblem& p, cudaStream_t stream) {
+  using namespace nf4_ss_detail;
+  if (const char* why = nf4_ss_gemm_check(p)) return why;
+  if (p.r > 0) return p.trans ? launch<true, true>(p, stream) : launch<false, true>(p, stream);
+  return p.trans ? launch<true, false>(p, stream) : launch<false, false>(p, stream);
+}
+
+}  // namespace lora_fused::sm90

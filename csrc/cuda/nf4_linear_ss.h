@@ -1,0 +1,31 @@
+// nf4_linear's and nf4_linear_grad_input's path through the NF4 GEMM with a decoding warpgroup
+// (sm90/nf4_ss_gemm.cu) on Hopper: no 16-bit slab of W forward or backward, and the LoRA term as r
+// more reduction columns of the same GEMM. Opt-in (LORA_FUSED_NF4_GEMM=ss) until a GPU has run it.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "nf4_linear.h"
+
+namespace lora_fused {
+namespace cuda {
+
+// Whether LORA_FUSED_NF4_GEMM=ss asks for this path (read at each call).
+bool nf4_ss_requested();
+
+// out = x @ W^T + bias + u @ lora_B^T (u = lora_u, or lora_scale * x @ lora_A^T made here), and true,
+// where the kernel applies: an sm_90 GPU and build, bf16, blocksize 64, K % 64 == 0, nested blocks of
+// 256 when double-quantized. Else false, out untouched. A rank not a multiple of 8 (or misaligned
+// LoRA tensors) leaves the LoRA term to one addmm after the GEMM. u_out (with lora_A): the u made.
+bool nf4_linear_ss(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
+                   const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
+                   const c10::optional<at::Tensor>& lora_A, double lora_scale, at::Tensor& out,
+                   at::Tensor* u_out = nullptr);
+
+// out = grad_out @ W + du @ lora_A (du = lora_du, or lora_scale * grad_out @ lora_B made here) where
+// the kernel applies (as above, and N % 8 == 0); else false.
+bool nf4_linear_grad_input_ss(const at::Tensor& grad_out, const Nf4Weight& w, const c10::optional<at::Tensor>& lora_du,
+                              const c10::optional<at::Tensor>& lora_A, const c10::optional<at::Tensor>& lora_B,
+                              double lora_scale, at::Tensor& out);
+
+}  // namespace cuda
+}  // namespace lora_fused

@@ -1,0 +1,38 @@
+// Host side of the NF4 GEMM with a decoding warpgroup (nf4_ss_gemm.cu), free of CUTLASS and ATen so
+// that nf4_linear's dispatch (csrc/cuda/) and the probe (scripts/probe_nf4_ss_gemm/) include it alike.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lora_fused::sm90 {
+
+// trans false: y [m, n] = act [m, k] . W^T (+ lora_act [m, r] . lora_B^T + bias);
+// trans true:  y [m, k] = act [m, n] . W (+ lora_act [m, r] . lora_A).
+// W [n, k]: NF4 codes in bitsandbytes' packing, one scale per 64 consecutive elements (k % 64 == 0).
+// All 16-bit tensors bf16, rows contiguous; act, packed, lora_w and lora_act 16-byte aligned.
+struct Nf4SsProblem {
+  int m = 0, n = 0, k = 0;
+  bool trans = false;
+  const void* act = nullptr;
+  const uint8_t* packed = nullptr;
+  const float* absmax = nullptr;         // fp32 scale per block, or null with the three below
+  const uint8_t* codes = nullptr;        // double quantization: 8-bit code per block,
+  const float* nested_absmax = nullptr;  // one per 256 codes,
+  const float* nested_code = nullptr;    // 256 entries,
+  float offset = 0.f;                    // scale = nested_code[code] * nested_absmax[block / 256] + offset
+  const void* lora_w = nullptr;          // lora_B [n, r] (forward) or lora_A [r, k] (backward)
+  const void* lora_act = nullptr;        // u = s x A^T or du = s dY B, [m, r]
+  int r = 0;                             // 0: no LoRA term; else r % 8 == 0
+  const void* bias = nullptr;            // [n], forward only
+  void* y = nullptr;
+  bool skip_decode = false;  // probes only: the A tiles are left stale (wrong results), to time the rest
+};
+
+// nullptr when the kernel takes p (shapes, strides, alignments), else why not.
+const char* nf4_ss_gemm_check(const Nf4SsProblem& p);
+
+// Runs it on `stream`: nullptr on success, else what failed. The caller checks first.
+const char* nf4_ss_gemm_run(const Nf4SsProblem& p, cudaStream_t stream);
+
+}  // namespace lora_fused::sm90
