@@ -12,7 +12,7 @@
 // 64, K % 64 == 0; fp32 or double-quantized absmax). Swapped like the CUTLASS kernel: the MMA's M is
 // the output features (A, 128 per tile: W's rows forward, its columns backward), its N the tokens
 // (B, 256 per tile), so a W tile is decoded once per 256 tokens.
-// - Warpgroup 0 (80 registers) decodes the A tile, one k-tile (64 along the reduction) at a time.
+// - Warpgroup 0 decodes the A tile, one k-tile (64 along the reduction) at a time.
 //   Each thread takes 64 elements of one W row = one quantization block: forward, row t of the tile;
 //   backward, W row kt * 64 + t / 2, columns 64 (t % 2) ... of the tile. 32 bytes of codes (loaded
 //   two k-tiles ahead), the block's scale, 8 x 8 levels by byte_perm (cuda/nf4_levels_bf16.cuh) times
@@ -20,7 +20,7 @@
 //   forward, MN-major backward: 8 consecutive W columns are contiguous in both); then a proxy fence
 //   and an mbarrier arrive. Its thread 0 also issues the TMA load of the activation tile [256, 64].
 //   Rows past N decode to zeros (backward they are summed), columns past K are never stored.
-// - Warpgroups 1-2 (216 registers): 64 output features x 256 tokens each, wgmma m64n256k16 from
+// - Warpgroups 1-2: 64 output features x 256 tokens each, wgmma m64n256k16 from
 //   shared memory, fp32 accumulators; a stage is released once the next k-tile's wgmmas are issued.
 // - Epilogue: fp32 (+ bias, forward) -> bf16 stores straight from the accumulators (transposed:
 //   2-byte stores).
@@ -29,14 +29,14 @@
 //   (du = s dY B). The decode warpgroup copies lora_B's rows (forward) or lora_A's rows (backward)
 //   into those k-tiles of A (zeros past r), and TMA loads u or du as their B tiles: the LoRA term
 //   costs ceil(r / 64) more k-tiles, no pass over the output.
-// 4 stages of 16 + 32 KiB. Non-persistent grid (features / 128, M / 256).
+// 4 stages of 16 + 32 KiB. Non-persistent grid (features / 128, M / 256). Every thread fits in 168
+// registers (ptxas, no spills), so no setmaxnreg: a producer over its lowered budget would be wrong.
 // skip_decode (probes) leaves the A tiles stale (results are wrong): the cost of decoding.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
 
 #include "cuda/nf4_levels_bf16.cuh"
 #include "cuda/sm90/nf4_ss_gemm.h"
@@ -129,7 +129,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (wg == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<80>();
     const int t = threadIdx.x;
     Tensor mB = tma_b.get_tma_tensor(make_shape(m, reduction));
     Tensor gB = local_tile(mB, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(tile_m, _));  // (kBN, kBK, k_tiles)
@@ -222,7 +221,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       next = ahead;
     }
   } else {
-    cutlass::arch::warpgroup_reg_alloc<216>();
     TiledMma<kTrans> mma;
     auto thr = mma.get_thread_slice(threadIdx.x - 128);
     Tensor tCsA = thr.partition_A(sA);  // (MMA, MMA_M, MMA_K, kStages)
