@@ -4,6 +4,9 @@ float64 with the exact decoded weight, with and without bias and LoRA (in the ke
 added after it otherwise), ragged M, N and K, strided inputs, plain and double-quantized absmax; and,
 from the profiler, that the kernel ran where it applies and not where it does not."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -24,6 +27,32 @@ SHAPES = [(17, 96, 64), (300, 136, 320), (1000, 1008, 2048), (4097, 264, 1024), 
 @pytest.fixture(autouse=True)
 def _ss(monkeypatch):
     monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "ss")
+
+
+SMOKE = """
+import os, torch, lora_fused
+from lora_fused import nf4, _ops
+os.environ["LORA_FUSED_NF4_GEMM"] = "ss"
+p, s = nf4.quantize(torch.randn(264, 320, device="cuda") / 16)
+x = torch.randn(300, 320, device="cuda", dtype=torch.bfloat16)
+lora_fused.nf4_linear(x, p, s)
+s2 = s.state2
+_ops.nf4_linear_grad_input(torch.randn(300, 264, device="cuda", dtype=torch.bfloat16), p, s.absmax, s2.absmax, s2.code,
+                           float(s.offset), 64, 256, 320)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _smoke():
+    # One forward and one backward call in a child process first: a kernel that hangs (a pipeline
+    # barrier never completing) fails this module in a minute instead of hanging the test run.
+    try:
+        done = subprocess.run([sys.executable, "-c", SMOKE], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the NF4 SS GEMM did not finish a small forward and backward call in 120 s (hang?)")
+    if done.returncode != 0:
+        pytest.fail(f"the NF4 SS GEMM smoke run failed:\n{done.stderr[-2000:]}")
 
 
 def _ss_launches(fn):
