@@ -4,7 +4,7 @@
 
 #include "cuda/sm90/nf4_ss_gemm.h"
 
-// mode 1: skip the decode (timing only). absmax fp32, or null with codes / nested_absmax / nested_code
+// mode: Nf4SsProblem's probe flags (1: skip the decode, 2: skip the output stores; timing only). absmax fp32, or null with codes / nested_absmax / nested_code
 // / offset; r > 0: lora_w (lora_B forward, lora_A backward) and lora_act (u or du). Returns 0, or 1
 // when the kernel does not take the problem, 2 when the launch failed (the reason is printed).
 extern "C" int nf4_ss_gemm(int mode, int trans, int m, int n, int k, const void* act, const void* packed,
@@ -26,7 +26,7 @@ extern "C" int nf4_ss_gemm(int mode, int trans, int m, int n, int k, const void*
   p.r = r;
   p.lora_act = lora_act;
   p.y = y;
-  p.skip_decode = mode == 1;
+  p.probe_flags = mode;
   if (const char* why = lora_fused::sm90::nf4_ss_gemm_check(p)) {
     std::fprintf(stderr, "nf4_ss_gemm: %s\n", why);
     return 1;

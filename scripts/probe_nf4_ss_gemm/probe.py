@@ -3,7 +3,7 @@ dX = dY W, beside cuBLAS on the dequantized bf16 weight and what lora_fused runs
 NF4 GEMM that converts in the MMA warps' registers (torch.ops.lora_fused.nf4_gemm_sm90, forward
 only) and nf4_linear / nf4_linear_grad_input (the slab path from 2048 tokens). Every result is
 checked against float64 first (NaN-poisoned output; ragged M, N and K included). Mode 1 (no
-decode: the A tiles hold stale data) times the MMA pipeline alone. With --lora R (default 16; 0:
+decode: the A tiles hold stale data) times the MMA pipeline alone, mode 2 all but the output stores. With --lora R (default 16; 0:
 none), each case runs again with the LoRA term as R more reduction columns ([x | u] [W | B]^T,
 [dY | du] [W ; A]; u = s x A^T and du = s dY B made by cuBLAS and timed with it) beside lora_fused's
 qlora forward / input gradient today (nf4_linear / nf4_linear_grad_input given the LoRA pair).
@@ -99,6 +99,7 @@ for shape in args.shapes.split(","):
                     continue
                 t_ours = bench(lambda: ours(0, y))
                 t_nodecode = bench(lambda: ours(1, y))
+                t_nostores = bench(lambda: ours(2, y))
                 if trans:
                     t_lf = bench(lambda: _ops.nf4_linear_grad_input(act, *lf_args, k))
                     t_rs = float("nan")
@@ -106,7 +107,7 @@ for shape in args.shapes.split(","):
                     t_lf = bench(lambda: _ops.nf4_linear(act, *lf_args, n))
                     t_rs = bench(lambda: rs(act, packed, scales_t, n, 256 if m > 128 else 128)) if rs else float("nan")
                 tf = 2 * m * n * k / t_ours / 1e6
-                print(f"{line}; us: ours {t_ours:.1f} ({tf:.0f} TF/s, {t_ours / t_cublas:.3f}x cuBLAS), no decode {t_nodecode:.1f}, "
+                print(f"{line}; us: ours {t_ours:.1f} ({tf:.0f} TF/s, {t_ours / t_cublas:.3f}x cuBLAS), no decode {t_nodecode:.1f}, no stores {t_nostores:.1f}, "
                       f"CUTLASS RS {t_rs:.1f} ({t_rs / t_cublas:.3f}x), lora_fused today {t_lf:.1f} ({t_lf / t_cublas:.3f}x), "
                       f"cuBLAS bf16 {t_cublas:.1f}", flush=True)
     del w, w16, w_used, packed

@@ -31,7 +31,7 @@
 //   costs ceil(r / 64) more k-tiles, no pass over the output.
 // 4 stages of 16 + 32 KiB. Non-persistent grid (features / 128, M / 256). Every thread fits in 168
 // registers (ptxas, no spills), so no setmaxnreg: a producer over its lowered budget would be wrong.
-// skip_decode (probes) leaves the A tiles stale (results are wrong): the cost of decoding.
+// Probe flags (nf4_ss_gemm.h) skip the decode or the output stores, to time what is left.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     nf4_ss_gemm_kernel(int m, int n, int k, const uint8_t* __restrict__ packed, Scales scales,
                        CUTE_GRID_CONSTANT TmaB const tma_b, const __nv_bfloat16* __restrict__ lora_w, int r,
                        CUTE_GRID_CONSTANT TmaU const tma_u, const __nv_bfloat16* __restrict__ bias,
-                       __nv_bfloat16* __restrict__ y, bool skip_decode) {
+                       __nv_bfloat16* __restrict__ y, int probe_flags) {
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   Tensor sA = make_tensor(make_smem_ptr(ss.a.begin()), SmemLayoutA<kTrans>{});  // (kBM, kBK, kStages)
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint32_t addr = a_base + s * (kBM * kBK * 2) + 16 * (c ^ key);
           asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
         }
-      } else if (!skip_decode) {
+      } else if (!(probe_flags & Nf4SsProblem::kSkipDecode)) {
         const float scale = cur.ok ? scales.finish(cur.s, ss.nested_code) : 0.f;
         const __nv_bfloat162 s2 = __float2bfloat162_rn(scale);
         const uint32_t words[8] = {cur.a.x, cur.a.y, cur.a.z, cur.a.w, cur.b.x, cur.b.y, cur.b.z, cur.b.w};
@@ -247,6 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor cC = make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{});
     Tensor tCcC = thr.partition_C(cC);  // (weight row, token) of each accumulator
     const int64_t f0 = static_cast<int64_t>(tile_f) * kBM, m0 = static_cast<int64_t>(tile_m) * kBN;
+    if (probe_flags & Nf4SsProblem::kSkipStores) return;
 #pragma unroll
     for (int i = 0; i < size(acc); ++i) {
       const int64_t f = f0 + get<0>(tCcC(i)), tok = m0 + get<1>(tCcC(i));
@@ -277,7 +278,7 @@ const char* launch(const Nf4SsProblem& p, cudaStream_t stream) {
   kernel<<<grid, kThreads, smem, stream>>>(p.m, p.n, p.k, p.packed, sc, tma_b,
                                            static_cast<const __nv_bfloat16*>(p.lora_w), p.r, tma_u,
                                            static_cast<const __nv_bfloat16*>(p.bias), static_cast<__nv_bfloat16*>(p.y),
-                                           p.skip_decode);
+                                           p.probe_flags);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }

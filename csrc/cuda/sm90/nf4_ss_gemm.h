@@ -26,7 +26,10 @@ struct Nf4SsProblem {
   int r = 0;                             // 0: no LoRA term; else r % 8 == 0
   const void* bias = nullptr;            // [n], forward only
   void* y = nullptr;
-  bool skip_decode = false;  // probes only: the A tiles are left stale (wrong results), to time the rest
+  // Probes only (results are wrong): kSkipDecode leaves the A tiles stale, kSkipStores writes no
+  // output, to time the rest.
+  static constexpr int kSkipDecode = 1, kSkipStores = 2;
+  int probe_flags = 0;
 };
 
 // nullptr when the kernel takes p (shapes, strides, alignments), else why not.
