@@ -23,6 +23,12 @@ bool nf4_ss_requested() {
 #if LORA_FUSED_WITH_SM90
 namespace {
 
+// LORA_FUSED_NF4_SS_EPILOGUE=staged: the epilogue through shared memory (nf4_ss_gemm.h).
+bool staged_epilogue() {
+  const char* env = std::getenv("LORA_FUSED_NF4_SS_EPILOGUE");
+  return env != nullptr && std::strcmp(env, "staged") == 0;
+}
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // What the kernel needs of the weight and the activation's dtype and sizes (int32 problem sizes).
@@ -50,6 +56,7 @@ sm90::Nf4SsProblem problem(const at::Tensor& act, const Nf4Weight& w, bool trans
     p.absmax = w.absmax.data_ptr<float>();
   }
   p.y = y.data_ptr();
+  p.staged_epilogue = staged_epilogue();
   return p;
 }
 

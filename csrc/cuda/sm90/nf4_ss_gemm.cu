@@ -23,7 +23,8 @@
 // - Warpgroups 1-2: 64 output features x 256 tokens each, wgmma m64n256k16 from
 //   shared memory, fp32 accumulators; a stage is released once the next k-tile's wgmmas are issued.
 // - Epilogue: fp32 (+ bias, forward) -> bf16 stores straight from the accumulators (transposed:
-//   2-byte stores).
+//   2-byte stores), or (staged_epilogue) through shared memory as [256 tokens][128 features], then
+//   16-byte stores along each token's features.
 // - With LoRA (kLora), the reduction runs on over the rank as whole k-tiles, one GEMM over [K | r]:
 //   forward y = [x | u] [W | B]^T (u = s x A^T, made before), backward dX = [dY | du] [W ; A]
 //   (du = s dY B). The decode warpgroup copies lora_B's rows (forward) or lora_A's rows (backward)
@@ -102,7 +103,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     nf4_ss_gemm_kernel(int m, int n, int k, const uint8_t* __restrict__ packed, Scales scales,
                        CUTE_GRID_CONSTANT TmaB const tma_b, const __nv_bfloat16* __restrict__ lora_w, int r,
                        CUTE_GRID_CONSTANT TmaU const tma_u, const __nv_bfloat16* __restrict__ bias,
-                       __nv_bfloat16* __restrict__ y, int probe_flags) {
+                       __nv_bfloat16* __restrict__ y, int probe_flags, bool staged) {
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   Tensor sA = make_tensor(make_smem_ptr(ss.a.begin()), SmemLayoutA<kTrans>{});  // (kBM, kBK, kStages)
@@ -248,11 +249,42 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor tCcC = thr.partition_C(cC);  // (weight row, token) of each accumulator
     const int64_t f0 = static_cast<int64_t>(tile_f) * kBM, m0 = static_cast<int64_t>(tile_m) * kBN;
     if (probe_flags & Nf4SsProblem::kSkipStores) return;
+    if (!staged) {
+#pragma unroll
+      for (int i = 0; i < size(acc); ++i) {
+        const int64_t f = f0 + get<0>(tCcC(i)), tok = m0 + get<1>(tCcC(i));
+        if (f < features && tok < m) {
+          y[tok * features + f] = __float2bfloat16_rn(bias != nullptr ? acc(i) + __bfloat162float(bias[f]) : acc(i));
+        }
+      }
+      return;
+    }
+    // Staged: the tile as [kBN tokens][kBM features] bf16 over the (now idle) stage buffers, rows
+    // padded to 272 bytes (16-byte aligned; the 4 token pairs of a quad land 8 banks apart). Both
+    // MMA warpgroups must be past their last wgmma (which read these buffers) before anyone writes.
+    constexpr int kLd = kBM + 8;
+    static_assert(kBN * kLd * 2 <= kBM * kBK * kStages * 2 + kBN * kBK * kStages * 2, "staging fits the stages");
+    __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
 #pragma unroll
     for (int i = 0; i < size(acc); ++i) {
-      const int64_t f = f0 + get<0>(tCcC(i)), tok = m0 + get<1>(tCcC(i));
-      if (f < features && tok < m) {
-        y[tok * features + f] = __float2bfloat16_rn(bias != nullptr ? acc(i) + __bfloat162float(bias[f]) : acc(i));
+      const int fl = get<0>(tCcC(i)), tl = get<1>(tCcC(i));
+      const int64_t f = f0 + fl;
+      const float b = bias != nullptr && f < features ? __bfloat162float(bias[f]) : 0.f;
+      stage[tl * kLd + fl] = __float2bfloat16_rn(acc(i) + b);
+    }
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+    const bool vec = features % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+    for (int q = threadIdx.x - 128; q < kBN * (kBM / 8); q += 256) {
+      const int tl = q / (kBM / 8), c8 = 8 * (q % (kBM / 8));
+      const int64_t tok = m0 + tl, f = f0 + c8;
+      if (tok >= m || f >= features) continue;
+      const __nv_bfloat16* src = stage + tl * kLd + c8;
+      __nv_bfloat16* dst = y + tok * features + f;
+      if (vec) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+      } else {
+        for (int e = 0; e < 8 && f + e < features; ++e) dst[e] = src[e];
       }
     }
   }
@@ -278,7 +310,7 @@ const char* launch(const Nf4SsProblem& p, cudaStream_t stream) {
   kernel<<<grid, kThreads, smem, stream>>>(p.m, p.n, p.k, p.packed, sc, tma_b,
                                            static_cast<const __nv_bfloat16*>(p.lora_w), p.r, tma_u,
                                            static_cast<const __nv_bfloat16*>(p.bias), static_cast<__nv_bfloat16*>(p.y),
-                                           p.probe_flags);
+                                           p.probe_flags, p.staged_epilogue);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }

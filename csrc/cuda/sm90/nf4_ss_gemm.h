@@ -30,6 +30,9 @@ struct Nf4SsProblem {
   // output, to time the rest.
   static constexpr int kSkipDecode = 1, kSkipStores = 2;
   int probe_flags = 0;
+  // The epilogue through shared memory (16-byte coalesced stores of each token's features) instead of
+  // 2-byte stores straight from the accumulators; which is faster is for a GPU to say.
+  bool staged_epilogue = false;
 };
 
 // nullptr when the kernel takes p (shapes, strides, alignments), else why not.
