@@ -29,11 +29,12 @@ def _ss(monkeypatch):
     monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "ss")
 
 
-@pytest.fixture(params=["direct", "staged"])
+@pytest.fixture(params=["direct", "staged", "persistent"])
 def epilogue(request, monkeypatch):
-    # The kernel's two epilogues: 2-byte stores from the accumulators, or through shared memory.
-    if request.param == "staged":
-        monkeypatch.setenv("LORA_FUSED_NF4_SS_EPILOGUE", "staged")
+    # The kernel's variants: 2-byte stores from the accumulators, a CTA per tile; through shared
+    # memory; direct stores on a persistent grid (a CTA per SM walking the tiles).
+    if request.param != "direct":
+        monkeypatch.setenv("LORA_FUSED_NF4_SS_EPILOGUE", request.param)
     return request.param
 
 

@@ -23,10 +23,11 @@ bool nf4_ss_requested() {
 #if LORA_FUSED_WITH_SM90
 namespace {
 
-// LORA_FUSED_NF4_SS_EPILOGUE=staged: the epilogue through shared memory (nf4_ss_gemm.h).
-bool staged_epilogue() {
-  const char* env = std::getenv("LORA_FUSED_NF4_SS_EPILOGUE");
-  return env != nullptr && std::strcmp(env, "staged") == 0;
+// LORA_FUSED_NF4_SS_EPILOGUE=staged: the epilogue through shared memory; =persistent: the direct
+// epilogue on a persistent grid (nf4_ss_gemm.h); unset: the direct epilogue, a CTA per tile.
+bool env_is(const char* name, const char* value) {
+  const char* env = std::getenv(name);
+  return env != nullptr && std::strcmp(env, value) == 0;
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -56,7 +57,8 @@ sm90::Nf4SsProblem problem(const at::Tensor& act, const Nf4Weight& w, bool trans
     p.absmax = w.absmax.data_ptr<float>();
   }
   p.y = y.data_ptr();
-  p.staged_epilogue = staged_epilogue();
+  p.staged_epilogue = env_is("LORA_FUSED_NF4_SS_EPILOGUE", "staged");
+  p.persistent = env_is("LORA_FUSED_NF4_SS_EPILOGUE", "persistent");
   return p;
 }
 

@@ -10,7 +10,7 @@ namespace lora_fused {
 namespace cuda {
 
 // Whether LORA_FUSED_NF4_GEMM=ss asks for this path (read at each call). LORA_FUSED_NF4_SS_EPILOGUE=staged
-// picks the kernel's epilogue through shared memory.
+// picks the kernel's epilogue through shared memory, =persistent its persistent grid.
 bool nf4_ss_requested();
 
 // out = x @ W^T + bias + u @ lora_B^T (u = lora_u, or lora_scale * x @ lora_A^T made here), and true,

@@ -5,7 +5,7 @@
 #include "cuda/sm90/nf4_ss_gemm.h"
 
 // mode: Nf4SsProblem's probe flags (1: skip the decode, 2: skip the output stores; timing only), plus
-// 4: the staged epilogue. absmax fp32, or null with codes / nested_absmax / nested_code
+// 4: the staged epilogue, 8: the persistent grid. absmax fp32, or null with codes / nested_absmax / nested_code
 // / offset; r > 0: lora_w (lora_B forward, lora_A backward) and lora_act (u or du). Returns 0, or 1
 // when the kernel does not take the problem, 2 when the launch failed (the reason is printed).
 extern "C" int nf4_ss_gemm(int mode, int trans, int m, int n, int k, const void* act, const void* packed,
@@ -29,6 +29,7 @@ extern "C" int nf4_ss_gemm(int mode, int trans, int m, int n, int k, const void*
   p.y = y;
   p.probe_flags = mode & 3;
   p.staged_epilogue = (mode & 4) != 0;
+  p.persistent = (mode & 8) != 0;
   if (const char* why = lora_fused::sm90::nf4_ss_gemm_check(p)) {
     std::fprintf(stderr, "nf4_ss_gemm: %s\n", why);
     return 1;

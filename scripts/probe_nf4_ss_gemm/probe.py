@@ -3,7 +3,8 @@ dX = dY W, beside cuBLAS on the dequantized bf16 weight and what lora_fused runs
 NF4 GEMM that converts in the MMA warps' registers (torch.ops.lora_fused.nf4_gemm_sm90, forward
 only) and nf4_linear / nf4_linear_grad_input (the slab path from 2048 tokens). Every result is
 checked against float64 first (NaN-poisoned output; ragged M, N and K included), with either
-epilogue (straight from the accumulators, or staged through shared memory: mode 4). Mode 1 (no
+epilogue (straight from the accumulators, or staged through shared memory: mode 4) and grid (a CTA
+per tile, or persistent: mode 8). Mode 1 (no
 decode: the A tiles hold stale data) times the MMA pipeline alone, mode 2 all but the output stores. With --lora R (default 16; 0:
 none), each case runs again with the LoRA term as R more reduction columns ([x | u] [W | B]^T,
 [dY | du] [W ; A]; u = s x A^T and du = s dY B made by cuBLAS and timed with it) beside lora_fused's
@@ -77,7 +78,7 @@ for shape in args.shapes.split(","):
                 ref = ref_base + (la.double() @ (lora_A.double() if trans else lora_B.double().t()) if r else 0)
                 what = f"{'dX = dY W ' if trans else 'y = x W^T '}{k}->{n} M={m}{f' LoRA r={r}' if r else ''}"
                 line, wrong = what + ":", False
-                for mode, name in ((0, ""), (4, "staged ")):  # the two epilogues
+                for mode, name in ((0, ""), (4, "staged "), (8, "persistent ")):  # the kernel's variants
                     y = torch.full((m, feats), float("nan"), device="cuda", dtype=torch.bfloat16)
                     ours(mode, y)
                     torch.cuda.synchronize()
@@ -97,15 +98,17 @@ for shape in args.shapes.split(","):
                 if r:  # ours with its u / du GEMM, against lora_fused's LoRA-merged slab path today
                     t_ours = bench(lambda: ours(0, y, make_u()))
                     t_staged = bench(lambda: ours(4, y, make_u()))
+                    t_pers = bench(lambda: ours(8, y, make_u()))
                     if trans:
                         t_lf = bench(lambda: _ops.nf4_linear_grad_input(act, *lf_args, k, None, lora_A, lora_B, sc))
                     else:
                         t_lf = bench(lambda: _ops.nf4_linear(act, *lf_args, n, None, None, lora_B, lora_A, sc))
-                    print(f"{line}; us: ours + u GEMM {t_ours:.1f} ({t_ours / t_cublas:.3f}x cuBLAS base), staged {t_staged:.1f}, "
+                    print(f"{line}; us: ours + u GEMM {t_ours:.1f} ({t_ours / t_cublas:.3f}x cuBLAS base), staged {t_staged:.1f}, persistent {t_pers:.1f}, "
                           f"lora_fused today {t_lf:.1f} ({t_lf / t_cublas:.3f}x), cuBLAS bf16 base {t_cublas:.1f}", flush=True)
                     continue
                 t_ours = bench(lambda: ours(0, y))
                 t_staged = bench(lambda: ours(4, y))
+                t_pers = bench(lambda: ours(8, y))
                 t_nodecode = bench(lambda: ours(1, y))
                 t_nostores = bench(lambda: ours(2, y))
                 if trans:
@@ -115,7 +118,7 @@ for shape in args.shapes.split(","):
                     t_lf = bench(lambda: _ops.nf4_linear(act, *lf_args, n))
                     t_rs = bench(lambda: rs(act, packed, scales_t, n, 256 if m > 128 else 128)) if rs else float("nan")
                 tf = 2 * m * n * k / t_ours / 1e6
-                print(f"{line}; us: ours {t_ours:.1f} ({tf:.0f} TF/s, {t_ours / t_cublas:.3f}x cuBLAS), staged epilogue {t_staged:.1f}, "
+                print(f"{line}; us: ours {t_ours:.1f} ({tf:.0f} TF/s, {t_ours / t_cublas:.3f}x cuBLAS), staged epilogue {t_staged:.1f}, persistent {t_pers:.1f}, "
                       f"no decode {t_nodecode:.1f}, no stores {t_nostores:.1f}, "
                       f"CUTLASS RS {t_rs:.1f} ({t_rs / t_cublas:.3f}x), lora_fused today {t_lf:.1f} ({t_lf / t_cublas:.3f}x), "
                       f"cuBLAS bf16 {t_cublas:.1f}", flush=True)

@@ -30,7 +30,8 @@
 //   (du = s dY B). The decode warpgroup copies lora_B's rows (forward) or lora_A's rows (backward)
 //   into those k-tiles of A (zeros past r), and TMA loads u or du as their B tiles: the LoRA term
 //   costs ceil(r / 64) more k-tiles, no pass over the output.
-// 4 stages of 16 + 32 KiB. Non-persistent grid (features / 128, M / 256). Every thread fits in 168
+// 4 stages of 16 + 32 KiB. A CTA per output tile, or (persistent) one per SM walking tiles in the same
+// order, its producer filling the next tile's stages while the MMA warpgroups store the last one. Every thread fits in 168
 // registers (ptxas, no spills), so no setmaxnreg: a producer over its lowered budget would be wrong.
 // Probe flags (nf4_ss_gemm.h) skip the decode or the output stores, to time what is left.
 #include <cuda_bf16.h>
@@ -108,8 +109,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   Tensor sA = make_tensor(make_smem_ptr(ss.a.begin()), SmemLayoutA<kTrans>{});  // (kBM, kBK, kStages)
   Tensor sB = make_tensor(make_smem_ptr(ss.b.begin()), SmemLayoutB{});  // (kBN, kBK, kStages)
-  const int tile_f = blockIdx.x, tile_m = blockIdx.y;
   const int features = kTrans ? k : n, reduction = kTrans ? n : k;
+  // Tiles in the order a 2-D grid (features fastest) would run them; a CTA takes tiles blockIdx.x,
+  // + gridDim.x, ... (one with a full grid, several with a persistent one).
+  const int tiles_f = (features + kBM - 1) / kBM, tiles = tiles_f * ((m + kBN - 1) / kBN);
   const int k_tiles_w = (reduction + kBK - 1) / kBK;
   const int k_tiles = k_tiles_w + (kLora ? (r + kBK - 1) / kBK : 0);
   const int wg = threadIdx.x / 128;
@@ -132,36 +135,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {
     const int t = threadIdx.x;
     Tensor mB = tma_b.get_tma_tensor(make_shape(m, reduction));
-    Tensor gB = local_tile(mB, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(tile_m, _));  // (kBN, kBK, k_tiles)
-    auto [tBgB, tBsB] = tma_partition(tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
     Tensor mU = tma_u.get_tma_tensor(make_shape(m, kLora ? r : reduction));
-    Tensor gU = local_tile(mU, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(tile_m, _));  // (kBN, kBK, rank tiles)
-    auto [tUgU, tUsU] = tma_partition(tma_u, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gU));
     constexpr uint32_t kTmaBytes = kBN * kBK * sizeof(T);
-    // This thread's 64 elements of W per k-tile: row `row` (forward fixed, backward + 64 per k-tile),
-    // columns col0 ... col0 + 63 (forward + 64 per k-tile, backward fixed). 32 bytes of codes,
-    // 32-byte aligned (k % 64 == 0), and one quantization block.
-    const int64_t row = kTrans ? t / 2 : static_cast<int64_t>(tile_f) * kBM + t;
-    const int64_t col0 = kTrans ? static_cast<int64_t>(tile_f) * kBM + 64 * (t % 2) : 0;
-    const int64_t row_step = kTrans ? kBK : 0, col_step = kTrans ? 0 : kBK;
-    struct Step {
-      uint4 a, b;
-      Scales::Parts s;
-      bool ok;
-    };
-    const auto load = [&](int kt) {
-      Step st{make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), {0.f, 0u}, false};
-      const int64_t wr = row + row_step * kt, wc = col0 + col_step * kt;
-      if (kt < k_tiles_w && wr < n && wc < k) {
-        const int64_t e = wr * k + wc;  // first element, a multiple of 64
-        const uint4* codes = reinterpret_cast<const uint4*>(packed + e / 2);
-        st.a = __ldg(codes);
-        st.b = __ldg(codes + 1);
-        st.s = scales.load(e / 64);
-        st.ok = true;
-      }
-      return st;
-    };
     // Byte address of this thread's chunk 0 in stage 0, and the XOR key of its 16-byte chunks: the
     // element offsets SmemLayoutA gives (checked on the host for every element of both layouts):
     // K-major, element (row i, column j): 512 (i / 8) + 64 (i % 8) + 8 ((j / 8) ^ (i % 8)) + j % 8;
@@ -170,56 +145,88 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t key = kTrans ? (t / 2) % 8 : t % 8;
     const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(ss.a.begin())) +
                             (kTrans ? 1024 * (t % 2) + 2048 * (t / 16) + 128 * key : 1024 * (t / 8) + 128 * key);
-    Step cur = load(0), next = load(1);
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      const int s = kt % kStages;
-      const uint32_t phase = (kt / kStages) & 1;
-      const Step ahead = load(kt + 2);
-      Barrier::wait(&ss.empty[s], phase ^ 1);  // a fresh barrier passes parity 1 at once
-      if (t == 0) {
-        TxBarrier::arrive_and_expect_tx(&ss.full_b[s], kTmaBytes);
-        if (!kLora || kt < k_tiles_w) {
-          copy(tma_b.with(ss.full_b[s]), tBgB(_, kt), tBsB(_, s));
-        } else {
-          copy(tma_u.with(ss.full_b[s]), tUgU(_, kt - k_tiles_w), tUsU(_, s));
+    int it = 0;  // k-tiles issued by this CTA, over all its tiles: the stage and its phase
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int tile_f = tile % tiles_f, tile_m = tile / tiles_f;
+      Tensor gB = local_tile(mB, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(tile_m, _));  // (kBN, kBK, k_tiles)
+      auto [tBgB, tBsB] = tma_partition(tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+      Tensor gU = local_tile(mU, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(tile_m, _));  // (kBN, kBK, rank tiles)
+      auto [tUgU, tUsU] = tma_partition(tma_u, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gU));
+      // This thread's 64 elements of W per k-tile: row `row` (forward fixed, backward + 64 per k-tile),
+      // columns col0 ... col0 + 63 (forward + 64 per k-tile, backward fixed). 32 bytes of codes,
+      // 32-byte aligned (k % 64 == 0), and one quantization block.
+      const int64_t row = kTrans ? t / 2 : static_cast<int64_t>(tile_f) * kBM + t;
+      const int64_t col0 = kTrans ? static_cast<int64_t>(tile_f) * kBM + 64 * (t % 2) : 0;
+      const int64_t row_step = kTrans ? kBK : 0, col_step = kTrans ? 0 : kBK;
+      struct Step {
+        uint4 a, b;
+        Scales::Parts s;
+        bool ok;
+      };
+      const auto load = [&](int kt) {
+        Step st{make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), {0.f, 0u}, false};
+        const int64_t wr = row + row_step * kt, wc = col0 + col_step * kt;
+        if (kt < k_tiles_w && wr < n && wc < k) {
+          const int64_t e = wr * k + wc;  // first element, a multiple of 64
+          const uint4* codes = reinterpret_cast<const uint4*>(packed + e / 2);
+          st.a = __ldg(codes);
+          st.b = __ldg(codes + 1);
+          st.s = scales.load(e / 64);
+          st.ok = true;
         }
-      }
-      if (kLora && kt >= k_tiles_w) {
-        // The LoRA k-tile: this thread's 64 elements of lora_B row tile_f * 128 + t, ranks j0 ...
-        // (forward), or of lora_A row j0 + t / 2, the same columns as its W elements (backward).
-        const int j0 = (kt - k_tiles_w) * kBK;
-        const int64_t lr = kTrans ? j0 + t / 2 : static_cast<int64_t>(tile_f) * kBM + t;
-        const int64_t lc = kTrans ? col0 : j0;
-        const int64_t rows = kTrans ? r : n, cols = kTrans ? k : r, ld = kTrans ? k : r;
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          uint4 v = make_uint4(0, 0, 0, 0);
-          if (lr < rows && lc + 8 * c < cols) v = __ldg(reinterpret_cast<const uint4*>(lora_w + lr * ld + lc + 8 * c));
-          const uint32_t addr = a_base + s * (kBM * kBK * 2) + 16 * (c ^ key);
-          asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
-        }
-      } else if (!(probe_flags & Nf4SsProblem::kSkipDecode)) {
-        const float scale = cur.ok ? scales.finish(cur.s, ss.nested_code) : 0.f;
-        const __nv_bfloat162 s2 = __float2bfloat162_rn(scale);
-        const uint32_t words[8] = {cur.a.x, cur.a.y, cur.a.z, cur.a.w, cur.b.x, cur.b.y, cur.b.z, cur.b.w};
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          uint32_t o[4];
-          lora_fused::cuda::nf4_levels8_bf16(words[c], o);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            __nv_bfloat162 v = __hmul2(reinterpret_cast<const __nv_bfloat162&>(o[i]), s2);
-            o[i] = reinterpret_cast<const uint32_t&>(v);
+        return st;
+      };
+      Step cur = load(0), next = load(1);
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kStages;
+        const uint32_t phase = (it / kStages) & 1;
+        const Step ahead = load(kt + 2);
+        Barrier::wait(&ss.empty[s], phase ^ 1);  // a fresh barrier passes parity 1 at once
+        if (t == 0) {
+          TxBarrier::arrive_and_expect_tx(&ss.full_b[s], kTmaBytes);
+          if (!kLora || kt < k_tiles_w) {
+            copy(tma_b.with(ss.full_b[s]), tBgB(_, kt), tBsB(_, s));
+          } else {
+            copy(tma_u.with(ss.full_b[s]), tUgU(_, kt - k_tiles_w), tUsU(_, s));
           }
-          // W columns 8c ... 8c + 7 of this thread's 64: one 16-byte chunk of the swizzled layout.
-          const uint32_t addr = a_base + s * (kBM * kBK * 2) + 16 * (c ^ key);
-          asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(o[0]), "r"(o[1]), "r"(o[2]), "r"(o[3]));
         }
+        if (kLora && kt >= k_tiles_w) {
+          // The LoRA k-tile: this thread's 64 elements of lora_B row tile_f * 128 + t, ranks j0 ...
+          // (forward), or of lora_A row j0 + t / 2, the same columns as its W elements (backward).
+          const int j0 = (kt - k_tiles_w) * kBK;
+          const int64_t lr = kTrans ? j0 + t / 2 : static_cast<int64_t>(tile_f) * kBM + t;
+          const int64_t lc = kTrans ? col0 : j0;
+          const int64_t rows = kTrans ? r : n, cols = kTrans ? k : r, ld = kTrans ? k : r;
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (lr < rows && lc + 8 * c < cols) v = __ldg(reinterpret_cast<const uint4*>(lora_w + lr * ld + lc + 8 * c));
+            const uint32_t addr = a_base + s * (kBM * kBK * 2) + 16 * (c ^ key);
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+          }
+        } else if (!(probe_flags & Nf4SsProblem::kSkipDecode)) {
+          const float scale = cur.ok ? scales.finish(cur.s, ss.nested_code) : 0.f;
+          const __nv_bfloat162 s2 = __float2bfloat162_rn(scale);
+          const uint32_t words[8] = {cur.a.x, cur.a.y, cur.a.z, cur.a.w, cur.b.x, cur.b.y, cur.b.z, cur.b.w};
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            uint32_t o[4];
+            lora_fused::cuda::nf4_levels8_bf16(words[c], o);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              __nv_bfloat162 v = __hmul2(reinterpret_cast<const __nv_bfloat162&>(o[i]), s2);
+              o[i] = reinterpret_cast<const uint32_t&>(v);
+            }
+            // W columns 8c ... 8c + 7 of this thread's 64: one 16-byte chunk of the swizzled layout.
+            const uint32_t addr = a_base + s * (kBM * kBK * 2) + 16 * (c ^ key);
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(o[0]), "r"(o[1]), "r"(o[2]), "r"(o[3]));
+          }
+        }
+        cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma
+        Barrier::arrive(&ss.full_a[s]);
+        cur = next;
+        next = ahead;
       }
-      cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma
-      Barrier::arrive(&ss.full_a[s]);
-      cur = next;
-      next = ahead;
     }
   } else {
     TiledMma<kTrans> mma;
@@ -229,62 +236,69 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor tCrA = thr.make_fragment_A(tCsA);  // descriptors
     Tensor tCrB = thr.make_fragment_B(tCsB);
     Tensor acc = partition_fragment_C(mma, Shape<Int<kBM>, Int<kBN>>{});  // (MMA, MMA_M, MMA_N) fp32
-    clear(acc);
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      const int s = kt % kStages;
-      const uint32_t phase = (kt / kStages) & 1;
-      Barrier::wait(&ss.full_a[s], phase);
-      TxBarrier::wait(&ss.full_b[s], phase);
-      warpgroup_fence_operand(acc);
-      warpgroup_arrive();
-      gemm(mma, tCrA(_, _, _, s), tCrB(_, _, _, s), acc);
-      warpgroup_commit_batch();
-      warpgroup_wait<1>();  // k-tile kt - 1's wgmmas are done: its stage can be refilled
-      warpgroup_fence_operand(acc);
-      if (kt > 0) Barrier::arrive(&ss.empty[(kt - 1) % kStages]);
-    }
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc);
     Tensor cC = make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{});
     Tensor tCcC = thr.partition_C(cC);  // (weight row, token) of each accumulator
-    const int64_t f0 = static_cast<int64_t>(tile_f) * kBM, m0 = static_cast<int64_t>(tile_m) * kBN;
-    if (probe_flags & Nf4SsProblem::kSkipStores) return;
-    if (!staged) {
+    int it = 0;  // as the producer's
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int tile_f = tile % tiles_f, tile_m = tile / tiles_f;
+      clear(acc);
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kStages;
+        const uint32_t phase = (it / kStages) & 1;
+        Barrier::wait(&ss.full_a[s], phase);
+        TxBarrier::wait(&ss.full_b[s], phase);
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();
+        gemm(mma, tCrA(_, _, _, s), tCrB(_, _, _, s), acc);
+        warpgroup_commit_batch();
+        warpgroup_wait<1>();  // the previous k-tile's wgmmas are done: its stage can be refilled
+        warpgroup_fence_operand(acc);
+        if (kt > 0) Barrier::arrive(&ss.empty[(it - 1) % kStages]);
+      }
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc);
+      Barrier::arrive(&ss.empty[(it - 1) % kStages]);  // the tile's last stage: the next tile may fill it
+      const int64_t f0 = static_cast<int64_t>(tile_f) * kBM, m0 = static_cast<int64_t>(tile_m) * kBN;
+      if (probe_flags & Nf4SsProblem::kSkipStores) continue;
+      if (!staged) {
+#pragma unroll
+        for (int i = 0; i < size(acc); ++i) {
+          const int64_t f = f0 + get<0>(tCcC(i)), tok = m0 + get<1>(tCcC(i));
+          if (f < features && tok < m) {
+            y[tok * features + f] = __float2bfloat16_rn(bias != nullptr ? acc(i) + __bfloat162float(bias[f]) : acc(i));
+          }
+        }
+        continue;
+      }
+      // Staged (one tile per CTA: the host never pairs it with a persistent grid, whose producer
+      // would be filling these buffers for the next tile): the tile as [kBN tokens][kBM features]
+      // bf16 over the idle stage buffers, rows padded to 272 bytes (16-byte aligned; the 4 token
+      // pairs of a quad land 8 banks apart). Both MMA warpgroups must be past their last wgmma
+      // (which read these buffers) before anyone writes.
+      constexpr int kLd = kBM + 8;
+      static_assert(kBN * kLd * 2 <= kBM * kBK * kStages * 2 + kBN * kBK * kStages * 2, "staging fits the stages");
+      __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
 #pragma unroll
       for (int i = 0; i < size(acc); ++i) {
-        const int64_t f = f0 + get<0>(tCcC(i)), tok = m0 + get<1>(tCcC(i));
-        if (f < features && tok < m) {
-          y[tok * features + f] = __float2bfloat16_rn(bias != nullptr ? acc(i) + __bfloat162float(bias[f]) : acc(i));
-        }
+        const int fl = get<0>(tCcC(i)), tl = get<1>(tCcC(i));
+        const int64_t f = f0 + fl;
+        const float b = bias != nullptr && f < features ? __bfloat162float(bias[f]) : 0.f;
+        stage[tl * kLd + fl] = __float2bfloat16_rn(acc(i) + b);
       }
-      return;
-    }
-    // Staged: the tile as [kBN tokens][kBM features] bf16 over the (now idle) stage buffers, rows
-    // padded to 272 bytes (16-byte aligned; the 4 token pairs of a quad land 8 banks apart). Both
-    // MMA warpgroups must be past their last wgmma (which read these buffers) before anyone writes.
-    constexpr int kLd = kBM + 8;
-    static_assert(kBN * kLd * 2 <= kBM * kBK * kStages * 2 + kBN * kBK * kStages * 2, "staging fits the stages");
-    __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(smem_raw);
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");
-#pragma unroll
-    for (int i = 0; i < size(acc); ++i) {
-      const int fl = get<0>(tCcC(i)), tl = get<1>(tCcC(i));
-      const int64_t f = f0 + fl;
-      const float b = bias != nullptr && f < features ? __bfloat162float(bias[f]) : 0.f;
-      stage[tl * kLd + fl] = __float2bfloat16_rn(acc(i) + b);
-    }
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    const bool vec = features % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
-    for (int q = threadIdx.x - 128; q < kBN * (kBM / 8); q += 256) {
-      const int tl = q / (kBM / 8), c8 = 8 * (q % (kBM / 8));
-      const int64_t tok = m0 + tl, f = f0 + c8;
-      if (tok >= m || f >= features) continue;
-      const __nv_bfloat16* src = stage + tl * kLd + c8;
-      __nv_bfloat16* dst = y + tok * features + f;
-      if (vec) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-      } else {
-        for (int e = 0; e < 8 && f + e < features; ++e) dst[e] = src[e];
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      const bool vec = features % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+      for (int q = threadIdx.x - 128; q < kBN * (kBM / 8); q += 256) {
+        const int tl = q / (kBM / 8), c8 = 8 * (q % (kBM / 8));
+        const int64_t tok = m0 + tl, f = f0 + c8;
+        if (tok >= m || f >= features) continue;
+        const __nv_bfloat16* src = stage + tl * kLd + c8;
+        __nv_bfloat16* dst = y + tok * features + f;
+        if (vec) {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+          for (int e = 0; e < 8 && f + e < features; ++e) dst[e] = src[e];
+        }
       }
     }
   }
@@ -306,7 +320,15 @@ const char* launch(const Nf4SsProblem& p, cudaStream_t stream) {
     return "cudaFuncSetAttribute (dynamic shared memory) failed";
   }
   const Scales sc{p.absmax, p.codes, p.nested_absmax, p.nested_code, p.offset};
-  const dim3 grid((features + kBM - 1) / kBM, (p.m + kBN - 1) / kBN);
+  const int tiles = ((features + kBM - 1) / kBM) * ((p.m + kBN - 1) / kBN);
+  int grid = tiles;
+  if (p.persistent) {  // one CTA per SM, each walking its tiles
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      return "cudaDeviceGetAttribute (SM count) failed";
+    }
+    grid = sms < tiles ? sms : tiles;
+  }
   kernel<<<grid, kThreads, smem, stream>>>(p.m, p.n, p.k, p.packed, sc, tma_b,
                                            static_cast<const __nv_bfloat16*>(p.lora_w), p.r, tma_u,
                                            static_cast<const __nv_bfloat16*>(p.bias), static_cast<__nv_bfloat16*>(p.y),
@@ -327,6 +349,7 @@ const char* nf4_ss_gemm_check(const Nf4SsProblem& p) {
   if (!aligned16(p.act) || !aligned16(p.packed) || !aligned16(p.y)) return "needs 16-byte aligned act, packed and y";
   if (p.r > 0 && (!aligned16(p.lora_w) || !aligned16(p.lora_act))) return "needs 16-byte aligned LoRA tensors";
   if (p.trans && p.bias != nullptr) return "takes a bias forward only";
+  if (p.persistent && p.staged_epilogue) return "stages its epilogue only with one tile per CTA (not persistent)";
   if (p.absmax == nullptr && (p.codes == nullptr || p.nested_absmax == nullptr || p.nested_code == nullptr)) {
     return "needs absmax, or codes, nested_absmax and nested_code";
   }

@@ -33,6 +33,9 @@ struct Nf4SsProblem {
   // The epilogue through shared memory (16-byte coalesced stores of each token's features) instead of
   // 2-byte stores straight from the accumulators; which is faster is for a GPU to say.
   bool staged_epilogue = false;
+  // One CTA per SM walking the tiles (the next tile's loads and decode overlap this one's epilogue)
+  // instead of one per tile; not with staged_epilogue.
+  bool persistent = false;
 };
 
 // nullptr when the kernel takes p (shapes, strides, alignments), else why not.
