@@ -1,7 +1,7 @@
 """What smaller slabs cost: qlora_linear and nf4_linear forward+backward at 4096 -> 11008, M = 4096, r = 16,
 with the default slab (a quarter of the weight) against LORA_FUSED_NF4_SLAB_ELEMS budgets down to 10% of
-it (issue 5's peak-memory goal), interleaved in one process; time and the peak memory above what the
-inputs, the output and the gradients take. A development tool.
+it (issue 5's peak-memory goal) and no slab at all (LORA_FUSED_NF4_GEMM=ss), interleaved in one
+process; time and the peak memory above what the inputs, the output and the gradients take. A development tool.
 
     python scripts/ab_slab_size.py [--rounds 3]
 """
@@ -36,16 +36,20 @@ def main():
         "qlora_linear": lambda: torch.autograd.grad(lora_fused.qlora_linear(x, packed, state, A, B, s), (x, A, B), dy),
         "nf4_linear": lambda: torch.autograd.grad(lora_fused.nf4_linear(x, packed, state), (x,), dy),
     }
-    budgets = {"default (1/4)": None, "1/6": n * k // 6, "1/8": n * k // 8, "10%": n * k // 10}
+    # name -> (LORA_FUSED_NF4_SLAB_ELEMS, LORA_FUSED_NF4_GEMM): the slab sizes, and the NF4 GEMM with a
+    # decoding warpgroup, which needs no slab (where the build and GPU have it).
+    budgets = {"default (1/4)": (None, None), "1/6": (n * k // 6, None), "1/8": (n * k // 8, None),
+               "10%": (n * k // 10, None), "none (ss GEMM)": (None, "ss")}
     times = {(c, b): [] for c in cases for b in budgets}
     peak = {}
     for rnd in range(args.rounds):
         for c, fn in cases.items():
-            for b, elems in budgets.items():
-                if elems is None:
-                    os.environ.pop("LORA_FUSED_NF4_SLAB_ELEMS", None)
-                else:
-                    os.environ["LORA_FUSED_NF4_SLAB_ELEMS"] = str(elems)
+            for b, (elems, gemm) in budgets.items():
+                for var, value in (("LORA_FUSED_NF4_SLAB_ELEMS", elems), ("LORA_FUSED_NF4_GEMM", gemm)):
+                    if value is None:
+                        os.environ.pop(var, None)
+                    else:
+                        os.environ[var] = str(value)
                 if rnd == min(1, args.rounds - 1):  # warm (cuBLAS workspaces, plans): the peak of one call
                     # above what is held before it and returned by it
                     torch.cuda.synchronize()
@@ -58,6 +62,7 @@ def main():
                     del grads
                 times[(c, b)].append(do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3)
     os.environ.pop("LORA_FUSED_NF4_SLAB_ELEMS", None)
+    os.environ.pop("LORA_FUSED_NF4_GEMM", None)
     print(f"{torch.cuda.get_device_name()}, M={m} {k}->{n} r={r}, fwd+bwd, {args.rounds} rounds interleaved")
     print("  (extra memory: peak of one call above its inputs, output and returned gradients, % of the bf16 weight)")
     for c in cases:
