@@ -55,7 +55,7 @@ torch.cuda.synchronize()
 @pytest.fixture(scope="module", autouse=True)
 def _smoke():
     # One forward and one backward call in a child process first: a kernel that hangs (a pipeline
-    # barrier never completing) fails this module in a minute instead of hanging the test run.
+    # barrier never completing) fails this module in two minutes instead of hanging the test run.
     try:
         done = subprocess.run([sys.executable, "-c", SMOKE], capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
