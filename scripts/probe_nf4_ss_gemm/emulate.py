@@ -12,9 +12,9 @@ import random
 
 import numpy as np
 
-from lora_fused.nf4 import NF4_CODE
+from lora_fused.nf4 import NF4_LEVELS
 
-LV = np.array(NF4_CODE)
+LV = np.array(NF4_LEVELS)
 kBM, kBN, kBK = 128, 256, 64
 
 
