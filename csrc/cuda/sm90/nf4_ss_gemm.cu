@@ -20,8 +20,9 @@
 //   forward, MN-major backward: 8 consecutive W columns are contiguous in both); then a proxy fence
 //   and an mbarrier arrive. Its thread 0 also issues the TMA load of the activation tile [256, 64].
 //   Rows past N decode to zeros (backward they are summed), columns past K are never stored.
-// - Warpgroups 1-2: 64 output features x 256 tokens each, wgmma m64n256k16 from
-//   shared memory, fp32 accumulators; a stage is released once the next k-tile's wgmmas are issued.
+// - Warpgroups 1-2: 64 output features x 256 tokens each, wgmma m64n256k16 from shared memory,
+//   fp32 accumulators; a stage is released once the next k-tile's wgmmas are issued (the tile's last
+//   one after its wgmmas finish).
 // - Epilogue: fp32 (+ bias, forward) -> bf16 stores straight from the accumulators (transposed:
 //   2-byte stores), or (staged_epilogue) through shared memory as [256 tokens][128 features], then
 //   16-byte stores along each token's features.
@@ -30,9 +31,11 @@
 //   (du = s dY B). The decode warpgroup copies lora_B's rows (forward) or lora_A's rows (backward)
 //   into those k-tiles of A (zeros past r), and TMA loads u or du as their B tiles: the LoRA term
 //   costs ceil(r / 64) more k-tiles, no pass over the output.
-// 4 stages of 16 + 32 KiB. A CTA per output tile, or (persistent) one per SM walking tiles in the same
-// order, its producer filling the next tile's stages while the MMA warpgroups store the last one. Every thread fits in 168
-// registers (ptxas, no spills), so no setmaxnreg: a producer over its lowered budget would be wrong.
+// 4 stages of 16 + 32 KiB. A CTA per output tile, or (persistent) one per SM walking tiles in the
+// same order, its producer filling the next tile's stages while the MMA warpgroups store the last
+// one. Every thread fits in 168 registers (ptxas, no spills), so no setmaxnreg: a producer above a
+// lowered budget would be wrong. Logic checked without a GPU: scripts/probe_nf4_ss_gemm/check_layouts.cu
+// (shared-memory addresses) and emulate.py (indices, barrier protocol).
 // Probe flags (nf4_ss_gemm.h) skip the decode or the output stores, to time what is left.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
