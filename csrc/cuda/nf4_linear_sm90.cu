@@ -43,32 +43,32 @@ __global__ void group_scales_kernel(BlockScales s, int64_t n, int64_t groups, __
   }
 }
 
-enum class Mode { kAuto, kSm90, kSlab };
-
-Mode mode() {
-  const char* env = std::getenv("LORA_FUSED_NF4_GEMM");
-  if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return Mode::kAuto;
-  if (std::strcmp(env, "sm90") == 0) return Mode::kSm90;
-  if (std::strcmp(env, "ss") == 0) return Mode::kAuto;  // nf4_linear_ss.cu's; where it does not apply, as auto
-  TORCH_CHECK(std::strcmp(env, "slab") == 0, "lora_fused.nf4_linear: LORA_FUSED_NF4_GEMM must be auto, sm90, slab or ss; got '",
-              env, "'");
-  return Mode::kSlab;
-}
-
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 }  // namespace
 
+Nf4GemmMode nf4_gemm_mode() {
+  const char* env = std::getenv("LORA_FUSED_NF4_GEMM");
+  if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return Nf4GemmMode::kAuto;
+  if (std::strcmp(env, "sm90") == 0) return Nf4GemmMode::kSm90;
+  if (std::strcmp(env, "ss") == 0) return Nf4GemmMode::kSs;
+  TORCH_CHECK(std::strcmp(env, "slab") == 0, "lora_fused.nf4_linear: LORA_FUSED_NF4_GEMM must be auto, sm90, slab or ss; got '",
+              env, "'");
+  return Nf4GemmMode::kSlab;
+}
+
 bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
                      const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,
                      const c10::optional<at::Tensor>& lora_A, double lora_scale, at::Tensor& out) {
-  const Mode md = mode();
-  if (md == Mode::kSlab) return false;
+  // ss: nf4_linear_ss.cu's kernel, tried first; where it does not apply, as auto here.
+  Nf4GemmMode md = nf4_gemm_mode();
+  if (md == Nf4GemmMode::kSs) md = Nf4GemmMode::kAuto;
+  if (md == Nf4GemmMode::kSlab) return false;
   const int64_t m = x.size(0), n = w.out_features, k = w.in_features;
-  if (md == Mode::kAuto && (m <= 16 || m > kNf4Sm90MaxM)) return false;  // before asking CUTLASS: host time
+  if (md == Nf4GemmMode::kAuto && (m <= 16 || m > kNf4Sm90MaxM)) return false;  // before asking CUTLASS: host time
   const bool takes = x.scalar_type() == at::kBFloat16 && w.blocksize == kGroup && k % kGroup == 0 && n % 8 == 0 &&
                      m >= 1 && aligned16(w.packed) && nf4_gemm_sm90_available() && nf4_gemm_sm90_can_implement(m, n, k);
-  if (md == Mode::kAuto && (!takes || m <= 16 || m > kNf4Sm90MaxM)) return false;
+  if (md == Nf4GemmMode::kAuto && (!takes || m <= 16 || m > kNf4Sm90MaxM)) return false;
   // Forced, a call the GEMM cannot take is an error rather than a silent fallback (tests rely on it).
   TORCH_CHECK(takes, "lora_fused.nf4_linear: LORA_FUSED_NF4_GEMM=sm90, but the Hopper NF4 GEMM takes only bf16 x, blocksize ",
               kGroup, ", K % 64 == 0, N % 8 == 0, a 16-byte aligned weight, on an sm_90 GPU with an sm_90a build; got ",

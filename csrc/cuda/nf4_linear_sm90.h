@@ -8,6 +8,11 @@
 namespace lora_fused {
 namespace cuda {
 
+// LORA_FUSED_NF4_GEMM (read at each call): auto (unset), sm90, slab, or ss (nf4_linear_ss.h); an error
+// for anything else.
+enum class Nf4GemmMode { kAuto, kSm90, kSlab, kSs };
+Nf4GemmMode nf4_gemm_mode();
+
 // Rows of x up to which the Hopper GEMM runs by default: on an H200 (data-parallel tiles) it beat the
 // slab path at every measured shape from 256 to 1024 rows (1.1-1.7x) and lost at 4096 (1.1-1.2x;
 // benchmarks/RESULTS.md). Tiles of 128 tokens up to kNf4Sm90Tile128MaxM rows, else 256 (faster there).

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "cuda/nf4_gemm_sm90.h"
+#include "cuda/nf4_linear_sm90.h"
 #include "gemm.h"
 #if LORA_FUSED_WITH_SM90
 #include "cuda/sm90/nf4_ss_gemm.h"
@@ -15,10 +16,7 @@
 namespace lora_fused {
 namespace cuda {
 
-bool nf4_ss_requested() {
-  const char* env = std::getenv("LORA_FUSED_NF4_GEMM");
-  return env != nullptr && std::strcmp(env, "ss") == 0;
-}
+bool nf4_ss_requested() { return nf4_gemm_mode() == Nf4GemmMode::kSs; }
 
 #if LORA_FUSED_WITH_SM90
 namespace {
