@@ -64,8 +64,7 @@ def main():
             close(_ops.gemm_concat_k(a1, b1, a2, b2, bias), ref, f"gemm_concat_k sm90 M={M} {'nn' if nn else 'nt'}", 2e-2)
         del os.environ["LORA_FUSED_GEMM_CONCAT_K"]
         # The NF4 GEMM with a decoding warpgroup (LORA_FUSED_NF4_GEMM=ss): forward with bias and the
-        # LoRA pair in the kernel (u given: no cuBLAS), input gradient with du given; its three
-        # variants; ragged M, N, K (tiles of 256 tokens, 128 features, 64 columns).
+        # LoRA pair in the kernel (u given: no cuBLAS), input gradient with du given; ragged M, N, K (tiles of 256 tokens, 128 features, 64 columns).
         os.environ["LORA_FUSED_NF4_GEMM"] = "ss"
         M, N, K, r = 37, 136, 192, 16
         packed, state = nf4.quantize(rnd(N, K, dt=torch.float32, sc=K**-0.5))
@@ -74,13 +73,11 @@ def main():
         fwd_args = _nf4_args("nf4_linear", x, packed, state)
         bwd_args = fwd_args[:-1] + (K,)
         w64 = reference.nf4_dequantize(packed, state).to(dev)
-        for variant in ("direct", "staged", "persistent")[: 1 if quick else 3]:
-            os.environ["LORA_FUSED_NF4_SS_EPILOGUE"] = variant
-            y = _ops.nf4_linear(x, *fwd_args, bias, u, B)
-            close(y, x.double() @ w64.t() + u.double() @ B.double().t() + bias.double(), f"nf4 SS GEMM {variant} fwd M={M}", 2e-2)
-            dx = _ops.nf4_linear_grad_input(gy, *bwd_args, du, A)
-            close(dx, gy.double() @ w64 + du.double() @ A.double(), f"nf4 SS GEMM {variant} dX M={M}", 2e-2)
-        del os.environ["LORA_FUSED_NF4_SS_EPILOGUE"], os.environ["LORA_FUSED_NF4_GEMM"]
+        y = _ops.nf4_linear(x, *fwd_args, bias, u, B)
+        close(y, x.double() @ w64.t() + u.double() @ B.double().t() + bias.double(), f"nf4 SS GEMM fwd M={M}", 2e-2)
+        dx = _ops.nf4_linear_grad_input(gy, *bwd_args, du, A)
+        close(dx, gy.double() @ w64 + du.double() @ A.double(), f"nf4 SS GEMM dX M={M}", 2e-2)
+        del os.environ["LORA_FUSED_NF4_GEMM"]
     for M, k, d, r in ((1, 96, 40, 8), (7, 129, 33, 5), (37, 256, 72, 16))[: 1 if quick else 3]:
         x, w, a, b = rnd(M, k), rnd(d, k, sc=k**-0.5), rnd(r, k, sc=k**-0.5), rnd(d, r, sc=0.3)
         close(_ops.lora_shrink(x, a, 2.0), reference.lora_shrink(x, a, 2.0), f"lora_shrink M={M}", 2e-2)

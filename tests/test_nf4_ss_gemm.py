@@ -29,15 +29,6 @@ def _ss(monkeypatch):
     monkeypatch.setenv("LORA_FUSED_NF4_GEMM", "ss")
 
 
-@pytest.fixture(params=["direct", "staged", "persistent"])
-def epilogue(request, monkeypatch):
-    # The kernel's variants: 2-byte stores from the accumulators, a CTA per tile; through shared
-    # memory; direct stores on a persistent grid (a CTA per SM walking the tiles).
-    if request.param != "direct":
-        monkeypatch.setenv("LORA_FUSED_NF4_SS_EPILOGUE", request.param)
-    return request.param
-
-
 SMOKE = """
 import os, torch, lora_fused
 from lora_fused import nf4, _ops
@@ -93,7 +84,7 @@ def _act(m, k, layout):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_forward(M, N, K, r, bias, double_quant, layout, epilogue):
+def test_forward(M, N, K, r, bias, double_quant, layout):
     packed, state = _weight(N, K, double_quant)
     x = _act(M, K, layout)
     bias_t = randn(N, dtype=torch.bfloat16, device="cuda") if bias else None
@@ -102,7 +93,7 @@ def test_forward(M, N, K, r, bias, double_quant, layout, epilogue):
     w = nf4.dequantize(packed, state, torch.bfloat16)
     same = x @ w.t() + (bias_t if bias else 0) + (0.5 * ((x @ a.t()) @ b.t()) if r else 0)
     ref = reference.nf4_linear(x, packed, state, bias_t, a, b, 0.5) if r else reference.nf4_linear(x, packed, state, bias_t)
-    what = f"ss forward M={M} {K}->{N} r={r} bias={bias} dq={double_quant} {layout} {epilogue}"
+    what = f"ss forward M={M} {K}->{N} r={r} bias={bias} dq={double_quant} {layout}"
     poison_allocator("cuda")
     y, launches = _ss_launches(lambda: _ops.nf4_linear(x, *_args(packed, state, N), bias_t, None, b, a, 0.5))
     assert launches == 1, f"{what}: the SS kernel ran {launches} times"
@@ -117,7 +108,7 @@ def test_forward(M, N, K, r, bias, double_quant, layout, epilogue):
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("r,lora_form", [(0, None), (16, "du"), (16, "B"), (12, "du"), (12, "B")])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_grad_input(M, N, K, r, lora_form, double_quant, epilogue):
+def test_grad_input(M, N, K, r, lora_form, double_quant):
     packed, state = _weight(N, K, double_quant)
     g = _act(M, N, "contiguous")
     a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5) if r else None
@@ -127,7 +118,7 @@ def test_grad_input(M, N, K, r, lora_form, double_quant, epilogue):
     w64 = reference.nf4_dequantize(packed, state).to("cuda")
     ref = g.double() @ w64 + ((0.5 * (g.double() @ b.double())) @ a.double() if r else 0)
     same = g @ w + (du @ a if r else 0)
-    what = f"ss grad_input M={M} {K}->{N} r={r} {lora_form} dq={double_quant} {epilogue}"
+    what = f"ss grad_input M={M} {K}->{N} r={r} {lora_form} dq={double_quant}"
     args = _args(packed, state, K)
     if lora_form != "B":  # du given (None without LoRA)
         call = lambda: _ops.nf4_linear_grad_input(g, *args, du, a, None, 0.5)  # noqa: E731
@@ -141,7 +132,7 @@ def test_grad_input(M, N, K, r, lora_form, double_quant, epilogue):
 
 @pytest.mark.parametrize("M,N,K,r", [(300, 136, 320, 16), (1000, 1008, 2048, 64), (4097, 264, 1024, 8), (40, 96, 128, 4)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_qlora_step(M, N, K, r, bias, epilogue):
+def test_qlora_step(M, N, K, r, bias):
     # The layer's forward and backward as training runs them: both GEMMs on the SS kernel.
     packed, state = _weight(N, K, True)
     x = _act(M, K, "contiguous").requires_grad_()

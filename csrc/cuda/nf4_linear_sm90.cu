@@ -27,7 +27,7 @@ constexpr int64_t kGroup = 64;
 // g) and the writes (along rows) are contiguous across a warp: written directly, the reads strided
 // by `groups` bytes and the call took 22 us at 8192->28672 on an H200.
 constexpr int kScaleTile = 32, kScaleRowsPerPass = 8;
-__global__ void group_scales_kernel(BlockScales s, int64_t n, int64_t groups, __nv_bfloat16* __restrict__ out) {
+__global__ void group_scales_kernel(BlockScales s, int64_t n, int64_t groups, int64_t ld, __nv_bfloat16* __restrict__ out) {
   __shared__ float tile[kScaleTile][kScaleTile + 1];
   const int64_t tiles_g = ceil_div<int64_t>(groups, kScaleTile);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) / tiles_g * kScaleTile;
@@ -39,13 +39,26 @@ __global__ void group_scales_kernel(BlockScales s, int64_t n, int64_t groups, __
   __syncthreads();
   for (int i = threadIdx.y; i < kScaleTile; i += kScaleRowsPerPass) {
     const int64_t g = g0 + i, row = r0 + threadIdx.x;
-    if (row < n && g < groups) out[g * n + row] = __float2bfloat16_rn(tile[threadIdx.x][i]);
+    if (row < n && g < groups) out[g * ld + row] = __float2bfloat16_rn(tile[threadIdx.x][i]);
   }
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 }  // namespace
+
+at::Tensor nf4_group_scales(const Nf4Weight& w, int64_t ld) {
+  const int64_t n = w.out_features, groups = w.in_features / kGroup;
+  TORCH_CHECK(w.blocksize == kGroup && w.in_features % kGroup == 0 && ld >= n, "lora_fused: nf4_group_scales needs blocksize ",
+              kGroup, ", K % 64 == 0 and ld >= N; got blocksize ", w.blocksize, ", K=", w.in_features, ", ld=", ld);
+  at::Tensor scales = at::empty({groups, ld}, w.packed.options().dtype(at::kBFloat16));
+  const int64_t tiles = ceil_div<int64_t>(n, kScaleTile) * ceil_div<int64_t>(groups, kScaleTile);
+  group_scales_kernel<<<grid_x(tiles, "lora_fused.nf4_group_scales"), dim3(kScaleTile, kScaleRowsPerPass), 0,
+                        at::cuda::getCurrentCUDAStream()>>>(make_block_scales(w), n, groups, ld,
+                                                            reinterpret_cast<__nv_bfloat16*>(scales.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return scales;
+}
 
 Nf4GemmMode nf4_gemm_mode() {
   const char* env = std::getenv("LORA_FUSED_NF4_GEMM");
@@ -74,14 +87,7 @@ bool nf4_linear_sm90(const at::Tensor& x, const Nf4Weight& w, const c10::optiona
               kGroup, ", K % 64 == 0, N % 8 == 0, a 16-byte aligned weight, on an sm_90 GPU with an sm_90a build; got ",
               x.scalar_type(), " M=", m, " N=", n, " K=", k, " blocksize ", w.blocksize);
   const at::Tensor xc = contiguous_aligned16(x);
-  const int64_t groups = k / kGroup;
-  at::Tensor scales = at::empty({groups, n}, x.options());
-  const int64_t tiles = ceil_div<int64_t>(n, kScaleTile) * ceil_div<int64_t>(groups, kScaleTile);
-  group_scales_kernel<<<grid_x(tiles, "lora_fused.nf4_linear"), dim3(kScaleTile, kScaleRowsPerPass), 0,
-                        at::cuda::getCurrentCUDAStream()>>>(make_block_scales(w), n, groups,
-                                                            reinterpret_cast<__nv_bfloat16*>(scales.data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  out = nf4_gemm_sm90_run(xc, w.packed, scales, n, m <= kNf4Sm90Tile128MaxM ? 128 : 256);
+  out = nf4_gemm_sm90_run(xc, w.packed, nf4_group_scales(w, n), n, m <= kNf4Sm90Tile128MaxM ? 128 : 256);
   // The LoRA term and the bias after the GEMM, one pass each over out ([M, N], M <= 1024): the GEMM's
   // epilogue has no source operand yet.
   if (lora_A.has_value()) {

@@ -13,6 +13,11 @@ namespace cuda {
 enum class Nf4GemmMode { kAuto, kSm90, kSlab, kSs };
 Nf4GemmMode nf4_gemm_mode();
 
+// The blocks' scales of W (blocksize 64, K % 64 == 0) rounded to bf16, group-major: [K / 64, ld],
+// element [g, row] the scale of W[row, 64 g ... 64 g + 63]; columns past N unwritten. The Hopper GEMMs'
+// scale operand, made at each call (N K / 64 values, a few microseconds).
+at::Tensor nf4_group_scales(const Nf4Weight& w, int64_t ld);
+
 // Rows of x up to which the Hopper GEMM runs by default: on an H200 (data-parallel tiles) it beat the
 // slab path at every measured shape from 256 to 1024 rows (1.1-1.7x) and lost at 4096 (1.1-1.2x;
 // benchmarks/RESULTS.md). Tiles of 128 tokens up to kNf4Sm90Tile128MaxM rows, else 256 (faster there).

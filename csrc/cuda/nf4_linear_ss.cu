@@ -3,9 +3,6 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "cuda/nf4_gemm_sm90.h"
 #include "cuda/nf4_linear_sm90.h"
 #include "gemm.h"
@@ -21,24 +18,20 @@ bool nf4_ss_requested() { return nf4_gemm_mode() == Nf4GemmMode::kSs; }
 #if LORA_FUSED_WITH_SM90
 namespace {
 
-// LORA_FUSED_NF4_SS_EPILOGUE=staged: the epilogue through shared memory; =persistent: the direct
-// epilogue on a persistent grid (nf4_ss_gemm.h); unset: the direct epilogue, a CTA per tile.
-bool env_is(const char* name, const char* value) {
-  const char* env = std::getenv(name);
-  return env != nullptr && std::strcmp(env, value) == 0;
-}
+int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // What the kernel needs of the weight and the activation's dtype and sizes (int32 problem sizes).
 bool takes(const at::Tensor& act, const Nf4Weight& w) {
-  const bool nested = w.absmax.scalar_type() == at::kByte;
   return act.scalar_type() == at::kBFloat16 && act.size(0) >= 1 && w.blocksize == 64 && w.in_features % 64 == 0 &&
-         (!nested || w.nested_blocksize == 256) && aligned16(w.packed) && act.size(0) <= INT32_MAX &&
+         aligned16(w.packed) && act.size(0) <= INT32_MAX &&
          w.out_features <= INT32_MAX && w.in_features <= INT32_MAX && nf4_gemm_sm90_available();
 }
 
-sm90::Nf4SsProblem problem(const at::Tensor& act, const Nf4Weight& w, bool trans, const at::Tensor& y) {
+// scales: nf4_group_scales(w, N rounded up to 8), which the caller keeps alive over the launch.
+sm90::Nf4SsProblem problem(const at::Tensor& act, const Nf4Weight& w, bool trans, const at::Tensor& scales,
+                           const at::Tensor& y) {
   sm90::Nf4SsProblem p;
   p.m = static_cast<int>(act.size(0));
   p.n = static_cast<int>(w.out_features);
@@ -46,17 +39,9 @@ sm90::Nf4SsProblem problem(const at::Tensor& act, const Nf4Weight& w, bool trans
   p.trans = trans;
   p.act = act.data_ptr();
   p.packed = w.packed.data_ptr<uint8_t>();
-  if (w.absmax.scalar_type() == at::kByte) {
-    p.codes = w.absmax.data_ptr<uint8_t>();
-    p.nested_absmax = w.nested_absmax->data_ptr<float>();
-    p.nested_code = w.nested_code->data_ptr<float>();
-    p.offset = static_cast<float>(w.offset);
-  } else {
-    p.absmax = w.absmax.data_ptr<float>();
-  }
+  p.scales = scales.data_ptr();
+  p.scales_ld = scales.size(1);
   p.y = y.data_ptr();
-  p.staged_epilogue = env_is("LORA_FUSED_NF4_SS_EPILOGUE", "staged");
-  p.persistent = env_is("LORA_FUSED_NF4_SS_EPILOGUE", "persistent");
   return p;
 }
 
@@ -92,7 +77,8 @@ bool nf4_linear_ss(const at::Tensor& x, const Nf4Weight& w, const c10::optional<
   const int64_t m = x.size(0), n = w.out_features;
   out = at::empty({m, n}, x.options());
   at::Tensor bias_c;
-  sm90::Nf4SsProblem p = problem(xc, w, /*trans=*/false, out);
+  const at::Tensor scales = nf4_group_scales(w, round_up8(n));
+  sm90::Nf4SsProblem p = problem(xc, w, /*trans=*/false, scales, out);
   if (bias.has_value()) {
     bias_c = bias->contiguous();
     p.bias = bias_c.data_ptr();
@@ -121,7 +107,8 @@ bool nf4_linear_grad_input_ss(const at::Tensor& grad_out, const Nf4Weight& w, co
   if (!takes(grad_out, w) || w.out_features % 8 != 0) return false;
   const at::Tensor dyc = contiguous_aligned16(grad_out);
   out = at::empty({grad_out.size(0), w.in_features}, grad_out.options());
-  sm90::Nf4SsProblem p = problem(dyc, w, /*trans=*/true, out);
+  const at::Tensor scales = nf4_group_scales(w, round_up8(w.out_features));
+  sm90::Nf4SsProblem p = problem(dyc, w, /*trans=*/true, scales, out);
   at::Tensor du, a;
   bool lora_after = false;
   if (lora_A.has_value() && (lora_du.has_value() || lora_B.has_value())) {

@@ -10,13 +10,12 @@
 namespace lora_fused {
 namespace cuda {
 
-// Whether LORA_FUSED_NF4_GEMM=ss asks for this path (read at each call). LORA_FUSED_NF4_SS_EPILOGUE=staged
-// picks the kernel's epilogue through shared memory, =persistent its persistent grid.
+// Whether LORA_FUSED_NF4_GEMM=ss asks for this path (read at each call).
 bool nf4_ss_requested();
 
 // out = x @ W^T + bias + u @ lora_B^T (u = lora_u, or lora_scale * x @ lora_A^T made here), and true,
-// where the kernel applies: an sm_90 GPU and build, bf16, blocksize 64, K % 64 == 0, nested blocks of
-// 256 when double-quantized. Else false, out untouched. A rank not a multiple of 8 (or misaligned
+// where the kernel applies: an sm_90 GPU and build, bf16, blocksize 64, K % 64 == 0. Else false, out
+// untouched. A rank not a multiple of 8 (or misaligned
 // LoRA tensors) leaves the LoRA term to one addmm after the GEMM. u_out (with lora_A): the u made.
 bool nf4_linear_ss(const at::Tensor& x, const Nf4Weight& w, const c10::optional<at::Tensor>& bias,
                    const c10::optional<at::Tensor>& lora_u, const c10::optional<at::Tensor>& lora_B,

@@ -1,10 +1,13 @@
 """Checks without a GPU of nf4_ss_gemm.cu's logic, transcribed from the kernel (update it with the
-kernel): (1) the index logic, emulated per CTA, k-tile and decode thread in float64 numpy (which W
-element, scale, LoRA element each thread writes where; every A element written once per k-tile;
-ragged M, N, K; forward, backward, LoRA, bias) against x W^T / dY W; (2) the mbarrier protocol
-(full_a: 128 arrivals, full_b: 1 + TMA bytes, empty: 256 arrivals; the release of a tile's last
-stage; the persistent grid's tile loop) under random interleavings: no deadlock, and every stage
-the MMA warps read holds the k-tile they expect. The shared-memory addresses are check_layouts.cu's.
+kernel): (1) the index logic, emulated per CTA, k-tile and decode thread in float64 numpy (which
+bytes of the TMA code and scale boxes each thread reads, with TMA's zero fill past the tensors; which
+LoRA element; where each lands; every A element written once per k-tile; ragged M, N, K; forward,
+backward, LoRA, bias) against x W^T / dY W; (2) the mbarrier protocol under random interleavings of
+the four decode warps (warp 0's thread issues the TMA loads) and the two MMA warpgroups: the ring
+of code tiles (w_full: 1 + TMA bytes, w_empty: 128 arrivals; loaded kLookahead k-tiles ahead) and
+the stages (full_a: 128 arrivals, full_b: 1 + TMA bytes, empty: 256 arrivals): no deadlock, no code
+slot refilled before all its readers are done, and every slot or stage read holds the k-tile
+expected. The shared-memory addresses are check_layouts.cu's.
 
     python scripts/probe_nf4_ss_gemm/emulate.py   (lora_fused importable: its NF4 code table)
 """
@@ -23,6 +26,7 @@ def emulate_indices(m, n, k, trans, r, bias_on, rng):
     flat = codes.reshape(-1)
     packed = ((flat[0::2] << 4) | flat[1::2]).astype(np.uint8)  # element 2j high nibble
     absmax = rng.random(n * k // 64) + 0.5
+    scales = absmax.reshape(n, k // 64).T  # [k / 64, n], as nf4_group_scales makes them
     W = LV[codes] * np.repeat(absmax, 64).reshape(n, k)
     features, reduction = (k, n) if trans else (n, k)
     act = rng.standard_normal((m, reduction))
@@ -56,15 +60,20 @@ def emulate_indices(m, n, k, trans, r, bias_on, rng):
                                 if lr < rows and lc + 8 * c < cols:
                                     v = lw.reshape(-1)[lr * ld + lc + 8 * c + e]
                             else:
-                                wr, wc = row + row_step * kt, col0 + col_step * kt
-                                v = 0.0
-                                if kt < k_tiles_w and wr < n and wc < k:
-                                    el = wr * k + wc
-                                    byte = packed[el // 2 + (8 * c + e) // 2]
-                                    code = (byte >> 4) if (8 * c + e) % 2 == 0 else (byte & 15)
-                                    v = LV[code] * absmax[el // 64]
-                                else:
-                                    v = LV[0] * 0.0
+                                # The thread's byte 32 t + b of the code box and its scale, zero past
+                                # the tensors (TMA's fill): forward box (128 rows, 32 bytes) at rows
+                                # 128 tile_f, bytes 32 kt, scale box (1 group, 128 rows) at (kt,
+                                # 128 tile_f), index t; backward code box (64 rows, 64 bytes) at rows
+                                # 64 kt, bytes 64 tile_f, scale box (2, 64) at (2 tile_f, 64 kt),
+                                # index 64 (t % 2) + t / 2.
+                                bb = 32 * t + (8 * c + e) // 2
+                                br, bc = (64 * kt + bb // 64, 64 * tile_f + bb % 64) if trans else (tile_f * kBM + bb // 32, 32 * kt + bb % 32)
+                                byte = packed[br * (k // 2) + bc] if br < n and bc < k // 2 else 0
+                                code = (byte >> 4) if (8 * c + e) % 2 == 0 else (byte & 15)
+                                sidx = 64 * (t % 2) + t // 2 if trans else t
+                                sg, sr = (2 * tile_f + sidx // 64, 64 * kt + sidx % 64) if trans else (kt, tile_f * kBM + sidx)
+                                scale = scales[sg, sr] if sg < k // 64 and sr < n else 0.0
+                                v = LV[code] * scale if kt < k_tiles_w else 0.0
                             assert np.isnan(At[i, j]), "written twice"
                             At[i, j] = v
                 assert not np.isnan(At).any(), "unwritten A"
@@ -111,51 +120,76 @@ class Bar:
         last = self.phase - 1
         return (last % 2) == parity if last >= 0 else parity == 1
 
-def simulate_pipeline(tiles, grid, k_tiles, seed):
+K_WSTAGES, LOOKAHEAD = 6, 4
+
+
+def simulate_pipeline(k_tiles, seed):
+    """One CTA (one tile): 4 decode warps (warp 0 holds the thread that issues TMA), 2 MMA warpgroups."""
     rnd = random.Random(seed)
     full_a = [Bar(128) for _ in range(K_STAGES)]
     full_b = [Bar(1) for _ in range(K_STAGES)]
     empty = [Bar(256) for _ in range(K_STAGES)]
-    stage_tag = [None] * K_STAGES
-    for cta in range(grid):
-        my = list(range(cta, tiles, grid))
-        work = [(t, kt) for t in my for kt in range(k_tiles)]
-        # producer state
-        p_it = 0
-        # consumers: per WG: it, phase of op: 'wait', then 'released prev'
-        cons = [{"it": 0, "pending_release": None, "done": False} for _ in range(2)]
-        for b in full_a + full_b + empty:
-            b.__init__(b.count)
-        steps = 0
-        while p_it < len(work) or not all(c["done"] for c in cons):
-            steps += 1
-            assert steps < 100000, "deadlock"
-            who = rnd.randrange(3)
-            if who == 0 and p_it < len(work):
-                s, ph = p_it % K_STAGES, (p_it // K_STAGES) & 1
+    w_full = [Bar(1) for _ in range(K_WSTAGES)]
+    w_empty = [Bar(128) for _ in range(K_WSTAGES)]
+    a_tag = [dict() for _ in range(K_STAGES)]  # warp -> k-tile it wrote into the stage
+    b_tag, w_tag = [None] * K_STAGES, [None] * K_WSTAGES
+    w_reads = [0] * K_WSTAGES  # warps that have read the slot's current k-tile
+
+    def issue_w(j):  # warp 0's thread; False: blocked on w_empty
+        if j >= k_tiles:
+            return True
+        ws = j % K_WSTAGES
+        if not w_empty[ws].done(((j // K_WSTAGES) & 1) ^ 1):
+            return False
+        assert w_tag[ws] is None or w_reads[ws] == 4, "code slot refilled before its readers are done"
+        w_tag[ws], w_reads[ws] = j, 0
+        w_full[ws].arrive()  # the TMA bytes land
+        return True
+
+    for j in range(LOOKAHEAD):
+        assert issue_w(j)
+    warps = [{"kt": 0, "st": "issue" if w == 0 else "wfull"} for w in range(4)]
+    cons = [0, 0]
+    steps = 0
+    while any(w["kt"] < k_tiles for w in warps) or any(c < k_tiles for c in cons):
+        steps += 1
+        assert steps < 200000, "deadlock"
+        who = rnd.randrange(6)
+        if who < 4:
+            w = warps[who]
+            kt = w["kt"]
+            if kt >= k_tiles:
+                continue
+            s, ph, ws = kt % K_STAGES, (kt // K_STAGES) & 1, kt % K_WSTAGES
+            if w["st"] == "issue":
+                if issue_w(kt + LOOKAHEAD):
+                    w["st"] = "wfull"
+            elif w["st"] == "wfull":
+                if w_full[ws].done((kt // K_WSTAGES) & 1):
+                    assert w_tag[ws] == kt, (w_tag[ws], kt)
+                    w_reads[ws] += 1
+                    w_empty[ws].arrive(32)
+                    w["st"] = "empty"
+            elif w["st"] == "empty":
                 if empty[s].done(ph ^ 1):
-                    stage_tag[s] = work[p_it]
-                    full_b[s].arrive()
-                    full_a[s].arrive(128)
-                    p_it += 1
-            elif who > 0:
-                c = cons[who - 1]
-                if c["done"]:
-                    continue
-                it = c["it"]
-                if it >= len(work):
-                    # end of the last tile: release its last stage (already done in-loop below)
-                    c["done"] = True
-                    continue
-                s, ph = it % K_STAGES, (it // K_STAGES) & 1
-                if full_a[s].done(ph) and full_b[s].done(ph):
-                    assert stage_tag[s] == work[it], (stage_tag[s], work[it])
-                    tile, kt = work[it]
-                    if kt > 0:
-                        empty[(it - 1) % K_STAGES].arrive(128)
-                    if kt == k_tiles - 1:
-                        empty[it % K_STAGES].arrive(128)  # the tile's last stage
-                    c["it"] += 1
+                    if who == 0:
+                        b_tag[s] = kt
+                        full_b[s].arrive()
+                    a_tag[s][who] = kt
+                    full_a[s].arrive(32)
+                    w["kt"] += 1
+                    w["st"] = "issue" if who == 0 else "wfull"
+        else:
+            c = who - 4
+            it = cons[c]
+            if it >= k_tiles:
+                continue
+            s, ph = it % K_STAGES, (it // K_STAGES) & 1
+            if full_a[s].done(ph) and full_b[s].done(ph):
+                assert b_tag[s] == it and all(a_tag[s].get(w) == it for w in range(4)), (b_tag[s], a_tag[s], it)
+                if it > 0:
+                    empty[(it - 1) % K_STAGES].arrive(128)
+                cons[c] += 1
     return True
 
 def main():
@@ -163,9 +197,9 @@ def main():
     for args in [(3, 136, 192, 0, 0, 1), (3, 136, 192, 1, 0, 0), (5, 200, 128, 0, 16, 1), (5, 200, 128, 1, 16, 0),
                  (300, 40, 64, 0, 72, 0), (2, 72, 320, 1, 72, 0)]:
         emulate_indices(*args, rng)
-    for tiles, grid, kt in [(1, 1, 1), (1, 1, 7), (5, 5, 3), (10, 3, 5), (7, 2, 1), (9, 4, 66), (3, 1, 4), (6, 2, 2)]:
-        for seed in range(30):
-            simulate_pipeline(tiles, grid, kt, seed)
+    for kt in (1, 2, 3, 4, 5, 6, 7, 11, 66):
+        for seed in range(40):
+            simulate_pipeline(kt, seed)
     print("index logic and pipeline protocol ok")
 
 

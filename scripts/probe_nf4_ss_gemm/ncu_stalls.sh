@@ -12,7 +12,7 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -
 nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -Icsrc -I$S/include -DNDEBUG -lineinfo \
   ${NVCC_EXTRA:-} -Xcompiler -fPIC -shared csrc/cuda/sm90/nf4_ss_gemm.cu scripts/probe_nf4_ss_gemm/entry.cu -o /tmp/nf4_ss_gemm.so \
   > "$OUT/ncu_build.log" 2>&1 || { tail -30 "$OUT/ncu_build.log"; exit 1; }
-args=${*:-4096 4096 11008 4}
+args=${*:-4096 4096 11008 0}
 tag=$(echo $args | tr ' ' _)
 timeout 300 "$NCU" --clock-control none --kernel-name regex:nf4_ss_gemm --launch-skip 2 --launch-count 1 \
   --section WarpStateStats --section SourceCounters --section SpeedOfLight --section SchedulerStats \

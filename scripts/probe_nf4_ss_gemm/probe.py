@@ -2,10 +2,10 @@
 dX = dY W, beside cuBLAS on the dequantized bf16 weight and what lora_fused runs today: the CUTLASS
 NF4 GEMM that converts in the MMA warps' registers (torch.ops.lora_fused.nf4_gemm_sm90, forward
 only) and nf4_linear / nf4_linear_grad_input (the slab path from 2048 tokens). Every result is
-checked against float64 first (NaN-poisoned output; ragged M, N and K included), with either
-epilogue (straight from the accumulators, or staged through shared memory: mode 4) and grid (a CTA
-per tile, or persistent: mode 8). Mode 1 (no
-decode: the A tiles hold stale data) times the MMA pipeline alone, mode 2 all but the output stores. With --lora R (default 16; 0:
+checked against float64 first (NaN-poisoned output; ragged M, N and K included). Mode 1 (no
+decode: the A tiles hold stale data) times the MMA pipeline alone, mode 2 all but the output stores;
+"as the op (ss)" is nf4_linear / nf4_linear_grad_input with LORA_FUSED_NF4_GEMM=ss (with the bf16
+group scales it makes at each call). With --lora R (default 16; 0:
 none), each case runs again with the LoRA term as R more reduction columns ([x | u] [W | B]^T,
 [dY | du] [W ; A]; u = s x A^T and du = s dY B made by cuBLAS and timed with it) beside lora_fused's
 qlora forward / input gradient today (nf4_linear / nf4_linear_grad_input given the LoRA pair).
@@ -33,7 +33,7 @@ ap.add_argument("--shapes", default="4032:4000,4096:11008,11008:4096,4096:4096")
 ap.add_argument("--lora", type=int, default=16)
 args = ap.parse_args()
 lib = ctypes.CDLL(args.lib)
-lib.nf4_ss_gemm.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+lib.nf4_ss_gemm.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int]
                             + [ctypes.c_void_p] * 3)
 ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else 0)  # noqa: E731
 bench = lambda f: tt.do_bench(f, return_mode="median") * 1e3  # noqa: E731
@@ -50,6 +50,9 @@ for shape in args.shapes.split(","):
     w_used = (lv[codes(packed, n, k)] * scales.view(n, k // 64).repeat_interleave(64, dim=1)).double()  # bf16 products
     w16 = nf4.dequantize(packed, state, torch.bfloat16)
     scales_t = scales.view(n, k // 64).t().contiguous()  # [K / 64, N] for nf4_gemm_sm90
+    ld = (n + 7) // 8 * 8  # the SS GEMM's: [K / 64, ld], as nf4_group_scales makes them
+    scales_ss = torch.zeros(k // 64, ld, device="cuda", dtype=torch.bfloat16)
+    scales_ss[:, :n] = scales_t
     lf_args = (packed, state.absmax, s2.absmax, s2.code, float(state.offset), 64, s2.blocksize)
     rank, sc = args.lora, 0.5
     lora_A = torch.randn(rank, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
@@ -70,26 +73,24 @@ for shape in args.shapes.split(","):
                     la = make_u()
 
                 def ours(mode, y, lora_act=None):
-                    rc = lib.nf4_ss_gemm(mode, trans, m, n, k, ptr(act), ptr(packed), None, ptr(state.absmax),
-                                         ptr(s2.absmax), ptr(s2.code), float(state.offset), ptr(lw), r,
+                    rc = lib.nf4_ss_gemm(mode, trans, m, n, k, ptr(act), ptr(packed), ptr(scales_ss), ld, ptr(lw), r,
                                          ptr(lora_act if lora_act is not None else la), ptr(y), stream)
                     assert rc == 0, f"nf4_ss_gemm returned {rc}"
 
                 ref = ref_base + (la.double() @ (lora_A.double() if trans else lora_B.double().t()) if r else 0)
                 what = f"{'dX = dY W ' if trans else 'y = x W^T '}{k}->{n} M={m}{f' LoRA r={r}' if r else ''}"
                 line, wrong = what + ":", False
-                for mode, name in ((0, ""), (4, "staged "), (8, "persistent ")):  # the kernel's variants
-                    y = torch.full((m, feats), float("nan"), device="cuda", dtype=torch.bfloat16)
-                    ours(mode, y)
-                    torch.cuda.synchronize()
-                    err = ((y.double() - ref).norm() / ref.norm()).item()
-                    ok = bool(torch.isfinite(y).all()) and err < 4 * err_cublas + 1e-6
-                    line += f" {name}err {err:.2e}{'' if ok else ' WRONG'}"
-                    if not ok:
-                        diff = (y.double() - ref).abs().nan_to_num(1e30)
-                        line += (f" (non-finite {(~torch.isfinite(y)).sum().item()}, max abs diff {diff.max().item():.3g} "
-                                 f"at {divmod(diff.argmax().item(), feats)})")
-                        wrong = True
+                y = torch.full((m, feats), float("nan"), device="cuda", dtype=torch.bfloat16)
+                ours(0, y)
+                torch.cuda.synchronize()
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                ok = bool(torch.isfinite(y).all()) and err < 4 * err_cublas + 1e-6
+                line += f" err {err:.2e}{'' if ok else ' WRONG'}"
+                if not ok:
+                    diff = (y.double() - ref).abs().nan_to_num(1e30)
+                    line += (f" (non-finite {(~torch.isfinite(y)).sum().item()}, max abs diff {diff.max().item():.3g} "
+                             f"at {divmod(diff.argmax().item(), feats)})")
+                    wrong = True
                 line += f" (cuBLAS bf16 {err_cublas:.2e})"
                 if wrong:
                     print(line, flush=True)
@@ -97,28 +98,28 @@ for shape in args.shapes.split(","):
                 t_cublas = bench(lambda: act @ w16_op)
                 if r:  # ours with its u / du GEMM, against lora_fused's LoRA-merged slab path today
                     t_ours = bench(lambda: ours(0, y, make_u()))
-                    t_staged = bench(lambda: ours(4, y, make_u()))
-                    t_pers = bench(lambda: ours(8, y, make_u()))
                     if trans:
                         t_lf = bench(lambda: _ops.nf4_linear_grad_input(act, *lf_args, k, None, lora_A, lora_B, sc))
                     else:
                         t_lf = bench(lambda: _ops.nf4_linear(act, *lf_args, n, None, None, lora_B, lora_A, sc))
-                    print(f"{line}; us: ours + u GEMM {t_ours:.1f} ({t_ours / t_cublas:.3f}x cuBLAS base), staged {t_staged:.1f}, persistent {t_pers:.1f}, "
+                    print(f"{line}; us: ours + u GEMM {t_ours:.1f} ({t_ours / t_cublas:.3f}x cuBLAS base), "
                           f"lora_fused today {t_lf:.1f} ({t_lf / t_cublas:.3f}x), cuBLAS bf16 base {t_cublas:.1f}", flush=True)
                     continue
                 t_ours = bench(lambda: ours(0, y))
-                t_staged = bench(lambda: ours(4, y))
-                t_pers = bench(lambda: ours(8, y))
                 t_nodecode = bench(lambda: ours(1, y))
                 t_nostores = bench(lambda: ours(2, y))
                 if trans:
-                    t_lf = bench(lambda: _ops.nf4_linear_grad_input(act, *lf_args, k))
+                    op = lambda: _ops.nf4_linear_grad_input(act, *lf_args, k)  # noqa: E731
                     t_rs = float("nan")
                 else:
-                    t_lf = bench(lambda: _ops.nf4_linear(act, *lf_args, n))
+                    op = lambda: _ops.nf4_linear(act, *lf_args, n)  # noqa: E731
                     t_rs = bench(lambda: rs(act, packed, scales_t, n, 256 if m > 128 else 128)) if rs else float("nan")
+                t_lf = bench(op)
+                os.environ["LORA_FUSED_NF4_GEMM"] = "ss"  # the op through this kernel: + nf4_group_scales
+                t_op = bench(op)
+                del os.environ["LORA_FUSED_NF4_GEMM"]
                 tf = 2 * m * n * k / t_ours / 1e6
-                print(f"{line}; us: ours {t_ours:.1f} ({tf:.0f} TF/s, {t_ours / t_cublas:.3f}x cuBLAS), staged epilogue {t_staged:.1f}, persistent {t_pers:.1f}, "
+                print(f"{line}; us: ours {t_ours:.1f} ({tf:.0f} TF/s, {t_ours / t_cublas:.3f}x cuBLAS), as the op (ss) {t_op:.1f} ({t_op / t_cublas:.3f}x), "
                       f"no decode {t_nodecode:.1f}, no stores {t_nostores:.1f}, "
                       f"CUTLASS RS {t_rs:.1f} ({t_rs / t_cublas:.3f}x), lora_fused today {t_lf:.1f} ({t_lf / t_cublas:.3f}x), "
                       f"cuBLAS bf16 {t_cublas:.1f}", flush=True)

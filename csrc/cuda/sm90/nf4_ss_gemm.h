@@ -16,11 +16,10 @@ struct Nf4SsProblem {
   bool trans = false;
   const void* act = nullptr;
   const uint8_t* packed = nullptr;
-  const float* absmax = nullptr;         // fp32 scale per block, or null with the three below
-  const uint8_t* codes = nullptr;        // double quantization: 8-bit code per block,
-  const float* nested_absmax = nullptr;  // one per 256 codes,
-  const float* nested_code = nullptr;    // 256 entries,
-  float offset = 0.f;                    // scale = nested_code[code] * nested_absmax[block / 256] + offset
+  // The blocks' scales, rounded to bf16, group-major: scales[g * scales_ld + row] for W row `row`,
+  // columns 64 g ... 64 g + 63 (nf4_linear_sm90.h's nf4_group_scales makes them).
+  const void* scales = nullptr;
+  int64_t scales_ld = 0;  // >= n, a multiple of 8
   const void* lora_w = nullptr;          // lora_B [n, r] (forward) or lora_A [r, k] (backward)
   const void* lora_act = nullptr;        // u = s x A^T or du = s dY B, [m, r]
   int r = 0;                             // 0: no LoRA term; else r % 8 == 0
@@ -30,12 +29,6 @@ struct Nf4SsProblem {
   // output, to time the rest.
   static constexpr int kSkipDecode = 1, kSkipStores = 2;
   int probe_flags = 0;
-  // The epilogue through shared memory (16-byte coalesced stores of each token's features) instead of
-  // 2-byte stores straight from the accumulators; which is faster is for a GPU to say.
-  bool staged_epilogue = false;
-  // One CTA per SM walking the tiles (the next tile's loads and decode overlap this one's epilogue)
-  // instead of one per tile; not with staged_epilogue.
-  bool persistent = false;
 };
 
 // nullptr when the kernel takes p (shapes, strides, alignments), else why not.
