@@ -2,12 +2,14 @@
 kernel): (1) the index logic, emulated per CTA, k-tile and decode thread in float64 numpy (which
 bytes of the TMA code and scale boxes each thread reads, with TMA's zero fill past the tensors; which
 LoRA element; where each lands; every A element written once per k-tile; ragged M, N, K; forward,
-backward, LoRA, bias) against x W^T / dY W; (2) the mbarrier protocol under random interleavings of
-the four decode warps (warp 0's thread issues the TMA loads) and the two MMA warpgroups: the ring
-of code tiles (w_full: 1 + TMA bytes, w_empty: 128 arrivals; loaded kLookahead k-tiles ahead) and
-the stages (full_a: 128 arrivals, full_b: 1 + TMA bytes, empty: 256 arrivals): no deadlock, no code
-slot refilled before all its readers are done, and every slot or stage read holds the k-tile
-expected. The shared-memory addresses are check_layouts.cu's.
+backward, LoRA, bias; each CTA of the pair its half) against x W^T / dY W; (2) the mbarrier protocol
+of a CTA pair under random interleavings of each CTA's four decode warps (warp 0's thread issues the
+TMA loads and the bulk copy of its half to the peer), its two MMA warpgroups and the copies' landing:
+the ring of code tiles (w_full: 1 + TMA bytes, w_empty: 128 arrivals; loaded kLookahead k-tiles
+ahead) and the stages (full_a: 1 arrival + the peer's 8 KiB, full_b: 1 + TMA bytes, empty: 16
+arrivals, a warp of either CTA each): no deadlock, no code slot or stage refilled before all its
+readers (of both CTAs) are done, and every slot or stage read holds the k-tile expected. The
+shared-memory addresses are check_layouts.cu's.
 
     python scripts/probe_nf4_ss_gemm/emulate.py   (lora_fused importable: its NF4 code table)
 """
@@ -39,44 +41,48 @@ def emulate_indices(m, n, k, trans, r, bias_on, rng):
     k_tiles_w = -(-reduction // kBK)
     k_tiles = k_tiles_w + (-(-r // kBK) if r else 0)
     for tile_f in range(-(-features // kBM)):
-        for tile_m in range(-(-m // kBN)):
-            acc = np.zeros((kBM, kBN))
-            for kt in range(k_tiles):
-                At = np.full((kBM, kBK), np.nan)
+        ats = []
+        for kt in range(k_tiles):
+            # The A tile as the CTA pair makes it: each rank its half, thread t 32 elements.
+            At = np.full((kBM, kBK), np.nan)
+            for rank in range(2):
                 for t in range(128):
-                    row = t // 2 if trans else tile_f * kBM + t
-                    col0 = tile_f * kBM + 64 * (t % 2) if trans else 0
-                    row_step, col_step = (kBK, 0) if trans else (0, kBK)
-                    for c in range(8):
+                    fi, bj = 64 * rank + t // 2, 32 * rank + t // 4
+                    for q in range(4):
                         for e in range(8):
-                            # where the kernel's store for (t, c, e) lands (checked against CuTe)
-                            i, j = (64 * (t % 2) + 8 * c + e, t // 2) if trans else (t, 8 * c + e)
+                            p = 8 * q + e  # the element among the thread's 32
+                            i, j = (32 * (t % 4) + p, bj) if trans else (fi, 32 * (t % 2) + p)
                             if r and kt >= k_tiles_w:
                                 j0 = (kt - k_tiles_w) * kBK
-                                lr = j0 + t // 2 if trans else tile_f * kBM + t
-                                lc = col0 if trans else j0
+                                lr, lc = (j0 + bj, tile_f * kBM + 32 * (t % 4)) if trans else (tile_f * kBM + fi, j0 + 32 * (t % 2))
                                 rows, cols, ld = (r, k, k) if trans else (n, r, r)
                                 v = 0.0
-                                if lr < rows and lc + 8 * c < cols:
-                                    v = lw.reshape(-1)[lr * ld + lc + 8 * c + e]
+                                if lr < rows and lc + 8 * q < cols:
+                                    v = lw.reshape(-1)[lr * ld + lc + p]
                             else:
-                                # The thread's byte 32 t + b of the code box and its scale, zero past
-                                # the tensors (TMA's fill): forward box (128 rows, 32 bytes) at rows
-                                # 128 tile_f, bytes 32 kt, scale box (1 group, 128 rows) at (kt,
-                                # 128 tile_f), index t; backward code box (64 rows, 64 bytes) at rows
-                                # 64 kt, bytes 64 tile_f, scale box (2, 64) at (2 tile_f, 64 kt),
-                                # index 64 (t % 2) + t / 2.
-                                bb = 32 * t + (8 * c + e) // 2
-                                br, bc = (64 * kt + bb // 64, 64 * tile_f + bb % 64) if trans else (tile_f * kBM + bb // 32, 32 * kt + bb % 32)
+                                # Byte 16 t + p / 2 of the rank's code box and its scale, zero past the
+                                # tensors (TMA's fill): forward code box (64 rows, 32 bytes) at rows
+                                # 128 tile_f + 64 rank, bytes 32 kt, scale box (1 group, 64 rows) at (kt,
+                                # 128 tile_f + 64 rank), index t / 2; backward code box (32 rows, 64
+                                # bytes) at rows 64 kt + 32 rank, bytes 64 tile_f, scale box (2, 32) at
+                                # (2 tile_f, 64 kt + 32 rank), index 32 ((t % 4) / 2) + t / 4.
+                                bb = 16 * t + p // 2
+                                br, bc = ((64 * kt + 32 * rank + bb // 64, 64 * tile_f + bb % 64) if trans
+                                          else (tile_f * kBM + 64 * rank + bb // 32, 32 * kt + bb % 32))
                                 byte = packed[br * (k // 2) + bc] if br < n and bc < k // 2 else 0
-                                code = (byte >> 4) if (8 * c + e) % 2 == 0 else (byte & 15)
-                                sidx = 64 * (t % 2) + t // 2 if trans else t
-                                sg, sr = (2 * tile_f + sidx // 64, 64 * kt + sidx % 64) if trans else (kt, tile_f * kBM + sidx)
+                                code = (byte >> 4) if p % 2 == 0 else (byte & 15)
+                                sidx = 32 * ((t % 4) // 2) + t // 4 if trans else t // 2
+                                sg, sr = ((2 * tile_f + sidx // 32, 64 * kt + 32 * rank + sidx % 32) if trans
+                                          else (kt, tile_f * kBM + 64 * rank + sidx))
                                 scale = scales[sg, sr] if sg < k // 64 and sr < n else 0.0
                                 v = LV[code] * scale if kt < k_tiles_w else 0.0
                             assert np.isnan(At[i, j]), "written twice"
                             At[i, j] = v
-                assert not np.isnan(At).any(), "unwritten A"
+            assert not np.isnan(At).any(), "unwritten A"
+            ats.append(At)
+        for tile_m in range(-(-m // kBN)):
+            acc = np.zeros((kBM, kBN))
+            for kt in range(k_tiles):
                 Bt = np.zeros((kBN, kBK))
                 src, kk = (act, kt) if not (r and kt >= k_tiles_w) else (lact, kt - k_tiles_w)
                 for mm in range(kBN):
@@ -85,7 +91,7 @@ def emulate_indices(m, n, k, trans, r, bias_on, rng):
                         col = kk * kBK + jj
                         if tok < m and col < src.shape[1]:
                             Bt[mm, jj] = src[tok, col]
-                acc += At @ Bt.T
+                acc += ats[kt] @ Bt.T
             for i in range(kBM):
                 for mm in range(kBN):
                     f, tok = tile_f * kBM + i, tile_m * kBN + mm
@@ -106,91 +112,125 @@ K_STAGES = 4
 
 
 class Bar:
+    """An mbarrier: pending arrivals and a transaction count (which may dip below zero within a phase)."""
     def __init__(self, count):
-        self.count, self.pending, self.phase = count, count, 0  # phase = completed phases so far
-    def arrive(self, n=1):
-        self.pending -= n
-        assert self.pending >= 0
-        if self.pending == 0:
+        self.count, self.pending, self.tx, self.phase = count, count, 0, 0  # phase = completed phases so far
+    def _check(self):
+        if self.pending == 0 and self.tx == 0:
             self.phase += 1
             self.pending = self.count
+    def arrive(self, n=1, expect_tx=0):
+        self.pending -= n
+        self.tx += expect_tx
+        assert self.pending >= 0
+        self._check()
+    def complete_tx(self, nbytes):
+        self.tx -= nbytes
+        assert self.pending > 0 or self.tx >= 0, "bytes landed in a finished phase"
+        self._check()
     def done(self, parity):  # try_wait.parity: has the phase with this parity completed (the current one-before)?
         # completed phases: 0..self.phase-1; waiting on parity p passes if the most recent completed phase has parity p,
         # or for a fresh barrier, parity 1 (the "phase -1")
         last = self.phase - 1
         return (last % 2) == parity if last >= 0 else parity == 1
 
+
 K_WSTAGES, LOOKAHEAD = 6, 4
 
 
 def simulate_pipeline(k_tiles, seed):
-    """One CTA (one tile): 4 decode warps (warp 0 holds the thread that issues TMA), 2 MMA warpgroups."""
+    """A cluster of two CTAs, each: 4 decode warps (warp 0 holds the thread that issues TMA and the
+    copy of its half to the peer), 2 MMA warpgroups (8 warps; one arrival per warp on both CTAs'
+    `empty`); the bulk copies land at random later steps."""
     rnd = random.Random(seed)
-    full_a = [Bar(128) for _ in range(K_STAGES)]
-    full_b = [Bar(1) for _ in range(K_STAGES)]
-    empty = [Bar(256) for _ in range(K_STAGES)]
-    w_full = [Bar(1) for _ in range(K_WSTAGES)]
-    w_empty = [Bar(128) for _ in range(K_WSTAGES)]
-    a_tag = [dict() for _ in range(K_STAGES)]  # warp -> k-tile it wrote into the stage
-    b_tag, w_tag = [None] * K_STAGES, [None] * K_WSTAGES
-    w_reads = [0] * K_WSTAGES  # warps that have read the slot's current k-tile
+    ctas = []
+    for c in range(2):
+        ctas.append({
+            "full_a": [Bar(1) for _ in range(K_STAGES)], "full_b": [Bar(1) for _ in range(K_STAGES)],
+            "empty": [Bar(16) for _ in range(K_STAGES)],
+            "w_full": [Bar(1) for _ in range(K_WSTAGES)], "w_empty": [Bar(128) for _ in range(K_WSTAGES)],
+            "half": [[None, None] for _ in range(K_STAGES)],  # k-tile in each half (by rank) of each stage
+            "b_tag": [None] * K_STAGES, "w_tag": [None] * K_WSTAGES, "w_reads": [0] * K_WSTAGES,
+            "warps": [{"kt": 0, "st": "issue" if w == 0 else "wfull", "wrote": 0} for w in range(4)],
+            "synced": {}, "cons": [0, 0], "released": [-1, -1],
+        })
+    copies = []  # (destination CTA, stage, rank of the half, k-tile)
 
-    def issue_w(j):  # warp 0's thread; False: blocked on w_empty
+    def issue_w(C, j):
         if j >= k_tiles:
             return True
         ws = j % K_WSTAGES
-        if not w_empty[ws].done(((j // K_WSTAGES) & 1) ^ 1):
+        if not C["w_empty"][ws].done(((j // K_WSTAGES) & 1) ^ 1):
             return False
-        assert w_tag[ws] is None or w_reads[ws] == 4, "code slot refilled before its readers are done"
-        w_tag[ws], w_reads[ws] = j, 0
-        w_full[ws].arrive()  # the TMA bytes land
+        assert C["w_tag"][ws] is None or C["w_reads"][ws] == 4, "code slot refilled before its readers are done"
+        C["w_tag"][ws], C["w_reads"][ws] = j, 0
+        C["w_full"][ws].arrive()
         return True
 
-    for j in range(LOOKAHEAD):
-        assert issue_w(j)
-    warps = [{"kt": 0, "st": "issue" if w == 0 else "wfull"} for w in range(4)]
-    cons = [0, 0]
+    for C in ctas:
+        for j in range(LOOKAHEAD):
+            assert issue_w(C, j)
     steps = 0
-    while any(w["kt"] < k_tiles for w in warps) or any(c < k_tiles for c in cons):
+    while (any(w["kt"] < k_tiles for C in ctas for w in C["warps"]) or any(x < k_tiles for C in ctas for x in C["cons"])
+           or copies):
         steps += 1
-        assert steps < 200000, "deadlock"
-        who = rnd.randrange(6)
-        if who < 4:
-            w = warps[who]
+        assert steps < 400000, "deadlock"
+        c = rnd.randrange(2)
+        C, P = ctas[c], ctas[c ^ 1]
+        who = rnd.randrange(7)
+        if who == 6:
+            if copies:
+                dst, s, half, kt = copies.pop(rnd.randrange(len(copies)))
+                D = ctas[dst]
+                D["half"][s][half] = kt
+                D["full_a"][s].complete_tx(8192)
+        elif who < 4:
+            w = C["warps"][who]
             kt = w["kt"]
             if kt >= k_tiles:
                 continue
             s, ph, ws = kt % K_STAGES, (kt // K_STAGES) & 1, kt % K_WSTAGES
             if w["st"] == "issue":
-                if issue_w(kt + LOOKAHEAD):
+                if issue_w(C, kt + LOOKAHEAD):
                     w["st"] = "wfull"
             elif w["st"] == "wfull":
-                if w_full[ws].done((kt // K_WSTAGES) & 1):
-                    assert w_tag[ws] == kt, (w_tag[ws], kt)
-                    w_reads[ws] += 1
-                    w_empty[ws].arrive(32)
+                if C["w_full"][ws].done((kt // K_WSTAGES) & 1):
+                    assert C["w_tag"][ws] == kt, (C["w_tag"][ws], kt)
+                    C["w_reads"][ws] += 1
+                    C["w_empty"][ws].arrive(32)
                     w["st"] = "empty"
             elif w["st"] == "empty":
-                if empty[s].done(ph ^ 1):
+                if C["empty"][s].done(ph ^ 1):
+                    # The stage's previous k-tile is read by every MMA warpgroup of both CTAs.
+                    assert kt < K_STAGES or all(min(X["released"]) >= kt - K_STAGES for X in ctas), "stage refilled early"
                     if who == 0:
-                        b_tag[s] = kt
-                        full_b[s].arrive()
-                    a_tag[s][who] = kt
-                    full_a[s].arrive(32)
+                        C["b_tag"][s] = kt
+                        C["full_b"][s].arrive()
+                    C["half"][s][c] = kt  # this warp's part of the local half (tracked per half)
+                    w["st"] = "sync"
+                    C["synced"][kt] = C["synced"].get(kt, 0) + 1
+            elif w["st"] == "sync":  # bar.sync 2, 128: the whole half is written
+                if C["synced"][kt] == 4:
+                    if who == 0:
+                        C["full_a"][s].arrive(1, expect_tx=8192)
+                        copies.append((c ^ 1, s, c, kt))
                     w["kt"] += 1
                     w["st"] = "issue" if who == 0 else "wfull"
         else:
-            c = who - 4
-            it = cons[c]
+            g = who - 4
+            it = C["cons"][g]
             if it >= k_tiles:
                 continue
             s, ph = it % K_STAGES, (it // K_STAGES) & 1
-            if full_a[s].done(ph) and full_b[s].done(ph):
-                assert b_tag[s] == it and all(a_tag[s].get(w) == it for w in range(4)), (b_tag[s], a_tag[s], it)
+            if C["full_a"][s].done(ph) and C["full_b"][s].done(ph):
+                assert C["b_tag"][s] == it and C["half"][s] == [it, it], (C["b_tag"][s], C["half"][s], it)
                 if it > 0:
-                    empty[(it - 1) % K_STAGES].arrive(128)
-                cons[c] += 1
+                    C["released"][g] = it - 1
+                    C["empty"][(it - 1) % K_STAGES].arrive(4)
+                    P["empty"][(it - 1) % K_STAGES].arrive(4)
+                C["cons"][g] += 1
     return True
+
 
 def main():
     rng = np.random.default_rng(0)

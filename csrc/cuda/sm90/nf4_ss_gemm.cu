@@ -56,10 +56,12 @@ constexpr int kBN = 256;  // tokens per tile
 constexpr int kBK = 64;   // columns per k-tile = the quantization block
 constexpr int kStages = 4;
 constexpr int kThreads = 384;
-constexpr int kWStages = 6;      // the ring of NF4 code and scale tiles
-constexpr int kLookahead = 4;    // code tiles are loaded this many k-tiles ahead of their decode
-constexpr int kCodeBytes = kBM * kBK / 2;  // a k-tile's codes: 4 KiB
-constexpr int kScaleCount = 128;           // and its bf16 scales
+constexpr int kCluster = 2;                        // CTAs sharing a W tile (adjacent token tiles)
+constexpr int kHalfBytes = kBM * kBK * 2 / kCluster;  // the part of a decoded A stage each CTA makes: 8 KiB
+constexpr int kWStages = 6;                        // the ring of NF4 code and scale tiles
+constexpr int kLookahead = 4;                      // code tiles are loaded this many k-tiles ahead of their decode
+constexpr int kCodeBytes = kBM * kBK / 2 / kCluster;  // a CTA's codes per k-tile: 2 KiB
+constexpr int kScaleCount = kBM * kBK / 64 / kCluster;  // and its bf16 scales: 64
 
 using T = cutlass::bfloat16_t;
 // A: forward K-major (W rows are the MMA's M), backward MN-major (W columns are).
@@ -71,29 +73,30 @@ using SmemLayoutB = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, make_
 template <bool kTrans>
 using TiledMma = decltype(make_tiled_mma(
     SM90_64x256x16_F32BF16BF16_SS<kTrans ? GMMA::Major::MN : GMMA::Major::K, GMMA::Major::K>{}, Layout<Shape<_2, _1, _1>>{}));
-// A k-tile's codes as TMA boxes of the packed bytes [n, k / 2]: forward 128 W rows x 32 bytes, backward
-// 64 W rows x 64 bytes. Either way decode thread t's 32 bytes (one quantization block) start at byte 32 t.
+// A CTA's codes per k-tile as TMA boxes of the packed bytes [n, k / 2]: forward 64 W rows x 32 bytes
+// (its half of the tile's 128 rows), backward 32 W rows x 64 bytes (its half of the k-tile's 64).
+// Either way decode thread t's 16 bytes (half a quantization block) start at byte 16 t.
 template <bool kTrans>
-using CodesBox = cute::conditional_t<kTrans, Shape<_64, _64>, Shape<_128, _32>>;
+using CodesBox = cute::conditional_t<kTrans, Shape<_32, _64>, Shape<_64, _32>>;
 template <bool kTrans>
-using SmemLayoutCodes = cute::conditional_t<kTrans, Layout<Shape<_64, _64, Int<kWStages>>, Stride<_64, _1, Int<kCodeBytes>>>,
-                                            Layout<Shape<_128, _32, Int<kWStages>>, Stride<_32, _1, Int<kCodeBytes>>>>;
-// Its scales as boxes of the bf16 scales [k / 64, n]: forward group kt of 128 rows, backward 2 groups
-// (the tile's 128 columns) of 64 rows.
+using SmemLayoutCodes = cute::conditional_t<kTrans, Layout<Shape<_32, _64, Int<kWStages>>, Stride<_64, _1, Int<kCodeBytes>>>,
+                                            Layout<Shape<_64, _32, Int<kWStages>>, Stride<_32, _1, Int<kCodeBytes>>>>;
+// Their scales as boxes of the bf16 scales [k / 64, n]: forward group kt of 64 rows, backward 2 groups
+// (the tile's 128 columns) of 32 rows.
 template <bool kTrans>
-using ScalesBox = cute::conditional_t<kTrans, Shape<_2, _64>, Shape<_1, _128>>;
+using ScalesBox = cute::conditional_t<kTrans, Shape<_2, _32>, Shape<_1, _64>>;
 template <bool kTrans>
-using SmemLayoutScales = cute::conditional_t<kTrans, Layout<Shape<_2, _64, Int<kWStages>>, Stride<_64, _1, _128>>,
-                                             Layout<Shape<_1, _128, Int<kWStages>>, Stride<_128, _1, _128>>>;
+using SmemLayoutScales = cute::conditional_t<kTrans, Layout<Shape<_2, _32, Int<kWStages>>, Stride<_32, _1, Int<kScaleCount>>>,
+                                             Layout<Shape<_1, _64, Int<kWStages>>, Stride<_64, _1, Int<kScaleCount>>>>;
 
 struct SharedStorage {
   alignas(1024) cute::ArrayEngine<T, kBM * kBK * kStages> a;
   alignas(1024) cute::ArrayEngine<T, cosize_v<SmemLayoutB>> b;
   alignas(128) cute::ArrayEngine<uint8_t, kCodeBytes * kWStages> codes;
   alignas(128) cute::ArrayEngine<T, kScaleCount * kWStages> scales;
-  uint64_t full_a[kStages];    // the decoding threads of a warpgroup (128) arrive
+  uint64_t full_a[kStages];    // the local decode threads (one arrival) + the peer's half (kHalfBytes)
   uint64_t full_b[kStages];    // the activation tile's TMA bytes
-  uint64_t empty[kStages];     // 256 MMA threads arrive
+  uint64_t empty[kStages];     // every MMA warp of both CTAs (16 arrivals)
   uint64_t w_full[kWStages];   // a code tile's and its scales' TMA bytes
   uint64_t w_empty[kWStages];  // its 128 decoding threads have read them
   uint32_t level_tables[4];    // Nf4LevelTables::store
@@ -101,6 +104,15 @@ struct SharedStorage {
 
 using Barrier = cutlass::arch::ClusterBarrier;
 using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+// The same shared-memory address in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t peer_addr(uint32_t addr, uint32_t rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
 
 // m tokens; n, k: W's shape [n, k]. Output features: n forward, k backward. LoRA (kLora): lora_w is
 // lora_B [n, r] forward, lora_A [r, k] backward; tma_u loads u / du [m, r]. tma_c and tma_s load W's
@@ -116,20 +128,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   Tensor sA = make_tensor(make_smem_ptr(ss.a.begin()), SmemLayoutA<kTrans>{});  // (kBM, kBK, kStages)
   Tensor sB = make_tensor(make_smem_ptr(ss.b.begin()), SmemLayoutB{});  // (kBN, kBK, kStages)
   const int features = kTrans ? k : n, reduction = kTrans ? n : k;
-  // A CTA per output tile, features fastest.
+  // A cluster of two CTAs per W tile, features fastest: CTA `rank` takes token tile 2 (pair / tiles_f) + rank.
   const int tiles_f = (features + kBM - 1) / kBM;
-  const int tile_f = blockIdx.x % tiles_f, tile_m = blockIdx.x / tiles_f;
+  const uint32_t rank = cute::block_rank_in_cluster(), peer = rank ^ 1;
+  const int pair = blockIdx.x / kCluster;
+  const int tile_f = pair % tiles_f, tile_m = kCluster * (pair / tiles_f) + static_cast<int>(rank);
   const int k_tiles_w = (reduction + kBK - 1) / kBK;
   const int k_tiles = k_tiles_w + (kLora ? (r + kBK - 1) / kBK : 0);
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
     // The swizzle formulas below (and TMA's 128-byte swizzle) assume 1 KiB-aligned tiles.
-    if (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) % 1024 != 0) __trap();
+    if (smem_addr(smem_raw) % 1024 != 0) __trap();
     for (int s = 0; s < kStages; ++s) {
-      Barrier::init(&ss.full_a[s], 128);
+      TxBarrier::init(&ss.full_a[s], 1);
       TxBarrier::init(&ss.full_b[s], 1);
-      Barrier::init(&ss.empty[s], 256);
+      Barrier::init(&ss.empty[s], 8 * kCluster);
     }
     for (int s = 0; s < kWStages; ++s) {
       TxBarrier::init(&ss.w_full[s], 1);
@@ -138,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     cutlass::arch::fence_barrier_init();
     lora_fused::cuda::Nf4LevelTables::store(ss.level_tables);
   }
-  __syncthreads();
+  cute::cluster_sync();  // the peer's barriers are initialized before anyone arrives on them
 
   if (wg == 0) {
     const int t = threadIdx.x;
@@ -152,18 +166,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor gS = local_tile(mS, ScalesBox<kTrans>{}, make_coord(_, _));
     auto [tCgC, tCsC] = tma_partition(tma_c, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sC), group_modes<0, 2>(gC));
     auto [tSgS, tSsS] = tma_partition(tma_s, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sS), group_modes<0, 2>(gS));
+    // An odd last token tile leaves its pair's second CTA past the tokens: it loads the last tile
+    // again (and stores nothing) rather than a box wholly outside the tensor.
+    const int load_m = min(tile_m, (m + kBN - 1) / kBN - 1);
+    Tensor gB = local_tile(mB, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(load_m, _));  // (kBN, kBK, k_tiles)
+    auto [tBgB, tBsB] = tma_partition(tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+    Tensor gU = local_tile(mU, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(load_m, _));  // (kBN, kBK, rank tiles)
+    auto [tUgU, tUsU] = tma_partition(tma_u, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gU));
     constexpr uint32_t kTmaBytes = kBN * kBK * sizeof(T);
     constexpr uint32_t kWBytes = kCodeBytes + kScaleCount * sizeof(T);
-    // Issues the TMA loads of k-tile kt's codes and scales (a LoRA k-tile has none: a bare arrive keeps
-    // the ring's phases), once its ring slot's last readers are done.
+    const int half = static_cast<int>(rank);
+    // Issues the TMA loads of this CTA's codes and scales of k-tile kt (a LoRA k-tile has none: a bare
+    // arrive keeps the ring's phases), once its ring slot's last readers are done.
     const auto issue_w = [&](int kt) {
       if (kt >= k_tiles) return;
       const int ws = kt % kWStages;
       Barrier::wait(&ss.w_empty[ws], ((kt / kWStages) & 1) ^ 1);  // a fresh barrier passes parity 1 at once
       if (kt < k_tiles_w) {
         TxBarrier::arrive_and_expect_tx(&ss.w_full[ws], kWBytes);
-        copy(tma_c.with(ss.w_full[ws]), kTrans ? tCgC(_, kt, tile_f) : tCgC(_, tile_f, kt), tCsC(_, ws));
-        copy(tma_s.with(ss.w_full[ws]), kTrans ? tSgS(_, tile_f, kt) : tSgS(_, kt, tile_f), tSsS(_, ws));
+        copy(tma_c.with(ss.w_full[ws]), kTrans ? tCgC(_, 2 * kt + half, tile_f) : tCgC(_, 2 * tile_f + half, kt), tCsC(_, ws));
+        copy(tma_s.with(ss.w_full[ws]), kTrans ? tSgS(_, tile_f, 2 * kt + half) : tSgS(_, kt, 2 * tile_f + half), tSsS(_, ws));
       } else {
         Barrier::arrive(&ss.w_full[ws]);
       }
@@ -171,80 +193,88 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (t == 0) {
       for (int kt = 0; kt < kLookahead; ++kt) issue_w(kt);
     }
-    // Byte address of this thread's chunk 0 in stage 0, and the XOR key of its 16-byte chunks: the
-    // element offsets SmemLayoutA gives (checked on the host for every element of both layouts):
+    // This thread's 32 elements of the A tile: forward tile row i = 64 rank + t / 2, columns
+    // 32 (t % 2) ...; backward tile column (reduction index) j = 32 rank + t / 4, rows i0 = 32 (t % 4)
+    // ... The byte address of its 16-byte chunk q (0-3) in stage 0 is base + 16 ((4 (t % 2) + q) ^ key)
+    // either way, from the element offsets SmemLayoutA gives (checked on the host for every element
+    // of both layouts; 8192 more per stage):
     // K-major, element (row i, column j): 512 (i / 8) + 64 (i % 8) + 8 ((j / 8) ^ (i % 8)) + j % 8;
-    // MN-major, (i, j): 512 (i / 64) + 1024 (j / 8) + 64 (j % 8) + 8 (((i % 64) / 8) ^ (j % 8)) + i % 8;
-    // 8192 more per stage.
-    const uint32_t key = kTrans ? (t / 2) % 8 : t % 8;
-    const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(ss.a.begin())) +
-                            (kTrans ? 1024 * (t % 2) + 2048 * (t / 16) + 128 * key : 1024 * (t / 8) + 128 * key);
-    // This thread's codes (32 bytes at 32 t) and scale in a ring slot: forward W row t of the tile,
-    // backward W row t / 2 of the k-tile, columns 64 (t % 2) ... of the tile (scale group t % 2).
-    const uint8_t* my_codes = ss.codes.begin() + 32 * t;
-    const T* my_scale = ss.scales.begin() + (kTrans ? 64 * (t % 2) + t / 2 : t);
+    // MN-major, (i, j): 512 (i / 64) + 1024 (j / 8) + 64 (j % 8) + 8 (((i % 64) / 8) ^ (j % 8)) + i % 8.
+    // So rank r's elements fill bytes 8192 r ... 8192 r + 8191 of each stage: one copy to the peer.
+    const int fi = 64 * half + t / 2, bj = 32 * half + t / 4;  // forward row, backward column
+    const uint32_t key = kTrans ? bj % 8 : fi % 8;
+    const uint32_t a_base = smem_addr(ss.a.begin()) +
+                            (kTrans ? 1024 * ((t % 4) / 2) + 2048 * (bj / 8) + 128 * key : 1024 * (fi / 8) + 128 * key);
+    // Its codes (16 bytes at 16 t) and scale in a ring slot.
+    const uint8_t* my_codes = ss.codes.begin() + 16 * t;
+    const T* my_scale = ss.scales.begin() + (kTrans ? 32 * ((t % 4) / 2) + t / 4 : t / 2);
     const auto tables = lora_fused::cuda::Nf4LevelTables::load(ss.level_tables);
-    {
-      Tensor gB = local_tile(mB, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(tile_m, _));  // (kBN, kBK, k_tiles)
-      auto [tBgB, tBsB] = tma_partition(tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
-      Tensor gU = local_tile(mU, make_shape(Int<kBN>{}, Int<kBK>{}), make_coord(tile_m, _));  // (kBN, kBK, rank tiles)
-      auto [tUgU, tUsU] = tma_partition(tma_u, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gU));
-      for (int kt = 0; kt < k_tiles; ++kt) {
-        const int s = kt % kStages, ws = kt % kWStages;
-        const uint32_t phase = (kt / kStages) & 1;
-        if (t == 0) issue_w(kt + kLookahead);
-        TxBarrier::wait(&ss.w_full[ws], (kt / kWStages) & 1);
-        uint4 ca = make_uint4(0, 0, 0, 0), cb = ca;
-        __nv_bfloat16 scale = __float2bfloat16_rn(0.f);
-        if (kt < k_tiles_w) {
-          ca = *reinterpret_cast<const uint4*>(my_codes + ws * kCodeBytes);
-          cb = *reinterpret_cast<const uint4*>(my_codes + ws * kCodeBytes + 16);
-          scale = reinterpret_cast<const __nv_bfloat16&>(my_scale[ws * kScaleCount]);
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      const int s = kt % kStages, ws = kt % kWStages;
+      const uint32_t phase = (kt / kStages) & 1;
+      if (t == 0) issue_w(kt + kLookahead);
+      TxBarrier::wait(&ss.w_full[ws], (kt / kWStages) & 1);
+      uint4 cw = make_uint4(0, 0, 0, 0);
+      __nv_bfloat16 scale = __float2bfloat16_rn(0.f);
+      if (kt < k_tiles_w) {
+        cw = *reinterpret_cast<const uint4*>(my_codes + ws * kCodeBytes);
+        scale = reinterpret_cast<const __nv_bfloat16&>(my_scale[ws * kScaleCount]);
+      }
+      Barrier::arrive(&ss.w_empty[ws]);
+      // Stage s is free in both CTAs: every MMA warp of both has released it.
+      Barrier::wait(&ss.empty[s], phase ^ 1);  // a fresh barrier passes parity 1 at once
+      if (t == 0) {
+        TxBarrier::arrive_and_expect_tx(&ss.full_b[s], kTmaBytes);
+        if (!kLora || kt < k_tiles_w) {
+          copy(tma_b.with(ss.full_b[s]), tBgB(_, kt), tBsB(_, s));
+        } else {
+          copy(tma_u.with(ss.full_b[s]), tUgU(_, kt - k_tiles_w), tUsU(_, s));
         }
-        Barrier::arrive(&ss.w_empty[ws]);
-        Barrier::wait(&ss.empty[s], phase ^ 1);  // a fresh barrier passes parity 1 at once
-        if (t == 0) {
-          TxBarrier::arrive_and_expect_tx(&ss.full_b[s], kTmaBytes);
-          if (!kLora || kt < k_tiles_w) {
-            copy(tma_b.with(ss.full_b[s]), tBgB(_, kt), tBsB(_, s));
-          } else {
-            copy(tma_u.with(ss.full_b[s]), tUgU(_, kt - k_tiles_w), tUsU(_, s));
-          }
+      }
+      const uint32_t stage_base = a_base + s * (kBM * kBK * 2);
+      if (kLora && kt >= k_tiles_w) {
+        // The LoRA k-tile: this thread's 32 elements of lora_B row tile_f * 128 + fi, ranks j0 + 32 (t % 2)
+        // ... (forward), or of lora_A row j0 + bj, the columns of its W elements (backward).
+        const int j0 = (kt - k_tiles_w) * kBK;
+        const int64_t lr = kTrans ? j0 + bj : static_cast<int64_t>(tile_f) * kBM + fi;
+        const int64_t lc = kTrans ? static_cast<int64_t>(tile_f) * kBM + 32 * (t % 4) : j0 + 32 * (t % 2);
+        const int64_t rows = kTrans ? r : n, cols = kTrans ? k : r, ld = kTrans ? k : r;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          uint4 v = make_uint4(0, 0, 0, 0);
+          if (lr < rows && lc + 8 * q < cols) v = __ldg(reinterpret_cast<const uint4*>(lora_w + lr * ld + lc + 8 * q));
+          const uint32_t addr = stage_base + 16 * ((4 * (t % 2) + q) ^ key);
+          asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
         }
-        if (kLora && kt >= k_tiles_w) {
-          // The LoRA k-tile: this thread's 64 elements of lora_B row tile_f * 128 + t, ranks j0 ...
-          // (forward), or of lora_A row j0 + t / 2, the same columns as its W elements (backward).
-          const int j0 = (kt - k_tiles_w) * kBK;
-          const int64_t lr = kTrans ? j0 + t / 2 : static_cast<int64_t>(tile_f) * kBM + t;
-          const int64_t lc = kTrans ? static_cast<int64_t>(tile_f) * kBM + 64 * (t % 2) : j0;
-          const int64_t rows = kTrans ? r : n, cols = kTrans ? k : r, ld = kTrans ? k : r;
+      } else if (!(probe_flags & Nf4SsProblem::kSkipDecode)) {
+        // Rows past N came in as zero codes with zero scales (TMA's fill), so they decode to zeros.
+        const __nv_bfloat162 s2 = __bfloat162bfloat162(scale);
+        const uint32_t words[4] = {cw.x, cw.y, cw.z, cw.w};
 #pragma unroll
-          for (int c = 0; c < 8; ++c) {
-            uint4 v = make_uint4(0, 0, 0, 0);
-            if (lr < rows && lc + 8 * c < cols) v = __ldg(reinterpret_cast<const uint4*>(lora_w + lr * ld + lc + 8 * c));
-            const uint32_t addr = a_base + s * (kBM * kBK * 2) + 16 * (c ^ key);
-            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+        for (int q = 0; q < 4; ++q) {
+          uint32_t o[4];
+          lora_fused::cuda::nf4_levels8_bf16(words[q], o, tables);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            __nv_bfloat162 v = __hmul2(reinterpret_cast<const __nv_bfloat162&>(o[i]), s2);
+            o[i] = reinterpret_cast<const uint32_t&>(v);
           }
-        } else if (!(probe_flags & Nf4SsProblem::kSkipDecode)) {
-          // Rows past N came in as zero codes with zero scales (TMA's fill), so they decode to zeros.
-          const __nv_bfloat162 s2 = __bfloat162bfloat162(scale);
-          const uint32_t words[8] = {ca.x, ca.y, ca.z, ca.w, cb.x, cb.y, cb.z, cb.w};
-#pragma unroll
-          for (int c = 0; c < 8; ++c) {
-            uint32_t o[4];
-            lora_fused::cuda::nf4_levels8_bf16(words[c], o, tables);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              __nv_bfloat162 v = __hmul2(reinterpret_cast<const __nv_bfloat162&>(o[i]), s2);
-              o[i] = reinterpret_cast<const uint32_t&>(v);
-            }
-            // W columns 8c ... 8c + 7 of this thread's 64: one 16-byte chunk of the swizzled layout.
-            const uint32_t addr = a_base + s * (kBM * kBK * 2) + 16 * (c ^ key);
-            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(o[0]), "r"(o[1]), "r"(o[2]), "r"(o[3]));
-          }
+          // 8 consecutive W elements of this thread's 32: one 16-byte chunk of the swizzled layout.
+          const uint32_t addr = stage_base + 16 * ((4 * (t % 2) + q) ^ key);
+          asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(o[0]), "r"(o[1]), "r"(o[2]), "r"(o[3]));
         }
-        cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma
-        Barrier::arrive(&ss.full_a[s]);
+      }
+      cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma and the bulk copy
+      asm volatile("bar.sync 2, 128;\n" ::: "memory");  // the CTA's half is written
+      if (t == 0) {
+        // Local MMA warps: this arrival and the peer's half; the peer: ours, by one bulk copy into the
+        // same bytes of its stage s, counted on its full_a[s].
+        TxBarrier::arrive_and_expect_tx(&ss.full_a[s], kHalfBytes);
+        const uint32_t src = smem_addr(ss.a.begin()) + s * (kBM * kBK * 2) + kHalfBytes * rank;
+        asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                         peer_addr(src, peer)),
+                     "r"(src), "n"(kHalfBytes), "r"(peer_addr(smem_addr(&ss.full_a[s]), peer))
+                     : "memory");
       }
     }
   } else {
@@ -262,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int kt = 0; kt < k_tiles; ++kt) {
       const int s = kt % kStages;
       const uint32_t phase = (kt / kStages) & 1;
-      Barrier::wait(&ss.full_a[s], phase);
+      TxBarrier::wait(&ss.full_a[s], phase);
       TxBarrier::wait(&ss.full_b[s], phase);
       warpgroup_fence_operand(acc);
       warpgroup_arrive();
@@ -270,43 +300,50 @@ __global__ void __launch_bounds__(kThreads, 1)
       warpgroup_commit_batch();
       warpgroup_wait<1>();  // the previous k-tile's wgmmas are done: its stage can be refilled
       warpgroup_fence_operand(acc);
-      if (kt > 0) Barrier::arrive(&ss.empty[(kt - 1) % kStages]);
+      if (kt > 0 && mt % 32 == 0) {  // one arrival per warp, on both CTAs' barriers
+        Barrier::arrive(&ss.empty[(kt - 1) % kStages]);
+        Barrier::arrive(&ss.empty[(kt - 1) % kStages], peer, 1);
+      }
     }
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc);
-    if (probe_flags & Nf4SsProblem::kSkipStores) return;
-    // The epilogue through shared memory: the tile as [kBN tokens][kBM features] bf16 over the stage
-    // buffers (idle: the producer loads nothing more), rows padded to 272 bytes (16-byte aligned; the
-    // 4 token pairs of a quad land 8 banks apart), then 16-byte stores along each token's features.
-    // Measured 4-7% faster than 2-byte stores straight from the accumulators (session 19), which also
-    // pushed this warpgroup past its 168 registers: the compiler hoists their 128 addresses.
-    // Both MMA warpgroups must be past their last wgmma (which read these buffers) before anyone writes.
-    constexpr int kLd = kBM + 8;
-    static_assert(kBN * kLd * 2 <= kBM * kBK * kStages * 2 + kBN * kBK * kStages * 2, "staging fits the stages");
-    const int64_t f0 = static_cast<int64_t>(tile_f) * kBM, m0 = static_cast<int64_t>(tile_m) * kBN;
-    __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(smem_raw);
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    for_each(make_int_sequence<size(acc)>{}, [&](auto i) {  // compile-time indices into tCcC
-      const int fl = get<0>(tCcC(i)), tl = get<1>(tCcC(i));
-      const int64_t f = f0 + fl;
-      const float b = bias != nullptr && f < features ? __bfloat162float(bias[f]) : 0.f;
-      stage[tl * kLd + fl] = __float2bfloat16_rn(acc(i) + b);
-    });
-    asm volatile("bar.sync 1, 256;\n" ::: "memory");
-    const bool vec = features % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
-    for (int q = mt; q < kBN * (kBM / 8); q += 256) {
-      const int tl = q / (kBM / 8), c8 = 8 * (q % (kBM / 8));
-      const int64_t tok = m0 + tl, f = f0 + c8;
-      if (tok >= m || f >= features) continue;
-      const __nv_bfloat16* src = stage + tl * kLd + c8;
-      __nv_bfloat16* dst = y + tok * features + f;
-      if (vec) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-      } else {
-        for (int e = 0; e < 8 && f + e < features; ++e) dst[e] = src[e];
+    if (!(probe_flags & Nf4SsProblem::kSkipStores)) {
+      // The epilogue through shared memory: the tile as [kBN tokens][kBM features] bf16 over the stage
+      // buffers (idle: every k-tile, the peer's halves included, has landed and been read), rows padded
+      // to 272 bytes (16-byte aligned; the 4 token pairs of a quad land 8 banks apart), then 16-byte
+      // stores along each token's features. Measured 4-7% faster than 2-byte stores straight from the
+      // accumulators (session 19), which also pushed this warpgroup past its 168 registers: the
+      // compiler hoists their 128 addresses. Both MMA warpgroups must be past their last wgmma (which
+      // read these buffers) before anyone writes.
+      constexpr int kLd = kBM + 8;
+      static_assert(kBN * kLd * 2 <= kBM * kBK * kStages * 2 + kBN * kBK * kStages * 2, "staging fits the stages");
+      const int64_t f0 = static_cast<int64_t>(tile_f) * kBM, m0 = static_cast<int64_t>(tile_m) * kBN;
+      __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      for_each(make_int_sequence<size(acc)>{}, [&](auto i) {  // compile-time indices into tCcC
+        const int fl = get<0>(tCcC(i)), tl = get<1>(tCcC(i));
+        const int64_t f = f0 + fl;
+        const float b = bias != nullptr && f < features ? __bfloat162float(bias[f]) : 0.f;
+        stage[tl * kLd + fl] = __float2bfloat16_rn(acc(i) + b);
+      });
+      asm volatile("bar.sync 1, 256;\n" ::: "memory");
+      const bool vec = features % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+      for (int q = mt; q < kBN * (kBM / 8); q += 256) {
+        const int tl = q / (kBM / 8), c8 = 8 * (q % (kBM / 8));
+        const int64_t tok = m0 + tl, f = f0 + c8;
+        if (tok >= m || f >= features) continue;
+        const __nv_bfloat16* src = stage + tl * kLd + c8;
+        __nv_bfloat16* dst = y + tok * features + f;
+        if (vec) {
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+          for (int e = 0; e < 8 && f + e < features; ++e) dst[e] = src[e];
+        }
       }
     }
   }
+  // Neither CTA exits while the peer may still arrive on its barriers.
+  cute::cluster_sync();
 }
 
 auto activation_tma(const void* p, int rows, int cols) {
@@ -338,11 +375,24 @@ const char* launch(const Nf4SsProblem& p, cudaStream_t stream) {
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
     return "cudaFuncSetAttribute (dynamic shared memory) failed";
   }
-  const int grid = ((features + kBM - 1) / kBM) * ((p.m + kBN - 1) / kBN);
-  kernel<<<grid, kThreads, smem, stream>>>(p.m, p.n, p.k, tma_c, tma_s, tma_b,
-                                                         static_cast<const __nv_bfloat16*>(p.lora_w), p.r, tma_u,
-                                                         static_cast<const __nv_bfloat16*>(p.bias), static_cast<__nv_bfloat16*>(p.y),
-                                                         p.probe_flags);
+  const int tiles_f = (features + kBM - 1) / kBM, tiles_m = (p.m + kBN - 1) / kBN;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(kCluster * tiles_f * ((tiles_m + kCluster - 1) / kCluster));  // an odd last token tile: its pair's
+  cfg.blockDim = dim3(kThreads);                                                 // second CTA decodes, stores nothing
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kCluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const cudaError_t le = cudaLaunchKernelEx(&cfg, kernel, p.m, p.n, p.k, tma_c, tma_s, tma_b,
+                                            static_cast<const __nv_bfloat16*>(p.lora_w), p.r, tma_u,
+                                            static_cast<const __nv_bfloat16*>(p.bias), static_cast<__nv_bfloat16*>(p.y),
+                                            p.probe_flags);
+  if (le != cudaSuccess) return cudaGetErrorString(le);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
