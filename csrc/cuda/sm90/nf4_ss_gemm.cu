@@ -4,40 +4,44 @@
 // converts in the MMA warps' registers (RS wgmma) and runs at 1.2-1.3x cuBLAS at 1024-4096 tokens
 // (benchmarks/RESULTS.md, sessions 11-12), which is why nf4_linear decodes 16-bit slabs of W from 2048
 // tokens: extra memory issue 5 wants gone. This kernel needs no slab, forward or backward, and takes
-// the LoRA term as more reduction columns. Host side: nf4_ss_gemm.h; probe:
-// scripts/probe_nf4_ss_gemm/. On an H100 (session 19) it is correct and runs at 1.28-1.49x cuBLAS: the
-// one decoding warpgroup is the bottleneck (1.03-1.10x with the decode skipped), so it is opt-in.
+// the LoRA term as more reduction columns. Host side: nf4_ss_gemm.h; probe: scripts/probe_nf4_ss_gemm/.
 //
 // Forward: y [M, N] = x [M, K] (bf16) . W^T; backward (kTrans): dX [M, K] = dY [M, N] . W. W [N, K]
 // is NF4 in bitsandbytes' packing with one scale per 64 consecutive elements of a row (blocksize
-// 64, K % 64 == 0; fp32 or double-quantized absmax). Swapped like the CUTLASS kernel: the MMA's M is
-// the output features (A, 128 per tile: W's rows forward, its columns backward), its N the tokens
-// (B, 256 per tile), so a W tile is decoded once per 256 tokens.
-// - Warpgroup 0 decodes the A tile, one k-tile (64 along the reduction) at a time.
-//   Each thread takes 64 elements of one W row = one quantization block: forward, row t of the tile;
-//   backward, W row kt * 64 + t / 2, columns 64 (t % 2) ... of the tile. 32 bytes of codes (loaded
-//   two k-tiles ahead), the block's scale, 8 x 8 levels by byte_perm (cuda/nf4_levels_bf16.cuh) times
-//   the bf16 scale, eight 16-byte stores into the 128-byte-swizzled layout wgmma reads (K-major
-//   forward, MN-major backward: 8 consecutive W columns are contiguous in both); then a proxy fence
-//   and an mbarrier arrive. Its thread 0 also issues the TMA load of the activation tile [256, 64].
-//   Rows past N decode to zeros (backward they are summed), columns past K are never stored.
+// 64, K % 64 == 0), the scales given as bf16 [K / 64, ld] (nf4_group_scales). Swapped like the
+// CUTLASS kernel: the MMA's M is the output features (A, 128 per tile: W's rows forward, its columns
+// backward), its N the tokens (B, 256 per tile).
+// - A cluster of two CTAs takes two adjacent token tiles of the same 128 features, and so the same
+//   W tile: each CTA decodes half of every A k-tile (64 x 64 elements) and sends it to the other by
+//   one 8 KiB bulk copy (cp.async.bulk shared::cta -> shared::cluster) into the same bytes of its
+//   stage, so a W tile is decoded once per 512 tokens. Session 20's ncu sampling (H100) showed why:
+//   with each CTA decoding its whole tile, one decode warp per SMSP issues ~1 instruction every 4
+//   cycles (a dependent stream of 2-cycle ALU ops) and the MMA warps spent ~70% of their time
+//   waiting for its tiles (1.37-1.49x cuBLAS; 1.0x with the decode skipped).
+// - Warpgroup 0 (the decode warpgroup): thread 0 issues the TMA loads of the CTA's codes and bf16
+//   scales of a k-tile (a 6-slot ring, 4 k-tiles ahead) and of the activation tile [256, 64]. Each
+//   thread takes 32 elements (16 bytes of codes, one scale): forward tile row 64 rank + t / 2,
+//   columns 32 (t % 2) ...; backward W row kt * 64 + 32 rank + t / 4, tile columns 32 (t % 4) ...;
+//   4 x 8 levels by byte_perm (cuda/nf4_levels_bf16.cuh) times the bf16 scale, four 16-byte stores
+//   into the 128-byte-swizzled layout wgmma reads (K-major forward, MN-major backward). Then a proxy
+//   fence, a named barrier over the warpgroup, and thread 0 arrives on the local full barrier
+//   (expecting the peer's 8 KiB) and sends the CTA's half. Rows past N come in as zero codes and
+//   scales (TMA's fill) and decode to zeros (backward they are summed); columns past K are never stored.
 // - Warpgroups 1-2: 64 output features x 256 tokens each, wgmma m64n256k16 from shared memory,
-//   fp32 accumulators; a stage is released once the next k-tile's wgmmas are issued (the tile's last
-//   one after its wgmmas finish).
-// - Epilogue: fp32 (+ bias, forward) -> bf16 stores straight from the accumulators (transposed:
-//   2-byte stores), or (staged_epilogue) through shared memory as [256 tokens][128 features], then
-//   16-byte stores along each token's features.
+//   fp32 accumulators; a stage is released, by one arrival per warp on both CTAs' barriers, once the
+//   next k-tile's wgmmas are issued: the decode warpgroups refill a stage only after all four MMA
+//   warpgroups of the pair are done with it.
+// - Epilogue: fp32 (+ bias, forward) -> bf16 through shared memory as [256 tokens][128 features]
+//   over the idle stages, then 16-byte stores along each token's features.
 // - With LoRA (kLora), the reduction runs on over the rank as whole k-tiles, one GEMM over [K | r]:
 //   forward y = [x | u] [W | B]^T (u = s x A^T, made before), backward dX = [dY | du] [W ; A]
-//   (du = s dY B). The decode warpgroup copies lora_B's rows (forward) or lora_A's rows (backward)
-//   into those k-tiles of A (zeros past r), and TMA loads u or du as their B tiles: the LoRA term
-//   costs ceil(r / 64) more k-tiles, no pass over the output.
-// 4 stages of 16 + 32 KiB. A CTA per output tile, or (persistent) one per SM walking tiles in the
-// same order, its producer filling the next tile's stages while the MMA warpgroups store the last
-// one. Every thread fits in 168 registers (ptxas, no spills), so no setmaxnreg: a producer above a
-// lowered budget would be wrong. Logic checked without a GPU: scripts/probe_nf4_ss_gemm/check_layouts.cu
-// (shared-memory addresses) and emulate.py (indices, barrier protocol).
-// Probe flags (nf4_ss_gemm.h) skip the decode or the output stores, to time what is left.
+//   (du = s dY B). The decode warpgroups copy their halves of lora_B's rows (forward) or lora_A's
+//   rows (backward) into those k-tiles of A (zeros past r), and TMA loads u or du as their B tiles:
+//   the LoRA term costs ceil(r / 64) more k-tiles, no pass over the output.
+// 4 stages of 16 + 32 KiB. Every thread fits in 168 registers (ptxas, no spills). Logic checked
+// without a GPU: scripts/probe_nf4_ss_gemm/check_layouts.cu (shared-memory addresses, the halves)
+// and emulate.py (indices, the pair's barrier protocol). Probe flags (nf4_ss_gemm.h) skip the decode
+// or the output stores, to time what is left.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
