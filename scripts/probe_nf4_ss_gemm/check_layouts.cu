@@ -17,8 +17,8 @@ using SmemLayoutA = decltype(tile_to_shape(
 alignas(1024) static T buf[128 * 64 * 4];  // the kernel's tiles start 1 KiB-aligned too
 
 // Each CTA `rank` of the pair writes half the tile: thread t's chunk q (0-3) holds 8 consecutive
-// elements; also checked: every element written exactly once by the pair, rank r's in bytes
-// 8192 r ... 8192 r + 8191 of the stage (the half its bulk copy sends the peer).
+// elements; also checked: every element written exactly once by the pair, rank r's warp w's in bytes
+// 8192 r + 2048 w ... + 2047 of the stage (the part its bulk copy sends the peer).
 template <bool kTrans>
 int mismatches() {
   Tensor sA = make_tensor(make_smem_ptr(buf), SmemLayoutA<kTrans>{});
@@ -38,7 +38,7 @@ int mismatches() {
             T* p = kTrans ? &sA(32 * (t % 4) + 8 * q + e, bj, s) : &sA(fi, 32 * (t % 2) + 8 * q + e, s);
             const unsigned off = static_cast<unsigned>(reinterpret_cast<char*>(p) - reinterpret_cast<char*>(buf));
             if (off != addr) ++bad;
-            if (off / 8192 != 2 * s + rank) ++bad;  // outside this rank's half of stage s
+            if (off / 2048 != 8 * s + 4 * rank + t / 32) ++bad;  // outside this warp's 2 KiB of its rank's half
             ++hits[off / 2];
           }
   for (int i = 0; i < 128 * 64 * 4; ++i) bad += hits[i] != 1;

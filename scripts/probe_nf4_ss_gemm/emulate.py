@@ -4,9 +4,9 @@ bytes of the TMA code and scale boxes each thread reads, with TMA's zero fill pa
 LoRA element; where each lands; every A element written once per k-tile; ragged M, N, K; forward,
 backward, LoRA, bias; each CTA of the pair its half) against x W^T / dY W; (2) the mbarrier protocol
 of a CTA pair under random interleavings of each CTA's four decode warps (warp 0's thread issues the
-TMA loads and the bulk copy of its half to the peer), its two MMA warpgroups and the copies' landing:
-the ring of code tiles (w_full: 1 + TMA bytes, w_empty: 128 arrivals; loaded kLookahead k-tiles
-ahead) and the stages (full_a: 1 arrival + the peer's 8 KiB, full_b: 1 + TMA bytes, empty: 16
+TMA loads; each warp's lane 0 sends the warp's 2 KiB to the peer), its two MMA warpgroups and the
+copies' landing: the ring of code tiles (w_full: 1 + TMA bytes, w_empty: 128 arrivals; loaded
+kLookahead k-tiles ahead) and the stages (full_a: 4 arrivals + the peer's 4 x 2 KiB, full_b: 1 + TMA bytes, empty: 16
 arrivals, a warp of either CTA each): no deadlock, no code slot or stage refilled before all its
 readers (of both CTAs) are done, and every slot or stage read holds the k-tile expected. The
 shared-memory addresses are check_layouts.cu's.
@@ -139,22 +139,22 @@ K_WSTAGES, LOOKAHEAD = 6, 4
 
 
 def simulate_pipeline(k_tiles, seed):
-    """A cluster of two CTAs, each: 4 decode warps (warp 0 holds the thread that issues TMA and the
-    copy of its half to the peer), 2 MMA warpgroups (8 warps; one arrival per warp on both CTAs'
+    """A cluster of two CTAs, each: 4 decode warps (warp 0 holds the thread that issues TMA; each
+    warp copies its part to the peer), 2 MMA warpgroups (8 warps; one arrival per warp on both CTAs'
     `empty`); the bulk copies land at random later steps."""
     rnd = random.Random(seed)
     ctas = []
     for c in range(2):
         ctas.append({
-            "full_a": [Bar(1) for _ in range(K_STAGES)], "full_b": [Bar(1) for _ in range(K_STAGES)],
+            "full_a": [Bar(4) for _ in range(K_STAGES)], "full_b": [Bar(1) for _ in range(K_STAGES)],
             "empty": [Bar(16) for _ in range(K_STAGES)],
             "w_full": [Bar(1) for _ in range(K_WSTAGES)], "w_empty": [Bar(128) for _ in range(K_WSTAGES)],
-            "half": [[None, None] for _ in range(K_STAGES)],  # k-tile in each half (by rank) of each stage
+            "part": [[None] * 8 for _ in range(K_STAGES)],  # k-tile in each 2 KiB part (4 rank + warp) of each stage
             "b_tag": [None] * K_STAGES, "w_tag": [None] * K_WSTAGES, "w_reads": [0] * K_WSTAGES,
             "warps": [{"kt": 0, "st": "issue" if w == 0 else "wfull", "wrote": 0} for w in range(4)],
-            "synced": {}, "cons": [0, 0], "released": [-1, -1],
+            "cons": [0, 0], "released": [-1, -1],
         })
-    copies = []  # (destination CTA, stage, rank of the half, k-tile)
+    copies = []  # (destination CTA, stage, part, k-tile)
 
     def issue_w(C, j):
         if j >= k_tiles:
@@ -180,10 +180,10 @@ def simulate_pipeline(k_tiles, seed):
         who = rnd.randrange(7)
         if who == 6:
             if copies:
-                dst, s, half, kt = copies.pop(rnd.randrange(len(copies)))
+                dst, s, part, kt = copies.pop(rnd.randrange(len(copies)))
                 D = ctas[dst]
-                D["half"][s][half] = kt
-                D["full_a"][s].complete_tx(8192)
+                D["part"][s][part] = kt
+                D["full_a"][s].complete_tx(2048)
         elif who < 4:
             w = C["warps"][who]
             kt = w["kt"]
@@ -206,14 +206,10 @@ def simulate_pipeline(k_tiles, seed):
                     if who == 0:
                         C["b_tag"][s] = kt
                         C["full_b"][s].arrive()
-                    C["half"][s][c] = kt  # this warp's part of the local half (tracked per half)
-                    w["st"] = "sync"
-                    C["synced"][kt] = C["synced"].get(kt, 0) + 1
-            elif w["st"] == "sync":  # bar.sync 2, 128: the whole half is written
-                if C["synced"][kt] == 4:
-                    if who == 0:
-                        C["full_a"][s].arrive(1, expect_tx=8192)
-                        copies.append((c ^ 1, s, c, kt))
+                    # The warp's 2 KiB written, fenced, __syncwarp: its lane 0 arrives and sends them.
+                    C["part"][s][4 * c + who] = kt
+                    C["full_a"][s].arrive(1, expect_tx=2048)
+                    copies.append((c ^ 1, s, 4 * c + who, kt))
                     w["kt"] += 1
                     w["st"] = "issue" if who == 0 else "wfull"
         else:
@@ -223,7 +219,7 @@ def simulate_pipeline(k_tiles, seed):
                 continue
             s, ph = it % K_STAGES, (it // K_STAGES) & 1
             if C["full_a"][s].done(ph) and C["full_b"][s].done(ph):
-                assert C["b_tag"][s] == it and C["half"][s] == [it, it], (C["b_tag"][s], C["half"][s], it)
+                assert C["b_tag"][s] == it and C["part"][s] == [it] * 8, (C["b_tag"][s], C["part"][s], it)
                 if it > 0:
                     C["released"][g] = it - 1
                     C["empty"][(it - 1) % K_STAGES].arrive(4)

@@ -13,8 +13,8 @@
 // backward), its N the tokens (B, 256 per tile).
 // - A cluster of two CTAs takes two adjacent token tiles of the same 128 features, and so the same
 //   W tile: each CTA decodes half of every A k-tile (64 x 64 elements) and sends it to the other by
-//   one 8 KiB bulk copy (cp.async.bulk shared::cta -> shared::cluster) into the same bytes of its
-//   stage, so a W tile is decoded once per 512 tokens. Session 20's ncu sampling (H100) showed why:
+//   bulk copies (cp.async.bulk shared::cta -> shared::cluster, 2 KiB per decode warp) into the same
+//   bytes of its stage, so a W tile is decoded once per 512 tokens. Session 20's ncu sampling (H100) showed why:
 //   with each CTA decoding its whole tile, one decode warp per SMSP issues ~1 instruction every 4
 //   cycles (a dependent stream of 2-cycle ALU ops) and the MMA warps spent ~70% of their time
 //   waiting for its tiles (1.37-1.49x cuBLAS; 1.0x with the decode skipped).
@@ -23,9 +23,9 @@
 //   thread takes 32 elements (16 bytes of codes, one scale): forward tile row 64 rank + t / 2,
 //   columns 32 (t % 2) ...; backward W row kt * 64 + 32 rank + t / 4, tile columns 32 (t % 4) ...;
 //   4 x 8 levels by byte_perm (cuda/nf4_levels_bf16.cuh) times the bf16 scale, four 16-byte stores
-//   into the 128-byte-swizzled layout wgmma reads (K-major forward, MN-major backward). Then a proxy
-//   fence, a named barrier over the warpgroup, and thread 0 arrives on the local full barrier
-//   (expecting the peer's 8 KiB) and sends the CTA's half. Rows past N come in as zero codes and
+//   into the 128-byte-swizzled layout wgmma reads (K-major forward, MN-major backward): each warp's
+//   2 KiB are contiguous. Then a proxy fence, __syncwarp, and each warp's lane 0 arrives on the local
+//   full barrier (expecting the peer warp's 2 KiB) and sends the warp's part (one bulk copy). Rows past N come in as zero codes and
 //   scales (TMA's fill) and decode to zeros (backward they are summed); columns past K are never stored.
 // - Warpgroups 1-2: 64 output features x 256 tokens each, wgmma m64n256k16 from shared memory,
 //   fp32 accumulators; a stage is released, by one arrival per warp on both CTAs' barriers, once the
@@ -62,6 +62,7 @@ constexpr int kStages = 4;
 constexpr int kThreads = 384;
 constexpr int kCluster = 2;                        // CTAs sharing a W tile (adjacent token tiles)
 constexpr int kHalfBytes = kBM * kBK * 2 / kCluster;  // the part of a decoded A stage each CTA makes: 8 KiB
+constexpr int kWarpBytes = kHalfBytes / 4;             // and each of its decode warps: 2 KiB
 constexpr int kWStages = 6;                        // the ring of NF4 code and scale tiles
 constexpr int kLookahead = 4;                      // code tiles are loaded this many k-tiles ahead of their decode
 constexpr int kCodeBytes = kBM * kBK / 2 / kCluster;  // a CTA's codes per k-tile: 2 KiB
@@ -98,7 +99,7 @@ struct SharedStorage {
   alignas(1024) cute::ArrayEngine<T, cosize_v<SmemLayoutB>> b;
   alignas(128) cute::ArrayEngine<uint8_t, kCodeBytes * kWStages> codes;
   alignas(128) cute::ArrayEngine<T, kScaleCount * kWStages> scales;
-  uint64_t full_a[kStages];    // the local decode threads (one arrival) + the peer's half (kHalfBytes)
+  uint64_t full_a[kStages];    // the 4 local decode warps (one arrival each) + the peer's half (kHalfBytes)
   uint64_t full_b[kStages];    // the activation tile's TMA bytes
   uint64_t empty[kStages];     // every MMA warp of both CTAs (16 arrivals)
   uint64_t w_full[kWStages];   // a code tile's and its scales' TMA bytes
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The swizzle formulas below (and TMA's 128-byte swizzle) assume 1 KiB-aligned tiles.
     if (smem_addr(smem_raw) % 1024 != 0) __trap();
     for (int s = 0; s < kStages; ++s) {
-      TxBarrier::init(&ss.full_a[s], 1);
+      TxBarrier::init(&ss.full_a[s], 4);
       TxBarrier::init(&ss.full_b[s], 1);
       Barrier::init(&ss.empty[s], 8 * kCluster);
     }
@@ -204,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // of both layouts; 8192 more per stage):
     // K-major, element (row i, column j): 512 (i / 8) + 64 (i % 8) + 8 ((j / 8) ^ (i % 8)) + j % 8;
     // MN-major, (i, j): 512 (i / 64) + 1024 (j / 8) + 64 (j % 8) + 8 (((i % 64) / 8) ^ (j % 8)) + i % 8.
-    // So rank r's elements fill bytes 8192 r ... 8192 r + 8191 of each stage: one copy to the peer.
+    // So rank r's warp w fills bytes 8192 r + 2048 w ... + 2047 of each stage: one copy to the peer.
     const int fi = 64 * half + t / 2, bj = 32 * half + t / 4;  // forward row, backward column
     const uint32_t key = kTrans ? bj % 8 : fi % 8;
     const uint32_t a_base = smem_addr(ss.a.begin()) +
@@ -269,15 +270,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       cutlass::arch::fence_view_async_shared();  // generic-proxy stores -> visible to wgmma and the bulk copy
-      asm volatile("bar.sync 2, 128;\n" ::: "memory");  // the CTA's half is written
-      if (t == 0) {
-        // Local MMA warps: this arrival and the peer's half; the peer: ours, by one bulk copy into the
-        // same bytes of its stage s, counted on its full_a[s].
-        TxBarrier::arrive_and_expect_tx(&ss.full_a[s], kHalfBytes);
-        const uint32_t src = smem_addr(ss.a.begin()) + s * (kBM * kBK * 2) + kHalfBytes * rank;
+      __syncwarp();                              // the warp's 2 KiB are written
+      if (t % 32 == 0) {
+        // Local MMA warps: this warp's arrival, expecting the peer warp's 2 KiB; the peer: ours, by one
+        // bulk copy into the same bytes of its stage s, counted on its full_a[s]. Each warp on its own:
+        // no wait for the other decode warps.
+        TxBarrier::arrive_and_expect_tx(&ss.full_a[s], kWarpBytes);
+        const uint32_t src = smem_addr(ss.a.begin()) + s * (kBM * kBK * 2) + kHalfBytes * rank + kWarpBytes * (t / 32);
         asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
                          peer_addr(src, peer)),
-                     "r"(src), "n"(kHalfBytes), "r"(peer_addr(smem_addr(&ss.full_a[s]), peer))
+                     "r"(src), "n"(kWarpBytes), "r"(peer_addr(smem_addr(&ss.full_a[s]), peer))
                      : "memory");
       }
     }
