@@ -1,7 +1,7 @@
 // nf4_linear's and nf4_linear_grad_input's path through the NF4 GEMM with a decoding warpgroup
 // (sm90/nf4_ss_gemm.cu) on Hopper: no 16-bit slab of W forward or backward, and the LoRA term as r
 // more reduction columns of the same GEMM. Opt-in (LORA_FUSED_NF4_GEMM=ss): correct on an H100, but
-// 1.2x slower than the slab path in a QLoRA step (benchmarks/RESULTS.md, session 19).
+// 1.33x slower than the slab path in a QLoRA step at 4096 tokens (benchmarks/RESULTS.md, session 20).
 #pragma once
 #include <ATen/ATen.h>
 
