@@ -98,11 +98,13 @@ for shape in args.shapes.split(","):
                 t_cublas = bench(lambda: act @ w16_op)
                 if r:  # ours with its u / du GEMM, against lora_fused's LoRA-merged slab path today
                     t_ours = bench(lambda: ours(0, y, make_u()))
+                    t_kernel = bench(lambda: ours(0, y))  # u / du made once before: the kernel alone
+                    t_u = bench(make_u)
                     if trans:
                         t_lf = bench(lambda: _ops.nf4_linear_grad_input(act, *lf_args, k, None, lora_A, lora_B, sc))
                     else:
                         t_lf = bench(lambda: _ops.nf4_linear(act, *lf_args, n, None, None, lora_B, lora_A, sc))
-                    print(f"{line}; us: ours + u GEMM {t_ours:.1f} ({t_ours / t_cublas:.3f}x cuBLAS base), "
+                    print(f"{line}; us: ours + u GEMM {t_ours:.1f} ({t_ours / t_cublas:.3f}x cuBLAS base; the kernel alone {t_kernel:.1f}, the u GEMM alone {t_u:.1f}), "
                           f"lora_fused today {t_lf:.1f} ({t_lf / t_cublas:.3f}x), cuBLAS bf16 base {t_cublas:.1f}", flush=True)
                     continue
                 t_ours = bench(lambda: ours(0, y))
