@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where the NF4 GEMM with a decoding warpgroup stalls: builds it with the probe's entry, runs ncu_stalls.py under
-# Nsight Compute (clocks left alone) and writes the warp-state summary and the per-SASS-instruction stall
-# samples to $OUT. Needs the nvidia_cutlass wheel in .whl/ (headers) and ncu on the PATH or in /opt/nvidia.
+# Nsight Compute (clocks left alone) and writes the warp-state summary, the per-SASS-instruction stall
+# samples and their summary (ncu_summary.py) to $OUT. Needs the nvidia_cutlass wheel in .whl/ (headers) and ncu on the PATH or in /opt/nvidia.
 #
 #     OUT=/tmp/out scripts/probe_nf4_ss_gemm/ncu_stalls.sh [M K N MODE [TRANS]]
 cd "$(dirname "$0")/../.."
@@ -22,3 +22,4 @@ timeout 300 "$NCU" --clock-control none --kernel-name regex:nf4_ss_gemm --launch
 "$NCU" --import /tmp/ss_$tag.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_${tag}_sass.csv" 2>&1
 cp /tmp/ss_$tag.ncu-rep "$OUT/" 2>/dev/null
 tail -5 "$OUT/ncu_$tag.log"; wc -c "$OUT"/ncu_${tag}_*
+python3 scripts/probe_nf4_ss_gemm/ncu_summary.py "$OUT/ncu_${tag}_sass.csv" > "$OUT/ncu_${tag}_summary.txt" 2>&1 && head -25 "$OUT/ncu_${tag}_summary.txt"
