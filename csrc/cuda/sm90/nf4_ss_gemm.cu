@@ -32,7 +32,7 @@
 //   next k-tile's wgmmas are issued: the decode warpgroups refill a stage only after all four MMA
 //   warpgroups of the pair are done with it.
 // - Epilogue: fp32 (+ bias, forward) -> bf16 through shared memory as [256 tokens][128 features]
-//   over the idle stages, then 16-byte stores along each token's features.
+//   over the idle B stages, then 16-byte stores along each token's features.
 // - With LoRA (kLora), the reduction runs on over the rank as whole k-tiles, one GEMM over [K | r]:
 //   forward y = [x | u] [W | B]^T (u = s x A^T, made before), backward dX = [dY | du] [W ; A]
 //   (du = s dY B). The decode warpgroups copy their halves of lora_B's rows (forward) or lora_A's
@@ -314,17 +314,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc);
     if (!(probe_flags & Nf4SsProblem::kSkipStores)) {
-      // The epilogue through shared memory: the tile as [kBN tokens][kBM features] bf16 over the stage
-      // buffers (idle: every k-tile, the peer's halves included, has landed and been read), rows padded
-      // to 272 bytes (16-byte aligned; the 4 token pairs of a quad land 8 banks apart), then 16-byte
+      // The epilogue through shared memory: the tile as [kBN tokens][kBM features] bf16 over the B
+      // stages (idle: every activation tile has landed and been read; not the A stages, which this
+      // CTA's last bulk copies to its peers may still be reading: their completion is counted on the
+      // peers' barriers only), rows padded to 272 bytes (16-byte aligned; the 4 token pairs of a quad land 8 banks apart), then 16-byte
       // stores along each token's features. Measured 4-7% faster than 2-byte stores straight from the
       // accumulators (session 19), which also pushed this warpgroup past its 168 registers: the
       // compiler hoists their 128 addresses. Both MMA warpgroups must be past their last wgmma (which
       // read these buffers) before anyone writes.
       constexpr int kLd = kBM + 8;
-      static_assert(kBN * kLd * 2 <= kBM * kBK * kStages * 2 + kBN * kBK * kStages * 2, "staging fits the stages");
+      static_assert(kBN * kLd * 2 <= kBN * kBK * kStages * 2, "staging fits the B stages");
       const int64_t f0 = static_cast<int64_t>(tile_f) * kBM, m0 = static_cast<int64_t>(tile_m) * kBN;
-      __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+      __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(ss.b.begin());
       asm volatile("bar.sync 1, 256;\n" ::: "memory");
       for_each(make_int_sequence<size(acc)>{}, [&](auto i) {  // compile-time indices into tCcC
         const int fl = get<0>(tCcC(i)), tl = get<1>(tCcC(i));
