@@ -8,7 +8,8 @@ TMA loads; each warp's lane 0 sends the warp's 2 KiB to the peer), its two MMA w
 copies' landing: the ring of code tiles (w_full: 1 + TMA bytes, w_empty: 128 arrivals; loaded
 kLookahead k-tiles ahead) and the stages (full_a: 4 arrivals + the peer's 4 x 2 KiB, full_b: 1 + TMA bytes, empty: 16
 arrivals, a warp of either CTA each): no deadlock, no code slot or stage refilled before all its
-readers (of both CTAs) are done, and every slot or stage read holds the k-tile expected. The
+readers (of both CTAs) are done, every slot or stage read holds the k-tile expected, and (with
+EPILOGUE_OVER = "A") that staging the epilogue over the A stages would race the CTA's last copies. The
 shared-memory addresses are check_layouts.cu's.
 
     python scripts/probe_nf4_ss_gemm/emulate.py   (lora_fused importable: its NF4 code table)
@@ -136,6 +137,7 @@ class Bar:
 
 
 K_WSTAGES, LOOKAHEAD = 6, 4
+EPILOGUE_OVER = "B"  # the stages the epilogue stages its tile over: "A" would overwrite copies' sources
 
 
 def simulate_pipeline(k_tiles, seed):
@@ -180,7 +182,7 @@ def simulate_pipeline(k_tiles, seed):
         who = rnd.randrange(7)
         if who == 6:
             if copies:
-                dst, s, part, kt = copies.pop(rnd.randrange(len(copies)))
+                dst, s, part, kt, _ = copies.pop(rnd.randrange(len(copies)))
                 D = ctas[dst]
                 D["part"][s][part] = kt
                 D["full_a"][s].complete_tx(2048)
@@ -209,7 +211,7 @@ def simulate_pipeline(k_tiles, seed):
                     # The warp's 2 KiB written, fenced, __syncwarp: its lane 0 arrives and sends them.
                     C["part"][s][4 * c + who] = kt
                     C["full_a"][s].arrive(1, expect_tx=2048)
-                    copies.append((c ^ 1, s, 4 * c + who, kt))
+                    copies.append((c ^ 1, s, 4 * c + who, kt, c))
                     w["kt"] += 1
                     w["st"] = "issue" if who == 0 else "wfull"
         else:
@@ -225,6 +227,9 @@ def simulate_pipeline(k_tiles, seed):
                     C["empty"][(it - 1) % K_STAGES].arrive(4)
                     P["empty"][(it - 1) % K_STAGES].arrive(4)
                 C["cons"][g] += 1
+                if min(C["cons"]) == k_tiles and EPILOGUE_OVER == "A":  # the epilogue begins
+                    # The CTA's own copies read its A stages until they land (on the peer's barrier).
+                    assert not any(cp[4] == c for cp in copies), "the epilogue overwrites a copy's source"
     return True
 
 
