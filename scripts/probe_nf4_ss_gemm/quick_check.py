@@ -1,0 +1,54 @@
+"""A quick GPU check of the NF4 GEMM with a decoding warpgroup through the probe's entry (no lora_fused build
+needed): random NF4 codes and bf16 scales, forward and backward, with and without the LoRA columns, ragged sizes,
+against float64 on the same bf16 level x scale products; NaN-poisoned outputs.
+
+    nvcc ... csrc/cuda/sm90/nf4_ss_gemm.cu scripts/probe_nf4_ss_gemm/entry.cu -o /tmp/nf4_ss_gemm.so   (as run_probe.sh)
+    python scripts/probe_nf4_ss_gemm/quick_check.py /tmp/nf4_ss_gemm.so
+"""
+import ctypes
+import sys
+
+import torch
+
+LEVELS = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+          -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+          0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+          0.7229568362236023, 1.0]
+lib = ctypes.CDLL(sys.argv[1])
+lib.nf4_ss_gemm.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int]
+                            + [ctypes.c_void_p] * 3)
+ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else 0)  # noqa: E731
+torch.manual_seed(0)
+lv = torch.tensor(LEVELS, device="cuda").to(torch.bfloat16)
+bad = 0
+for (m, n, k) in ((300, 136, 320), (1000, 1008, 2048), (37, 96, 64), (1500, 264, 1024)):
+    codes = torch.randint(0, 16, (n, k), device="cuda")
+    packed = ((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()  # element 2j in the high nibble
+    ld = (n + 7) // 8 * 8
+    scales = torch.zeros(k // 64, ld, device="cuda", dtype=torch.bfloat16)
+    scales[:, :n] = ((torch.rand(k // 64, n, device="cuda") + 0.5) * k**-0.5).to(torch.bfloat16)
+    w = (lv[codes] * scales[:, :n].t().repeat_interleave(64, dim=1)).double()  # the bf16 products, exactly
+    for trans in (0, 1):
+        for r in (0, 16):
+            act = torch.randn(m, n if trans else k, device="cuda", dtype=torch.bfloat16)
+            feats = k if trans else n
+            lw = (torch.randn(r, k, device="cuda", dtype=torch.bfloat16) if trans else
+                  torch.randn(n, r, device="cuda", dtype=torch.bfloat16)) if r else None
+            la = torch.randn(m, r, device="cuda", dtype=torch.bfloat16) if r else None
+            ref = act.double() @ (w if trans else w.t())
+            if r:
+                ref += la.double() @ (lw.double() if trans else lw.double().t())
+            w16 = w.to(torch.bfloat16)
+            err_cublas = (((act @ (w16 if trans else w16.t())).double() - act.double() @ (w if trans else w.t())).norm()
+                          / ref.norm()).item()
+            y = torch.full((m, feats), float("nan"), device="cuda", dtype=torch.bfloat16)
+            rc = lib.nf4_ss_gemm(0, trans, m, n, k, ptr(act), ptr(packed), ptr(scales), ld, ptr(lw), r, ptr(la), ptr(y),
+                                 ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+            torch.cuda.synchronize()
+            err = ((y.double() - ref).norm() / ref.norm()).item() if rc == 0 else float("nan")
+            ok = rc == 0 and bool(torch.isfinite(y).all()) and err < 4 * err_cublas + 1e-6
+            bad += not ok
+            print(f"{'bwd' if trans else 'fwd'} m={m} n={n} k={k} r={r}: rc {rc} err {err:.2e} (cuBLAS {err_cublas:.2e})"
+                  f"{'' if ok else ' WRONG'}", flush=True)
+print("quick check:", "all correct" if bad == 0 else f"{bad} WRONG")
+sys.exit(1 if bad else 0)
