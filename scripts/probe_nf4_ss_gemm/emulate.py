@@ -12,15 +12,15 @@ readers (of both CTAs) are done, every slot or stage read holds the k-tile expec
 EPILOGUE_OVER = "A") that staging the epilogue over the A stages would race the CTA's last copies. The
 shared-memory addresses are check_layouts.cu's.
 
-    python scripts/probe_nf4_ss_gemm/emulate.py   (lora_fused importable: its NF4 code table)
+    python scripts/probe_nf4_ss_gemm/emulate.py
 """
 import random
 
 import numpy as np
 
-from lora_fused.nf4 import NF4_LEVELS
+from nf4_levels import LEVELS
 
-LV = np.array(NF4_LEVELS)
+LV = np.array(LEVELS)
 kBM, kBN, kBK = 128, 256, 64
 
 
