@@ -13,7 +13,7 @@ import statistics
 import torch
 from triton.testing import do_bench
 
-from nf4_levels import LEVELS
+from ss_entry import load_entry, ptr, random_weight
 
 ap = argparse.ArgumentParser()
 ap.add_argument("builds", nargs="+", help="label=path of a .so with the probe's entry")
@@ -22,27 +22,16 @@ ap.add_argument("--shapes", default="4096:11008,11008:4096,4096:4096")
 ap.add_argument("--rounds", type=int, default=3)
 args = ap.parse_args()
 
-libs = {}
+entries = {}
 for spec in args.builds:
     label, path = spec.split("=", 1)
-    lib = ctypes.CDLL(path)
-    lib.nf4_ss_gemm.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int]
-                                + [ctypes.c_void_p] * 3)
-    libs[label] = lib
-ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else 0)  # noqa: E731
+    entries[label] = load_entry(path)
 bench = lambda f: do_bench(f, warmup=25, rep=100, return_mode="median") * 1e3  # noqa: E731  us
 torch.manual_seed(0)
 print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-lv = torch.tensor(LEVELS, device="cuda").to(torch.bfloat16)
 for shape in args.shapes.split(","):
     k, n = (int(v) for v in shape.split(":"))
-    codes = torch.randint(0, 16, (n, k), device="cuda")
-    packed = ((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()
-    ld = (n + 7) // 8 * 8
-    scales = torch.zeros(k // 64, ld, device="cuda", dtype=torch.bfloat16)
-    scales[:, :n] = ((torch.rand(k // 64, n, device="cuda") + 0.5) * k**-0.5).to(torch.bfloat16)
-    w16 = (lv[codes] * scales[:, :n].t().repeat_interleave(64, dim=1))  # the bf16 products, exactly
-    del codes
+    packed, scales, ld, w16 = random_weight(n, k)
     for trans in (0, 1):
         for m in (int(v) for v in args.M.split(",")):
             act = torch.randn(m, n if trans else k, device="cuda", dtype=torch.bfloat16)
@@ -53,9 +42,9 @@ for shape in args.shapes.split(","):
             y = torch.empty(m, k if trans else n, device="cuda", dtype=torch.bfloat16)
             runs = {}
             what = f"{'dX = dY W' if trans else 'y = x W^T'} {k}->{n} M={m}"
-            for label, lib in libs.items():
-                def run(lib=lib):
-                    rc = lib.nf4_ss_gemm(0, trans, m, n, k, ptr(act), ptr(packed), ptr(scales), ld, None, 0, None, ptr(y), stream)
+            for label, entry in entries.items():
+                def run(entry=entry):
+                    rc = entry(0, trans, m, n, k, ptr(act), ptr(packed), ptr(scales), ld, None, 0, None, ptr(y), stream)
                     assert rc == 0, f"nf4_ss_gemm returned {rc}"
                 y.fill_(float("nan"))
                 run()

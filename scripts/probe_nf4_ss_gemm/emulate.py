@@ -18,7 +18,7 @@ import random
 
 import numpy as np
 
-from nf4_levels import LEVELS
+from ss_entry import LEVELS
 
 LV = np.array(LEVELS)
 kBM, kBN, kBK = 128, 256, 64

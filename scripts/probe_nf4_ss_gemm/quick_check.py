@@ -10,22 +10,14 @@ import sys
 
 import torch
 
-from nf4_levels import LEVELS
+from ss_entry import load_entry, ptr, random_weight
 
-lib = ctypes.CDLL(sys.argv[1])
-lib.nf4_ss_gemm.argtypes = ([ctypes.c_int] * 5 + [ctypes.c_void_p] * 3 + [ctypes.c_longlong, ctypes.c_void_p, ctypes.c_int]
-                            + [ctypes.c_void_p] * 3)
-ptr = lambda t: ctypes.c_void_p(t.data_ptr() if t is not None else 0)  # noqa: E731
+nf4_ss_gemm = load_entry(sys.argv[1])
 torch.manual_seed(0)
-lv = torch.tensor(LEVELS, device="cuda").to(torch.bfloat16)
 bad = 0
 for (m, n, k) in ((300, 136, 320), (1000, 1008, 2048), (37, 96, 64), (1500, 264, 1024)):
-    codes = torch.randint(0, 16, (n, k), device="cuda")
-    packed = ((codes[:, 0::2] << 4) | codes[:, 1::2]).to(torch.uint8).contiguous()  # element 2j in the high nibble
-    ld = (n + 7) // 8 * 8
-    scales = torch.zeros(k // 64, ld, device="cuda", dtype=torch.bfloat16)
-    scales[:, :n] = ((torch.rand(k // 64, n, device="cuda") + 0.5) * k**-0.5).to(torch.bfloat16)
-    w = (lv[codes] * scales[:, :n].t().repeat_interleave(64, dim=1)).double()  # the bf16 products, exactly
+    packed, scales, ld, w = random_weight(n, k)
+    w = w.double()
     for trans in (0, 1):
         for r in (0, 16):
             act = torch.randn(m, n if trans else k, device="cuda", dtype=torch.bfloat16)
@@ -42,7 +34,7 @@ for (m, n, k) in ((300, 136, 320), (1000, 1008, 2048), (37, 96, 64), (1500, 264,
             full16 = torch.addmm(base16, la, lw if trans else lw.t()) if r else base16
             err_cublas = ((full16.double() - ref).norm() / ref.norm()).item()
             y = torch.full((m, feats), float("nan"), device="cuda", dtype=torch.bfloat16)
-            rc = lib.nf4_ss_gemm(0, trans, m, n, k, ptr(act), ptr(packed), ptr(scales), ld, ptr(lw), r, ptr(la), ptr(y),
+            rc = nf4_ss_gemm(0, trans, m, n, k, ptr(act), ptr(packed), ptr(scales), ld, ptr(lw), r, ptr(la), ptr(y),
                                  ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
             torch.cuda.synchronize()
             err = ((y.double() - ref).norm() / ref.norm()).item() if rc == 0 else float("nan")
