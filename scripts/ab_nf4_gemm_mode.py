@@ -2,7 +2,7 @@
 of the modes on the GPU at hand, interleaved in one process (the variable is read at each call).
 
     python scripts/ab_nf4_gemm_mode.py [--shapes 4096:11008,11008:4096,4096:4096] [--M 64,...,4096]
-                                       [--modes auto,ss] [--rounds 3]
+                                       [--modes auto,ss] [--rounds 3] [--cases fwd,dX,fwd+LoRA,dX+LoRA]
 
 Per shape and M: nf4_linear forward, nf4_linear_grad_input (dX = dY W) and both with the LoRA pair
 (r = 16; the ops qlora_linear calls), under each mode, beside cuBLAS on the dequantized bf16 weight
@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--M", default="64,256,512,1024,2048,4096")
     ap.add_argument("--modes", default="auto,ss")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cases", default="fwd,dX,fwd+LoRA,dX+LoRA")
     args = ap.parse_args()
     modes = args.modes.split(",")
     r, s = 16, 0.5
@@ -69,7 +70,7 @@ def main():
                             lambda: torch.addmm(dy @ w16, (s * dy @ B), A),
                             dy.double() @ w64 + du64 @ A.double()),
             }
-            for name, (ours, cublas, ref) in cases.items():
+            for name, (ours, cublas, ref) in ((c, cases[c]) for c in args.cases.split(",")):
                 want = cublas()
                 for mode in modes:
                     os.environ["LORA_FUSED_NF4_GEMM"] = mode

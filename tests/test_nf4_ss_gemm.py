@@ -160,6 +160,61 @@ def test_qlora_step(M, N, K, r, bias):
         assert_error_rule(o, r_, t, f"qlora step M={M} grad {name}")
 
 
+@pytest.mark.parametrize("splits", [2, 3, 100])
+@pytest.mark.parametrize("M,N,K", [(40, 136, 320), (300, 1008, 2048), (513, 264, 1024)])
+@pytest.mark.parametrize("direction", ["forward", "grad_input"])
+def test_split_reduction(splits, M, N, K, direction, monkeypatch):
+    # Forced split counts (100: clamped to the reduction's 64-column tiles): each split's fp32 sums
+    # into the partials, the reduce kernel adds them (and the bias), LoRA in the last split.
+    monkeypatch.setenv("LORA_FUSED_NF4_SS_SPLITS", str(splits))
+    packed, state = _weight(N, K, True)
+    r = 16
+    a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
+    b = randn(N, r, dtype=torch.bfloat16, device="cuda", scale=0.25)
+    w = nf4.dequantize(packed, state, torch.bfloat16)
+    what = f"ss {direction} splits={splits} M={M} {K}->{N}"
+    if direction == "forward":
+        x = _act(M, K, "strided")
+        bias_t = randn(N, dtype=torch.bfloat16, device="cuda")
+        ref = reference.nf4_linear(x, packed, state, bias_t, a, b, 0.5)
+        same = x @ w.t() + bias_t + 0.5 * ((x @ a.t()) @ b.t())
+        call = lambda: _ops.nf4_linear(x, *_args(packed, state, N), bias_t, None, b, a, 0.5)  # noqa: E731
+    else:
+        g = _act(M, N, "contiguous")
+        w64 = reference.nf4_dequantize(packed, state).to("cuda")
+        ref = g.double() @ w64 + (0.5 * (g.double() @ b.double())) @ a.double()
+        same = g @ w + (0.5 * (g @ b)) @ a
+        call = lambda: _ops.nf4_linear_grad_input(g, *_args(packed, state, K), None, a, b, 0.5)  # noqa: E731
+    poison_allocator("cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = call()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert sum(KERNEL in nm for nm in names) == 1, f"{what}: the SS kernel ran {sum(KERNEL in nm for nm in names)} times"
+    assert sum("nf4_ss_reduce_splits" in nm for nm in names) == 1, f"{what}: the split reduce kernel did not run once"
+    assert_error_rule(out, ref, same, what)
+
+
+def test_bad_split_count_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LORA_FUSED_NF4_SS_SPLITS", "two")
+    packed, state = _weight(136, 320, True)
+    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_SS_SPLITS must be an integer >= 1; got 'two'"):
+        lora_fused.nf4_linear(randn(40, 320, dtype=torch.bfloat16, device="cuda"), packed, state)
+
+
+@pytest.mark.parametrize("M,expected", [(16, 0), (17, 1), (700, 1), (1536, 1), (1537, 0)])
+def test_grad_input_takes_it_by_default_from_17_to_1536_rows(M, expected, monkeypatch):
+    # LORA_FUSED_NF4_GEMM unset (auto): nf4_linear_grad_input runs this kernel for 17-1536 rows, the
+    # slab path outside; both correct.
+    monkeypatch.delenv("LORA_FUSED_NF4_GEMM")
+    packed, state = _weight(264, 320, True)
+    g = _act(M, 264, "contiguous")
+    dx, launches = _ss_launches(lambda: _ops.nf4_linear_grad_input(g, *_args(packed, state, 320)))
+    assert launches == expected, f"M={M}: the SS kernel ran {launches} times, expected {expected}"
+    w = nf4.dequantize(packed, state, torch.bfloat16)
+    assert_error_rule(dx, g.double() @ reference.nf4_dequantize(packed, state).to("cuda"), g @ w, f"auto grad_input M={M}")
+
+
 def test_falls_back_where_it_does_not_apply():
     # fp16 and blocksize 128 are not the kernel's: nf4_linear takes its other paths, and says nothing.
     packed, state = nf4.quantize(randn(96, 256, device="cuda", scale=1 / 16), blocksize=128)

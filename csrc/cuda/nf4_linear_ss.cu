@@ -3,6 +3,9 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "cuda/nf4_gemm_sm90.h"
 #include "cuda/nf4_linear_sm90.h"
 #include "gemm.h"
@@ -14,6 +17,11 @@ namespace lora_fused {
 namespace cuda {
 
 bool nf4_ss_requested() { return nf4_gemm_mode() == Nf4GemmMode::kSs; }
+
+bool nf4_ss_for_grad_input(int64_t m) {
+  const Nf4GemmMode md = nf4_gemm_mode();
+  return md == Nf4GemmMode::kSs || (md == Nf4GemmMode::kAuto && m >= kSsGradInputMinM && m <= kSsGradInputMaxM);
+}
 
 #if LORA_FUSED_WITH_SM90
 namespace {
@@ -57,7 +65,29 @@ bool set_lora(sm90::Nf4SsProblem& p, at::Tensor& lora_w, at::Tensor& lora_act) {
   return true;
 }
 
-void run(const sm90::Nf4SsProblem& p, const char* op) {
+// The split count: nf4_ss_gemm_splits' choice, or LORA_FUSED_NF4_SS_SPLITS (read at each call; tests
+// force splits with it), clamped to the reduction's 64-column tiles.
+int splits_for(const sm90::Nf4SsProblem& p) {
+  const int64_t k_tiles = ((p.trans ? p.n : p.k) + 63) / 64;
+  if (const char* env = std::getenv("LORA_FUSED_NF4_SS_SPLITS"); env != nullptr && env[0] != '\0') {
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && v >= 1, "lora_fused: LORA_FUSED_NF4_SS_SPLITS must be an integer >= 1; got '",
+                env, "'");
+    return static_cast<int>(std::min<int64_t>(v, k_tiles));
+  }
+  return sm90::nf4_ss_gemm_splits(p, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+}
+
+// Launches p, with the fp32 partials of a split reduction where one is chosen (kept alive here until
+// the launches are queued: the caching allocator orders their reuse on this stream).
+void run(sm90::Nf4SsProblem& p, const at::Tensor& like, const char* op) {
+  at::Tensor partials;
+  p.splits = splits_for(p);
+  if (p.splits > 1) {
+    partials = at::empty({p.splits, p.m, p.trans ? p.k : p.n}, like.options().dtype(at::kFloat));
+    p.partials = partials.data_ptr<float>();
+  }
   const char* why = sm90::nf4_ss_gemm_check(p);
   TORCH_CHECK(why == nullptr, op, ": the NF4 SS GEMM ", why);
   why = sm90::nf4_ss_gemm_run(p, at::cuda::getCurrentCUDAStream());
@@ -91,7 +121,7 @@ bool nf4_linear_ss(const at::Tensor& x, const Nf4Weight& w, const c10::optional<
     b = *lora_B;
     lora_after = !set_lora(p, b, u);
   }
-  run(p, "lora_fused.nf4_linear");
+  run(p, out, "lora_fused.nf4_linear");
   if (lora_after) out.addmm_(u, lora_B->t());
   return true;
 #else
@@ -116,7 +146,7 @@ bool nf4_linear_grad_input_ss(const at::Tensor& grad_out, const Nf4Weight& w, co
     a = *lora_A;
     lora_after = !set_lora(p, a, du);
   }
-  run(p, "lora_fused.nf4_linear_grad_input");
+  run(p, out, "lora_fused.nf4_linear_grad_input");
   if (lora_after) out.addmm_(du, *lora_A);
   return true;
 #else

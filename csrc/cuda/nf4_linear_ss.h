@@ -13,6 +13,12 @@ namespace cuda {
 // Whether LORA_FUSED_NF4_GEMM=ss asks for this path (read at each call).
 bool nf4_ss_requested();
 
+// Whether nf4_linear_grad_input takes this path for m rows of grad_out: always with
+// LORA_FUSED_NF4_GEMM=ss, never with slab or sm90, and by default (auto) for kSsGradInputMinM ...
+// kSsGradInputMaxM rows, where it beat the slab path on an H100 (benchmarks/RESULTS.md, session 22).
+constexpr int64_t kSsGradInputMinM = 17, kSsGradInputMaxM = 1536;
+bool nf4_ss_for_grad_input(int64_t m);
+
 // out = x @ W^T + bias + u @ lora_B^T (u = lora_u, or lora_scale * x @ lora_A^T made here), and true,
 // where the kernel applies: an sm_90 GPU and build, bf16, blocksize 64, K % 64 == 0. Else false, out
 // untouched. A rank not a multiple of 8 (or misaligned

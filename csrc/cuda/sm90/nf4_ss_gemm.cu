@@ -45,6 +45,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 
@@ -67,6 +69,7 @@ constexpr int kWStages = 6;                        // the ring of NF4 code and s
 constexpr int kLookahead = 4;                      // code tiles are loaded this many k-tiles ahead of their decode
 constexpr int kCodeBytes = kBM * kBK / 2 / kCluster;  // a CTA's codes per k-tile: 2 KiB
 constexpr int kScaleCount = kBM * kBK / 64 / kCluster;  // and its bf16 scales: 64
+constexpr int kMaxSplits = 4;                      // nf4_ss_gemm_splits' choice at most
 
 using T = cutlass::bfloat16_t;
 // A: forward K-major (W rows are the MMA's M), backward MN-major (W columns are).
@@ -127,19 +130,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     nf4_ss_gemm_kernel(int m, int n, int k, CUTE_GRID_CONSTANT TmaC const tma_c, CUTE_GRID_CONSTANT TmaS const tma_s,
                        CUTE_GRID_CONSTANT TmaB const tma_b, const __nv_bfloat16* __restrict__ lora_w, int r,
                        CUTE_GRID_CONSTANT TmaU const tma_u, const __nv_bfloat16* __restrict__ bias,
-                       __nv_bfloat16* __restrict__ y, int probe_flags) {
+                       __nv_bfloat16* __restrict__ y, int splits, float* __restrict__ partials, int probe_flags) {
   extern __shared__ __align__(1024) char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   Tensor sA = make_tensor(make_smem_ptr(ss.a.begin()), SmemLayoutA<kTrans>{});  // (kBM, kBK, kStages)
   Tensor sB = make_tensor(make_smem_ptr(ss.b.begin()), SmemLayoutB{});  // (kBN, kBK, kStages)
   const int features = kTrans ? k : n, reduction = kTrans ? n : k;
-  // A cluster of two CTAs per W tile, features fastest: CTA `rank` takes token tile 2 (pair / tiles_f) + rank.
+  // A cluster of two CTAs per W tile, features fastest, then token pairs, then splits of the reduction:
+  // CTA `rank` takes token tile 2 (pair / tiles_f) + rank.
   const int tiles_f = (features + kBM - 1) / kBM;
+  const int pairs = tiles_f * (((m + kBN - 1) / kBN + kCluster - 1) / kCluster);
   const uint32_t rank = cute::block_rank_in_cluster(), peer = rank ^ 1;
-  const int pair = blockIdx.x / kCluster;
+  const int split = static_cast<int>(blockIdx.x / kCluster) / pairs, pair = static_cast<int>(blockIdx.x / kCluster) % pairs;
   const int tile_f = pair % tiles_f, tile_m = kCluster * (pair / tiles_f) + static_cast<int>(rank);
   const int k_tiles_w = (reduction + kBK - 1) / kBK;
-  const int k_tiles = k_tiles_w + (kLora ? (r + kBK - 1) / kBK : 0);
+  // This CTA's k-tiles: split `split` of W's (at least one each: splits <= k_tiles_w), the last split
+  // also the LoRA k-tiles. The rings below count `count` k-tiles from 0 (i); kt is the k-tile itself.
+  const int kt_begin = split * k_tiles_w / splits;
+  const int kt_end = split == splits - 1 ? k_tiles_w + (kLora ? (r + kBK - 1) / kBK : 0) : (split + 1) * k_tiles_w / splits;
+  const int count = kt_end - kt_begin;
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -181,12 +190,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr uint32_t kTmaBytes = kBN * kBK * sizeof(T);
     constexpr uint32_t kWBytes = kCodeBytes + kScaleCount * sizeof(T);
     const int half = static_cast<int>(rank);
-    // Issues the TMA loads of this CTA's codes and scales of k-tile kt (a LoRA k-tile has none: a bare
-    // arrive keeps the ring's phases), once its ring slot's last readers are done.
-    const auto issue_w = [&](int kt) {
-      if (kt >= k_tiles) return;
-      const int ws = kt % kWStages;
-      Barrier::wait(&ss.w_empty[ws], ((kt / kWStages) & 1) ^ 1);  // a fresh barrier passes parity 1 at once
+    // Issues the TMA loads of this CTA's codes and scales of its i-th k-tile (a LoRA k-tile has none: a
+    // bare arrive keeps the ring's phases), once its ring slot's last readers are done.
+    const auto issue_w = [&](int i) {
+      if (i >= count) return;
+      const int kt = kt_begin + i, ws = i % kWStages;
+      Barrier::wait(&ss.w_empty[ws], ((i / kWStages) & 1) ^ 1);  // a fresh barrier passes parity 1 at once
       if (kt < k_tiles_w) {
         TxBarrier::arrive_and_expect_tx(&ss.w_full[ws], kWBytes);
         copy(tma_c.with(ss.w_full[ws]), kTrans ? tCgC(_, 2 * kt + half, tile_f) : tCgC(_, 2 * tile_f + half, kt), tCsC(_, ws));
@@ -196,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     };
     if (t == 0) {
-      for (int kt = 0; kt < kLookahead; ++kt) issue_w(kt);
+      for (int i = 0; i < kLookahead; ++i) issue_w(i);
     }
     // This thread's 32 elements of the A tile: forward tile row i = 64 rank + t / 2, columns
     // 32 (t % 2) ...; backward tile column (reduction index) j = 32 rank + t / 4, rows i0 = 32 (t % 4)
@@ -214,11 +223,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint8_t* my_codes = ss.codes.begin() + 16 * t;
     const T* my_scale = ss.scales.begin() + (kTrans ? 32 * ((t % 4) / 2) + t / 4 : t / 2);
     const auto tables = lora_fused::cuda::Nf4LevelTables::load(ss.level_tables);
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      const int s = kt % kStages, ws = kt % kWStages;
-      const uint32_t phase = (kt / kStages) & 1;
-      if (t == 0) issue_w(kt + kLookahead);
-      TxBarrier::wait(&ss.w_full[ws], (kt / kWStages) & 1);
+    for (int i = 0; i < count; ++i) {
+      const int kt = kt_begin + i, s = i % kStages, ws = i % kWStages;
+      const uint32_t phase = (i / kStages) & 1;
+      if (t == 0) issue_w(i + kLookahead);
+      TxBarrier::wait(&ss.w_full[ws], (i / kWStages) & 1);
       uint4 cw = make_uint4(0, 0, 0, 0);
       __nv_bfloat16 scale = __float2bfloat16_rn(0.f);
       if (kt < k_tiles_w) {
@@ -295,9 +304,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     Tensor cC = make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{});
     Tensor tCcC = thr.partition_C(cC);  // (weight row, token) of each accumulator
     clear(acc);
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      const int s = kt % kStages;
-      const uint32_t phase = (kt / kStages) & 1;
+    for (int i = 0; i < count; ++i) {
+      const int s = i % kStages;
+      const uint32_t phase = (i / kStages) & 1;
       TxBarrier::wait(&ss.full_a[s], phase);
       TxBarrier::wait(&ss.full_b[s], phase);
       warpgroup_fence_operand(acc);
@@ -306,14 +315,47 @@ __global__ void __launch_bounds__(kThreads, 1)
       warpgroup_commit_batch();
       warpgroup_wait<1>();  // the previous k-tile's wgmmas are done: its stage can be refilled
       warpgroup_fence_operand(acc);
-      if (kt > 0 && mt % 32 == 0) {  // one arrival per warp, on both CTAs' barriers
-        Barrier::arrive(&ss.empty[(kt - 1) % kStages]);
-        Barrier::arrive(&ss.empty[(kt - 1) % kStages], peer, 1);
+      if (i > 0 && mt % 32 == 0) {  // one arrival per warp, on both CTAs' barriers
+        Barrier::arrive(&ss.empty[(i - 1) % kStages]);
+        Barrier::arrive(&ss.empty[(i - 1) % kStages], peer, 1);
       }
     }
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc);
-    if (!(probe_flags & Nf4SsProblem::kSkipStores)) {
+    if (partials != nullptr && !(probe_flags & Nf4SsProblem::kSkipStores)) {
+      // Split reduction: this split's fp32 sums into partials[split] ([m, features]), staged over the B
+      // stages like the bf16 epilogue below, one warpgroup's 64 features at a time (the whole fp32 tile
+      // would not fit): rows of 68 floats, so a quad's 4 token pairs land 8 banks apart. The reduce
+      // kernel adds the splits (and the bias).
+      constexpr int kHalf = kBM / 2, kLdF = kHalf + 4;
+      static_assert(kBN * kLdF * 4 <= kBN * kBK * kStages * 2, "fp32 staging fits the B stages");
+      const int64_t m0 = static_cast<int64_t>(tile_m) * kBN;
+      float* stage = reinterpret_cast<float*>(ss.b.begin());
+      float* part = partials + static_cast<int64_t>(split) * m * features;
+      const bool vec = features % 4 == 0 && reinterpret_cast<uintptr_t>(partials) % 16 == 0;
+      for (int h = 0; h < 2; ++h) {
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");  // past the last wgmma / the previous half's reads
+        if (mt / 128 == h) {
+          for_each(make_int_sequence<size(acc)>{}, [&](auto i) {
+            stage[get<1>(tCcC(i)) * kLdF + get<0>(tCcC(i)) % kHalf] = acc(i);
+          });
+        }
+        asm volatile("bar.sync 1, 256;\n" ::: "memory");
+        const int64_t f0 = static_cast<int64_t>(tile_f) * kBM + h * kHalf;
+        for (int q = mt; q < kBN * (kHalf / 4); q += 256) {
+          const int tl = q / (kHalf / 4), c4 = 4 * (q % (kHalf / 4));
+          const int64_t tok = m0 + tl, f = f0 + c4;
+          if (tok >= m || f >= features) continue;
+          const float* src = stage + tl * kLdF + c4;
+          float* dst = part + tok * features + f;
+          if (vec) {
+            *reinterpret_cast<float4*>(dst) = *reinterpret_cast<const float4*>(src);
+          } else {
+            for (int e = 0; e < 4 && f + e < features; ++e) dst[e] = src[e];
+          }
+        }
+      }
+    } else if (!(probe_flags & Nf4SsProblem::kSkipStores)) {
       // The epilogue through shared memory: the tile as [kBN tokens][kBM features] bf16 over the B
       // stages (idle: every activation tile has landed and been read; not the A stages, which this
       // CTA's last bulk copies to its peers may still be reading: their completion is counted on the
@@ -353,6 +395,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   cute::cluster_sync();
 }
 
+// y = bf16(sum of the splits' fp32 partials [splits, m, features] (+ bias)), 4 elements per thread
+// where features % 4 == 0 (the partials 16-byte aligned; y's 8-byte stores need y 8-byte aligned).
+__global__ void nf4_ss_reduce_splits(const float* __restrict__ partials, int splits, int64_t m, int features,
+                                     const __nv_bfloat16* __restrict__ bias, __nv_bfloat16* __restrict__ y) {
+  const int64_t count = m * features;
+  const bool vec = features % 4 == 0 && reinterpret_cast<uintptr_t>(partials) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(y) % 8 == 0;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (vec) {
+    for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < count / 4; q += step) {
+      float4 a = reinterpret_cast<const float4*>(partials)[q];
+      for (int s = 1; s < splits; ++s) {
+        const float4 b = reinterpret_cast<const float4*>(partials + s * count)[q];
+        a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
+      }
+      if (bias != nullptr) {
+        const int f = static_cast<int>((4 * q) % features);
+        a.x += __bfloat162float(bias[f]), a.y += __bfloat162float(bias[f + 1]);
+        a.z += __bfloat162float(bias[f + 2]), a.w += __bfloat162float(bias[f + 3]);
+      }
+      __nv_bfloat162 lo = __floats2bfloat162_rn(a.x, a.y), hi = __floats2bfloat162_rn(a.z, a.w);
+      uint2 o;
+      o.x = reinterpret_cast<const uint32_t&>(lo);
+      o.y = reinterpret_cast<const uint32_t&>(hi);
+      reinterpret_cast<uint2*>(y)[q] = o;
+    }
+  } else {
+    for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < count; q += step) {
+      float a = partials[q];
+      for (int s = 1; s < splits; ++s) a += partials[s * count + q];
+      if (bias != nullptr) a += __bfloat162float(bias[q % features]);
+      y[q] = __float2bfloat16_rn(a);
+    }
+  }
+}
+
 auto activation_tma(const void* p, int rows, int cols) {
   Tensor t = make_tensor(make_gmem_ptr(reinterpret_cast<const T*>(p)), make_shape(rows, cols), make_stride(cols, Int<1>{}));
   return make_tma_atom(SM90_TMA_LOAD{}, t, SmemLayoutB{}(_, _, 0), make_shape(Int<kBN>{}, Int<kBK>{}));
@@ -383,9 +461,11 @@ const char* launch(const Nf4SsProblem& p, cudaStream_t stream) {
     return "cudaFuncSetAttribute (dynamic shared memory) failed";
   }
   const int tiles_f = (features + kBM - 1) / kBM, tiles_m = (p.m + kBN - 1) / kBN;
+  const int splits = p.splits > 1 ? p.splits : 1;
   cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(kCluster * tiles_f * ((tiles_m + kCluster - 1) / kCluster));  // an odd last token tile: its pair's
-  cfg.blockDim = dim3(kThreads);                                                 // second CTA decodes, stores nothing
+  // An odd last token tile: its pair's second CTA decodes, stores nothing.
+  cfg.gridDim = dim3(kCluster * tiles_f * ((tiles_m + kCluster - 1) / kCluster) * splits);
+  cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -398,8 +478,15 @@ const char* launch(const Nf4SsProblem& p, cudaStream_t stream) {
   const cudaError_t le = cudaLaunchKernelEx(&cfg, kernel, p.m, p.n, p.k, tma_c, tma_s, tma_b,
                                             static_cast<const __nv_bfloat16*>(p.lora_w), p.r, tma_u,
                                             static_cast<const __nv_bfloat16*>(p.bias), static_cast<__nv_bfloat16*>(p.y),
-                                            p.probe_flags);
+                                            splits, splits > 1 ? p.partials : nullptr, p.probe_flags);
   if (le != cudaSuccess) return cudaGetErrorString(le);
+  if (splits > 1 && !(p.probe_flags & Nf4SsProblem::kSkipStores)) {
+    const int64_t count = static_cast<int64_t>(p.m) * features;
+    const int blocks = static_cast<int>(std::min<int64_t>((count / 4 + 255) / 256 + 1, 4096));
+    nf4_ss_reduce_splits<<<blocks, 256, 0, stream>>>(p.partials, splits, p.m, features,
+                                                     static_cast<const __nv_bfloat16*>(p.bias),
+                                                     static_cast<__nv_bfloat16*>(p.y));
+  }
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
@@ -416,10 +503,29 @@ const char* nf4_ss_gemm_check(const Nf4SsProblem& p) {
   if (!aligned16(p.act) || !aligned16(p.packed) || !aligned16(p.y)) return "needs 16-byte aligned act, packed and y";
   if (p.r > 0 && (!aligned16(p.lora_w) || !aligned16(p.lora_act))) return "needs 16-byte aligned LoRA tensors";
   if (p.trans && p.bias != nullptr) return "takes a bias forward only";
+  const int k_tiles_w = ((p.trans ? p.n : p.k) + kBK - 1) / kBK;
+  if (p.splits < 1 || p.splits > k_tiles_w) return "needs 1 <= splits <= the reduction's 64-column tiles";
+  if (p.splits > 1 && p.partials == nullptr) return "needs fp32 partials [splits, m, features] with splits > 1";
   if (p.scales == nullptr || !aligned16(p.scales) || p.scales_ld < p.n || p.scales_ld % 8 != 0) {
     return "needs bf16 scales [k / 64, scales_ld], 16-byte aligned, scales_ld >= n and a multiple of 8";
   }
   return nullptr;
+}
+
+int nf4_ss_gemm_splits(const Nf4SsProblem& p, int sm_count) {
+  using namespace nf4_ss_detail;
+  const int features = p.trans ? p.k : p.n, reduction = p.trans ? p.n : p.k;
+  const int64_t pairs = static_cast<int64_t>((features + kBM - 1) / kBM) * (((p.m + kBN - 1) / kBN + kCluster - 1) / kCluster);
+  const int64_t slots = std::max(sm_count / kCluster, 1);
+  const int64_t k_tiles_w = (reduction + kBK - 1) / kBK;
+  // k-tile times of the whole grid: waves of pairs x k-tiles per pair. A split must shorten it by a
+  // tenth to pay for the fp32 partials' round trip, and keep >= 8 k-tiles per split (the pipeline's fill).
+  const auto cost = [&](int64_t s) { return (pairs * s + slots - 1) / slots * ((k_tiles_w + s - 1) / s); };
+  int best = 1;
+  for (int s = 2; s <= kMaxSplits && k_tiles_w / s >= 8; ++s) {
+    if (10 * cost(s) < 9 * cost(best)) best = s;
+  }
+  return best;
 }
 
 const char* nf4_ss_gemm_run(const Nf4SsProblem& p, cudaStream_t stream) {

@@ -25,6 +25,12 @@ struct Nf4SsProblem {
   int r = 0;                             // 0: no LoRA term; else r % 8 == 0
   const void* bias = nullptr;            // [n], forward only
   void* y = nullptr;
+  // Split reduction (few output tiles: small m): splits > 1 CTA pairs per output tile, each over
+  // a share of the reduction, write fp32 sums to partials [splits, m, features] (the caller's,
+  // 16-byte aligned for full speed); a second kernel adds them into y. 1 <= splits <= the
+  // reduction's 64-column tiles; nf4_ss_gemm_splits picks it.
+  int splits = 1;
+  float* partials = nullptr;
   // Probes only (results are wrong): kSkipDecode leaves the A tiles stale, kSkipStores writes no
   // output, to time the rest.
   static constexpr int kSkipDecode = 1, kSkipStores = 2;
@@ -33,6 +39,9 @@ struct Nf4SsProblem {
 
 // nullptr when the kernel takes p (shapes, strides, alignments), else why not.
 const char* nf4_ss_gemm_check(const Nf4SsProblem& p);
+
+// The split count for p on a GPU of sm_count SMs: 1 where the output tiles fill the GPU, up to 4.
+int nf4_ss_gemm_splits(const Nf4SsProblem& p, int sm_count);
 
 // Runs it on `stream`: nullptr on success, else what failed. The caller checks first.
 const char* nf4_ss_gemm_run(const Nf4SsProblem& p, cudaStream_t stream);
