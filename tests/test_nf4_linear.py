@@ -13,7 +13,7 @@ from lora_fused import _ops, nf4, reference
 from conftest import DEVICES, DTYPES, HAS_CUDA, assert_error_rule, poison_allocator, randn, requires_cuda
 
 # (M, N, K): M <= 16 with K % 32 == 0 takes the CUDA decode kernel; on an H100/H200, bf16 with
-# 17 <= M <= 1024, K % 64 == 0 and N % 8 == 0 the Hopper GEMM (the input gradient: 17-1536 rows the
+# 17 <= M <= 1024, K % 64 == 0 and N % 8 == 0 the Hopper GEMM (the input gradient, with K <= N: the
 # NF4 GEMM with a decoding warpgroup); the rest the slab path.
 # N not a multiple of 16 or of a 64-row strip, K not a multiple of 128, odd K, one row.
 SHAPES = [(1, 64, 128), (3, 269, 96), (8, 130, 4128), (9, 48, 160), (16, 1031, 256), (1, 17, 7), (17, 96, 64),

@@ -202,15 +202,16 @@ def test_bad_split_count_is_a_clear_error(monkeypatch):
         lora_fused.nf4_linear(randn(40, 320, dtype=torch.bfloat16, device="cuda"), packed, state)
 
 
-@pytest.mark.parametrize("M,expected", [(16, 0), (17, 1), (700, 1), (1536, 1), (1537, 0)])
-def test_grad_input_takes_it_by_default_from_17_to_1536_rows(M, expected, monkeypatch):
-    # LORA_FUSED_NF4_GEMM unset (auto): nf4_linear_grad_input runs this kernel for 17-1536 rows, the
-    # slab path outside; both correct.
+@pytest.mark.parametrize("M,N,K,expected", [(16, 320, 256, 0), (17, 320, 256, 1), (700, 320, 256, 1), (1024, 256, 256, 1),
+                                             (1025, 320, 256, 0), (300, 264, 320, 0)])
+def test_grad_input_takes_it_by_default_for_17_to_1024_rows(M, N, K, expected, monkeypatch):
+    # LORA_FUSED_NF4_GEMM unset (auto): nf4_linear_grad_input runs this kernel for 17-1024 rows when
+    # K <= N, the slab path otherwise; both correct.
     monkeypatch.delenv("LORA_FUSED_NF4_GEMM")
-    packed, state = _weight(264, 320, True)
-    g = _act(M, 264, "contiguous")
-    dx, launches = _ss_launches(lambda: _ops.nf4_linear_grad_input(g, *_args(packed, state, 320)))
-    assert launches == expected, f"M={M}: the SS kernel ran {launches} times, expected {expected}"
+    packed, state = _weight(N, K, True)
+    g = _act(M, N, "contiguous")
+    dx, launches = _ss_launches(lambda: _ops.nf4_linear_grad_input(g, *_args(packed, state, K)))
+    assert launches == expected, f"M={M} {K}->{N}: the SS kernel ran {launches} times, expected {expected}"
     w = nf4.dequantize(packed, state, torch.bfloat16)
     assert_error_rule(dx, g.double() @ reference.nf4_dequantize(packed, state).to("cuda"), g @ w, f"auto grad_input M={M}")
 

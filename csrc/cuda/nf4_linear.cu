@@ -4,8 +4,8 @@
 // of 32, fp32), run the tiled path: decode a slab of at most nf4_slab_elems() weights
 // (nf4_dequantize_rect.cu) and hand it to cuBLAS; with lora_A at M >= 2048 (nf4_merge_mode), each slab
 // gets the LoRA term s B A added as it is decoded (nf4_dequantize_rect_lora.cu). Backward dX is tiled
-// likewise, except 17-1536 rows on Hopper, which run the NF4 GEMM with a decoding warpgroup
-// (nf4_linear_ss.cu; no slab). LORA_FUSED_NF4_GEMM=ss sends every bf16 call past the decode kernel,
+// likewise, except 17-1024 rows on Hopper with in_features <= out_features, which run the NF4 GEMM
+// with a decoding warpgroup (nf4_linear_ss.cu; no slab). LORA_FUSED_NF4_GEMM=ss sends every bf16 call past the decode kernel,
 // forward and backward, through that GEMM.
 #include <torch/library.h>
 
@@ -70,7 +70,7 @@ at::Tensor nf4_linear_grad_input_cuda(const at::Tensor& grad_out, const at::Tens
                                                        lora_A, lora_B);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   at::Tensor out;
-  if (cuda::nf4_ss_for_grad_input(grad_out.size(0)) &&
+  if (cuda::nf4_ss_for_grad_input(grad_out.size(0), w.in_features, w.out_features) &&
       cuda::nf4_linear_grad_input_ss(grad_out, w, lora_du, lora_A, lora_B, lora_scale, out))
     return out;
   return nf4_linear_grad_input_tiled(grad_out, w, lora_du, lora_A, lora_B, lora_scale, nf4_dequantize_rect_cuda,

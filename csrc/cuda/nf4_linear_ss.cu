@@ -18,9 +18,10 @@ namespace cuda {
 
 bool nf4_ss_requested() { return nf4_gemm_mode() == Nf4GemmMode::kSs; }
 
-bool nf4_ss_for_grad_input(int64_t m) {
+bool nf4_ss_for_grad_input(int64_t m, int64_t in_features, int64_t out_features) {
   const Nf4GemmMode md = nf4_gemm_mode();
-  return md == Nf4GemmMode::kSs || (md == Nf4GemmMode::kAuto && m >= kSsGradInputMinM && m <= kSsGradInputMaxM);
+  return md == Nf4GemmMode::kSs || (md == Nf4GemmMode::kAuto && m >= kSsGradInputMinM && m <= kSsGradInputMaxM &&
+                                    in_features <= out_features);
 }
 
 #if LORA_FUSED_WITH_SM90

@@ -13,11 +13,14 @@ namespace cuda {
 // Whether LORA_FUSED_NF4_GEMM=ss asks for this path (read at each call).
 bool nf4_ss_requested();
 
-// Whether nf4_linear_grad_input takes this path for m rows of grad_out: always with
-// LORA_FUSED_NF4_GEMM=ss, never with slab or sm90, and by default (auto) for kSsGradInputMinM ...
-// kSsGradInputMaxM rows, where it beat the slab path on an H100 (benchmarks/RESULTS.md, session 22).
-constexpr int64_t kSsGradInputMinM = 17, kSsGradInputMaxM = 1536;
-bool nf4_ss_for_grad_input(int64_t m);
+// Whether nf4_linear_grad_input takes this path for m rows of grad_out and W [out_features,
+// in_features]: always with LORA_FUSED_NF4_GEMM=ss, never with slab or sm90, and by default (auto)
+// for kSsGradInputMinM ... kSsGradInputMaxM rows with in_features <= out_features. On an H100 there
+// it took 0.53-0.83x the slab path's time (4096->11008 and 4096->4096, 64-1024 rows); with more
+// in_features (11008->4096: fewer, longer k-loops for more output tiles) 0.96-1.24x, and from 1536
+// rows 1.03-1.24x (benchmarks/RESULTS.md, session 22).
+constexpr int64_t kSsGradInputMinM = 17, kSsGradInputMaxM = 1024;
+bool nf4_ss_for_grad_input(int64_t m, int64_t in_features, int64_t out_features);
 
 // out = x @ W^T + bias + u @ lora_B^T (u = lora_u, or lora_scale * x @ lora_A^T made here), and true,
 // where the kernel applies: an sm_90 GPU and build, bf16, blocksize 64, K % 64 == 0. Else false, out
