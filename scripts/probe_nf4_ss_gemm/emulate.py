@@ -2,7 +2,8 @@
 kernel): (1) the index logic, emulated per CTA, k-tile and decode thread in float64 numpy (which
 bytes of the TMA code and scale boxes each thread reads, with TMA's zero fill past the tensors; which
 LoRA element; where each lands; every A element written once per k-tile; ragged M, N, K; forward,
-backward, LoRA, bias; each CTA of the pair its half) against x W^T / dY W; (2) the mbarrier protocol
+backward, LoRA, bias; each CTA of the pair its half; split reductions: each split's k-tiles, every
+k-tile in exactly one, the LoRA ones in the last, the partials added in order) against x W^T / dY W; (2) the mbarrier protocol
 of a CTA pair under random interleavings of each CTA's four decode warps (warp 0's thread issues the
 TMA loads; each warp's lane 0 sends the warp's 2 KiB to the peer), its two MMA warpgroups and the
 copies' landing: the ring of code tiles (w_full: 1 + TMA bytes, w_empty: 128 arrivals; loaded
@@ -24,7 +25,7 @@ LV = np.array(LEVELS)
 kBM, kBN, kBK = 128, 256, 64
 
 
-def emulate_indices(m, n, k, trans, r, bias_on, rng):
+def emulate_indices(m, n, k, trans, r, bias_on, rng, splits=1):
     codes = rng.integers(0, 16, size=(n, k))
     flat = codes.reshape(-1)
     packed = ((flat[0::2] << 4) | flat[1::2]).astype(np.uint8)  # element 2j high nibble
@@ -81,18 +82,21 @@ def emulate_indices(m, n, k, trans, r, bias_on, rng):
                             At[i, j] = v
             assert not np.isnan(At).any(), "unwritten A"
             ats.append(At)
+        # Split s's k-tiles, as the kernel takes them: at least one each, the LoRA k-tiles in the last.
+        ranges = []
+        for sp in range(splits):
+            begin = sp * k_tiles_w // splits
+            end = k_tiles if sp == splits - 1 else (sp + 1) * k_tiles_w // splits
+            assert end > begin, "a split without k-tiles"
+            ranges.append(range(begin, end))
+        assert sorted(kt for rg in ranges for kt in rg) == list(range(k_tiles)), "k-tiles not covered once each"
         for tile_m in range(-(-m // kBN)):
+            parts = []
+            for rg in ranges:
+                parts.append(emulate_mma(rg, ats, act, lact, r, k_tiles_w, tile_m, m))
             acc = np.zeros((kBM, kBN))
-            for kt in range(k_tiles):
-                Bt = np.zeros((kBN, kBK))
-                src, kk = (act, kt) if not (r and kt >= k_tiles_w) else (lact, kt - k_tiles_w)
-                for mm in range(kBN):
-                    tok = tile_m * kBN + mm
-                    for jj in range(kBK):
-                        col = kk * kBK + jj
-                        if tok < m and col < src.shape[1]:
-                            Bt[mm, jj] = src[tok, col]
-                acc += ats[kt] @ Bt.T
+            for part in parts:  # the reduce kernel: split 0, then 1, ... (bias after, as the epilogue's)
+                acc += part
             for i in range(kBM):
                 for mm in range(kBN):
                     f, tok = tile_f * kBM + i, tile_m * kBN + mm
@@ -105,8 +109,24 @@ def emulate_indices(m, n, k, trans, r, bias_on, rng):
         ref += bias
     assert not np.isnan(y).any()
     err = np.abs(y - ref).max() / np.abs(ref).max()
-    print(f"m={m} n={n} k={k} trans={trans} r={r} bias={bias_on}: max rel err {err:.2e}")
+    print(f"m={m} n={n} k={k} trans={trans} r={r} bias={bias_on} splits={splits}: max rel err {err:.2e}")
     assert err < 1e-12
+
+
+def emulate_mma(k_range, ats, act, lact, r, k_tiles_w, tile_m, m):
+    """One CTA's accumulators over its k-tiles: the A tiles times the activation (or u / du) tiles."""
+    acc = np.zeros((kBM, kBN))
+    for kt in k_range:
+        Bt = np.zeros((kBN, kBK))
+        src, kk = (act, kt) if not (r and kt >= k_tiles_w) else (lact, kt - k_tiles_w)
+        for mm in range(kBN):
+            tok = tile_m * kBN + mm
+            for jj in range(kBK):
+                col = kk * kBK + jj
+                if tok < m and col < src.shape[1]:
+                    Bt[mm, jj] = src[tok, col]
+        acc += ats[kt] @ Bt.T
+    return acc
 
 
 K_STAGES = 4
@@ -238,6 +258,8 @@ def main():
     for args in [(3, 136, 192, 0, 0, 1), (3, 136, 192, 1, 0, 0), (5, 200, 128, 0, 16, 1), (5, 200, 128, 1, 16, 0),
                  (300, 40, 64, 0, 72, 0), (2, 72, 320, 1, 72, 0)]:
         emulate_indices(*args, rng)
+    for args in [(3, 136, 192, 0, 0, 1, 2), (5, 200, 128, 1, 16, 0, 2), (300, 40, 320, 0, 72, 1, 5), (2, 72, 320, 1, 72, 0, 2)]:
+        emulate_indices(*args[:6], rng, splits=args[6])
     for kt in (1, 2, 3, 4, 5, 6, 7, 11, 66):
         for seed in range(40):
             simulate_pipeline(kt, seed)
