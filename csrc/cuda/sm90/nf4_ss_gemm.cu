@@ -518,11 +518,12 @@ int nf4_ss_gemm_splits(const Nf4SsProblem& p, int sm_count) {
   const int64_t pairs = static_cast<int64_t>((features + kBM - 1) / kBM) * (((p.m + kBN - 1) / kBN + kCluster - 1) / kCluster);
   const int64_t slots = std::max(sm_count / kCluster, 1);
   const int64_t k_tiles_w = (reduction + kBK - 1) / kBK;
-  // Estimated microseconds on an H100: waves of pairs x k-tiles per pair x ~0.5 us per k-tile (measured
-  // at 4096 tokens), plus for s > 1 the fp32 partials' round trip (written and read, ~2.5 TB/s). A
-  // split must save a tenth and keep >= 8 k-tiles per split (the pipeline's fill).
+  // Estimated microseconds on an H100: waves of pairs x k-tiles per pair x ~0.95 us per k-tile (a pair's
+  // 128 x 512 x 64 at 4096 tokens: 4096->4096 forward in 244 us = 4 waves x 64 k-tiles, session 22),
+  // plus for s > 1 the fp32 partials' round trip (written and read, ~2.5 TB/s). A split must save a
+  // tenth and keep >= 8 k-tiles per split (the pipeline's fill).
   const auto cost = [&](int64_t s) {
-    const double gemm = 0.5 * static_cast<double>((pairs * s + slots - 1) / slots * ((k_tiles_w + s - 1) / s));
+    const double gemm = 0.95 * static_cast<double>((pairs * s + slots - 1) / slots * ((k_tiles_w + s - 1) / s));
     return gemm + (s > 1 ? 8.0 * s * p.m * features / 2.5e6 : 0.0);
   };
   int best = 1;
