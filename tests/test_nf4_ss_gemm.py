@@ -195,6 +195,26 @@ def test_split_reduction(splits, M, N, K, direction, monkeypatch):
     assert_error_rule(out, ref, same, what)
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("M,N", [(33, 100), (300, 37)])
+def test_split_reduction_with_features_not_a_multiple_of_4(splits, M, N, monkeypatch):
+    # The partials' and the reduce kernel's element-wise paths (forward only: the input gradient needs
+    # N % 8 == 0, and its features are K, a multiple of 64).
+    monkeypatch.setenv("LORA_FUSED_NF4_SS_SPLITS", str(splits))
+    K = 192
+    packed, state = _weight(N, K, True)
+    x = _act(M, K, "contiguous")
+    bias_t = randn(N, dtype=torch.bfloat16, device="cuda")
+    w = nf4.dequantize(packed, state, torch.bfloat16)
+    poison_allocator("cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y = lora_fused.nf4_linear(x, packed, state, bias_t)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert sum("nf4_ss_reduce_splits" in nm for nm in names) == 1, f"M={M} N={N}: the split reduce kernel did not run once"
+    assert_error_rule(y, reference.nf4_linear(x, packed, state, bias_t), x @ w.t() + bias_t, f"splits={splits} M={M} N={N}")
+
+
 def test_bad_split_count_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LORA_FUSED_NF4_SS_SPLITS", "two")
     packed, state = _weight(136, 320, True)
