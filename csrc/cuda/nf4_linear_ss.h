@@ -1,7 +1,9 @@
 // nf4_linear's and nf4_linear_grad_input's path through the NF4 GEMM with a decoding warpgroup
 // (sm90/nf4_ss_gemm.cu) on Hopper: no 16-bit slab of W forward or backward, and the LoRA term as r
-// more reduction columns of the same GEMM. Opt-in (LORA_FUSED_NF4_GEMM=ss): correct on an H100, but
-// 1.33x slower than the slab path in a QLoRA step at 4096 tokens (benchmarks/RESULTS.md, session 20).
+// more reduction columns of the same GEMM. By default only the input gradient at 17-1024 rows
+// (nf4_ss_for_grad_input), where it beat the slab path on an H100; everywhere with
+// LORA_FUSED_NF4_GEMM=ss (at 4096 tokens 1.2-1.3x cuBLAS, slower than the slab path: RESULTS.md,
+// sessions 20 and 22).
 #pragma once
 #include <ATen/ATen.h>
 

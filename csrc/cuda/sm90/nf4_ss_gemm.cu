@@ -33,6 +33,9 @@
 //   warpgroups of the pair are done with it.
 // - Epilogue: fp32 (+ bias, forward) -> bf16 through shared memory as [256 tokens][128 features]
 //   over the idle B stages, then 16-byte stores along each token's features.
+// - Split reduction (Nf4SsProblem::splits > 1, for few output tiles): the grid repeats per split of
+//   the k-tiles; each CTA writes its fp32 sums to partials[split] (staged the same way, one
+//   warpgroup's 64 features at a time), and nf4_ss_reduce_splits adds them in order (+ bias).
 // - With LoRA (kLora), the reduction runs on over the rank as whole k-tiles, one GEMM over [K | r]:
 //   forward y = [x | u] [W | B]^T (u = s x A^T, made before), backward dX = [dY | du] [W ; A]
 //   (du = s dY B). The decode warpgroups copy their halves of lora_B's rows (forward) or lora_A's
