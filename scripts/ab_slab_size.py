@@ -3,7 +3,10 @@ with the default slab (a quarter of the weight) against LORA_FUSED_NF4_SLAB_ELEM
 it (issue 5's peak-memory goal) and no slab at all (LORA_FUSED_NF4_GEMM=ss), interleaved in one
 process; time and the peak memory above what the inputs, the output and the gradients take. A development tool.
 
-    python scripts/ab_slab_size.py [--rounds 3]
+    python scripts/ab_slab_size.py [--rounds 3] [--M 4096,1024,256]
+
+"default" is what runs unset: from 17 to 1024 tokens (Hopper) the forward runs the CUTLASS RS GEMM and the
+input gradient the SS GEMM, with no slab; "slab path" forces the slabs there (LORA_FUSED_NF4_GEMM=slab).
 """
 
 import argparse
@@ -20,10 +23,16 @@ from lora_fused import nf4
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--M", default="4096", help="token counts, comma-separated")
     args = ap.parse_args()
+    for m in (int(v) for v in args.M.split(",")):
+        run(m, args.rounds)
+
+
+def run(m, rounds):
     torch.manual_seed(0)
     dt, dev, s = torch.bfloat16, "cuda", 2.0
-    m, k, n, r = 4096, 4096, 11008, 16
+    k, n, r = 4096, 11008, 16
     w = torch.randn(n, k, device=dev, dtype=dt) * k**-0.5
     packed, state = nf4.quantize(w)
     weight_bytes = w.numel() * w.element_size()
@@ -39,10 +48,10 @@ def main():
     # name -> (LORA_FUSED_NF4_SLAB_ELEMS, LORA_FUSED_NF4_GEMM): the slab sizes, and the NF4 GEMM with a
     # decoding warpgroup, which needs no slab (where the build and GPU have it).
     budgets = {"default (1/4)": (None, None), "1/6": (n * k // 6, None), "1/8": (n * k // 8, None),
-               "10%": (n * k // 10, None), "none (ss GEMM)": (None, "ss")}
+               "10%": (n * k // 10, None), "slab path": (None, "slab"), "none (ss GEMM)": (None, "ss")}
     times = {(c, b): [] for c in cases for b in budgets}
     peak = {}
-    for rnd in range(args.rounds):
+    for rnd in range(rounds):
         for c, fn in cases.items():
             for b, (elems, gemm) in budgets.items():
                 for var, value in (("LORA_FUSED_NF4_SLAB_ELEMS", elems), ("LORA_FUSED_NF4_GEMM", gemm)):
@@ -50,7 +59,7 @@ def main():
                         os.environ.pop(var, None)
                     else:
                         os.environ[var] = str(value)
-                if rnd == min(1, args.rounds - 1):  # warm (cuBLAS workspaces, plans): the peak of one call
+                if rnd == min(1, rounds - 1):  # warm (cuBLAS workspaces, plans): the peak of one call
                     # above what is held before it and returned by it
                     torch.cuda.synchronize()
                     base = torch.cuda.memory_allocated()
@@ -63,7 +72,7 @@ def main():
                 times[(c, b)].append(do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3)
     os.environ.pop("LORA_FUSED_NF4_SLAB_ELEMS", None)
     os.environ.pop("LORA_FUSED_NF4_GEMM", None)
-    print(f"{torch.cuda.get_device_name()}, M={m} {k}->{n} r={r}, fwd+bwd, {args.rounds} rounds interleaved")
+    print(f"{torch.cuda.get_device_name()}, M={m} {k}->{n} r={r}, fwd+bwd, {rounds} rounds interleaved")
     print("  (extra memory: peak of one call above its inputs, output and returned gradients, % of the bf16 weight)")
     for c in cases:
         for b in budgets:
