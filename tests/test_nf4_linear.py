@@ -106,7 +106,8 @@ def test_blocksizes_and_plain_absmax(device, blocksize, double_quant, M):
 
 # Decode shapes for both CUDA decode kernels, each forced by LORA_FUSED_NF4_GEMV, and the default
 # choice: the block-aligned one (blocksize 64, K % 256 == 0; it falls back to the general one
-# elsewhere: K % 256 != 0, other blocksizes) and the general one. N not a multiple of 16, one strip
+# elsewhere: K % 256 != 0, other blocksizes), with 16 and with 32 weight rows per warp step
+# (LORA_FUSED_NF4_GEMV_ROWS; by default 16 up to M = 8, else 32), and the general one. N not a multiple of 16, one strip
 # per team and several (9605 and 5000 rows: more 16-row strips than an H100's 264 teams), K with
 # idle warps (256 and 768 columns for 8 warps) and uneven steps per warp (2304 columns), M on both
 # sides of 8 (one or two token tiles).
@@ -116,13 +117,15 @@ DECODE_CASES = [(1, 4096 + 1, 4096, 64), (1, 9605, 256, 64), (5, 333, 192, 64), 
 
 
 @requires_cuda
-@pytest.mark.parametrize("kernel", ["default", "general", "blockaligned"])
+@pytest.mark.parametrize("kernel", ["default", "general", "blockaligned-16rows", "blockaligned-32rows"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,N,K,blocksize", DECODE_CASES)
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeypatch):
     if kernel != "default":
-        monkeypatch.setenv("LORA_FUSED_NF4_GEMV", kernel)
+        monkeypatch.setenv("LORA_FUSED_NF4_GEMV", kernel.split("-")[0])
+    if kernel.startswith("blockaligned-"):
+        monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", kernel.split("-")[1][:2])
     packed, state = _weight(N, K, "cuda", blocksize, double_quant)
     x = randn(M, K, dtype=dtype, device="cuda")
     bias = randn(N, dtype=dtype, device="cuda")
@@ -144,6 +147,14 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
     yu = _ops.nf4_linear(x, *args, bias, u, b)
     assert_error_rule(yu, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), x @ w.t() + u @ b.t() + bias,
                       f"decode {kernel}, lora_u")
+
+
+@requires_cuda
+def test_bad_decode_row_count_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", "24")
+    packed, state = _weight(64, 256, "cuda")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_ROWS must be 16 or 32 .*got '24'"):
+        lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -2,10 +2,12 @@
 // layer quantized as QLoRA does): out = x @ W^T + bias + lora_u @ lora_B^T, the NF4 weight streamed
 // once from memory, on tensor cores.
 //
-// Tiling: a block of 16 warps is two teams of 8; a team takes strips of 16 weight rows (persistent
-// over N) and its warps split K. A warp step is 16 rows x 256 columns (2 KiB of W) = four 64-column
-// pieces, one quantization block per row each; lane t of row group g holds 16 columns (8 bytes) of
-// rows g and g+8 in each piece, at columns 64p + 16t. Each mma.m16n8k16 takes 4 columns from each
+// Tiling: a team of 8 warps takes strips of 16R weight rows (persistent over N) and its warps split
+// K; a block is two teams with R = 1 (up to 8 tokens: 16 warps, 128 registers) or one with R = 2
+// (9-16 tokens, where x's loads through L1 outweigh W's: 8 warps, 255 registers). A warp step is R
+// row tiles x 256 columns (2 KiB of W a tile); a tile's step is four 64-column pieces, one
+// quantization block per row each; lane t of row group g holds 16 columns (8 bytes) of rows g and
+// g+8 in each piece, at columns 64p + 16t, and the x fragments of a piece serve all R tiles. Each mma.m16n8k16 takes 4 columns from each
 // of the 4 lanes of a piece (k-permuted: an mma sums its 16 k in any order, so lane t's logical k
 // {2t, 2t+1, 2t+8, 2t+9} at mma s are physical columns 16t + 4s + {0..3} of the piece, in A and in x
 // alike), so all 16 k of an mma lie in one block per row and the block scale multiplies the mma's
@@ -28,6 +30,9 @@
 #include <cuda_fp16.h>
 
 #include <array>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/mma_sm80.cuh"
@@ -39,21 +44,29 @@ namespace lora_fused {
 namespace cuda {
 namespace {
 
-constexpr int kTeams = 2;
-constexpr int kWarps = kTeams * kGemvWarps;
-constexpr int kThreads = 32 * kWarps;
+// R row tiles of 16 per warp step (a strip is 16R rows): the x fragments a step loads serve R tiles,
+// so x's traffic through L1 per weight byte is 1/R (with 16 tokens, x is 4x the weight bytes at R =
+// 1). R = 1: two teams of 8 warps per block, 128 registers each, 4 ring slots; R = 2: one team (up
+// to 255 registers: the second tile's weights, scales and sums), 3 ring slots of two tiles.
+template <int R>
+struct Tiling {
+  static constexpr int kTeams = R == 1 ? 2 : 1;
+  static constexpr int kWarps = kTeams * kGemvWarps;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kSlots = R == 1 ? 4 : 3;
+};
 constexpr int kTableBytes = 256 * 256;
 constexpr int kCode2Col = 128;       // byte of the code2[b] copies in table row b
 constexpr int kRowBytes = 128;       // a step's bytes per weight row (256 columns)
 constexpr int kStepBytes = 16 * kRowBytes;
 constexpr int kStepCols = 256;
-// 4 ring slots: 3 steps (6 KiB a warp, 96 KiB an SM) in flight; one block (16 warps) per SM.
-constexpr int kRingSlots = 4;
+// Ring slots in flight: R = 1, 3 steps (6 KiB a warp, 96 KiB an SM); R = 2, 2 steps (8 KiB a warp,
+// 64 KiB an SM). One block per SM.
 
-// A ring slot: the step's weight bytes, then its scales: 16 rows x 4 code bytes and 16 nested fp32
-// scales (double quantization), or 16 rows x 4 fp32 scales.
+// A row tile's part of a ring slot: its weight bytes, then its scales: 16 rows x 4 code bytes and 16
+// nested fp32 scales (double quantization), or 16 rows x 4 fp32 scales. A slot holds R of them.
 template <bool kNested>
-constexpr int slot_bytes() {
+constexpr int tile_bytes() {
   return kStepBytes + (kNested ? 128 : 256);
 }
 
@@ -68,11 +81,12 @@ __device__ __forceinline__ uint32_t table_address(uint32_t w, uint32_t base_lo, 
 }
 
 // Shared memory for the LoRA term when it is staged (a.lora_smem): u [m][r] fp32, two buffers per
-// team of a strip's lora_B rows [16][r] (the next strip's land while this one's are used: under a
+// team of a strip's lora_B rows [16R][r] (the next strip's land while this one's are used: under a
 // saturated memory system a copy takes about as long as a strip's steps), and an mbarrier (8 bytes)
 // per buffer.
+template <int R>
 __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
-  return a.lora_smem ? static_cast<uint32_t>(4 * a.m * a.r + kTeams * 2 * (16 * 2 * a.r + 8)) : 0u;
+  return a.lora_smem ? static_cast<uint32_t>(4 * a.m * a.r + Tiling<R>::kTeams * 2 * (16 * R * 2 * a.r + 8)) : 0u;
 }
 
 // Where things are in dynamic shared memory (byte offsets) when it starts at shared address `base`:
@@ -80,13 +94,14 @@ __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
 // warps' rings before it as fit, the other rings, the teams' reductions and the LoRA staging after it.
 struct SmemLayout {
   uint32_t table, before, after, ring_bytes, red, lora, end;
-  __host__ __device__ SmemLayout(uint32_t base, uint32_t ring_bytes_, uint32_t red_bytes, uint32_t lora_bytes)
+  __host__ __device__ SmemLayout(uint32_t base, int teams, uint32_t ring_bytes_, uint32_t red_bytes, uint32_t lora_bytes)
       : ring_bytes(ring_bytes_) {
+    const uint32_t warps = teams * kGemvWarps;
     table = (0u - base) & 0xffffu;
-    before = table / ring_bytes < kWarps ? table / ring_bytes : kWarps;
+    before = table / ring_bytes < warps ? table / ring_bytes : warps;
     after = table + kTableBytes;
-    red = after + (kWarps - before) * ring_bytes;
-    lora = red + kTeams * red_bytes;
+    red = after + (warps - before) * ring_bytes;
+    lora = red + teams * red_bytes;
     end = lora + lora_bytes;
   }
   __host__ __device__ uint32_t ring(int warp) const {
@@ -94,14 +109,15 @@ struct SmemLayout {
   }
 };
 
-// The copies of one warp: the step at window c (columns 256c ...) of strip `strip`. Lane l copies
-// chunk l & 7 of rows (l >> 3) + 4i, and a scale word of row l & 15 (lanes 0-15: the 4 block codes
-// or, without double quantization, the 4 fp32 scales; lanes 16-31: the row's nested scale). Block
-// indices are 32-bit (nf4_gemv_blockaligned_takes); 64-bit products only when the strip changes
-// (every K / 2048 steps).
+// The copies of one warp: the step at window c (columns 256c ...) of strip `strip` (16R rows). In
+// each row tile, lane l copies chunk l & 7 of rows (l >> 3) + 4i, and a scale word of row l & 15
+// (lanes 0-15: the 4 block codes or, without double quantization, the 4 fp32 scales; lanes 16-31:
+// the row's nested scale). Block indices are 32-bit (nf4_gemv_blockaligned_takes); 64-bit products
+// only when the strip changes (every K / 2048 steps).
+template <int R>
 struct Producer {
-  const uint8_t* w;  // chunk (lane & 7) of row (lane >> 3) of the step
-  int32_t blk;       // first block of the step in row (lane & 15)
+  const uint8_t* w;  // chunk (lane & 7) of row (lane >> 3) of the step's first tile
+  int32_t blk;       // first block of the step in row (lane & 15) of the first tile
   int64_t strip;
   int c;
   int rows;  // rows of the strip that exist (<= 0: past the last strip)
@@ -110,8 +126,8 @@ struct Producer {
     const int lane = threadIdx.x & 31;
     strip = s;
     c = first_c;
-    rows = static_cast<int>(std::min<int64_t>(16, a.n - s * 16));
-    const int64_t row0 = rows > 0 ? s * 16 : 0;
+    rows = static_cast<int>(std::min<int64_t>(16 * R, a.n - s * 16 * R));
+    const int64_t row0 = rows > 0 ? s * 16 * R : 0;
     w = a.packed + (row0 + (lane >> 3)) * (a.k / 2) + kRowBytes * c + 16 * (lane & 7);
     blk = static_cast<int32_t>((row0 + (lane & 15)) * (a.k >> 6) + 4 * c);
   }
@@ -142,35 +158,42 @@ __device__ __forceinline__ ScaleSource scale_source(const GemvArgs& a) {
 }
 
 // Copies rows past the end as zeros (src_bytes 0: the address is not read); they are never stored.
-template <bool kNested>
-__device__ __forceinline__ void issue_step(uint32_t slot, const GemvArgs& a, const Producer& pr, const uint32_t (&dst)[2],
+// Tile i's rows are 16i further on: 8k bytes of W and 16 (k / 64) blocks.
+template <bool kNested, int R>
+__device__ __forceinline__ void issue_step(uint32_t slot, const GemvArgs& a, const Producer<R>& pr, const uint32_t (&dst)[2],
                                            const ScaleSource& ss) {
   const int lane = threadIdx.x & 31;
   if (pr.rows > 0) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const bool ok = (lane >> 3) + 4 * i < pr.rows;
-      cp_async_16(slot + dst[i & 1] + 4 * kRowBytes * i, pr.w + i * 2 * a.k, ok ? 16 : 0);
-    }
-    const bool ok = (lane & 15) < pr.rows;
-    const char* src = ss.base + (static_cast<int64_t>(pr.blk >> ss.shift) << ss.log_size);
-    if (kNested) {
-      cp_async_4(slot + ss.dst, src, ok ? 4 : 0);
-    } else if (lane < 16) {
-      cp_async_16(slot + ss.dst, src, ok ? 16 : 0);
+    for (int ti = 0; ti < R; ++ti) {
+      const uint32_t tile = slot + ti * tile_bytes<kNested>();
+      const uint8_t* w = pr.w + ti * 8 * a.k;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const bool ok = (lane >> 3) + 4 * i + 16 * ti < pr.rows;
+        cp_async_16(tile + dst[i & 1] + 4 * kRowBytes * i, w + i * 2 * a.k, ok ? 16 : 0);
+      }
+      const bool ok = (lane & 15) + 16 * ti < pr.rows;
+      const int32_t blk = pr.blk + ti * 16 * static_cast<int32_t>(a.k >> 6);
+      const char* src = ss.base + (static_cast<int64_t>(blk >> ss.shift) << ss.log_size);
+      if (kNested) {
+        cp_async_4(tile + ss.dst, src, ok ? 4 : 0);
+      } else if (lane < 16) {
+        cp_async_16(tile + ss.dst, src, ok ? 16 : 0);
+      }
     }
   }
   cp_async_commit();
 }
 
-// Team `team`'s copies of the lora_B rows of strip `strip` ([16][r], rows past n as zeros) into
+// Team `team`'s copies of the lora_B rows of strip `strip` ([16R][r], rows past n as zeros) into
 // b_s, then every thread's arrival on the team's mbarrier, which completes when they have landed.
-template <typename T>
+template <typename T, int R>
 __device__ __forceinline__ void stage_lora_rows(const GemvArgs& a, T* b_s, uint32_t mbar, int64_t strip, int tid) {
   const T* lb = static_cast<const T*>(a.lora_B);
   const int per_row = a.r / 8;  // 16-byte chunks
-  for (int c = tid; c < 16 * per_row; c += kGemvThreads) {  // one pass up to r = 128
-    const int64_t row = strip * 16 + c / per_row;
+  for (int c = tid; c < 16 * R * per_row; c += kGemvThreads) {  // R passes up to r = 128
+    const int64_t row = strip * 16 * R + c / per_row;
     const bool ok = row < a.n;
     cp_async_16(smem_u32(b_s) + 16 * c, ok ? lb + row * a.r + 8 * (c % per_row) : lb, ok ? 16 : 0);
   }
@@ -205,11 +228,12 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return v;
 }
 
-template <typename T, int NT, int S, bool kNested>
-__global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
+template <typename T, int NT, int R, bool kNested>
+__global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
+  constexpr int S = Tiling<R>::kSlots, kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
+  constexpr int kTile = tile_bytes<kNested>(), kSlot = R * kTile;
   extern __shared__ float4 smem_raw[];
-  constexpr int kSlot = slot_bytes<kNested>();
-  const SmemLayout layout(smem_u32(smem_raw), S * kSlot, gemv_reduction_bytes<1, NT>(), lora_smem_bytes(args));
+  const SmemLayout layout(smem_u32(smem_raw), kTeams, S * kSlot, gemv_reduction_bytes<R, NT>(), lora_smem_bytes<R>(args));
   uint32_t smem_bytes;
   asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(smem_bytes));
   if (layout.end > smem_bytes) __trap();  // the host sized it for another base address
@@ -218,11 +242,11 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int team = warp / kGemvWarps, tw = warp % kGemvWarps;
   char* ring = smem + layout.ring(warp);
-  float* red = reinterpret_cast<float*>(smem + layout.red + team * gemv_reduction_bytes<1, NT>());
+  float* red = reinterpret_cast<float*>(smem + layout.red + team * gemv_reduction_bytes<R, NT>());
   const uint32_t ring_s = smem_u32(ring), table_s = smem_u32(table);
   // The LoRA staging: u, this team's two buffers of lora_B rows and their mbarriers.
   float* u_s = reinterpret_cast<float*>(smem + layout.lora);
-  const uint32_t b_bytes = 32 * args.r, b_off = layout.lora + 4 * args.m * args.r + team * 2 * b_bytes;
+  const uint32_t b_bytes = 32 * R * args.r, b_off = layout.lora + 4 * args.m * args.r + team * 2 * b_bytes;
   auto b_s = [&](int buf) { return reinterpret_cast<T*>(smem + b_off + buf * b_bytes); };  // arithmetic: no local array
   const uint32_t mbar0 = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * 2 * b_bytes + 16 * team);
   if (args.lora_smem && threadIdx.x % kGemvThreads == 0) {
@@ -230,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
     mbarrier_init(mbar0 + 8, kGemvThreads);
   }
 
-  const int64_t strips = ceil_div<int64_t>(args.n, 16), strip_stride = int64_t{kTeams} * gridDim.x;
+  const int64_t strips = ceil_div<int64_t>(args.n, 16 * R), strip_stride = int64_t{kTeams} * gridDim.x;
   const int64_t first_strip = int64_t{kTeams} * blockIdx.x + team;
   const int windows = static_cast<int>(args.k / kStepCols);
   // A warp's steps run over windows tw, tw + 8, ... of each of its team's strips in turn (a warp
@@ -251,31 +275,36 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
     if (static_cast<int>(threadIdx.x) < mr) load_u_parts<T>(args, threadIdx.x, u_part);
   }
   const ScaleSource ss = scale_source<kNested>(args);
-  Producer prod;
+  Producer<R> prod;
   prod.start(args, first_strip, tw);
   if (steps > 0) {
 #pragma unroll 1
     for (int s = 0; s < S - 1; ++s) {
-      issue_step<kNested>(ring_s + s * kSlot, args, prod, dst, ss);
+      issue_step<kNested, R>(ring_s + s * kSlot, args, prod, dst, ss);
       prod.advance(args, windows, strip_stride, tw);
     }
   }
-  // The table fills while the ring does. Thread i writes column i % 64 of rows i / 64 + 8 it: the
-  // high nibble of row b is it / 2 (a constant once unrolled), the low one one of two values.
-  static_assert(kThreads == 8 * 64, "table rows per pass");
+  // The table fills while the ring does. Thread i writes column i % 64 of rows i / 64 + P it (P =
+  // kThreads / 64 rows a pass): the high nibble of row b0 + P it is (P it) >> 4 (a constant once
+  // unrolled), the low one b0 + (P it) % 16, one of 16 / P values.
   {
+    constexpr int P = kThreads / 64;
+    static_assert(kThreads % 64 == 0 && 16 % P == 0, "table rows per pass");
     const int q = threadIdx.x & 63, b0 = threadIdx.x >> 6;
     if (q < 32) {
-      const float lo[2] = {nf4::level(b0), nf4::level(b0 + 8)};
+      float lo[16 / P];
 #pragma unroll
-      for (int it = 0; it < 32; ++it)  // element 2j (high nibble): the lower k, the low half
-        table[(b0 + 8 * it) * 64 + q] = pack2<T>(nf4::level(it >> 1), lo[it & 1]);
+      for (int j = 0; j < 16 / P; ++j) lo[j] = nf4::level(b0 + P * j);
+#pragma unroll
+      for (int it = 0; it < 256 / P; ++it)  // element 2j (high nibble): the lower k, the low half
+        table[(b0 + P * it) * 64 + q] = pack2<T>(nf4::level((P * it) >> 4), lo[((P * it) & 15) / P]);
     } else if (kNested && q < 40) {
 #pragma unroll 4
-      for (int it = 0; it < 32; ++it) table[(b0 + 8 * it) * 64 + q] = __float_as_uint(__ldg(args.scales.nested_code + b0 + 8 * it));
+      for (int it = 0; it < 256 / P; ++it)
+        table[(b0 + P * it) * 64 + q] = __float_as_uint(__ldg(args.scales.nested_code + b0 + P * it));
     }
   }
-  // u into shared memory (its elements past the first kThreads, M * r > 512, loaded only now).
+  // u into shared memory (its elements past the first kThreads loaded only now).
   if (static_cast<int>(threadIdx.x) < mr) u_s[threadIdx.x] = sum_u_parts(args, u_part);
   for (int idx = threadIdx.x + kThreads; idx < mr; idx += kThreads) {
     load_u_parts<T>(args, idx, u_part);
@@ -296,17 +325,21 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
   const uint32_t lane4 = table_s | (4u * lane), code2_col = table_s | (kCode2Col + 4u * g);
   uint32_t slot = 0, prev = (S - 1) * kSlot;  // bytes: the slot read now, and the one read one step ago
   // The team's nth strip uses lora_B buffer nth % 2 and that buffer's mbarrier phase nth / 2.
-  if (args.lora_smem && first_strip < strips) stage_lora_rows<T>(args, b_s(0), mbar0, first_strip, threadIdx.x % kGemvThreads);
+  if (args.lora_smem && first_strip < strips)
+    stage_lora_rows<T, R>(args, b_s(0), mbar0, first_strip, threadIdx.x % kGemvThreads);
   int nth = 0;
   for (int64_t strip = first_strip; strip < strips; strip += strip_stride, ++nth) {
     // The next strip's lora_B rows, into the buffer whose rows the last strip's epilogue has read.
     if (args.lora_smem && strip + strip_stride < strips)
-      stage_lora_rows<T>(args, b_s((nth + 1) & 1), mbar0 + 8 * ((nth + 1) & 1), strip + strip_stride, threadIdx.x % kGemvThreads);
-    float acc[1][NT][4];
+      stage_lora_rows<T, R>(args, b_s((nth + 1) & 1), mbar0 + 8 * ((nth + 1) & 1), strip + strip_stride,
+                            threadIdx.x % kGemvThreads);
+    float acc[R][NT][4];
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+    for (int ti = 0; ti < R; ++ti)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) acc[0][j][q] = 0.0f;
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[ti][j][q] = 0.0f;
     const T* xw[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) xw[j] = x_lane[j];
@@ -315,35 +348,41 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
       cp_async_wait<S - 2>();
       __syncwarp();  // the slot's chunks were copied by other lanes of the warp
       const char* sl = ring + slot;
-      uint2 w[4][2];
+      uint2 w[R][4][2];
 #pragma unroll
-      for (int p = 0; p < 4; ++p)
+      for (int ti = 0; ti < R; ++ti)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) w[p][h] = *reinterpret_cast<const uint2*>(sl + rd[p] + 8 * kRowBytes * h);
-      float scale[2][4];
+        for (int p = 0; p < 4; ++p)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = g + 8 * h;
-        if (kNested) {
-          const uint32_t codes = *reinterpret_cast<const uint32_t*>(sl + kStepBytes + 4 * row);
-          const float s2 = *reinterpret_cast<const float*>(sl + kStepBytes + 64 + 4 * row);
+          for (int h = 0; h < 2; ++h)
+            w[ti][p][h] = *reinterpret_cast<const uint2*>(sl + ti * kTile + rd[p] + 8 * kRowBytes * h);
+      float scale[R][2][4];
 #pragma unroll
-          for (int p = 0; p < 4; ++p) {
-            const float c2 = __uint_as_float(lds32(table_address(codes, code2_col, p)));
-            // Rows past the end: a finite scale (the offset) on a row that is never stored.
-            scale[h][p] = __fadd_rn(__fmul_rn(c2, s2), args.scales.offset);
+      for (int ti = 0; ti < R; ++ti)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = g + 8 * h;
+          const char* sc = sl + ti * kTile + kStepBytes;
+          if (kNested) {
+            const uint32_t codes = *reinterpret_cast<const uint32_t*>(sc + 4 * row);
+            const float s2 = *reinterpret_cast<const float*>(sc + 64 + 4 * row);
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+              const float c2 = __uint_as_float(lds32(table_address(codes, code2_col, p)));
+              // Rows past the end: a finite scale (the offset) on a row that is never stored.
+              scale[ti][h][p] = __fadd_rn(__fmul_rn(c2, s2), args.scales.offset);
+            }
+          } else {
+            const float4 v = *reinterpret_cast<const float4*>(sc + 16 * row);
+            scale[ti][h][0] = v.x;
+            scale[ti][h][1] = v.y;
+            scale[ti][h][2] = v.z;
+            scale[ti][h][3] = v.w;
           }
-        } else {
-          const float4 v = *reinterpret_cast<const float4*>(sl + kStepBytes + 16 * row);
-          scale[h][0] = v.x;
-          scale[h][1] = v.y;
-          scale[h][2] = v.z;
-          scale[h][3] = v.w;
         }
-      }
       // Refill the slot read one step ago: every lane has passed this step's __syncwarp, so all
       // of them have read it.
-      issue_step<kNested>(ring_s + prev, args, prod, dst, ss);
+      issue_step<kNested, R>(ring_s + prev, args, prod, dst, ss);
       prod.advance(args, windows, strip_stride, tw);
       prev = slot;
       slot = slot == (S - 1) * kSlot ? 0 : slot + kSlot;
@@ -357,40 +396,48 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
           xq[j][0] = __ldg(src);
           xq[j][1] = __ldg(src + 1);
         }
-        float part[NT][4];
+        float part[R][NT][4];
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+        for (int ti = 0; ti < R; ++ti)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) part[j][q] = 0.0f;
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) part[ti][j][q] = 0.0f;
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
           // mma s: columns 4s..4s+3 of the lane's 16 = bytes 2s, 2s+1 = word s/2, bytes 2(s%2), +1.
-          const uint32_t lo = s < 2 ? w[p][0].x : w[p][0].y, hi = s < 2 ? w[p][1].x : w[p][1].y;
           const int b = 2 * (s & 1);
-          uint32_t a[4];
-          a[0] = lds32(table_address(lo, lane4, b));      // row g,   columns 4s, 4s+1
-          a[1] = lds32(table_address(hi, lane4, b));      // row g+8, columns 4s, 4s+1
-          a[2] = lds32(table_address(lo, lane4, b + 1));  // row g,   columns 4s+2, 4s+3
-          a[3] = lds32(table_address(hi, lane4, b + 1));  // row g+8, columns 4s+2, 4s+3
 #pragma unroll
-          for (int j = 0; j < NT; ++j) {
-            const uint4& xv = xq[j][s / 2];
-            mma16816<T>(part[j], a, s % 2 == 0 ? xv.x : xv.z, s % 2 == 0 ? xv.y : xv.w);
+          for (int ti = 0; ti < R; ++ti) {
+            const uint32_t lo = s < 2 ? w[ti][p][0].x : w[ti][p][0].y, hi = s < 2 ? w[ti][p][1].x : w[ti][p][1].y;
+            uint32_t a[4];
+            a[0] = lds32(table_address(lo, lane4, b));      // row g,   columns 4s, 4s+1
+            a[1] = lds32(table_address(hi, lane4, b));      // row g+8, columns 4s, 4s+1
+            a[2] = lds32(table_address(lo, lane4, b + 1));  // row g,   columns 4s+2, 4s+3
+            a[3] = lds32(table_address(hi, lane4, b + 1));  // row g+8, columns 4s+2, 4s+3
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+              const uint4& xv = xq[j][s / 2];
+              mma16816<T>(part[ti][j], a, s % 2 == 0 ? xv.x : xv.z, s % 2 == 0 ? xv.y : xv.w);
+            }
           }
         }
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+        for (int ti = 0; ti < R; ++ti)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) acc[0][j][q] = fma_acc(scale[q >> 1][p], part[j][q], acc[0][j][q]);
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[ti][j][q] = fma_acc(scale[ti][q >> 1][p], part[ti][j][q], acc[ti][j][q]);
       }
 #pragma unroll
       for (int j = 0; j < NT; ++j) xw[j] += kStepCols * kGemvWarps;
     }
     if (args.lora_smem) {
       mbarrier_wait_parity(mbar0 + 8 * (nth & 1), (nth >> 1) & 1);
-      gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team, u_s, b_s(nth & 1));
+      gemv_finish_strip<T, R, NT>(args, red, acc, strip * 16 * R, threadIdx.x % kGemvThreads, 1 + team, u_s,
+                                  b_s(nth & 1));
     } else {
-      gemv_finish_strip<T, 1, NT>(args, red, acc, strip * 16, threadIdx.x % kGemvThreads, 1 + team);
+      gemv_finish_strip<T, R, NT>(args, red, acc, strip * 16 * R, threadIdx.x % kGemvThreads, 1 + team);
     }
   }
   cp_async_wait<0>();  // the steps issued past the team's last strip
@@ -399,40 +446,68 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_blockaligned_kernel(cons
 // The kernel's dynamic shared memory for a; it starts after the reserved bytes (1 KiB on sm80-sm90)
 // and the kernel's static shared memory (none; cudaFuncGetAttributes may count the reserved bytes
 // in it, so both readings are sized for and the kernel checks its own).
-template <typename T, int NT, bool kNested>
+template <typename T, int NT, int R, bool kNested>
 size_t smem_bytes(const GemvArgs& a) {
-  constexpr int S = kRingSlots;
+  using Tl = Tiling<R>;
   static const std::array<uint32_t, 2> offsets = [] {
     int reserved = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, at::cuda::current_device()));
     cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, S, kNested>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested>));
     return std::array<uint32_t, 2>{static_cast<uint32_t>(reserved), static_cast<uint32_t>(reserved + attr.sharedSizeBytes)};
   }();
-  const uint32_t ring = S * slot_bytes<kNested>(), red = gemv_reduction_bytes<1, NT>(), lora = lora_smem_bytes(a);
-  return std::max(SmemLayout(offsets[0], ring, red, lora).end, SmemLayout(offsets[1], ring, red, lora).end);
+  const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = gemv_reduction_bytes<R, NT>(), lora = lora_smem_bytes<R>(a);
+  return std::max(SmemLayout(offsets[0], Tl::kTeams, ring, red, lora).end,
+                  SmemLayout(offsets[1], Tl::kTeams, ring, red, lora).end);
 }
 
-template <typename T, int NT, bool kNested>
+template <typename T, int NT, int R, bool kNested>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
-  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, kRingSlots, kNested>;
+  using Tl = Tiling<R>;
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested>;
   // Opted in to the GPU's limit once, as the LoRA staging makes the size vary by call.
   opt_in_dynamic_smem<kernel>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  const int64_t strips = ceil_div<int64_t>(a.n, 16);
-  const int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, kTeams), sms));
-  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(kThreads), smem_bytes<T, NT, kNested>(a), stream, a);
+  const int64_t strips = ceil_div<int64_t>(a.n, 16 * R);
+  const int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, Tl::kTeams), sms));
+  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested>(a), stream, a);
 }
 
-template <typename T, int NT>
-void launch_scales(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
-  if (a.scales.absmax == nullptr) launch<T, NT, true>(a, stream, sms, pdl); else launch<T, NT, false>(a, stream, sms, pdl);
+// Row tiles per warp step: LORA_FUSED_NF4_GEMV_ROWS=16 or 32 forces 1 or 2 (tests, comparisons).
+int row_tiles(const GemvArgs& a) {
+  const char* force = std::getenv("LORA_FUSED_NF4_GEMV_ROWS");
+  if (force != nullptr && *force != '\0') {
+    const std::string v(force);
+    TORCH_CHECK(v == "16" || v == "32", "LORA_FUSED_NF4_GEMV_ROWS must be 16 or 32 (weight rows per warp step), got '", v, "'");
+    return v == "16" ? 1 : 2;
+  }
+  return a.m > 8 ? 2 : 1;
+}
+
+// Calls f(NT, R, nested) with the compile-time configuration that serves a.
+template <typename F>
+auto with_config(const GemvArgs& a, F&& f) {
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  const bool nested = a.scales.absmax == nullptr, two_rows = row_tiles(a) == 2;
+  auto by_rows = [&](auto nt) {
+    if (two_rows) return nested ? f(nt, I2{}, std::true_type{}) : f(nt, I2{}, std::false_type{});
+    return nested ? f(nt, I1{}, std::true_type{}) : f(nt, I1{}, std::false_type{});
+  };
+  return a.m <= 8 ? by_rows(I1{}) : by_rows(I2{});
 }
 
 template <typename T>
 size_t smem_bytes_for(const GemvArgs& a) {
-  const bool nested = a.scales.absmax == nullptr;
-  if (a.m <= 8) return nested ? smem_bytes<T, 1, true>(a) : smem_bytes<T, 1, false>(a);
-  return nested ? smem_bytes<T, 2, true>(a) : smem_bytes<T, 2, false>(a);
+  return with_config(a, [&](auto nt, auto rows, auto nested) {
+    return smem_bytes<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value>(a);
+  });
+}
+
+template <typename T>
+void launch_for(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
+  with_config(a, [&](auto nt, auto rows, auto nested) {
+    launch<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value>(a, stream, sms, pdl);
+  });
 }
 
 }  // namespace
@@ -446,9 +521,9 @@ bool nf4_gemv_blockaligned_fits_lora(const GemvArgs& a, at::ScalarType dtype) {
 
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl) {
   if (dtype == at::kBFloat16) {
-    if (a.m <= 8) launch_scales<at::BFloat16, 1>(a, stream, sms, pdl); else launch_scales<at::BFloat16, 2>(a, stream, sms, pdl);
+    launch_for<at::BFloat16>(a, stream, sms, pdl);
   } else {
-    if (a.m <= 8) launch_scales<at::Half, 1>(a, stream, sms, pdl); else launch_scales<at::Half, 2>(a, stream, sms, pdl);
+    launch_for<at::Half>(a, stream, sms, pdl);
   }
 }
 
