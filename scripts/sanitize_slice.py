@@ -116,16 +116,19 @@ def main():
             close(dx, gy.double() @ (reference.nf4_dequantize(packed, state).to(dev)) + 2.0 * (gy.double() @ B.detach().double()) @ A.detach().double(),
                   f"qlora_linear dx {rows}x{cols} M={M}", 2e-2)
     # Both NF4 decode kernels, forced, on block-aligned shapes (blocksize 64, K % 256 == 0): the
-    # block-aligned one's cp.async ring, also across strip boundaries (4500 rows: more strips than
-    # an H100's 264 teams of 16 rows (M = 1) or 132 of 32 rows (M = 9)), scale copies, rows past N, warps without columns (K = 256, 512); the
+    # block-aligned one's cp.async ring, also across strip boundaries (4500 rows: more 16-row strips
+    # than an H100's 264 teams), scale copies, rows past N, warps without columns (K = 256, 512); the
     # LoRA term staged in shared memory (lora_B rows by cp.async + mbarrier), u given or from the shrink
     # kernel's partial sums (K = 2304: three slices) under programmatic dependent launch.
     for rows, cols, bs, dq in ((37, 512, 64, True), (4500, 256, 64, False), (19, 2304, 64, False))[: 2 if quick else 3]:
         wt = rnd(rows, cols, dt=torch.float32, sc=cols**-0.5)
         packed, state = nf4.quantize(wt, bs, double_quant=dq)
         nf4_args = _nf4_args("nf4_linear", rnd(1, cols), packed, state)
-        for kernel in ("blockaligned", "general"):
+        # The block-aligned kernel with its 16-row steps (the default for weights this small) and 32.
+        for kernel, step_rows in (("blockaligned", "16"), ("blockaligned", "32"), ("general", "16")):
             os.environ["LORA_FUSED_NF4_GEMV"] = kernel
+            os.environ["LORA_FUSED_NF4_GEMV_ROWS"] = step_rows
+            kernel = kernel if kernel == "general" else f"{kernel}, {step_rows} rows"
             for M in (1, 9):
                 x, bias = rnd(M, cols), rnd(rows)
                 y = _ops.nf4_linear(x, *nf4_args, bias, None, None)
@@ -134,15 +137,16 @@ def main():
                 ref = reference.nf4_linear(x, packed, state, bias, A, B, 2.0)
                 y = _ops.nf4_linear(x, *nf4_args, bias, _ops.lora_shrink(x, A, 2.0), B)
                 close(y, ref, f"nf4 decode ({kernel}) + LoRA, u given {rows}x{cols} M={M}", 2e-2)
-                # lora_A in place of lora_u: the shrink kernel on the block-aligned path (the LoRA
-                # staging fits beside the ring at these r and M: 16-row steps up to M = 8, 32-row
-                # steps above). u comes from a cuBLAS GEMM instead (so not under --no-cublas) on the
-                # general kernel.
-                if no_cublas and kernel == "general":
+                # lora_A in place of lora_u: the shrink kernel on the block-aligned path. u comes from
+                # a cuBLAS GEMM instead (so not under --no-cublas) on the general kernel, and where the
+                # LoRA staging does not fit beside the ring: fp32 scales (4 KiB ring slots) with M > 8
+                # and 16-row steps (233,056 bytes of shared memory against the H100's 232,448).
+                if no_cublas and (kernel == "general" or (not dq and M > 8 and step_rows == "16")):
                     continue
                 y = _ops.nf4_linear(x, *nf4_args, bias, None, B, A, 2.0)
                 close(y, ref, f"nf4 decode ({kernel}) + LoRA, u from lora_A {rows}x{cols} M={M}", 2e-2)
         os.environ.pop("LORA_FUSED_NF4_GEMV")
+        os.environ.pop("LORA_FUSED_NF4_GEMV_ROWS")
     print("sanitize slice: all kernels ran and matched float64", flush=True)
 
 

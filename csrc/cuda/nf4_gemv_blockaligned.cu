@@ -3,8 +3,9 @@
 // once from memory, on tensor cores.
 //
 // Tiling: a team of 8 warps takes strips of 16R weight rows (persistent over N) and its warps split
-// K; a block is two teams with R = 1 (up to 8 tokens: 16 warps, 128 registers) or one with R = 2
-// (9-16 tokens, where x's loads through L1 outweigh W's: 8 warps, 255 registers). A warp step is R
+// K; a block is two teams with R = 1 (16 warps, 128 registers) or one with R = 2 (8 warps, 255
+// registers; x's loads through L1, 4x W's bytes at 16 tokens with R = 1, halve). R = 2 from 2^25
+// weights up (row_tiles). A warp step is R
 // row tiles x 256 columns (2 KiB of W a tile); a tile's step is four 64-column pieces, one
 // quantization block per row each; lane t of row group g holds 16 columns (8 bytes) of rows g and
 // g+8 in each piece, at columns 64p + 16t, and the x fragments of a piece serve all R tiles. Each mma.m16n8k16 takes 4 columns from each
@@ -472,7 +473,10 @@ void launch(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
   launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested>(a), stream, a);
 }
 
-// Row tiles per warp step: LORA_FUSED_NF4_GEMV_ROWS=16 or 32 forces 1 or 2 (tests, comparisons).
+// Row tiles per warp step: 2 from 2^25 weights up, 1 below (the H100 at ee198a6, 16 -> 32 rows: 8192
+// -> 28672 at 1/8/16 tokens 58.1/75.6/95.8 -> 57.3/63.9/77.6 us, 11008 -> 4096 13.4/15.8/19.3 ->
+// 13.1/14.1/17.1; 4096 -> 4096, 128 strips of 32 rows for 132 SMs, 7.8/8.5/9.8 -> 8.5/8.8/10.2).
+// LORA_FUSED_NF4_GEMV_ROWS=16 or 32 forces 1 or 2 (tests, comparisons).
 int row_tiles(const GemvArgs& a) {
   const char* force = std::getenv("LORA_FUSED_NF4_GEMV_ROWS");
   if (force != nullptr && *force != '\0') {
@@ -480,7 +484,7 @@ int row_tiles(const GemvArgs& a) {
     TORCH_CHECK(v == "16" || v == "32", "LORA_FUSED_NF4_GEMV_ROWS must be 16 or 32 (weight rows per warp step), got '", v, "'");
     return v == "16" ? 1 : 2;
   }
-  return a.m > 8 ? 2 : 1;
+  return a.n * a.k >= (int64_t{1} << 25) ? 2 : 1;
 }
 
 // Calls f(NT, R, nested) with the compile-time configuration that serves a.
