@@ -107,13 +107,13 @@ def test_blocksizes_and_plain_absmax(device, blocksize, double_quant, M):
 # Decode shapes for both CUDA decode kernels, each forced by LORA_FUSED_NF4_GEMV, and the default
 # choice: the block-aligned one (blocksize 64, K % 256 == 0; it falls back to the general one
 # elsewhere: K % 256 != 0, other blocksizes), with 16 and with 32 weight rows per warp step
-# (LORA_FUSED_NF4_GEMV_ROWS; by default 32 from 2^25 weights up), and the general one. N not a multiple of 16, one strip
+# (LORA_FUSED_NF4_GEMV_ROWS; by default 32 from 2^25 weights up: the last case), and the general one. N not a multiple of 16, one strip
 # per team and several (9605 and 5000 rows: more 16-row strips than an H100's 264 teams), K with
 # idle warps (256 and 768 columns for 8 warps) and uneven steps per warp (2304 columns), M on both
 # sides of 8 (one or two token tiles).
 DECODE_CASES = [(1, 4096 + 1, 4096, 64), (1, 9605, 256, 64), (5, 333, 192, 64), (8, 47, 1024 + 64, 64), (9, 64, 256, 128),
                 (16, 1000, 512, 256), (16, 1000, 512, 64), (3, 16, 4096, 4096), (12, 3000, 768, 64), (9, 5000, 2304, 64),
-                (2, 77, 320, 32)]
+                (2, 77, 320, 32), (16, 8192 + 16, 4096, 64)]
 
 
 @requires_cuda
