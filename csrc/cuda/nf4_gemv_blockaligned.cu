@@ -5,12 +5,12 @@
 // Tiling: a team of 8 warps takes strips of 16R weight rows (persistent over N) and its warps split
 // K; a block is two teams with R = 1 (16 warps, 128 registers) or one with R = 2 (8 warps, 255
 // registers; x's loads through L1, 4x W's bytes at 16 tokens with R = 1, halve). R = 2 from 2^25
-// weights up (row_tiles). A warp step is R
-// row tiles x 256 columns (2 KiB of W a tile); a tile's step is four 64-column pieces, one
-// quantization block per row each; lane t of row group g holds 16 columns (8 bytes) of rows g and
-// g+8 in each piece, at columns 64p + 16t, and the x fragments of a piece serve all R tiles. Each mma.m16n8k16 takes 4 columns from each
-// of the 4 lanes of a piece (k-permuted: an mma sums its 16 k in any order, so lane t's logical k
-// {2t, 2t+1, 2t+8, 2t+9} at mma s are physical columns 16t + 4s + {0..3} of the piece, in A and in x
+// weights up (row_tiles). A warp step is R row tiles x 256 columns (2 KiB of W a tile); a tile's
+// step is four 64-column pieces, one quantization block per row each; lane t of row group g holds
+// 16 columns (8 bytes) of rows g and g+8 in each piece, at columns 64p + 16t, and the x fragments of
+// a piece serve all R tiles. Each mma.m16n8k16 takes 4 columns from each of the 4 lanes of a piece
+// (k-permuted: an mma sums its 16 k in any order, so lane t's logical k {2t, 2t+1, 2t+8, 2t+9} at
+// mma s are physical columns 16t + 4s + {0..3} of the piece, in A and in x
 // alike), so all 16 k of an mma lie in one block per row and the block scale multiplies the mma's
 // fp32 result: acc += scale(row, block) * piece. Rounding: each weight enters the mma as its 16-bit
 // NF4 level (dequantize-then-matmul rounds level * scale instead).
