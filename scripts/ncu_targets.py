@@ -7,8 +7,8 @@ unprofiled call, so `ncu --profile-from-start off` sees exactly the kernels of t
 Targets (4096->11008 unless named; bf16): nf4_gemm_128x256 / nf4_gemm_128x128 (the NF4 Hopper GEMM,
 M=4096 or --M), cublas (x @ W^T, the same M), slab (nf4_linear's slab path, same M), slab_merged
 (qlora_linear forward on the slab path, s B A merged into each decoded slab),
-lora_decode_m1 / lora_decode_m16 and cublas_m1 / cublas_m16 (decode), nf4_decode_m16 (nf4_linear at
-16 tokens).
+lora_decode_m1 / lora_decode_m16 and cublas_m1 / cublas_m16 (decode), nf4_decode_m1 / nf4_decode_m16
+(nf4_linear at 1 and 16 tokens).
 """
 
 import argparse
@@ -56,6 +56,7 @@ def main():
         "lora_decode_m16": lambda: _ops.lora_decode(xs[16], w16, a, b, 2.0),
         "cublas_m1": lambda: xs[1] @ w16.t(),
         "cublas_m16": lambda: xs[16] @ w16.t(),
+        "nf4_decode_m1": lambda: lora_fused.nf4_linear(xs[1], packed, state),
         "nf4_decode_m16": lambda: lora_fused.nf4_linear(xs[16], packed, state),
     }
     unknown = [t for t in args.targets if t not in fns]

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Nsight Compute on nf4_linear's decode kernel at 1 and 16 tokens, with the installed lora_fused (run
+# scripts/gpu_check.sh first in the same call): speed of light, the L1/shared pipes' wavefronts,
+# scheduler and warp-state statistics, one text report per variant in $OUT. A variant is LABEL or
+# LABEL:VAR=VALUE[,VAR=VALUE...] (environment for that run; LABEL alone runs the default).
+#
+#     OUT=/tmp/out scripts/ncu_nf4_decode.sh [--shape 8192:28672] default rows16:LORA_FUSED_NF4_GEMV_ROWS=16
+cd "$(dirname "$0")"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SHAPE=8192:28672
+if [ "${1:-}" = --shape ]; then SHAPE=$2; shift 2; fi
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+[ -n "$NCU" ] || { echo "ncu_nf4_decode.sh: no ncu on this machine"; exit 1; }
+for variant in "${@:-default}"; do
+  label=${variant%%:*}
+  envs=(); [ "$variant" != "$label" ] && IFS=, read -ra envs <<< "${variant#*:}"
+  rep="$OUT/ncu_nf4_decode_${label}_${SHAPE/:/x}.txt"
+  env "${envs[@]}" timeout 240 "$NCU" --clock-control none --profile-from-start off --kernel-name regex:nf4_gemv \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats --section LaunchStats \
+    --section Occupancy python3 ncu_targets.py --shape "$SHAPE" nf4_decode_m1 nf4_decode_m16 > "$rep" 2>&1
+  echo "== $label (${envs[*]}): $rep"
+  grep -E "^  [a-z_0-9]+nf4_gemv|Duration|DRAM Throughput|L1/TEX Cache Throughput|Issue Slots Busy|Registers Per|Shared Memory Configuration|Wavefronts" "$rep" | head -30
+done
