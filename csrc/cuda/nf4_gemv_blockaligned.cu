@@ -47,8 +47,10 @@ namespace {
 
 // R row tiles of 16 per warp step (a strip is 16R rows): the x fragments a step loads serve R tiles,
 // so x's traffic through L1 per weight byte is 1/R (with 16 tokens, x is 4x the weight bytes at R =
-// 1). R = 1: two teams of 8 warps per block, 128 registers each, 4 ring slots; R = 2: one team (up
-// to 255 registers: the second tile's weights, scales and sums), 3 ring slots of two tiles.
+// 1). R = 1: two teams of 8 warps per block, 128 registers each, 4 ring slots (3 steps in flight: 6
+// KiB a warp, 96 KiB an SM); R = 2: one team (up to 255 registers: the second tile's weights, scales
+// and sums), 3 ring slots of two tiles (2 steps in flight: 8 KiB a warp, 64 KiB an SM). One block
+// per SM.
 template <int R>
 struct Tiling {
   static constexpr int kTeams = R == 1 ? 2 : 1;
@@ -61,9 +63,6 @@ constexpr int kCode2Col = 128;       // byte of the code2[b] copies in table row
 constexpr int kRowBytes = 128;       // a step's bytes per weight row (256 columns)
 constexpr int kStepBytes = 16 * kRowBytes;
 constexpr int kStepCols = 256;
-// Ring slots in flight: R = 1, 3 steps (6 KiB a warp, 96 KiB an SM); R = 2, 2 steps (8 KiB a warp,
-// 64 KiB an SM). One block per SM.
-
 // A row tile's part of a ring slot: its weight bytes, then its scales: 16 rows x 4 code bytes and 16
 // nested fp32 scales (double quantization), or 16 rows x 4 fp32 scales. A slot holds R of them.
 template <bool kNested>
