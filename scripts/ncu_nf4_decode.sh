@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute on nf4_linear's decode kernel at 1 and 16 tokens, with the installed lora_fused (run
 # scripts/gpu_check.sh first in the same call): speed of light, the L1/shared pipes' wavefronts,
-# scheduler and warp-state statistics, one text report per variant in $OUT. A variant is LABEL or
+# scheduler and warp-state statistics with the stall reasons, one text report per variant in $OUT. A variant is LABEL or
 # LABEL:VAR=VALUE[,VAR=VALUE...] (environment for that run; LABEL alone runs the default).
 #
 #     OUT=/tmp/out scripts/ncu_nf4_decode.sh [--shape 8192:28672] default rows16:LORA_FUSED_NF4_GEMV_ROWS=16
@@ -18,7 +18,9 @@ for variant in "${@:-default}"; do
   env "${envs[@]}" timeout 240 "$NCU" --clock-control none --profile-from-start off --kernel-name regex:nf4_gemv \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats --section LaunchStats \
-    --section Occupancy python3 ncu_targets.py --shape "$SHAPE" nf4_decode_m1 nf4_decode_m16 > "$rep" 2>&1
+    --section Occupancy --section SourceCounters --print-details all \
+    --metrics "$(echo smsp__average_warps_issue_stalled_{barrier,long_scoreboard,short_scoreboard,mio_throttle,lg_throttle,math_pipe_throttle,wait,not_selected,selected,dispatch_stall,no_instruction,misc,tex_throttle,drain,membar,branch_resolving}_per_issue_active.ratio | tr ' ' ,)" \
+    python3 ncu_targets.py --shape "$SHAPE" nf4_decode_m1 nf4_decode_m16 > "$rep" 2>&1
   echo "== $label (${envs[*]}): $rep"
-  grep -E "^  [a-z_0-9]+nf4_gemv|Duration|DRAM Throughput|L1/TEX Cache Throughput|Issue Slots Busy|Registers Per|Shared Memory Configuration|Wavefronts" "$rep" | head -30
+  grep -E "nf4_gemv_blockaligned_kernel<|Duration|DRAM Throughput|L1/TEX Cache Throughput|Issue Slots Busy|Registers Per|Wavefronts|issue_stalled" "$rep" | head -60
 done
