@@ -5,6 +5,9 @@
 # LABEL:VAR=VALUE[,VAR=VALUE...] (environment for that run; LABEL alone runs the default).
 #
 #     OUT=/tmp/out scripts/ncu_nf4_decode.sh [--shape 8192:28672] default rows16:LORA_FUSED_NF4_GEMV_ROWS=16
+#
+# NCU_TARGETS picks other ncu_targets.py targets (default "nf4_decode_m1 nf4_decode_m16"; e.g.
+# "nf4_decode_m16 qlora_decode_m16" to see both kernels' shared-memory configurations).
 cd "$(dirname "$0")"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SHAPE=8192:28672
@@ -20,7 +23,7 @@ for variant in "${@:-default}"; do
     --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats --section LaunchStats \
     --section Occupancy --section SourceCounters --print-details all \
     --metrics "$(echo smsp__average_warps_issue_stalled_{barrier,long_scoreboard,short_scoreboard,mio_throttle,lg_throttle,math_pipe_throttle,wait,not_selected,selected,dispatch_stall,no_instruction,misc,tex_throttle,drain,membar,branch_resolving}_per_issue_active.ratio | tr ' ' ,)" \
-    python3 ncu_targets.py --shape "$SHAPE" nf4_decode_m1 nf4_decode_m16 > "$rep" 2>&1
+    python3 ncu_targets.py --shape "$SHAPE" ${NCU_TARGETS:-nf4_decode_m1 nf4_decode_m16} > "$rep" 2>&1
   echo "== $label (${envs[*]}): $rep"
-  grep -E "nf4_gemv_blockaligned_kernel<|Duration|DRAM Throughput|L1/TEX Cache Throughput|Issue Slots Busy|Registers Per|Wavefronts|issue_stalled" "$rep" | head -60
+  grep -E "nf4_gemv_blockaligned_kernel<|Duration|DRAM Throughput|L1/TEX Cache Throughput|L1/TEX Hit Rate|Issue Slots Busy|Registers Per|Shared Memory Configuration Size|Dynamic Shared Memory Per Block|Wavefronts|issue_stalled" "$rep" | head -70
 done

@@ -8,7 +8,7 @@ Targets (4096->11008 unless named; bf16): nf4_gemm_128x256 / nf4_gemm_128x128 (t
 M=4096 or --M), cublas (x @ W^T, the same M), slab (nf4_linear's slab path, same M), slab_merged
 (qlora_linear forward on the slab path, s B A merged into each decoded slab),
 lora_decode_m1 / lora_decode_m16 and cublas_m1 / cublas_m16 (decode), nf4_decode_m1 / nf4_decode_m16
-(nf4_linear at 1 and 16 tokens).
+(nf4_linear at 1 and 16 tokens), qlora_decode_m16 (qlora_linear's inference path at 16 tokens, r = 16).
 """
 
 import argparse
@@ -58,6 +58,9 @@ def main():
         "cublas_m16": lambda: xs[16] @ w16.t(),
         "nf4_decode_m1": lambda: lora_fused.nf4_linear(xs[1], packed, state),
         "nf4_decode_m16": lambda: lora_fused.nf4_linear(xs[16], packed, state),
+        # qlora_linear's inference path at 16 tokens: the shrink kernel, then the decode kernel with
+        # the LoRA term staged in shared memory (r = 16)
+        "qlora_decode_m16": lambda: lora_fused.qlora_linear(xs[16], packed, state, a, b, 2.0, training=False),
     }
     unknown = [t for t in args.targets if t not in fns]
     if unknown:
