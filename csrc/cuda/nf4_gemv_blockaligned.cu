@@ -91,7 +91,12 @@ __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
 
 // Where things are in dynamic shared memory (byte offsets) when it starts at shared address `base`:
 // the table at the first 64 KiB-aligned address (so that table_address needs no add), as many
-// warps' rings before it as fit, the other rings, the teams' reductions and the LoRA staging after it.
+// warps' rings before it as fit, the other rings after it, and the teams' reductions and the LoRA
+// staging each in the gap left before the table where it fits, else after the rings. The gap
+// matters: the H100 gives L1 what shared memory leaves of 256 KiB in steps (196 or 228 KiB of
+// shared memory), and at 16 tokens x comes through L1 (nf4_linear with R = 2 and double
+// quantization needs 195 + 1 KiB; the LoRA staging after the rings, 3 more, cost L1 half its
+// 60 KiB and qlora_linear 10 us of 87 at 8192 -> 28672).
 struct SmemLayout {
   uint32_t table, before, after, ring_bytes, red, lora, end;
   __host__ __device__ SmemLayout(uint32_t base, int teams, uint32_t ring_bytes_, uint32_t red_bytes, uint32_t lora_bytes)
@@ -100,9 +105,21 @@ struct SmemLayout {
     table = (0u - base) & 0xffffu;
     before = table / ring_bytes < warps ? table / ring_bytes : warps;
     after = table + kTableBytes;
-    red = after + (warps - before) * ring_bytes;
-    lora = red + teams * red_bytes;
-    end = lora + lora_bytes;
+    end = after + (warps - before) * ring_bytes;
+    uint32_t gap = before * ring_bytes;  // the next free byte before the table
+    auto place = [&](uint32_t bytes) {
+      uint32_t at;
+      if (gap + bytes <= table) {
+        at = gap;
+        gap += bytes;
+      } else {
+        at = end;
+        end += bytes;
+      }
+      return at;
+    };
+    red = place(teams * red_bytes);
+    lora = place(lora_bytes);
   }
   __host__ __device__ uint32_t ring(int warp) const {
     return warp < static_cast<int>(before) ? warp * ring_bytes : after + (warp - before) * ring_bytes;
