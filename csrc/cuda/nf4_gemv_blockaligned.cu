@@ -50,13 +50,15 @@ namespace {
 // 1). R = 1: two teams of 8 warps per block, 128 registers each, 4 ring slots (3 steps in flight: 6
 // KiB a warp, 96 KiB an SM); R = 2: one team (up to 255 registers: the second tile's weights, scales
 // and sums), 3 ring slots of two tiles (2 steps in flight: 8 KiB a warp, 64 KiB an SM). One block
-// per SM.
-template <int R>
+// per SM. S: ring slots (R = 2 takes 2 with LORA_FUSED_NF4_GEMV_SLOTS=2: 34 KiB less shared memory,
+// so the H100 can give L1 92 KiB instead of 60, which x at 16 tokens goes through; one step in
+// flight a warp).
+template <int R, int S = (R == 1 ? 4 : 3)>
 struct Tiling {
   static constexpr int kTeams = R == 1 ? 2 : 1;
   static constexpr int kWarps = kTeams * kGemvWarps;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kSlots = R == 1 ? 4 : 3;
+  static constexpr int kSlots = S;
 };
 constexpr int kTableBytes = 256 * 256;
 constexpr int kCode2Col = 128;       // byte of the code2[b] copies in table row b
@@ -245,9 +247,9 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return v;
 }
 
-template <typename T, int NT, int R, bool kNested>
+template <typename T, int NT, int R, bool kNested, int S>
 __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
-  constexpr int S = Tiling<R>::kSlots, kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
+  constexpr int kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
   constexpr int kTile = tile_bytes<kNested>(), kSlot = R * kTile;
   extern __shared__ float4 smem_raw[];
   const SmemLayout layout(smem_u32(smem_raw), kTeams, S * kSlot, gemv_reduction_bytes<R, NT>(), lora_smem_bytes<R>(args));
@@ -463,14 +465,14 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
 // The kernel's dynamic shared memory for a; it starts after the reserved bytes (1 KiB on sm80-sm90)
 // and the kernel's static shared memory (none; cudaFuncGetAttributes may count the reserved bytes
 // in it, so both readings are sized for and the kernel checks its own).
-template <typename T, int NT, int R, bool kNested>
+template <typename T, int NT, int R, bool kNested, int S>
 size_t smem_bytes(const GemvArgs& a) {
-  using Tl = Tiling<R>;
+  using Tl = Tiling<R, S>;
   static const std::array<uint32_t, 2> offsets = [] {
     int reserved = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, at::cuda::current_device()));
     cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>));
     return std::array<uint32_t, 2>{static_cast<uint32_t>(reserved), static_cast<uint32_t>(reserved + attr.sharedSizeBytes)};
   }();
   const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = gemv_reduction_bytes<R, NT>(), lora = lora_smem_bytes<R>(a);
@@ -478,15 +480,15 @@ size_t smem_bytes(const GemvArgs& a) {
                   SmemLayout(offsets[1], Tl::kTeams, ring, red, lora).end);
 }
 
-template <typename T, int NT, int R, bool kNested>
+template <typename T, int NT, int R, bool kNested, int S>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
-  using Tl = Tiling<R>;
-  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested>;
+  using Tl = Tiling<R, S>;
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>;
   // Opted in to the GPU's limit once, as the LoRA staging makes the size vary by call.
   opt_in_dynamic_smem<kernel>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const int64_t strips = ceil_div<int64_t>(a.n, 16 * R);
   const int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, Tl::kTeams), sms));
-  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested>(a), stream, a);
+  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested, S>(a), stream, a);
 }
 
 // Row tiles per warp step: 2 from 2^25 weights up, 1 below (the H100 at ee198a6, 16 -> 32 rows: 8192
@@ -503,30 +505,45 @@ int row_tiles(const GemvArgs& a) {
   return a.n * a.k >= (int64_t{1} << 25) ? 2 : 1;
 }
 
-// Calls f(NT, R, nested) with the compile-time configuration that serves a.
+// Ring slots for R = 2: 3, or 2 with LORA_FUSED_NF4_GEMV_SLOTS=2 (comparisons).
+bool two_slots() {
+  const char* force = std::getenv("LORA_FUSED_NF4_GEMV_SLOTS");
+  if (force == nullptr || *force == '\0') return false;
+  const std::string v(force);
+  TORCH_CHECK(v == "2" || v == "3", "LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 (ring slots with 32-row steps), got '", v, "'");
+  return v == "2";
+}
+
+// Calls f(NT, R, nested, S) with the compile-time configuration that serves a.
 template <typename F>
 auto with_config(const GemvArgs& a, F&& f) {
   using I1 = std::integral_constant<int, 1>;
   using I2 = std::integral_constant<int, 2>;
-  const bool nested = a.scales.absmax == nullptr, two_rows = row_tiles(a) == 2;
+  using I3 = std::integral_constant<int, 3>;
+  using I4 = std::integral_constant<int, 4>;
+  const bool nested = a.scales.absmax == nullptr, two_rows = row_tiles(a) == 2, two = two_slots() && two_rows;
   auto by_rows = [&](auto nt) {
-    if (two_rows) return nested ? f(nt, I2{}, std::true_type{}) : f(nt, I2{}, std::false_type{});
-    return nested ? f(nt, I1{}, std::true_type{}) : f(nt, I1{}, std::false_type{});
+    if (two_rows) {
+      if (two) return nested ? f(nt, I2{}, std::true_type{}, I2{}) : f(nt, I2{}, std::false_type{}, I2{});
+      return nested ? f(nt, I2{}, std::true_type{}, I3{}) : f(nt, I2{}, std::false_type{}, I3{});
+    }
+    return nested ? f(nt, I1{}, std::true_type{}, I4{}) : f(nt, I1{}, std::false_type{}, I4{});
   };
   return a.m <= 8 ? by_rows(I1{}) : by_rows(I2{});
 }
 
 template <typename T>
 size_t smem_bytes_for(const GemvArgs& a) {
-  return with_config(a, [&](auto nt, auto rows, auto nested) {
-    return smem_bytes<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value>(a);
+  return with_config(a, [&](auto nt, auto rows, auto nested, auto slots) {
+    return smem_bytes<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value>(a);
   });
 }
 
 template <typename T>
 void launch_for(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
-  with_config(a, [&](auto nt, auto rows, auto nested) {
-    launch<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value>(a, stream, sms, pdl);
+  with_config(a, [&](auto nt, auto rows, auto nested, auto slots) {
+    launch<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value>(a, stream, sms,
+                                                                                                         pdl);
   });
 }
 
