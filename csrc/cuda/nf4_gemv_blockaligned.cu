@@ -52,7 +52,7 @@ namespace {
 // and sums), 3 ring slots of two tiles (2 steps in flight: 8 KiB a warp, 64 KiB an SM). One block
 // per SM. S: ring slots (R = 2 takes 2 with LORA_FUSED_NF4_GEMV_SLOTS=2: 34 KiB less shared memory,
 // so the H100 can give L1 92 KiB instead of 60, which x at 16 tokens goes through; one step in
-// flight a warp).
+// flight a warp; or 4, up to 8 tokens: 3 steps, 96 KiB, in flight an SM).
 template <int R, int S = (R == 1 ? 4 : 3)>
 struct Tiling {
   static constexpr int kTeams = R == 1 ? 2 : 1;
@@ -247,7 +247,7 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return v;
 }
 
-template <typename T, int NT, int R, bool kNested, int S>
+template <typename T, int NT, int R, bool kNested, int S, bool kStreamOnly = false>
 __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
   constexpr int kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
   constexpr int kTile = tile_bytes<kNested>(), kSlot = R * kTile;
@@ -405,6 +405,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       prod.advance(args, windows, strip_stride, tw);
       prev = slot;
       slot = slot == (S - 1) * kSlot ? 0 : slot + kSlot;
+      if constexpr (kStreamOnly) continue;  // branch probe: the weight stream alone
 
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
@@ -465,14 +466,14 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
 // The kernel's dynamic shared memory for a; it starts after the reserved bytes (1 KiB on sm80-sm90)
 // and the kernel's static shared memory (none; cudaFuncGetAttributes may count the reserved bytes
 // in it, so both readings are sized for and the kernel checks its own).
-template <typename T, int NT, int R, bool kNested, int S>
+template <typename T, int NT, int R, bool kNested, int S, bool kStreamOnly = false>
 size_t smem_bytes(const GemvArgs& a) {
   using Tl = Tiling<R, S>;
   static const std::array<uint32_t, 2> offsets = [] {
     int reserved = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, at::cuda::current_device()));
     cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kStreamOnly>));
     return std::array<uint32_t, 2>{static_cast<uint32_t>(reserved), static_cast<uint32_t>(reserved + attr.sharedSizeBytes)};
   }();
   const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = gemv_reduction_bytes<R, NT>(), lora = lora_smem_bytes<R>(a);
@@ -480,15 +481,23 @@ size_t smem_bytes(const GemvArgs& a) {
                   SmemLayout(offsets[1], Tl::kTeams, ring, red, lora).end);
 }
 
-template <typename T, int NT, int R, bool kNested, int S>
+template <typename T, int NT, int R, bool kNested, int S, bool kStreamOnly = false>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
   using Tl = Tiling<R, S>;
-  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>;
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kStreamOnly>;
   // Opted in to the GPU's limit once, as the LoRA staging makes the size vary by call.
   opt_in_dynamic_smem<kernel>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const int64_t strips = ceil_div<int64_t>(a.n, 16 * R);
   const int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, Tl::kTeams), sms));
-  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested, S>(a), stream, a);
+  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested, S, kStreamOnly>(a), stream, a);
+}
+
+// Branch probe: LORA_FUSED_NF4_GEMV_STREAM_ONLY=1 runs the kernel without its arithmetic (bf16, up to
+// 8 tokens, double quantization), so its time is the memory system's for this access pattern and
+// ring. The result is wrong by design.
+bool stream_only() {
+  const char* v = std::getenv("LORA_FUSED_NF4_GEMV_STREAM_ONLY");
+  return v != nullptr && std::string(v) == "1";
 }
 
 // Row tiles per warp step: 2 from 2^25 weights up, 1 below (the H100 at ee198a6, 16 -> 32 rows: 8192
@@ -505,13 +514,16 @@ int row_tiles(const GemvArgs& a) {
   return a.n * a.k >= (int64_t{1} << 25) ? 2 : 1;
 }
 
-// Ring slots for R = 2: 3, or 2 with LORA_FUSED_NF4_GEMV_SLOTS=2 (comparisons).
-bool two_slots() {
+// Ring slots for R = 2: 3, or LORA_FUSED_NF4_GEMV_SLOTS=2 or 4 (comparisons; 4 only up to 8 tokens:
+// with 16 the reductions do not fit beside them).
+int ring_slots(const GemvArgs& a) {
   const char* force = std::getenv("LORA_FUSED_NF4_GEMV_SLOTS");
-  if (force == nullptr || *force == '\0') return false;
+  if (force == nullptr || *force == '\0') return 3;
   const std::string v(force);
-  TORCH_CHECK(v == "2" || v == "3", "LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 (ring slots with 32-row steps), got '", v, "'");
-  return v == "2";
+  TORCH_CHECK(v == "2" || v == "3" || v == "4", "LORA_FUSED_NF4_GEMV_SLOTS must be 2, 3 or 4 (ring slots with 32-row steps), got '",
+              v, "'");
+  TORCH_CHECK(v != "4" || a.m <= 8, "LORA_FUSED_NF4_GEMV_SLOTS=4 takes at most 8 tokens, got ", a.m);
+  return v[0] - '0';
 }
 
 // Calls f(NT, R, nested, S) with the compile-time configuration that serves a.
@@ -521,13 +533,18 @@ auto with_config(const GemvArgs& a, F&& f) {
   using I2 = std::integral_constant<int, 2>;
   using I3 = std::integral_constant<int, 3>;
   using I4 = std::integral_constant<int, 4>;
-  const bool nested = a.scales.absmax == nullptr, two_rows = row_tiles(a) == 2, two = two_slots() && two_rows;
+  const bool nested = a.scales.absmax == nullptr, two_rows = row_tiles(a) == 2;
+  const int slots = ring_slots(a);
+  auto by_nested = [&](auto nt, auto rows, auto s) {
+    return nested ? f(nt, rows, std::true_type{}, s) : f(nt, rows, std::false_type{}, s);
+  };
   auto by_rows = [&](auto nt) {
-    if (two_rows) {
-      if (two) return nested ? f(nt, I2{}, std::true_type{}, I2{}) : f(nt, I2{}, std::false_type{}, I2{});
-      return nested ? f(nt, I2{}, std::true_type{}, I3{}) : f(nt, I2{}, std::false_type{}, I3{});
+    if (!two_rows) return by_nested(nt, I1{}, I4{});
+    if (slots == 2) return by_nested(nt, I2{}, I2{});
+    if constexpr (decltype(nt)::value == 1) {
+      if (slots == 4) return by_nested(nt, I2{}, I4{});
     }
-    return nested ? f(nt, I1{}, std::true_type{}, I4{}) : f(nt, I1{}, std::false_type{}, I4{});
+    return by_nested(nt, I2{}, I3{});
   };
   return a.m <= 8 ? by_rows(I1{}) : by_rows(I2{});
 }
@@ -541,9 +558,15 @@ size_t smem_bytes_for(const GemvArgs& a) {
 
 template <typename T>
 void launch_for(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
+  const bool probe = stream_only();
   with_config(a, [&](auto nt, auto rows, auto nested, auto slots) {
-    launch<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value>(a, stream, sms,
-                                                                                                         pdl);
+    constexpr int NT = decltype(nt)::value, R = decltype(rows)::value, S = decltype(slots)::value;
+    constexpr bool kNested = decltype(nested)::value;
+    if constexpr (std::is_same_v<T, at::BFloat16> && NT == 1 && kNested) {
+      if (probe) return launch<T, NT, R, kNested, S, true>(a, stream, sms, pdl);
+    }
+    TORCH_CHECK(!probe, "LORA_FUSED_NF4_GEMV_STREAM_ONLY=1 takes bf16, at most 8 tokens and double quantization");
+    launch<T, NT, R, kNested, S>(a, stream, sms, pdl);
   });
 }
 
