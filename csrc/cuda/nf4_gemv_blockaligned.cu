@@ -92,24 +92,36 @@ __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
 }
 
 // Where things are in dynamic shared memory (byte offsets) when it starts at shared address `base`:
-// the table at the first 64 KiB-aligned address (so that table_address needs no add), as many
-// warps' rings before it as fit, the other rings after it, and the teams' reductions and the LoRA
-// staging each in the gap left before the table where it fits, else after the rings. The gap
-// matters: the H100 gives L1 what shared memory leaves of 256 KiB in steps (196 or 228 KiB of
-// shared memory), and at 16 tokens x comes through L1 (nf4_linear with R = 2 and double
-// quantization needs 195 + 1 KiB; the LoRA staging after the rings, 3 more, cost L1 half its
-// 60 KiB and qlora_linear 10 us of 87 at 8192 -> 28672).
+// the table at the first 64 KiB-aligned address (so that table_address needs no add), `before`
+// warps' rings before it and the others after it, and the teams' reductions and the LoRA staging
+// each in the gap left before the table where it fits, else after the rings. `before` is the count
+// that ends the layout soonest (fewer rings before the table can leave the reductions room there).
+// The end matters: the H100 gives L1 what shared memory leaves of 256 KiB in steps (196 or 228 KiB
+// of shared memory), and at 16 tokens x comes through L1 (nf4_linear with R = 2 and double
+// quantization needs 195 + 1 KiB; the LoRA staging after the rings, 3 more, cost L1 half its 60 KiB
+// and qlora_linear 10 us of 87 at 8192 -> 28672; without double quantization 4 rings before the
+// table left the reductions after the rings, 198 KiB without LoRA).
 struct SmemLayout {
   uint32_t table, before, after, ring_bytes, red, lora, end;
   __host__ __device__ SmemLayout(uint32_t base, int teams, uint32_t ring_bytes_, uint32_t red_bytes, uint32_t lora_bytes)
       : ring_bytes(ring_bytes_) {
     const uint32_t warps = teams * kGemvWarps;
     table = (0u - base) & 0xffffu;
-    before = table / ring_bytes < warps ? table / ring_bytes : warps;
     after = table + kTableBytes;
+    const uint32_t most = table / ring_bytes < warps ? table / ring_bytes : warps;
+    place(warps, most, teams * red_bytes, lora_bytes);
+    for (uint32_t b = 0; b < most; ++b) {
+      const SmemLayout best = *this;
+      place(warps, b, teams * red_bytes, lora_bytes);
+      if (end >= best.end) *this = best;
+    }
+  }
+  // The layout with b of the warps' rings before the table.
+  __host__ __device__ void place(uint32_t warps, uint32_t b, uint32_t red_bytes, uint32_t lora_bytes) {
+    before = b;
     end = after + (warps - before) * ring_bytes;
     uint32_t gap = before * ring_bytes;  // the next free byte before the table
-    auto place = [&](uint32_t bytes) {
+    auto put = [&](uint32_t bytes) {
       uint32_t at;
       if (gap + bytes <= table) {
         at = gap;
@@ -120,8 +132,8 @@ struct SmemLayout {
       }
       return at;
     };
-    red = place(teams * red_bytes);
-    lora = place(lora_bytes);
+    red = put(red_bytes);
+    lora = put(lora_bytes);
   }
   __host__ __device__ uint32_t ring(int warp) const {
     return warp < static_cast<int>(before) ? warp * ring_bytes : after + (warp - before) * ring_bytes;
