@@ -116,22 +116,23 @@ DECODE_CASES = [(1, 4096 + 1, 4096, 64), (1, 9605, 256, 64), (5, 333, 192, 64), 
                 (2, 77, 320, 32), (16, 8192 + 16, 4096, 64)]
 
 
-DECODE_KERNELS = ["default", "general", "blockaligned-16rows", "blockaligned-32rows", "blockaligned-32rows-2slots",
-                  "blockaligned-32rows-4slots"]
+DECODE_KERNELS = ["default", "general", "blockaligned-16rows", "blockaligned-32rows", "blockaligned-32rows-3slots",
+                  "blockaligned-32rows-uearly", "blockaligned-16rows-uearly"]
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kernel,M,N,K,blocksize", [(kernel, *case) for kernel in DECODE_KERNELS for case in DECODE_CASES
-                                                    if not (kernel.endswith("-4slots") and case[0] > 8)])
+@pytest.mark.parametrize("kernel,M,N,K,blocksize", [(kernel, *case) for kernel in DECODE_KERNELS for case in DECODE_CASES])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeypatch):
     if kernel != "default":
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV", kernel.split("-")[0])
     if kernel.startswith("blockaligned-"):
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", kernel.split("-")[1][:2])
-    if kernel.endswith("slots"):  # two ring slots (one step in flight a warp) or four (up to 8 tokens)
-        monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", kernel[-6])
+    if kernel.endswith("-3slots"):  # three ring slots (two steps in flight a warp)
+        monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", "3")
+    if kernel.endswith("-uearly"):  # the whole block waits for the LoRA shrink before the weight's copies
+        monkeypatch.setenv("LORA_FUSED_NF4_GEMV_U", "early")
     packed, state = _weight(N, K, "cuda", blocksize, double_quant)
     x = randn(M, K, dtype=dtype, device="cuda")
     bias = randn(N, dtype=dtype, device="cuda")
@@ -168,11 +169,18 @@ def test_bad_decode_slot_count_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", "32")
     monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", "5")
     packed, state = _weight(64, 256, "cuda")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_SLOTS must be 2, 3 or 4 .*got '5'"):
+    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 .*got '5'"):
         lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", "4")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_SLOTS=4 takes at most 8 tokens, got 9"):
-        lora_fused.nf4_linear(randn(9, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
+
+
+@requires_cuda
+def test_bad_decode_u_order_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_U", "soon")
+    packed, state = _weight(64, 256, "cuda")
+    x = randn(4, 256, dtype=torch.bfloat16, device="cuda")
+    a, b = randn(8, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 8, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_U must be early or late .*got 'soon'"):
+        lora_fused.qlora_linear(x, packed, state, a, b, 0.5, training=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

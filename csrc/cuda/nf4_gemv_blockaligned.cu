@@ -49,11 +49,10 @@ namespace {
 // so x's traffic through L1 per weight byte is 1/R (with 16 tokens, x is 4x the weight bytes at R =
 // 1). R = 1: two teams of 8 warps per block, 128 registers each, 4 ring slots (3 steps in flight: 6
 // KiB a warp, 96 KiB an SM); R = 2: one team (up to 255 registers: the second tile's weights, scales
-// and sums), 3 ring slots of two tiles (2 steps in flight: 8 KiB a warp, 64 KiB an SM). One block
-// per SM. S: ring slots (R = 2 takes 2 with LORA_FUSED_NF4_GEMV_SLOTS=2: 34 KiB less shared memory,
-// so the H100 can give L1 92 KiB instead of 60, which x at 16 tokens goes through; one step in
-// flight a warp; or 4, up to 8 tokens: 3 steps, 96 KiB, in flight an SM).
-template <int R, int S = (R == 1 ? 4 : 3)>
+// and sums), S ring slots of two tiles. One block per SM. R = 2 takes S = 2 (one step in flight a
+// warp, 32 KiB an SM) by default: as fast as 3 or faster (ring_slots), and 34 KiB less shared
+// memory leaves L1 more room for x, which it loads.
+template <int R, int S = (R == 1 ? 4 : 2)>
 struct Tiling {
   static constexpr int kTeams = R == 1 ? 2 : 1;
   static constexpr int kWarps = kTeams * kGemvWarps;
@@ -259,7 +258,7 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return v;
 }
 
-template <typename T, int NT, int R, bool kNested, int S, bool kStreamOnly = false>
+template <typename T, int NT, int R, bool kNested, int S>
 __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
   constexpr int kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
   constexpr int kTile = tile_bytes<kNested>(), kSlot = R * kTile;
@@ -296,14 +295,17 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   uint32_t dst[2];
   dst[0] = chunk_offset(lane >> 3, lane & 7);
   dst[1] = chunk_offset((lane >> 3) + 4, lane & 7) - 4 * kRowBytes;
-  // u's first kThreads elements: their loads go out before the ring's (a load issued behind those
-  // waits for them, several microseconds with the memory system saturated); the shrink kernel's
-  // partial sums only once that grid has completed (this kernel may have started before it).
+  // u's first kThreads elements, the shrink kernel's partial sums only once that grid has completed
+  // (this kernel may have started before it). By default only the threads that load u wait, after
+  // the ring's first copies: the weight's stream starts while the shrink runs, and u's loads queue
+  // behind those copies while the table fills. args.u_early (LORA_FUSED_NF4_GEMV_U=early): the whole
+  // block waits and u's loads go out first (no queue), the weight's stream after the shrink.
   const int mr = args.lora_smem ? args.m * args.r : 0;
+  const bool loads_u = static_cast<int>(threadIdx.x) < mr;
   float u_part[kLoraShrinkMaxSplits];
-  if (mr > 0) {
+  if (mr > 0 && args.u_early) {
     if (args.lora_parts != nullptr) pdl_wait();
-    if (static_cast<int>(threadIdx.x) < mr) load_u_parts<T>(args, threadIdx.x, u_part);
+    if (loads_u) load_u_parts<T>(args, threadIdx.x, u_part);
   }
   const ScaleSource ss = scale_source<kNested>(args);
   Producer<R> prod;
@@ -314,6 +316,10 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       issue_step<kNested, R>(ring_s + s * kSlot, args, prod, dst, ss);
       prod.advance(args, windows, strip_stride, tw);
     }
+  }
+  if (loads_u && !args.u_early) {
+    if (args.lora_parts != nullptr) pdl_wait();
+    load_u_parts<T>(args, threadIdx.x, u_part);
   }
   // The table fills while the ring does. Thread i writes column i % 64 of rows i / 64 + P it (P =
   // kThreads / 64 rows a pass): the high nibble of row b0 + P it is (P it) >> 4 (a constant once
@@ -336,7 +342,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
     }
   }
   // u into shared memory (its elements past the first kThreads loaded only now).
-  if (static_cast<int>(threadIdx.x) < mr) u_s[threadIdx.x] = sum_u_parts(args, u_part);
+  if (loads_u) u_s[threadIdx.x] = sum_u_parts(args, u_part);
   for (int idx = threadIdx.x + kThreads; idx < mr; idx += kThreads) {
     load_u_parts<T>(args, idx, u_part);
     u_s[idx] = sum_u_parts(args, u_part);
@@ -417,7 +423,6 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       prod.advance(args, windows, strip_stride, tw);
       prev = slot;
       slot = slot == (S - 1) * kSlot ? 0 : slot + kSlot;
-      if constexpr (kStreamOnly) continue;  // branch probe: the weight stream alone
 
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
@@ -478,14 +483,14 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
 // The kernel's dynamic shared memory for a; it starts after the reserved bytes (1 KiB on sm80-sm90)
 // and the kernel's static shared memory (none; cudaFuncGetAttributes may count the reserved bytes
 // in it, so both readings are sized for and the kernel checks its own).
-template <typename T, int NT, int R, bool kNested, int S, bool kStreamOnly = false>
+template <typename T, int NT, int R, bool kNested, int S>
 size_t smem_bytes(const GemvArgs& a) {
   using Tl = Tiling<R, S>;
   static const std::array<uint32_t, 2> offsets = [] {
     int reserved = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, at::cuda::current_device()));
     cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kStreamOnly>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>));
     return std::array<uint32_t, 2>{static_cast<uint32_t>(reserved), static_cast<uint32_t>(reserved + attr.sharedSizeBytes)};
   }();
   const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = gemv_reduction_bytes<R, NT>(), lora = lora_smem_bytes<R>(a);
@@ -493,23 +498,15 @@ size_t smem_bytes(const GemvArgs& a) {
                   SmemLayout(offsets[1], Tl::kTeams, ring, red, lora).end);
 }
 
-template <typename T, int NT, int R, bool kNested, int S, bool kStreamOnly = false>
+template <typename T, int NT, int R, bool kNested, int S>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
   using Tl = Tiling<R, S>;
-  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kStreamOnly>;
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>;
   // Opted in to the GPU's limit once, as the LoRA staging makes the size vary by call.
   opt_in_dynamic_smem<kernel>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const int64_t strips = ceil_div<int64_t>(a.n, 16 * R);
   const int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, Tl::kTeams), sms));
-  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested, S, kStreamOnly>(a), stream, a);
-}
-
-// Branch probe: LORA_FUSED_NF4_GEMV_STREAM_ONLY=1 runs the kernel without its arithmetic (bf16, up to
-// 8 tokens, double quantization), so its time is the memory system's for this access pattern and
-// ring. The result is wrong by design.
-bool stream_only() {
-  const char* v = std::getenv("LORA_FUSED_NF4_GEMV_STREAM_ONLY");
-  return v != nullptr && std::string(v) == "1";
+  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested, S>(a), stream, a);
 }
 
 // Row tiles per warp step: 2 from 2^25 weights up, 1 below (the H100 at ee198a6, 16 -> 32 rows: 8192
@@ -526,15 +523,16 @@ int row_tiles(const GemvArgs& a) {
   return a.n * a.k >= (int64_t{1} << 25) ? 2 : 1;
 }
 
-// Ring slots for R = 2: 3, or LORA_FUSED_NF4_GEMV_SLOTS=2 or 4 (comparisons; 4 only up to 8 tokens:
-// with 16 the reductions do not fit beside them).
-int ring_slots(const GemvArgs& a) {
+// Ring slots for R = 2: 2, or LORA_FUSED_NF4_GEMV_SLOTS=3 (comparisons). Two slots were as fast as
+// three or faster on the H100 (session 25, 16 / 4 / 1 tokens: 8192 -> 28672 76.4 / 59.0 / 54.9 us
+// against 77.4 / 61.7 / 55.6, 11008 -> 4096 17.0 / 13.4 / 12.9 against 17.3 / 13.9 / 13.3): a
+// warp's arithmetic on one step takes as long as the next step's copy, and the 34 KiB less shared
+// memory leave L1 more room for x. Four (3 steps in flight) were slower: 60.3 us at 1 token.
+int ring_slots() {
   const char* force = std::getenv("LORA_FUSED_NF4_GEMV_SLOTS");
-  if (force == nullptr || *force == '\0') return 3;
+  if (force == nullptr || *force == '\0') return 2;
   const std::string v(force);
-  TORCH_CHECK(v == "2" || v == "3" || v == "4", "LORA_FUSED_NF4_GEMV_SLOTS must be 2, 3 or 4 (ring slots with 32-row steps), got '",
-              v, "'");
-  TORCH_CHECK(v != "4" || a.m <= 8, "LORA_FUSED_NF4_GEMV_SLOTS=4 takes at most 8 tokens, got ", a.m);
+  TORCH_CHECK(v == "2" || v == "3", "LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 (ring slots with 32-row steps), got '", v, "'");
   return v[0] - '0';
 }
 
@@ -546,17 +544,13 @@ auto with_config(const GemvArgs& a, F&& f) {
   using I3 = std::integral_constant<int, 3>;
   using I4 = std::integral_constant<int, 4>;
   const bool nested = a.scales.absmax == nullptr, two_rows = row_tiles(a) == 2;
-  const int slots = ring_slots(a);
+  const bool three_slots = ring_slots() == 3;
   auto by_nested = [&](auto nt, auto rows, auto s) {
     return nested ? f(nt, rows, std::true_type{}, s) : f(nt, rows, std::false_type{}, s);
   };
   auto by_rows = [&](auto nt) {
     if (!two_rows) return by_nested(nt, I1{}, I4{});
-    if (slots == 2) return by_nested(nt, I2{}, I2{});
-    if constexpr (decltype(nt)::value == 1) {
-      if (slots == 4) return by_nested(nt, I2{}, I4{});
-    }
-    return by_nested(nt, I2{}, I3{});
+    return three_slots ? by_nested(nt, I2{}, I3{}) : by_nested(nt, I2{}, I2{});
   };
   return a.m <= 8 ? by_rows(I1{}) : by_rows(I2{});
 }
@@ -570,15 +564,8 @@ size_t smem_bytes_for(const GemvArgs& a) {
 
 template <typename T>
 void launch_for(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
-  const bool probe = stream_only();
   with_config(a, [&](auto nt, auto rows, auto nested, auto slots) {
-    constexpr int NT = decltype(nt)::value, R = decltype(rows)::value, S = decltype(slots)::value;
-    constexpr bool kNested = decltype(nested)::value;
-    if constexpr (std::is_same_v<T, at::BFloat16> && NT == 1 && kNested) {
-      if (probe) return launch<T, NT, R, kNested, S, true>(a, stream, sms, pdl);
-    }
-    TORCH_CHECK(!probe, "LORA_FUSED_NF4_GEMV_STREAM_ONLY=1 takes bf16, at most 8 tokens and double quantization");
-    launch<T, NT, R, kNested, S>(a, stream, sms, pdl);
+    launch<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value>(a, stream, sms, pdl);
   });
 }
 
