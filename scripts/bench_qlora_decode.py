@@ -2,8 +2,7 @@
 (inference: nf4_linear with lora_A, u made by the op's shrink kernel) beside nf4_linear alone,
 nf4_linear given u from cuBLAS mm + scale (the path before), and the shrink alone two ways (cuBLAS
 mm + scale, and lora_fused's own lora_shrink kernel), and qlora_linear without programmatic dependent
-launch (LORA_FUSED_PDL=0) and with the decode kernel waiting for the shrink before its weight's copies
-(LORA_FUSED_NF4_GEMV_U=early; the default waits after them). Ratios: qlora / nf4.
+launch (LORA_FUSED_PDL=0). Ratio: qlora / nf4.
 
     python scripts/bench_qlora_decode.py [--M 1,16] [--shapes 4096:11008,8192:28672] [--r 16]
 
@@ -49,7 +48,7 @@ def main():
             }
             refs = {"qlora": want, "u given": want, "nf4": x.double() @ wq.t(), "shrink mm": want_u, "shrink op": want_u}
             row = f"{k:>5}->{d:<5} M={m:<2} r={r}"
-            envs = {"qlora no PDL": ("LORA_FUSED_PDL", "0"), "qlora u early": ("LORA_FUSED_NF4_GEMV_U", "early")}
+            envs = {"qlora no PDL": ("LORA_FUSED_PDL", "0")}
             times = {}
             for name in envs:
                 fns[name] = fns["qlora"]
@@ -64,7 +63,7 @@ def main():
                 row += f" | {name} {times[name]:6.1f} us"
                 if name in envs:
                     os.environ.pop(envs[name][0])
-            row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f} (u early {times['qlora u early'] / times['nf4']:.3f})"
+            row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f}"
             print(row, flush=True)
 
 

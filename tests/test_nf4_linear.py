@@ -116,8 +116,7 @@ DECODE_CASES = [(1, 4096 + 1, 4096, 64), (1, 9605, 256, 64), (5, 333, 192, 64), 
                 (2, 77, 320, 32), (16, 8192 + 16, 4096, 64)]
 
 
-DECODE_KERNELS = ["default", "general", "blockaligned-16rows", "blockaligned-32rows", "blockaligned-32rows-3slots",
-                  "blockaligned-32rows-uearly", "blockaligned-16rows-uearly"]
+DECODE_KERNELS = ["default", "general", "blockaligned-16rows", "blockaligned-32rows", "blockaligned-32rows-3slots"]
 
 
 @requires_cuda
@@ -131,8 +130,6 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", kernel.split("-")[1][:2])
     if kernel.endswith("-3slots"):  # three ring slots (two steps in flight a warp)
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", "3")
-    if kernel.endswith("-uearly"):  # the whole block waits for the LoRA shrink before the weight's copies
-        monkeypatch.setenv("LORA_FUSED_NF4_GEMV_U", "early")
     packed, state = _weight(N, K, "cuda", blocksize, double_quant)
     x = randn(M, K, dtype=dtype, device="cuda")
     bias = randn(N, dtype=dtype, device="cuda")
@@ -171,16 +168,6 @@ def test_bad_decode_slot_count_is_a_clear_error(monkeypatch):
     packed, state = _weight(64, 256, "cuda")
     with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 .*got '5'"):
         lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
-
-
-@requires_cuda
-def test_bad_decode_u_order_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_U", "soon")
-    packed, state = _weight(64, 256, "cuda")
-    x = randn(4, 256, dtype=torch.bfloat16, device="cuda")
-    a, b = randn(8, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 8, dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_U must be early or late .*got 'soon'"):
-        lora_fused.qlora_linear(x, packed, state, a, b, 0.5, training=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

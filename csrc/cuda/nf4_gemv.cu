@@ -249,13 +249,6 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
     a.lora_parts = parts.data_ptr<float>();
     a.lora_scale = static_cast<float>(lora_scale);
     pdl = cuda::pdl_enabled(props->major);
-    const char* order = std::getenv("LORA_FUSED_NF4_GEMV_U");
-    if (order != nullptr && *order != '\0') {
-      const std::string v(order);
-      TORCH_CHECK(v == "early" || v == "late", "LORA_FUSED_NF4_GEMV_U must be early or late (when the decode kernel waits ",
-                  "for the LoRA shrink), got '", v, "'");
-      a.u_early = v == "early";
-    }
   } else if (lora) {
     u = lora_A.has_value() ? nf4_lora_u(x, *lora_A, lora_scale) : lora_u->contiguous();
     a.lora_u = u.data_ptr();

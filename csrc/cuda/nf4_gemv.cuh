@@ -36,9 +36,6 @@ struct GemvArgs {
   // Block-aligned kernel: u and each strip's lora_B rows staged in shared memory (r % 8 == 0, lora_B
   // 16-byte aligned); lora_parts needs it.
   bool lora_smem;
-  // Block-aligned kernel with lora_parts: wait for the shrink before the weight's first copies (see
-  // the kernel; LORA_FUSED_NF4_GEMV_U=early, for comparisons).
-  bool u_early;
   void* out;  // [m, n]
 };
 
