@@ -2,10 +2,11 @@
 K % blocksize == 0) beside the general one (LORA_FUSED_NF4_GEMV=general), bitsandbytes' gemv when
 installed, and cuBLAS bf16 x @ W^T, with the fraction of the measured copy bandwidth each reaches.
 
-    python scripts/bench_nf4_decode.py [--M 1,4,8,16] [--shapes 4096:4096,8192:28672] [--rows]
+    python scripts/bench_nf4_decode.py [--M 1,4,8,16] [--shapes 4096:4096,8192:28672] [--rows] [--slots]
 
 --rows adds the block-aligned kernel forced to 16 and to 32 weight rows per warp step
-(LORA_FUSED_NF4_GEMV_ROWS), timed beside its default choice.
+(LORA_FUSED_NF4_GEMV_ROWS), --slots 32 rows with 3 ring slots (LORA_FUSED_NF4_GEMV_SLOTS; the
+default is 2), each timed beside the default choice.
 
 Kernel times are CUDA-graph replays (triton.testing.do_bench_cudagraph, median), so the host's
 launch cost is not in them; every result is checked against x @ dequantize(W).T first.
@@ -40,6 +41,7 @@ def main():
     ap.add_argument("--M", default="1,4,8,16")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--rows", action="store_true", help="also time 16 and 32 rows per warp step")
+    ap.add_argument("--slots", action="store_true", help="also time 32 rows per warp step with 3 ring slots")
     args = ap.parse_args()
     try:
         import bitsandbytes as bnb
@@ -62,22 +64,27 @@ def main():
             want = (x.double() @ wq.double().t())
             row = f"{k:>5}->{d:<5} M={m:<2}"
             times = {}
-            variants = {"blockaligned": ("blockaligned", None), "general": ("general", None)}
+            # name: the environment it runs under (LORA_FUSED_NF4_GEMV_<key>)
+            variants = {"blockaligned": {"": "blockaligned"}, "general": {"": "general"}}
             if args.rows:
-                variants.update({"rows16": ("blockaligned", "16"), "rows32": ("blockaligned", "32")})
-            for name, (kernel, rows) in variants.items():
-                os.environ["LORA_FUSED_NF4_GEMV"] = kernel
-                if rows is None:
-                    os.environ.pop("LORA_FUSED_NF4_GEMV_ROWS", None)
-                else:
-                    os.environ["LORA_FUSED_NF4_GEMV_ROWS"] = rows
+                variants.update({"rows16": {"": "blockaligned", "ROWS": "16"}, "rows32": {"": "blockaligned", "ROWS": "32"}})
+            if args.slots:
+                variants.update({"rows32_3slots": {"": "blockaligned", "ROWS": "32", "SLOTS": "3"}})
+            knobs = {key for env in variants.values() for key in env}
+            for name, env in variants.items():
+                for key in knobs:
+                    var = "LORA_FUSED_NF4_GEMV" + (f"_{key}" if key else "")
+                    if key in env:
+                        os.environ[var] = env[key]
+                    else:
+                        os.environ.pop(var, None)
                 fn = lambda: lora_fused.nf4_linear(x, packed, state)
                 err = (fn().double() - want).abs().max().item() / want.abs().max().item()
                 assert err < 2e-2, (name, err)
                 times[name] = graph_us(fn)
                 row += f" | {name} {times[name]:7.1f} us {wbytes / times[name] / 1e3:6.0f} GB/s ({wbytes / times[name] * 1e6 / bw:4.0%}) err {err:.1e}"
-            os.environ.pop("LORA_FUSED_NF4_GEMV")
-            os.environ.pop("LORA_FUSED_NF4_GEMV_ROWS", None)
+            for key in knobs:
+                os.environ.pop("LORA_FUSED_NF4_GEMV" + (f"_{key}" if key else ""), None)
             cub = graph_us(lambda: x @ wq.t())
             row += f" | cuBLAS bf16 {cub:7.1f} us ({cub / times['blockaligned']:.2f}x)"
             if bnb is not None:

@@ -1,7 +1,8 @@
 """Where the QLoRA decode time goes beyond the NF4 matmul (M <= 16), on the GPU at hand: qlora_linear
 (inference: nf4_linear with lora_A, u made by the op's shrink kernel) beside nf4_linear alone,
 nf4_linear given u from cuBLAS mm + scale (the path before), and the shrink alone two ways (cuBLAS
-mm + scale, and lora_fused's own lora_shrink kernel).
+mm + scale, and lora_fused's own lora_shrink kernel), and qlora_linear without programmatic dependent
+launch (LORA_FUSED_PDL=0). Ratio: qlora / nf4.
 
     python scripts/bench_qlora_decode.py [--M 1,16] [--shapes 4096:11008,8192:28672] [--r 16]
 
@@ -47,16 +48,22 @@ def main():
             }
             refs = {"qlora": want, "u given": want, "nf4": x.double() @ wq.t(), "shrink mm": want_u, "shrink op": want_u}
             row = f"{k:>5}->{d:<5} M={m:<2} r={r}"
-            fns["qlora no PDL"] = fns["qlora"]
-            refs["qlora no PDL"] = want
+            envs = {"qlora no PDL": ("LORA_FUSED_PDL", "0")}
+            times = {}
+            for name in envs:
+                fns[name] = fns["qlora"]
+                refs[name] = want
             for name, fn in fns.items():
-                if name == "qlora no PDL":
-                    os.environ["LORA_FUSED_PDL"] = "0"  # read as the graph is captured
+                if name in envs:
+                    os.environ[envs[name][0]] = envs[name][1]  # read as the graph is captured
                 ref = refs[name]
                 err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
                 assert err < 2e-2, (name, err)
-                row += f" | {name} {graph_us(fn):6.1f} us"
-                os.environ.pop("LORA_FUSED_PDL", None)
+                times[name] = graph_us(fn)
+                row += f" | {name} {times[name]:6.1f} us"
+                if name in envs:
+                    os.environ.pop(envs[name][0])
+            row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f}"
             print(row, flush=True)
 
 

@@ -116,16 +116,20 @@ DECODE_CASES = [(1, 4096 + 1, 4096, 64), (1, 9605, 256, 64), (5, 333, 192, 64), 
                 (2, 77, 320, 32), (16, 8192 + 16, 4096, 64)]
 
 
+DECODE_KERNELS = ["default", "general", "blockaligned-16rows", "blockaligned-32rows", "blockaligned-32rows-3slots"]
+
+
 @requires_cuda
-@pytest.mark.parametrize("kernel", ["default", "general", "blockaligned-16rows", "blockaligned-32rows"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M,N,K,blocksize", DECODE_CASES)
+@pytest.mark.parametrize("kernel,M,N,K,blocksize", [(kernel, *case) for kernel in DECODE_KERNELS for case in DECODE_CASES])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeypatch):
     if kernel != "default":
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV", kernel.split("-")[0])
     if kernel.startswith("blockaligned-"):
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", kernel.split("-")[1][:2])
+    if kernel.endswith("-3slots"):  # three ring slots (two steps in flight a warp)
+        monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", "3")
     packed, state = _weight(N, K, "cuda", blocksize, double_quant)
     x = randn(M, K, dtype=dtype, device="cuda")
     bias = randn(N, dtype=dtype, device="cuda")
@@ -154,6 +158,15 @@ def test_bad_decode_row_count_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", "24")
     packed, state = _weight(64, 256, "cuda")
     with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_ROWS must be 16 or 32 .*got '24'"):
+        lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
+
+
+@requires_cuda
+def test_bad_decode_slot_count_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", "32")
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", "5")
+    packed, state = _weight(64, 256, "cuda")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 .*got '5'"):
         lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
 
 

@@ -49,14 +49,15 @@ namespace {
 // so x's traffic through L1 per weight byte is 1/R (with 16 tokens, x is 4x the weight bytes at R =
 // 1). R = 1: two teams of 8 warps per block, 128 registers each, 4 ring slots (3 steps in flight: 6
 // KiB a warp, 96 KiB an SM); R = 2: one team (up to 255 registers: the second tile's weights, scales
-// and sums), 3 ring slots of two tiles (2 steps in flight: 8 KiB a warp, 64 KiB an SM). One block
-// per SM.
-template <int R>
+// and sums), S ring slots of two tiles. One block per SM. R = 2 takes S = 2 (one step in flight a
+// warp, 32 KiB an SM) by default: as fast as 3 or faster (ring_slots), and 34 KiB less shared
+// memory leaves L1 more room for x, which it loads.
+template <int R, int S = (R == 1 ? 4 : 2)>
 struct Tiling {
   static constexpr int kTeams = R == 1 ? 2 : 1;
   static constexpr int kWarps = kTeams * kGemvWarps;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kSlots = R == 1 ? 4 : 3;
+  static constexpr int kSlots = S;
 };
 constexpr int kTableBytes = 256 * 256;
 constexpr int kCode2Col = 128;       // byte of the code2[b] copies in table row b
@@ -90,19 +91,48 @@ __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
 }
 
 // Where things are in dynamic shared memory (byte offsets) when it starts at shared address `base`:
-// the table at the first 64 KiB-aligned address (so that table_address needs no add), as many
-// warps' rings before it as fit, the other rings, the teams' reductions and the LoRA staging after it.
+// the table at the first 64 KiB-aligned address (so that table_address needs no add), `before`
+// warps' rings before it and the others after it, and the teams' reductions and the LoRA staging
+// each in the gap left before the table where it fits, else after the rings. `before` is the count
+// that ends the layout soonest (fewer rings before the table can leave the reductions room there).
+// The end matters: the H100 gives L1 what shared memory leaves of 256 KiB in steps (196 or 228 KiB
+// of shared memory), and at 16 tokens x comes through L1 (nf4_linear with R = 2 and double
+// quantization needs 195 + 1 KiB; the LoRA staging after the rings, 3 more, cost L1 half its 60 KiB
+// and qlora_linear 10 us of 87 at 8192 -> 28672; without double quantization 4 rings before the
+// table left the reductions after the rings, 198 KiB without LoRA).
 struct SmemLayout {
   uint32_t table, before, after, ring_bytes, red, lora, end;
   __host__ __device__ SmemLayout(uint32_t base, int teams, uint32_t ring_bytes_, uint32_t red_bytes, uint32_t lora_bytes)
       : ring_bytes(ring_bytes_) {
     const uint32_t warps = teams * kGemvWarps;
     table = (0u - base) & 0xffffu;
-    before = table / ring_bytes < warps ? table / ring_bytes : warps;
     after = table + kTableBytes;
-    red = after + (warps - before) * ring_bytes;
-    lora = red + teams * red_bytes;
-    end = lora + lora_bytes;
+    const uint32_t most = table / ring_bytes < warps ? table / ring_bytes : warps;
+    place(warps, most, teams * red_bytes, lora_bytes);
+    for (uint32_t b = 0; b < most; ++b) {
+      const SmemLayout best = *this;
+      place(warps, b, teams * red_bytes, lora_bytes);
+      if (end >= best.end) *this = best;
+    }
+  }
+  // The layout with b of the warps' rings before the table.
+  __host__ __device__ void place(uint32_t warps, uint32_t b, uint32_t red_bytes, uint32_t lora_bytes) {
+    before = b;
+    end = after + (warps - before) * ring_bytes;
+    uint32_t gap = before * ring_bytes;  // the next free byte before the table
+    auto put = [&](uint32_t bytes) {
+      uint32_t at;
+      if (gap + bytes <= table) {
+        at = gap;
+        gap += bytes;
+      } else {
+        at = end;
+        end += bytes;
+      }
+      return at;
+    };
+    red = put(red_bytes);
+    lora = put(lora_bytes);
   }
   __host__ __device__ uint32_t ring(int warp) const {
     return warp < static_cast<int>(before) ? warp * ring_bytes : after + (warp - before) * ring_bytes;
@@ -228,9 +258,9 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return v;
 }
 
-template <typename T, int NT, int R, bool kNested>
+template <typename T, int NT, int R, bool kNested, int S>
 __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
-  constexpr int S = Tiling<R>::kSlots, kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
+  constexpr int kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
   constexpr int kTile = tile_bytes<kNested>(), kSlot = R * kTile;
   extern __shared__ float4 smem_raw[];
   const SmemLayout layout(smem_u32(smem_raw), kTeams, S * kSlot, gemv_reduction_bytes<R, NT>(), lora_smem_bytes<R>(args));
@@ -265,15 +295,9 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   uint32_t dst[2];
   dst[0] = chunk_offset(lane >> 3, lane & 7);
   dst[1] = chunk_offset((lane >> 3) + 4, lane & 7) - 4 * kRowBytes;
-  // u's first kThreads elements: their loads go out before the ring's (a load issued behind those
-  // waits for them, several microseconds with the memory system saturated); the shrink kernel's
-  // partial sums only once that grid has completed (this kernel may have started before it).
   const int mr = args.lora_smem ? args.m * args.r : 0;
+  const bool loads_u = static_cast<int>(threadIdx.x) < mr;
   float u_part[kLoraShrinkMaxSplits];
-  if (mr > 0) {
-    if (args.lora_parts != nullptr) pdl_wait();
-    if (static_cast<int>(threadIdx.x) < mr) load_u_parts<T>(args, threadIdx.x, u_part);
-  }
   const ScaleSource ss = scale_source<kNested>(args);
   Producer<R> prod;
   prod.start(args, first_strip, tw);
@@ -283,6 +307,14 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       issue_step<kNested, R>(ring_s + s * kSlot, args, prod, dst, ss);
       prod.advance(args, windows, strip_stride, tw);
     }
+  }
+  // u's first kThreads elements, the shrink kernel's partial sums only once that grid has completed
+  // (this kernel may have started before it): only the threads that load u wait, after the ring's
+  // first copies, so that the weight's stream need not wait for the shrink. (Waiting before the
+  // copies, u's loads first, measured the same on the H100 in session 25: within 0.2 us.)
+  if (loads_u) {
+    if (args.lora_parts != nullptr) pdl_wait();
+    load_u_parts<T>(args, threadIdx.x, u_part);
   }
   // The table fills while the ring does. Thread i writes column i % 64 of rows i / 64 + P it (P =
   // kThreads / 64 rows a pass): the high nibble of row b0 + P it is (P it) >> 4 (a constant once
@@ -305,7 +337,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
     }
   }
   // u into shared memory (its elements past the first kThreads loaded only now).
-  if (static_cast<int>(threadIdx.x) < mr) u_s[threadIdx.x] = sum_u_parts(args, u_part);
+  if (loads_u) u_s[threadIdx.x] = sum_u_parts(args, u_part);
   for (int idx = threadIdx.x + kThreads; idx < mr; idx += kThreads) {
     load_u_parts<T>(args, idx, u_part);
     u_s[idx] = sum_u_parts(args, u_part);
@@ -446,14 +478,14 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
 // The kernel's dynamic shared memory for a; it starts after the reserved bytes (1 KiB on sm80-sm90)
 // and the kernel's static shared memory (none; cudaFuncGetAttributes may count the reserved bytes
 // in it, so both readings are sized for and the kernel checks its own).
-template <typename T, int NT, int R, bool kNested>
+template <typename T, int NT, int R, bool kNested, int S>
 size_t smem_bytes(const GemvArgs& a) {
-  using Tl = Tiling<R>;
+  using Tl = Tiling<R, S>;
   static const std::array<uint32_t, 2> offsets = [] {
     int reserved = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, at::cuda::current_device()));
     cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>));
     return std::array<uint32_t, 2>{static_cast<uint32_t>(reserved), static_cast<uint32_t>(reserved + attr.sharedSizeBytes)};
   }();
   const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = gemv_reduction_bytes<R, NT>(), lora = lora_smem_bytes<R>(a);
@@ -461,15 +493,15 @@ size_t smem_bytes(const GemvArgs& a) {
                   SmemLayout(offsets[1], Tl::kTeams, ring, red, lora).end);
 }
 
-template <typename T, int NT, int R, bool kNested>
+template <typename T, int NT, int R, bool kNested, int S>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
-  using Tl = Tiling<R>;
-  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested>;
+  using Tl = Tiling<R, S>;
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>;
   // Opted in to the GPU's limit once, as the LoRA staging makes the size vary by call.
   opt_in_dynamic_smem<kernel>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const int64_t strips = ceil_div<int64_t>(a.n, 16 * R);
   const int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, Tl::kTeams), sms));
-  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested>(a), stream, a);
+  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested, S>(a), stream, a);
 }
 
 // Row tiles per warp step: 2 from 2^25 weights up, 1 below (the H100 at ee198a6, 16 -> 32 rows: 8192
@@ -486,30 +518,49 @@ int row_tiles(const GemvArgs& a) {
   return a.n * a.k >= (int64_t{1} << 25) ? 2 : 1;
 }
 
-// Calls f(NT, R, nested) with the compile-time configuration that serves a.
+// Ring slots for R = 2: 2, or LORA_FUSED_NF4_GEMV_SLOTS=3 (comparisons). Two slots were as fast as
+// three or faster on the H100 (session 25, 16 / 4 / 1 tokens: 8192 -> 28672 76.4 / 59.0 / 54.9 us
+// against 77.4 / 61.7 / 55.6, 11008 -> 4096 17.0 / 13.4 / 12.9 against 17.3 / 13.9 / 13.3): a
+// warp's arithmetic on one step takes as long as the next step's copy, and the 34 KiB less shared
+// memory leave L1 more room for x. Four (3 steps in flight) were slower: 60.3 us at 1 token.
+int ring_slots() {
+  const char* force = std::getenv("LORA_FUSED_NF4_GEMV_SLOTS");
+  if (force == nullptr || *force == '\0') return 2;
+  const std::string v(force);
+  TORCH_CHECK(v == "2" || v == "3", "LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 (ring slots with 32-row steps), got '", v, "'");
+  return v[0] - '0';
+}
+
+// Calls f(NT, R, nested, S) with the compile-time configuration that serves a.
 template <typename F>
 auto with_config(const GemvArgs& a, F&& f) {
   using I1 = std::integral_constant<int, 1>;
   using I2 = std::integral_constant<int, 2>;
+  using I3 = std::integral_constant<int, 3>;
+  using I4 = std::integral_constant<int, 4>;
   const bool nested = a.scales.absmax == nullptr, two_rows = row_tiles(a) == 2;
+  const bool three_slots = ring_slots() == 3;
+  auto by_nested = [&](auto nt, auto rows, auto s) {
+    return nested ? f(nt, rows, std::true_type{}, s) : f(nt, rows, std::false_type{}, s);
+  };
   auto by_rows = [&](auto nt) {
-    if (two_rows) return nested ? f(nt, I2{}, std::true_type{}) : f(nt, I2{}, std::false_type{});
-    return nested ? f(nt, I1{}, std::true_type{}) : f(nt, I1{}, std::false_type{});
+    if (!two_rows) return by_nested(nt, I1{}, I4{});
+    return three_slots ? by_nested(nt, I2{}, I3{}) : by_nested(nt, I2{}, I2{});
   };
   return a.m <= 8 ? by_rows(I1{}) : by_rows(I2{});
 }
 
 template <typename T>
 size_t smem_bytes_for(const GemvArgs& a) {
-  return with_config(a, [&](auto nt, auto rows, auto nested) {
-    return smem_bytes<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value>(a);
+  return with_config(a, [&](auto nt, auto rows, auto nested, auto slots) {
+    return smem_bytes<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value>(a);
   });
 }
 
 template <typename T>
 void launch_for(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
-  with_config(a, [&](auto nt, auto rows, auto nested) {
-    launch<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value>(a, stream, sms, pdl);
+  with_config(a, [&](auto nt, auto rows, auto nested, auto slots) {
+    launch<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value>(a, stream, sms, pdl);
   });
 }
 
