@@ -4,14 +4,23 @@
 # scheduler and warp-state statistics with the stall reasons, one text report per variant in $OUT. A variant is LABEL or
 # LABEL:VAR=VALUE[,VAR=VALUE...] (environment for that run; LABEL alone runs the default).
 #
-#     OUT=/tmp/out scripts/ncu_nf4_decode.sh [--shape 8192:28672] default rows16:LORA_FUSED_NF4_GEMV_ROWS=16
+#     OUT=/tmp/out scripts/ncu_nf4_decode.sh [--shape 8192:28672] [--sass] default rows16:LORA_FUSED_NF4_GEMV_ROWS=16
 #
 # NCU_TARGETS picks other ncu_targets.py targets (default "nf4_decode_m1 nf4_decode_m16"; e.g.
 # "nf4_decode_m16 qlora_decode_m16" to see both kernels' shared-memory configurations).
+# --sass: also each target's per-SASS-instruction stall samples (the source page, one report a target)
+# and their summary (probe_nf4_ss_gemm/ncu_summary.py), to see which instructions the warps wait at.
 cd "$(dirname "$0")"
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SHAPE=8192:28672
-if [ "${1:-}" = --shape ]; then SHAPE=$2; shift 2; fi
+SASS=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --shape) SHAPE=$2; shift 2 ;;
+    --sass) SASS=1; shift ;;
+    *) break ;;
+  esac
+done
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "ncu_nf4_decode.sh: no ncu on this machine"; exit 1; }
 for variant in "${@:-default}"; do
@@ -27,3 +36,15 @@ for variant in "${@:-default}"; do
   echo "== $label (${envs[*]}): $rep"
   grep -E "nf4_gemv_blockaligned_kernel<|Duration|DRAM Throughput|L1/TEX Cache Throughput|L1/TEX Hit Rate|Issue Slots Busy|Registers Per|Shared Memory Configuration Size|Dynamic Shared Memory Per Block|Wavefronts|issue_stalled" "$rep" | head -70
 done
+if [ $SASS = 1 ]; then
+  for target in ${NCU_TARGETS:-nf4_decode_m1 nf4_decode_m16}; do
+    rep=/tmp/ncu_sass_${target}_${SHAPE/:/x}
+    timeout 240 "$NCU" --clock-control none --profile-from-start off --kernel-name regex:nf4_gemv \
+      --section WarpStateStats --section SourceCounters --export "$rep" -f \
+      python3 ncu_targets.py --shape "$SHAPE" "$target" > "$OUT/ncu_sass_${target}.log" 2>&1
+    "$NCU" --import "$rep.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_sass_${target}_${SHAPE/:/x}.csv" 2>&1
+    echo "== $target: per-instruction stall samples"
+    python3 probe_nf4_ss_gemm/ncu_summary.py "$OUT/ncu_sass_${target}_${SHAPE/:/x}.csv" --top 25 \
+      | tee "$OUT/ncu_sass_${target}_${SHAPE/:/x}_summary.txt"
+  done
+fi
