@@ -2,6 +2,7 @@
 the kernel's warp-state samples in total, the instructions with the most samples and their top stall
 reasons, and the samples per opcode. Where warps wait on an mbarrier, the samples land on the branch
 after the SYNCS...TRYWAIT (within 3 instructions) that names the barrier's shared-memory offset (printed beside it).
+Where the page has the column, the instructions with the most excess shared-memory wavefronts (bank conflicts).
 
     python scripts/probe_nf4_ss_gemm/ncu_summary.py ncu_..._sass.csv [--top 20]
 """
@@ -34,3 +35,10 @@ for r in data:
     if src:
         ops[src[1] if src[0].startswith("@") and len(src) > 1 else src[0]] += samples(r)
 print("samples by opcode:", ", ".join(f"{op} {v}" for op, v in ops.most_common(12)))
+# Shared-memory bank conflicts by instruction, where the source page has the column.
+excess = next((c for c in h if c.startswith("L1 Wavefronts Shared Excessive")), None)
+if excess is not None:
+    value = lambda r: int(float(r[col[excess]].replace(",", "") or 0))  # noqa: E731
+    worst = sorted((n for n in range(len(data)) if value(data[n]) > 0), key=lambda n: -value(data[n]))[:10]
+    print(f"{excess}: {sum(value(r) for r in data)} in all;",
+          "; ".join(f"#{n} {data[n][col['Source']].strip()[:50]} {value(data[n])}" for n in worst) or "none")
