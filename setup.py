@@ -158,11 +158,14 @@ if cuda_home:
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags},
         extra_link_args=cublaslt_link_args(cuda_home),
+        py_limited_api=True,
     )
     print(f"lora_fused: building the CUDA extension for TORCH_CUDA_ARCH_LIST={arch_list} with {cuda_home}")
 else:
     why = "LORA_FUSED_CPU_ONLY=1" if cpu_only_requested else "no CUDA toolkit (nvcc) was found"
-    ext = CppExtension("lora_fused._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension(
+        "lora_fused._C", cpp_sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True
+    )
     print(f"lora_fused: building the CPU-only extension ({why}); CUDA ops will not be available")
 
 
@@ -215,4 +218,7 @@ setup(
     packages=["lora_fused"],
     ext_modules=[ext],
     cmdclass={"build_ext": BuildWithHopperObjects.with_options(use_ninja=True)},
+    # _C uses only the dispatcher and CPython's stable ABI (csrc/registration.cpp): one build serves
+    # every CPython from 3.10 (torch sets Py_LIMITED_API to it) with the same torch (gpu_check.sh --prebuilt carries one in).
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -10,6 +10,9 @@
 #   scripts/gpu_check.sh --full --no-tests   build + full benchmark grid only
 #   LORA_FUSED_TESTS="tests/test_distributed.py" scripts/gpu_check.sh --no-bench   a subset of the tests
 #   LORA_FUSED_BENCH_ARGS="--ops qlora_linear --M 4096" scripts/gpu_check.sh        a chosen benchmark grid
+#   scripts/gpu_check.sh --prebuilt ...   install .prebuilt/'s wheel (scripts/build_prebuilt.sh, made
+#                                   on the CPU machine from these same sources; carry ".prebuilt")
+#                                   instead of building here: about 230 s less a call
 #   scripts/gpu_check.sh --sanitize --no-tests --no-bench   build + compute-sanitizer (memcheck,
 #                                   racecheck, initcheck, synccheck) over scripts/sanitize_slice.py
 #                                   (LORA_FUSED_SANITIZERS="racecheck" picks tools)
@@ -31,9 +34,10 @@ for arg in "$@"; do
     --no-bench) BENCH=none ;;
     --no-tests) TESTS=0 ;;
     --sanitize) SANITIZE=1 ;;
-    --no-build) BUILD=0 ;;
-    --cuda-cases) export LORA_FUSED_CUDA_CASES_ONLY=1 ;;  # reuse the build a previous call on this (still warm) machine installed
-    *) echo "gpu_check.sh: unknown option $arg (use --full, --no-bench, --no-tests, --sanitize, --no-build or --cuda-cases)"; exit 2 ;;
+    --no-build) BUILD=0 ;;  # reuse the build a previous call on this (still warm) machine installed
+    --prebuilt) BUILD=prebuilt ;;
+    --cuda-cases) export LORA_FUSED_CUDA_CASES_ONLY=1 ;;
+    *) echo "gpu_check.sh: unknown option $arg (use --full, --no-bench, --no-tests, --sanitize, --no-build, --prebuilt or --cuda-cases)"; exit 2 ;;
   esac
 done
 export PYTHONUNBUFFERED=1
@@ -67,6 +71,17 @@ if [ $BUILD = 1 ]; then
     tail -40 "$OUT/build.log"; echo "gpu_check.sh: BUILD FAILED (log: build.log)"; exit 1
   fi
   echo "build for TORCH_CUDA_ARCH_LIST=$ARCH with CXX=${CXX:-c++} took $(( $(date +%s) - start )) s"
+elif [ $BUILD = prebuilt ]; then
+  # Only a wheel built from exactly these sources, for this GPU and this torch, stands in for a build.
+  [ -f .prebuilt/sources.sha256 ] && compgen -G ".prebuilt/lora_fused-*.whl" >/dev/null \
+    || { echo "gpu_check.sh: --prebuilt needs .prebuilt/ (scripts/build_prebuilt.sh; run with carry \".prebuilt\")"; exit 1; }
+  [ "$(cat .prebuilt/sources.sha256)" = "$(scripts/sources_hash.sh)" ] \
+    || { echo "gpu_check.sh: .prebuilt/ was built from other sources than these (csrc/, lora_fused/, setup.py): run scripts/build_prebuilt.sh again"; exit 1; }
+  [ "$ARCH" = 9.0a ] || { echo "gpu_check.sh: .prebuilt/ holds sm_90a code; this GPU is $ARCH: build here instead"; exit 1; }
+  "$PY" -m pip install -q --no-deps --no-index --force-reinstall .prebuilt/lora_fused-*.whl > "$OUT/build.log" 2>&1 \
+    || { tail -20 "$OUT/build.log"; echo "gpu_check.sh: installing .prebuilt/'s wheel failed"; exit 1; }
+  (cd / && "$PY" -c "import lora_fused, torch, sys; b = lora_fused.build_info()['built_with_torch']; sys.exit(0 if b == torch.__version__ else 'gpu_check.sh: .prebuilt/ was built with torch %s, this is %s (TORCH_VERSION=... scripts/build_prebuilt.sh)' % (b, torch.__version__))") || exit 1
+  echo "installed the prebuilt $(basename .prebuilt/lora_fused-*.whl) (sources $(cut -c1-12 .prebuilt/sources.sha256))"
 fi
 SO=$(cd / && "$PY" -c "import lora_fused._C as m; print(m.__file__)")
 if ! ldd "$SO" | grep -q "libstdc++"; then
