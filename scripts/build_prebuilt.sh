@@ -16,7 +16,7 @@ VENV=${PREBUILT_VENV:-/tmp/lf-prebuilt-venv-$TORCH_VERSION}
 SRC=${PREBUILT_SRC:-/tmp/lf-prebuilt-src-$TORCH_VERSION}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "torch==$TORCH_VERSION" ninja numpy setuptools wheel "nvidia-cutlass==4.2.0.0"
+  "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" ninja numpy setuptools wheel "nvidia-cutlass==4.2.0.0"
 fi
 mkdir -p "$SRC"
 # Files as the device's copy has them; mtimes kept, so the build folder's objects stay valid.
@@ -28,7 +28,7 @@ scripts/sources_hash.sh > "$SRC/.sources.sha256"
 rm -rf .prebuilt && mkdir -p .prebuilt
 start=$(date +%s)
 if ! (cd "$SRC" && CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=${MAX_JOBS:-2} \
-      "$VENV/bin/pip" wheel --no-build-isolation --no-deps --no-index -w "$OLDPWD/.prebuilt" .) > .prebuilt/build.log 2>&1; then
+      "$VENV/bin/python" -m pip wheel --no-build-isolation --no-deps --no-index -w "$OLDPWD/.prebuilt" .) > .prebuilt/build.log 2>&1; then
   tail -40 .prebuilt/build.log; echo "build_prebuilt.sh: BUILD FAILED (log: .prebuilt/build.log)"; exit 1
 fi
 cp "$SRC/.sources.sha256" .prebuilt/sources.sha256
