@@ -7,8 +7,8 @@
 #   scripts/build_prebuilt.sh        TORCH_VERSION (default 2.11.0, the device's), MAX_JOBS (default 2)
 #
 # It builds a copy of the working tree (tracked and untracked, not ignored files) in a folder kept
-# between runs, so an edit recompiles only what it touches, and writes .prebuilt/sources.sha256,
-# the hash gpu_check.sh --prebuilt compares with the tree it runs in.
+# between runs, so an edit recompiles only what it touches (from scratch: 684 s on 2 cores), and
+# writes .prebuilt/sources.sha256, the hash gpu_check.sh --prebuilt compares with the tree it runs in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION=${TORCH_VERSION:-2.11.0}
@@ -19,8 +19,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" ninja numpy setuptools wheel "nvidia-cutlass==4.2.0.0"
 fi
 mkdir -p "$SRC"
-# Files as the device's copy has them; mtimes kept, so the build folder's objects stay valid.
-git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$SRC"
+# Files as the device's copy has them; only those whose content differs are copied, so a branch
+# switch here does not make the build folder recompile what did not change.
+git ls-files -co --exclude-standard -z | while IFS= read -r -d '' f; do
+  if [ -f "$f" ] && ! cmp -s "$f" "$SRC/$f"; then mkdir -p "$SRC/$(dirname "$f")" && cp "$f" "$SRC/$f"; fi
+done
 # and none that the tree no longer has (setup.py compiles every csrc/**/*.cu it finds).
 comm -13 <(git ls-files -co --exclude-standard | sort) <(cd "$SRC" && find csrc lora_fused -type f -not -path "*/__pycache__/*" | sort) \
   | (cd "$SRC" && xargs -r rm -f)
