@@ -219,6 +219,7 @@ setup(
     ext_modules=[ext],
     cmdclass={"build_ext": BuildWithHopperObjects.with_options(use_ninja=True)},
     # _C uses only the dispatcher and CPython's stable ABI (csrc/registration.cpp): one build serves
-    # every CPython from 3.10 (torch sets Py_LIMITED_API to it) with the same torch (gpu_check.sh --prebuilt carries one in).
+    # every CPython from 3.10 (torch sets Py_LIMITED_API to it) with the same torch
+    # (scripts/build_prebuilt.sh makes one for gpu_check.sh --prebuilt).
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
