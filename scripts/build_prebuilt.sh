@@ -22,7 +22,11 @@ mkdir -p "$SRC"
 # Files as the device's copy has them; only those whose content differs are copied, so a branch
 # switch here does not make the build folder recompile what did not change.
 git ls-files -co --exclude-standard -z | while IFS= read -r -d '' f; do
-  if [ -f "$f" ] && ! cmp -s "$f" "$SRC/$f"; then mkdir -p "$SRC/$(dirname "$f")" && cp "$f" "$SRC/$f"; fi
+  if [ -f "$f" ] && ! cmp -s "$f" "$SRC/$f"; then
+    mkdir -p "$SRC/$(dirname "$f")" && cp "$f" "$SRC/$f"
+    # setuptools skips an extension whose sources are older than it, whatever setup.py's flags say.
+    if [ "$f" = setup.py ]; then rm -rf "$SRC/build"; fi
+  fi
 done
 # and none that the tree no longer has (setup.py compiles every csrc/**/*.cu it finds).
 comm -13 <(git ls-files -co --exclude-standard | sort) <(cd "$SRC" && find csrc lora_fused -type f -not -path "*/__pycache__/*" | sort) \
