@@ -116,7 +116,9 @@ DECODE_CASES = [(1, 4096 + 1, 4096, 64), (1, 9605, 256, 64), (5, 333, 192, 64), 
                 (2, 77, 320, 32), (16, 8192 + 16, 4096, 64)]
 
 
-DECODE_KERNELS = ["default", "general", "blockaligned-16rows", "blockaligned-32rows", "blockaligned-32rows-3slots"]
+# -nodefer: the strip sums with the team's barriers (LORA_FUSED_NF4_GEMV_DEFER=0) instead of deferred.
+DECODE_KERNELS = ["default", "general", "blockaligned-16rows", "blockaligned-32rows", "blockaligned-32rows-3slots",
+                  "blockaligned-16rows-nodefer", "blockaligned-32rows-nodefer"]
 
 
 @requires_cuda
@@ -130,6 +132,8 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", kernel.split("-")[1][:2])
     if kernel.endswith("-3slots"):  # three ring slots (two steps in flight a warp)
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", "3")
+    if kernel.endswith("-nodefer"):
+        monkeypatch.setenv("LORA_FUSED_NF4_GEMV_DEFER", "0")
     packed, state = _weight(N, K, "cuda", blocksize, double_quant)
     x = randn(M, K, dtype=dtype, device="cuda")
     bias = randn(N, dtype=dtype, device="cuda")
@@ -167,6 +171,49 @@ def test_bad_decode_slot_count_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", "5")
     packed, state = _weight(64, 256, "cuda")
     with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 .*got '5'"):
+        lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows,M", [("16", 1), ("16", 5), ("32", 1), ("32", 5), ("32", 16)])
+# LoRA: none, staged in shared memory (from the shrink's partial sums, or u given), or rank 12 (not a
+# multiple of 8: from global memory).
+@pytest.mark.parametrize("lora", ["none", "staged", "u given", "rank 12"])
+def test_decode_deferred_strip_sums_are_bitwise_the_barriers(rows, M, lora, monkeypatch):
+    # About 14 strips a team (57344 + 8 rows), so that the mbarrier phases of the two reduction
+    # buffers and of the four lora_B buffers wrap several times; deferred, the sums add the same
+    # numbers in the same order.
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", rows)
+    N, K = 57344 + 8, 512
+    packed, state = _weight(N, K, "cuda")
+    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
+    bias = randn(N, dtype=torch.bfloat16, device="cuda")
+    r = 12 if lora == "rank 12" else 16
+    a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
+    b = randn(N, r, dtype=torch.bfloat16, device="cuda", scale=0.5)
+    s2 = state.state2
+    args = (packed, state.absmax, s2.absmax, s2.code, state.offset or 0.0, state.blocksize, s2.blocksize, N)
+
+    def run():
+        poison_allocator("cuda")
+        if lora in ("staged", "rank 12"):
+            return lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias, training=False)
+        if lora == "u given":
+            return _ops.nf4_linear(x, *args, bias, 0.5 * (x @ a.t()), b)
+        return lora_fused.nf4_linear(x, packed, state, bias)
+
+    got = run()
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_DEFER", "0")
+    want = run()
+    assert not want.isnan().any()
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+@requires_cuda
+def test_bad_decode_defer_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_DEFER", "2")
+    packed, state = _weight(64, 256, "cuda")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 .*got '2'"):
         lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
 
 

@@ -95,6 +95,11 @@ __device__ __forceinline__ void mbarrier_init(uint32_t mbar, int count) {
 __device__ __forceinline__ void cp_async_arrive_on(uint32_t mbar) {
   LORA_FUSED_SM80_ONLY(asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(mbar) : "memory"));
 }
+// This thread's arrival (release: its shared-memory writes before it are seen by the threads that
+// wait for the phase).
+__device__ __forceinline__ void mbarrier_arrive(uint32_t mbar) {
+  LORA_FUSED_SM80_ONLY(asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(mbar) : "memory"));
+}
 // Waits until the phase of the given parity (0, 1, 0, ...: phase number % 2) has completed.
 __device__ __forceinline__ void mbarrier_wait_parity(uint32_t mbar, uint32_t parity) {
   LORA_FUSED_SM80_ONLY(asm volatile(

@@ -235,7 +235,11 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
     if (aligned && reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 != 0) b = b.clone();  // staged in 16-byte copies
     a.lora_B = b.data_ptr();
     a.r = static_cast<int>(b.size(1));
-    a.lora_smem = aligned && a.r % 8 == 0 && cuda::nf4_gemv_blockaligned_fits_lora(a, t);
+    if (aligned && a.r % 8 == 0) {
+      GemvArgs staged = a;
+      staged.lora_smem = true;
+      a.lora_smem = cuda::nf4_gemv_blockaligned_fits(staged, t);
+    }
   }
   bool pdl = false;
   if (lora_A.has_value() && a.lora_smem) {
@@ -254,6 +258,13 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
     a.lora_u = u.data_ptr();
   }
   if (aligned) {
+    if (cuda::nf4_gemv_defer_sums()) {
+      // Where the second reduction buffer (and with the LoRA staging, two more lora_B buffers) fits
+      // (on the H100 not at 9-16 tokens with 16-row steps): else the team's barriers.
+      GemvArgs deferred = a;
+      deferred.defer_sums = true;
+      a.defer_sums = cuda::nf4_gemv_blockaligned_fits(deferred, t);
+    }
     cuda::nf4_gemv_blockaligned_launch(a, t, stream, sms, pdl);
     return true;
   }

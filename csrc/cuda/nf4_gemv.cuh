@@ -36,6 +36,10 @@ struct GemvArgs {
   // Block-aligned kernel: u and each strip's lora_B rows staged in shared memory (r % 8 == 0, lora_B
   // 16-byte aligned); lora_parts needs it.
   bool lora_smem;
+  // Block-aligned kernel: each strip's sums made one strip later, through two reduction buffers and
+  // mbarriers instead of two team barriers a strip (nf4_gemv_defer_sums; with lora_smem, four
+  // lora_B buffers a team instead of two).
+  bool defer_sums;
   void* out;  // [m, n]
 };
 
@@ -89,61 +93,92 @@ __device__ __forceinline__ float lora_dot_smem(const float* u, const T* b, int r
   return l;
 }
 
-// acc[i][j]: this lane's mma accumulators for rows 16i + g (q = 0, 1) and 16i + g + 8 (q = 2, 3),
-// tokens 8j + 2t + (q & 1). Sums them over the team's kGemvWarps warps (tid: the thread's index in
-// its team, bar_id: the team's barrier) and writes out[tok][nbase + row], + bias + the LoRA term.
-// Every thread of the team calls it once per strip. The LoRA term comes from u_s [m][r] and the
-// strip's lora_B rows b_s [16 R][r] in shared memory when given, else from global memory.
+// Output e of thread tid (of its team) in a strip of 16 R rows and 8 NT tokens: consecutive threads
+// take consecutive rows of a token.
+template <int R, int NT>
+struct StripOutput {
+  static constexpr int kRows = 16 * R, kCols = 8 * NT, kStride = kCols + 1;
+  static constexpr int kPer = (kRows * kCols + kGemvThreads - 1) / kGemvThreads;  // outputs per thread
+  int row, tok;
+  int64_t gn;
+  bool ok;
+  __device__ __forceinline__ StripOutput(const GemvArgs& a, int64_t nbase, int tid, int e) {
+    const int idx = tid + e * kGemvThreads;
+    row = idx % kRows;
+    tok = idx / kRows;
+    gn = nbase + row;
+    ok = idx < kRows * kCols && gn < a.n && tok < a.m;
+  }
+};
+
+// Bias + LoRA term of each of this thread's outputs of the strip at nbase. The LoRA term comes from
+// u_s [m][r] and the strip's lora_B rows b_s [16 R][r] in shared memory when given, else from global
+// memory.
 template <typename T, int R, int NT>
-__device__ __forceinline__ void gemv_finish_strip(const GemvArgs& a, float* red, const float (&acc)[R][NT][4],
-                                                  int64_t nbase, int tid, int bar_id, const float* u_s = nullptr,
-                                                  const T* b_s = nullptr) {
-  constexpr int kRows = 16 * R, kCols = 8 * NT, kStride = kCols + 1;
-  constexpr int kPer = (kRows * kCols + kGemvThreads - 1) / kGemvThreads;  // outputs per thread
-  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+__device__ __forceinline__ void gemv_strip_extras(const GemvArgs& a, int64_t nbase, int tid, const float* u_s,
+                                                  const T* b_s, float (&extra)[StripOutput<R, NT>::kPer]) {
   const T* bias = static_cast<const T*>(a.bias);
   const T* u = static_cast<const T*>(a.lora_u);
   const T* lb = static_cast<const T*>(a.lora_B);
-  T* out = static_cast<T*>(a.out);
-  // Bias and LoRA term of this thread's outputs before the barrier: their loads overlap the wait
-  // for the team's other warps instead of following it.
   const bool lora = u != nullptr || u_s != nullptr;
   const bool vec = a.r % 8 == 0 && reinterpret_cast<uintptr_t>(u) % 16 == 0 && reinterpret_cast<uintptr_t>(lb) % 16 == 0;
-  float bias_v[kPer], lora_v[kPer];
 #pragma unroll
-  for (int e = 0; e < kPer; ++e) {
-    const int idx = tid + e * kGemvThreads;
-    const int row = idx % kRows, tok = idx / kRows;  // consecutive threads: consecutive outputs of a token
-    const int64_t gn = nbase + row;
-    const bool ok = idx < kRows * kCols && gn < a.n && tok < a.m;
-    bias_v[e] = ok && bias != nullptr ? static_cast<float>(bias[gn]) : 0.0f;
-    lora_v[e] = !ok || !lora ? 0.0f
-                : u_s != nullptr ? lora_dot_smem(u_s + tok * a.r, b_s + row * a.r, a.r)
-                                 : lora_dot(u + tok * a.r, lb + gn * a.r, a.r, vec);
+  for (int e = 0; e < StripOutput<R, NT>::kPer; ++e) {
+    const StripOutput<R, NT> o(a, nbase, tid, e);
+    float v = o.ok && bias != nullptr ? static_cast<float>(bias[o.gn]) : 0.0f;
+    if (o.ok && lora)
+      v += u_s != nullptr ? lora_dot_smem(u_s + o.tok * a.r, b_s + o.row * a.r, a.r)
+                          : lora_dot(u + o.tok * a.r, lb + o.gn * a.r, a.r, vec);
+    extra[e] = v;
   }
+}
+
+// acc[i][j]: this lane's mma accumulators for rows 16i + g (q = 0, 1) and 16i + g + 8 (q = 2, 3),
+// tokens 8j + 2t + (q & 1), into its warp's rows of red [kGemvWarps][16 R][8 NT + 1].
+template <int R, int NT>
+__device__ __forceinline__ void gemv_strip_partials(float* red, const float (&acc)[R][NT][4], int tid) {
+  constexpr int kRows = StripOutput<R, NT>::kRows, kStride = StripOutput<R, NT>::kStride;
+  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int i = 0; i < R; ++i)
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int row = 16 * i + g + 8 * (q >> 1), col = 8 * j + 2 * t + (q & 1);
-        red[(warp * kRows + row) * kStride + col] = acc[i][j][q];
-      }
-  gemv_team_barrier(bar_id);
+      for (int q = 0; q < 4; ++q)
+        red[(warp * kRows + 16 * i + g + 8 * (q >> 1)) * kStride + 8 * j + 2 * t + (q & 1)] = acc[i][j][q];
+}
+
+// out[tok][nbase + row] = the team's warps' partials in red, in warp order, + extra.
+template <typename T, int R, int NT>
+__device__ __forceinline__ void gemv_strip_store(const GemvArgs& a, const float* red, int64_t nbase, int tid,
+                                                 const float (&extra)[StripOutput<R, NT>::kPer]) {
+  constexpr int kRows = StripOutput<R, NT>::kRows, kStride = StripOutput<R, NT>::kStride;
+  T* out = static_cast<T*>(a.out);
 #pragma unroll
-  for (int e = 0; e < kPer; ++e) {
-    const int idx = tid + e * kGemvThreads;
-    const int row = idx % kRows, tok = idx / kRows;
-    const int64_t gn = nbase + row;
-    if (idx >= kRows * kCols || gn >= a.n || tok >= a.m) continue;
+  for (int e = 0; e < StripOutput<R, NT>::kPer; ++e) {
+    const StripOutput<R, NT> o(a, nbase, tid, e);
+    if (!o.ok) continue;
     float v = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kGemvWarps; ++w) v += red[(w * kRows + row) * kStride + tok];
-    if (bias != nullptr) v += bias_v[e];
-    if (lora) v += lora_v[e];
-    out[tok * a.n + gn] = static_cast<T>(v);
+    for (int w = 0; w < kGemvWarps; ++w) v += red[(w * kRows + o.row) * kStride + o.tok];
+    out[o.tok * a.n + o.gn] = static_cast<T>(v + extra[e]);
   }
+}
+
+// Sums the strip's accumulators over the team's kGemvWarps warps (tid: the thread's index in its
+// team, bar_id: the team's barrier) and writes out[tok][nbase + row], + bias + the LoRA term (from
+// u_s and b_s when given: gemv_strip_extras). Every thread of the team calls it once per strip.
+template <typename T, int R, int NT>
+__device__ __forceinline__ void gemv_finish_strip(const GemvArgs& a, float* red, const float (&acc)[R][NT][4],
+                                                  int64_t nbase, int tid, int bar_id, const float* u_s = nullptr,
+                                                  const T* b_s = nullptr) {
+  // Bias and LoRA term before the barrier: their loads overlap the wait for the team's other warps
+  // instead of following it.
+  float extra[StripOutput<R, NT>::kPer];
+  gemv_strip_extras<T, R, NT>(a, nbase, tid, u_s, b_s, extra);
+  gemv_strip_partials<R, NT>(red, acc, tid);
+  gemv_team_barrier(bar_id);
+  gemv_strip_store<T, R, NT>(a, red, nbase, tid, extra);
   gemv_team_barrier(bar_id);  // red is reused by the next strip
 }
 
@@ -158,9 +193,12 @@ inline bool nf4_gemv_blockaligned_takes(const GemvArgs& a) {
   return a.bs_shift == 6 && a.k % 256 == 0 && aligned && (!nested || a.scales.nested_shift >= 2) &&
          a.n * (a.k >> 6) < (int64_t{1} << 31);
 }
-// Whether the block-aligned kernel can stage the LoRA term in shared memory (a.lora_smem) beside its
-// ring and table for this m and r, on this GPU.
-bool nf4_gemv_blockaligned_fits_lora(const GemvArgs& a, at::ScalarType dtype);
+// Whether the block-aligned kernel's shared memory for a (its ring and table, and what a.lora_smem
+// and a.defer_sums add) fits this GPU.
+bool nf4_gemv_blockaligned_fits(const GemvArgs& a, at::ScalarType dtype);
+// Whether to defer the block-aligned kernel's strip sums where they fit: yes, unless
+// LORA_FUSED_NF4_GEMV_DEFER=0.
+bool nf4_gemv_defer_sums();
 // pdl: the kernel may start while the previous kernel in the stream (the shrink) still runs.
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl);
 

@@ -72,8 +72,12 @@ constexpr int tile_bytes() {
 }
 
 // Byte of 16-byte chunk c (of 8) of row r (of 16) in a slot: XOR-swizzled by row, so that a warp's
-// 8-byte reads (8 rows x 4 lanes) and its 16-byte copies (4 rows x 8 chunks) hit every bank equally.
-__device__ __forceinline__ uint32_t chunk_offset(int r, int c) { return kRowBytes * r + 16 * (c ^ (r & 7)); }
+// 8-byte reads (8 rows x 4 lanes, served a half-warp of 4 rows at a time) and its 16-byte copies (4
+// rows x 8 chunks, a quarter-warp at a time) hit every bank once (scripts/check_ring_swizzle.py).
+// Keyed by r & 7 instead, rows 2i and 2i + 1 read the same 8 banks: 2 wavefronts a half-warp, not 1
+// (the H100, 8192 -> 28672 at 1 / 4 / 16 tokens: 54.6 / 58.1 / 76.6 us against 52.6 / 56.2 / 75.3).
+// The key repeats every 8 rows, as the copies' offsets assume.
+__device__ __forceinline__ uint32_t chunk_offset(int r, int c) { return kRowBytes * r + 16 * (c ^ (2 * (r & 3))); }
 
 // base + b * 256 + lo for byte b = byte i of w, as one byte_perm of w and base | lo (base: the
 // table's shared address, a multiple of 64 KiB; lo < 256).
@@ -81,13 +85,23 @@ __device__ __forceinline__ uint32_t table_address(uint32_t w, uint32_t base_lo, 
   return __byte_perm(w, base_lo, 0x7604u | (static_cast<uint32_t>(i) << 4));
 }
 
-// Shared memory for the LoRA term when it is staged (a.lora_smem): u [m][r] fp32, two buffers per
-// team of a strip's lora_B rows [16R][r] (the next strip's land while this one's are used: under a
-// saturated memory system a copy takes about as long as a strip's steps), and an mbarrier (8 bytes)
-// per buffer.
+// Shared memory for the LoRA term when it is staged (a.lora_smem): u [m][r] fp32, lora_buffers(a)
+// buffers per team of a strip's lora_B rows [16R][r] (the next strip's land while this one's are used:
+// under a saturated memory system a copy takes about as long as a strip's steps), and an mbarrier (8
+// bytes) per buffer. Two buffers, or four with a.defer_sums: strip n's rows are read by strip n + 1's
+// sums there, and strip n + 1's copy may then start while a slow warp still makes strip n - 2's sums.
+__host__ __device__ inline int lora_buffers(const GemvArgs& a) { return a.defer_sums ? 4 : 2; }
 template <int R>
 __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
-  return a.lora_smem ? static_cast<uint32_t>(4 * a.m * a.r + Tiling<R>::kTeams * 2 * (16 * R * 2 * a.r + 8)) : 0u;
+  return a.lora_smem ? static_cast<uint32_t>(4 * a.m * a.r + Tiling<R>::kTeams * lora_buffers(a) * (16 * R * 2 * a.r + 8))
+                     : 0u;
+}
+
+// A team's reduction space: one buffer [kGemvWarps][16 R][8 NT + 1] floats, or with a.defer_sums two
+// and their full and empty mbarriers (8 bytes each).
+template <int R, int NT>
+__host__ __device__ inline uint32_t red_bytes(const GemvArgs& a) {
+  return a.defer_sums ? 2 * gemv_reduction_bytes<R, NT>() + 32 : gemv_reduction_bytes<R, NT>();
 }
 
 // Where things are in dynamic shared memory (byte offsets) when it starts at shared address `base`:
@@ -258,12 +272,32 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return v;
 }
 
+// a.defer_sums: the sums of the team's nth strip (at `strip`), once its partials are all in red (the
+// full mbarrier of buffer nth % 2) and its lora_B rows in buffer nth % nb; then the empty mbarrier.
+template <typename T, int R, int NT>
+__device__ __forceinline__ void deferred_sums(const GemvArgs& a, const float* red, uint32_t mbar_red, uint32_t mbar0,
+                                              const float* u_s, T* b_s0, uint32_t b_bytes, int nb, int nth, int64_t strip,
+                                              int tid) {
+  const int buf = nth & 1;
+  const T* b_s = nullptr;
+  if (a.lora_smem) {
+    const int lb = nth & (nb - 1);
+    mbarrier_wait_parity(mbar0 + 8 * lb, (nth / nb) & 1);
+    b_s = reinterpret_cast<const T*>(reinterpret_cast<const char*>(b_s0) + lb * b_bytes);
+  }
+  float extra[StripOutput<R, NT>::kPer];
+  gemv_strip_extras<T, R, NT>(a, strip * 16 * R, tid, a.lora_smem ? u_s : nullptr, b_s, extra);
+  mbarrier_wait_parity(mbar_red + 8 * buf, (nth >> 1) & 1);
+  gemv_strip_store<T, R, NT>(a, red, strip * 16 * R, tid, extra);
+  mbarrier_arrive(mbar_red + 16 + 8 * buf);
+}
+
 template <typename T, int NT, int R, bool kNested, int S>
 __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
   constexpr int kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
   constexpr int kTile = tile_bytes<kNested>(), kSlot = R * kTile;
   extern __shared__ float4 smem_raw[];
-  const SmemLayout layout(smem_u32(smem_raw), kTeams, S * kSlot, gemv_reduction_bytes<R, NT>(), lora_smem_bytes<R>(args));
+  const SmemLayout layout(smem_u32(smem_raw), kTeams, S * kSlot, red_bytes<R, NT>(args), lora_smem_bytes<R>(args));
   uint32_t smem_bytes;
   asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(smem_bytes));
   if (layout.end > smem_bytes) __trap();  // the host sized it for another base address
@@ -272,16 +306,23 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int team = warp / kGemvWarps, tw = warp % kGemvWarps;
   char* ring = smem + layout.ring(warp);
-  float* red = reinterpret_cast<float*>(smem + layout.red + team * gemv_reduction_bytes<R, NT>());
+  float* red = reinterpret_cast<float*>(smem + layout.red + team * red_bytes<R, NT>(args));
+  // defer_sums: reduction buffer b at red + b * kRedFloats; its full mbarrier at mbar_red + 8 b (the
+  // team's partials are in), its empty one at mbar_red + 16 + 8 b (the team's sums have read them).
+  constexpr int kRedFloats = static_cast<int>(gemv_reduction_bytes<R, NT>() / 4);
+  const uint32_t mbar_red = smem_u32(red + 2 * kRedFloats);
   const uint32_t ring_s = smem_u32(ring), table_s = smem_u32(table);
-  // The LoRA staging: u, this team's two buffers of lora_B rows and their mbarriers.
+  // The LoRA staging: u, this team's lora_B buffers (nb: 2, or 4 with defer_sums) and their mbarriers.
+  const int nb = lora_buffers(args);
   float* u_s = reinterpret_cast<float*>(smem + layout.lora);
-  const uint32_t b_bytes = 32 * R * args.r, b_off = layout.lora + 4 * args.m * args.r + team * 2 * b_bytes;
+  const uint32_t b_bytes = 32 * R * args.r, b_off = layout.lora + 4 * args.m * args.r + team * nb * b_bytes;
   auto b_s = [&](int buf) { return reinterpret_cast<T*>(smem + b_off + buf * b_bytes); };  // arithmetic: no local array
-  const uint32_t mbar0 = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * 2 * b_bytes + 16 * team);
-  if (args.lora_smem && threadIdx.x % kGemvThreads == 0) {
-    mbarrier_init(mbar0, kGemvThreads);
-    mbarrier_init(mbar0 + 8, kGemvThreads);
+  const uint32_t mbar0 = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * nb * b_bytes + 8 * nb * team);
+  if (threadIdx.x % kGemvThreads == 0) {
+    if (args.lora_smem)
+      for (int b = 0; b < nb; ++b) mbarrier_init(mbar0 + 8 * b, kGemvThreads);
+    if (args.defer_sums)
+      for (int b = 0; b < 4; ++b) mbarrier_init(mbar_red + 8 * b, kGemvThreads);
   }
 
   const int64_t strips = ceil_div<int64_t>(args.n, 16 * R), strip_stride = int64_t{kTeams} * gridDim.x;
@@ -356,15 +397,20 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   for (int p = 0; p < 4; ++p) rd[p] = chunk_offset(g, 2 * p + (t >> 1)) + 8 * (t & 1);
   const uint32_t lane4 = table_s | (4u * lane), code2_col = table_s | (kCode2Col + 4u * g);
   uint32_t slot = 0, prev = (S - 1) * kSlot;  // bytes: the slot read now, and the one read one step ago
-  // The team's nth strip uses lora_B buffer nth % 2 and that buffer's mbarrier phase nth / 2.
-  if (args.lora_smem && first_strip < strips)
-    stage_lora_rows<T, R>(args, b_s(0), mbar0, first_strip, threadIdx.x % kGemvThreads);
+  // The team's nth strip uses lora_B buffer nth % nb and that buffer's mbarrier phase nth / nb.
+  const int tid = threadIdx.x % kGemvThreads;
+  if (args.lora_smem && first_strip < strips) stage_lora_rows<T, R>(args, b_s(0), mbar0, first_strip, tid);
   int nth = 0;
   for (int64_t strip = first_strip; strip < strips; strip += strip_stride, ++nth) {
-    // The next strip's lora_B rows, into the buffer whose rows the last strip's epilogue has read.
-    if (args.lora_smem && strip + strip_stride < strips)
-      stage_lora_rows<T, R>(args, b_s((nth + 1) & 1), mbar0 + 8 * ((nth + 1) & 1), strip + strip_stride,
-                            threadIdx.x % kGemvThreads);
+    // The next strip's lora_B rows, into the buffer whose rows the sums of strip nth + 1 - nb have
+    // read: the last strip's epilogue (2 buffers), or (4, deferred sums) once the team's threads have
+    // made strip nth - 3's sums (the empty mbarrier of its reduction buffer; its next phase, strip
+    // nth - 1's, needs this thread, so the parity is unambiguous).
+    if (args.lora_smem && strip + strip_stride < strips) {
+      const int next = (nth + 1) & (nb - 1);
+      if (args.defer_sums && nth >= 3) mbarrier_wait_parity(mbar_red + 16 + 8 * ((nth - 3) & 1), ((nth - 3) >> 1) & 1);
+      stage_lora_rows<T, R>(args, b_s(next), mbar0 + 8 * next, strip + strip_stride, tid);
+    }
     float acc[R][NT][4];
 #pragma unroll
     for (int ti = 0; ti < R; ++ti)
@@ -464,14 +510,25 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
 #pragma unroll
       for (int j = 0; j < NT; ++j) xw[j] += kStepCols * kGemvWarps;
     }
-    if (args.lora_smem) {
+    if (args.defer_sums) {
+      // Strip nth's partials into buffer nth % 2 once strip nth - 2's sums have read it, then strip
+      // nth - 1's sums: the team's warps wait for each other a strip later, not twice every strip.
+      const int buf = nth & 1;
+      if (nth >= 2) mbarrier_wait_parity(mbar_red + 16 + 8 * buf, ((nth - 2) >> 1) & 1);
+      gemv_strip_partials<R, NT>(red + buf * kRedFloats, acc, tid);
+      mbarrier_arrive(mbar_red + 8 * buf);
+      if (nth >= 1) deferred_sums<T, R, NT>(args, red + (buf ^ 1) * kRedFloats, mbar_red, mbar0, u_s, b_s(0), b_bytes, nb,
+                                            nth - 1, strip - strip_stride, tid);
+    } else if (args.lora_smem) {
       mbarrier_wait_parity(mbar0 + 8 * (nth & 1), (nth >> 1) & 1);
-      gemv_finish_strip<T, R, NT>(args, red, acc, strip * 16 * R, threadIdx.x % kGemvThreads, 1 + team, u_s,
-                                  b_s(nth & 1));
+      gemv_finish_strip<T, R, NT>(args, red, acc, strip * 16 * R, tid, 1 + team, u_s, b_s(nth & 1));
     } else {
-      gemv_finish_strip<T, R, NT>(args, red, acc, strip * 16 * R, threadIdx.x % kGemvThreads, 1 + team);
+      gemv_finish_strip<T, R, NT>(args, red, acc, strip * 16 * R, tid, 1 + team);
     }
   }
+  if (args.defer_sums && nth >= 1)  // the team's last strip's sums
+    deferred_sums<T, R, NT>(args, red + ((nth - 1) & 1) * kRedFloats, mbar_red, mbar0, u_s, b_s(0), b_bytes, nb, nth - 1,
+                            first_strip + (nth - 1) * strip_stride, tid);
   cp_async_wait<0>();  // the steps issued past the team's last strip
 }
 
@@ -488,7 +545,7 @@ size_t smem_bytes(const GemvArgs& a) {
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>));
     return std::array<uint32_t, 2>{static_cast<uint32_t>(reserved), static_cast<uint32_t>(reserved + attr.sharedSizeBytes)};
   }();
-  const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = gemv_reduction_bytes<R, NT>(), lora = lora_smem_bytes<R>(a);
+  const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = red_bytes<R, NT>(a), lora = lora_smem_bytes<R>(a);
   return std::max(SmemLayout(offsets[0], Tl::kTeams, ring, red, lora).end,
                   SmemLayout(offsets[1], Tl::kTeams, ring, red, lora).end);
 }
@@ -566,11 +623,22 @@ void launch_for(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
 
 }  // namespace
 
-bool nf4_gemv_blockaligned_fits_lora(const GemvArgs& a, at::ScalarType dtype) {
-  GemvArgs staged = a;
-  staged.lora_smem = true;
-  const size_t need = dtype == at::kBFloat16 ? smem_bytes_for<at::BFloat16>(staged) : smem_bytes_for<at::Half>(staged);
+bool nf4_gemv_blockaligned_fits(const GemvArgs& a, at::ScalarType dtype) {
+  const size_t need = dtype == at::kBFloat16 ? smem_bytes_for<at::BFloat16>(a) : smem_bytes_for<at::Half>(a);
   return need <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+}
+
+// Deferred strip sums (session 27, the H100, 8192 -> 28672 at 1 / 4 / 16 tokens without LoRA: 52.6 /
+// 56.2 / 75.3 us with the team's two barriers a strip, 51.4 / 54.0 / 71.2 deferred; 4096 -> 11008
+// 14.8 / 15.6 / 20.5 against 14.3 / 14.6 / 19.4). LORA_FUSED_NF4_GEMV_DEFER=0 turns them off
+// (tests, comparisons).
+bool nf4_gemv_defer_sums() {
+  const char* v = std::getenv("LORA_FUSED_NF4_GEMV_DEFER");
+  if (v == nullptr || *v == '\0') return true;
+  const std::string s(v);
+  TORCH_CHECK(s == "0" || s == "1", "LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 (whether the decode kernel defers its strip ",
+              "sums), got '", s, "'");
+  return s == "1";
 }
 
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl) {
