@@ -1,8 +1,9 @@
 """Where the QLoRA decode time goes beyond the NF4 matmul (M <= 16), on the GPU at hand: qlora_linear
 (inference: nf4_linear with lora_A, u made by the op's shrink kernel) beside nf4_linear alone,
 nf4_linear given u from cuBLAS mm + scale (the path before), and the shrink alone two ways (cuBLAS
-mm + scale, and lora_fused's own lora_shrink kernel), and qlora_linear without programmatic dependent
-launch (LORA_FUSED_PDL=0). Ratio: qlora / nf4.
+mm + scale, and lora_fused's own lora_shrink kernel), qlora_linear without programmatic dependent
+launch (LORA_FUSED_PDL=0), and qlora_linear and nf4_linear with the decode kernel's strip sums made
+with the team's barriers instead of deferred (LORA_FUSED_NF4_GEMV_DEFER=0). Ratio: qlora / nf4.
 
     python scripts/bench_qlora_decode.py [--M 1,16] [--shapes 4096:11008,8192:28672] [--r 16]
 
@@ -48,22 +49,25 @@ def main():
             }
             refs = {"qlora": want, "u given": want, "nf4": x.double() @ wq.t(), "shrink mm": want_u, "shrink op": want_u}
             row = f"{k:>5}->{d:<5} M={m:<2} r={r}"
-            envs = {"qlora no PDL": ("LORA_FUSED_PDL", "0")}
+            # name: (the op it times, under this environment variable's value)
+            envs = {"qlora no PDL": ("qlora", "LORA_FUSED_PDL", "0"),
+                    "qlora barriers": ("qlora", "LORA_FUSED_NF4_GEMV_DEFER", "0"),
+                    "nf4 barriers": ("nf4", "LORA_FUSED_NF4_GEMV_DEFER", "0")}
             times = {}
-            for name in envs:
-                fns[name] = fns["qlora"]
-                refs[name] = want
+            for name, (op, _, _) in envs.items():
+                fns[name] = fns[op]
+                refs[name] = refs[op]
             for name, fn in fns.items():
                 if name in envs:
-                    os.environ[envs[name][0]] = envs[name][1]  # read as the graph is captured
+                    os.environ[envs[name][1]] = envs[name][2]  # read as the graph is captured
                 ref = refs[name]
                 err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
                 assert err < 2e-2, (name, err)
                 times[name] = graph_us(fn)
                 row += f" | {name} {times[name]:6.1f} us"
                 if name in envs:
-                    os.environ.pop(envs[name][0])
-            row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f}"
+                    os.environ.pop(envs[name][1])
+            row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f}, with barriers {times['qlora barriers'] / times['nf4 barriers']:.3f}"
             print(row, flush=True)
 
 

@@ -121,8 +121,11 @@ def main():
     # block-aligned one's cp.async ring, also across strip boundaries (4500 rows: more 16-row strips
     # than an H100's 264 teams), scale copies, rows past N, warps without columns (K = 256, 512); the
     # LoRA term staged in shared memory (lora_B rows by cp.async + mbarrier), u given or from the shrink
-    # kernel's partial sums (K = 2304: three slices) under programmatic dependent launch.
-    for rows, cols, bs, dq in ((37, 512, 64, True), (4500, 256, 64, False), (19, 2304, 64, False))[: 2 if quick else 3]:
+    # kernel's partial sums (K = 2304: three slices) under programmatic dependent launch; the deferred
+    # strip sums over about 6 strips a team (24000 rows: the mbarriers of the reduction buffers and of
+    # the four lora_B buffers past their first phases).
+    shapes = ((37, 512, 64, True), (4500, 256, 64, False), (19, 2304, 64, False), (24000, 256, 64, True))
+    for rows, cols, bs, dq in shapes[: 2 if quick else 4]:
         wt = rnd(rows, cols, dt=torch.float32, sc=cols**-0.5)
         packed, state = nf4.quantize(wt, bs, double_quant=dq)
         nf4_args = _nf4_args("nf4_linear", rnd(1, cols), packed, state)
