@@ -318,12 +318,12 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   const uint32_t b_bytes = 32 * R * args.r, b_off = layout.lora + 4 * args.m * args.r + team * nb * b_bytes;
   auto b_s = [&](int buf) { return reinterpret_cast<T*>(smem + b_off + buf * b_bytes); };  // arithmetic: no local array
   const uint32_t mbar0 = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * nb * b_bytes + 8 * nb * team);
-  // Thread i of the team initialises mbarrier i. (Thread 0 initialising them all in a loop compiled to
-  // inits under a uniform predicate, which racecheck (CUDA 13.0) reported as writes where the
-  // predicate was off: over u when defer_sums was.)
-  const int tid = threadIdx.x % kGemvThreads;
-  if (args.lora_smem && tid < nb) mbarrier_init(mbar0 + 8 * tid, kGemvThreads);
-  if (args.defer_sums && tid < 4) mbarrier_init(mbar_red + 8 * tid, kGemvThreads);
+  if (threadIdx.x % kGemvThreads == 0) {
+    if (args.lora_smem)
+      for (int b = 0; b < nb; ++b) mbarrier_init(mbar0 + 8 * b, kGemvThreads);
+    if (args.defer_sums)
+      for (int b = 0; b < 4; ++b) mbarrier_init(mbar_red + 8 * b, kGemvThreads);
+  }
 
   const int64_t strips = ceil_div<int64_t>(args.n, 16 * R), strip_stride = int64_t{kTeams} * gridDim.x;
   const int64_t first_strip = int64_t{kTeams} * blockIdx.x + team;
@@ -398,6 +398,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   const uint32_t lane4 = table_s | (4u * lane), code2_col = table_s | (kCode2Col + 4u * g);
   uint32_t slot = 0, prev = (S - 1) * kSlot;  // bytes: the slot read now, and the one read one step ago
   // The team's nth strip uses lora_B buffer nth % nb and that buffer's mbarrier phase nth / nb.
+  const int tid = threadIdx.x % kGemvThreads;
   if (args.lora_smem && first_strip < strips) stage_lora_rows<T, R>(args, b_s(0), mbar0, first_strip, tid);
   int nth = 0;
   for (int64_t strip = first_strip; strip < strips; strip += strip_stride, ++nth) {
