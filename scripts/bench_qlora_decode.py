@@ -1,6 +1,7 @@
 """Where the QLoRA decode time goes beyond the NF4 matmul (M <= 16), on the GPU at hand: qlora_linear
 (inference: nf4_linear with lora_A, u made by the op's shrink kernel) beside nf4_linear alone,
-nf4_linear given u from cuBLAS mm + scale (the path before), and the shrink alone two ways (cuBLAS
+nf4_linear given u from cuBLAS mm + scale (the path before), nf4_linear given a u made beforehand
+(u ready: the decode kernel's LoRA staging and epilogue alone, no shrink), the shrink alone two ways (cuBLAS
 mm + scale, and lora_fused's own lora_shrink kernel), qlora_linear without programmatic dependent
 launch (LORA_FUSED_PDL=0), and qlora_linear and nf4_linear with the decode kernel's strip sums made
 with the team's barriers instead of deferred (LORA_FUSED_NF4_GEMV_DEFER=0). Ratio: qlora / nf4.
@@ -40,14 +41,16 @@ def main():
             nf4_args = _nf4_args("nf4_linear", x, packed, state)
             want_u = s * (x.double() @ a.double().t())
             want = x.double() @ wq.t() + (want_u @ b.double().t())
+            u_ready = _scaled_mm(x, a.t(), s)
             fns = {
                 "qlora": lambda: lora_fused.qlora_linear(x, packed, state, a, b, s, training=False),
                 "nf4": lambda: lora_fused.nf4_linear(x, packed, state),
                 "u given": lambda: _ops.nf4_linear(x, *nf4_args, None, _scaled_mm(x, a.t(), s), b),
+                "u ready": lambda: _ops.nf4_linear(x, *nf4_args, None, u_ready, b),
                 "shrink mm": lambda: _scaled_mm(x, a.t(), s),
                 "shrink op": lambda: _ops.lora_shrink(x, a, s),
             }
-            refs = {"qlora": want, "u given": want, "nf4": x.double() @ wq.t(), "shrink mm": want_u, "shrink op": want_u}
+            refs = {"qlora": want, "u given": want, "u ready": want, "nf4": x.double() @ wq.t(), "shrink mm": want_u, "shrink op": want_u}
             row = f"{k:>5}->{d:<5} M={m:<2} r={r}"
             # name: (the op it times, under this environment variable's value)
             envs = {"qlora no PDL": ("qlora", "LORA_FUSED_PDL", "0"),
@@ -67,7 +70,7 @@ def main():
                 row += f" | {name} {times[name]:6.1f} us"
                 if name in envs:
                     os.environ.pop(envs[name][1])
-            row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f}, with barriers {times['qlora barriers'] / times['nf4 barriers']:.3f}"
+            row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f}, with barriers {times['qlora barriers'] / times['nf4 barriers']:.3f}, u ready/nf4 {times['u ready'] / times['nf4']:.3f}"
             print(row, flush=True)
 
 
