@@ -158,19 +158,14 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
 
 
 @requires_cuda
-def test_bad_decode_row_count_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", "24")
+@pytest.mark.parametrize("env,message", [({"ROWS": "24"}, "LORA_FUSED_NF4_GEMV_ROWS must be 16 or 32 .*got '24'"),
+                                         ({"ROWS": "32", "SLOTS": "5"}, "LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 .*got '5'"),
+                                         ({"DEFER": "2"}, "LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 .*got '2'")])
+def test_bad_decode_option_is_a_clear_error(env, message, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(f"LORA_FUSED_NF4_GEMV_{key}", value)
     packed, state = _weight(64, 256, "cuda")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_ROWS must be 16 or 32 .*got '24'"):
-        lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
-
-
-@requires_cuda
-def test_bad_decode_slot_count_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", "32")
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", "5")
-    packed, state = _weight(64, 256, "cuda")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 .*got '5'"):
+    with pytest.raises(RuntimeError, match=message):
         lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
 
 
@@ -207,14 +202,6 @@ def test_decode_deferred_strip_sums_are_bitwise_the_barriers(rows, M, lora, monk
     want = run()
     assert not want.isnan().any()
     assert torch.equal(got, want), (got - want).abs().max()
-
-
-@requires_cuda
-def test_bad_decode_defer_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_DEFER", "2")
-    packed, state = _weight(64, 256, "cuda")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 .*got '2'"):
-        lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
 
 
 @pytest.mark.parametrize("device", DEVICES)
