@@ -3,8 +3,9 @@
 nf4_linear given u from cuBLAS mm + scale (the path before), nf4_linear given a u made beforehand
 (u ready: the decode kernel's LoRA staging and epilogue alone, no shrink), the shrink alone two ways (cuBLAS
 mm + scale, and lora_fused's own lora_shrink kernel), qlora_linear without programmatic dependent
-launch (LORA_FUSED_PDL=0), and qlora_linear and nf4_linear with the decode kernel's strip sums made
-with the team's barriers instead of deferred (LORA_FUSED_NF4_GEMV_DEFER=0). Ratio: qlora / nf4.
+launch (LORA_FUSED_PDL=0), qlora_linear and nf4_linear with the decode kernel's strip sums made
+with the team's barriers instead of deferred (LORA_FUSED_NF4_GEMV_DEFER=0), and qlora_linear with the
+shrink in blocks of 8 warps instead of 32 (LORA_FUSED_LORA_SHRINK_WARPS=8). Ratio: qlora / nf4.
 
     python scripts/bench_qlora_decode.py [--M 1,16] [--shapes 4096:11008,8192:28672] [--r 16]
 
@@ -52,25 +53,28 @@ def main():
             }
             refs = {"qlora": want, "u given": want, "u ready": want, "nf4": x.double() @ wq.t(), "shrink mm": want_u, "shrink op": want_u}
             row = f"{k:>5}->{d:<5} M={m:<2} r={r}"
-            # name: (the op it times, under this environment variable's value)
-            envs = {"qlora no PDL": ("qlora", "LORA_FUSED_PDL", "0"),
-                    "qlora barriers": ("qlora", "LORA_FUSED_NF4_GEMV_DEFER", "0"),
-                    "nf4 barriers": ("nf4", "LORA_FUSED_NF4_GEMV_DEFER", "0")}
+            # name: (the op it times, under these environment variables' values)
+            envs = {"qlora no PDL": ("qlora", {"LORA_FUSED_PDL": "0"}),
+                    "qlora barriers": ("qlora", {"LORA_FUSED_NF4_GEMV_DEFER": "0"}),
+                    "nf4 barriers": ("nf4", {"LORA_FUSED_NF4_GEMV_DEFER": "0"}),
+                    "qlora 8-warp shrink": ("qlora", {"LORA_FUSED_LORA_SHRINK_WARPS": "8"})}
             times = {}
-            for name, (op, _, _) in envs.items():
+            for name, (op, _) in envs.items():
                 fns[name] = fns[op]
                 refs[name] = refs[op]
             for name, fn in fns.items():
                 if name in envs:
-                    os.environ[envs[name][1]] = envs[name][2]  # read as the graph is captured
+                    os.environ.update(envs[name][1])  # read as the graph is captured
                 ref = refs[name]
                 err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
                 assert err < 2e-2, (name, err)
                 times[name] = graph_us(fn)
                 row += f" | {name} {times[name]:6.1f} us"
                 if name in envs:
-                    os.environ.pop(envs[name][1])
+                    for var in envs[name][1]:
+                        os.environ.pop(var)
             row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f}, with barriers {times['qlora barriers'] / times['nf4 barriers']:.3f}, u ready/nf4 {times['u ready'] / times['nf4']:.3f}"
+            row += f", with the 8-warp shrink {times['qlora 8-warp shrink'] / times['nf4']:.3f}"
             print(row, flush=True)
 
 

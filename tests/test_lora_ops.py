@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_fused import _ops, reference
-from conftest import DEVICES, DTYPES, assert_error_rule, poison_allocator, randn
+from conftest import DEVICES, DTYPES, assert_error_rule, poison_allocator, randn, requires_cuda
 
 SHAPES = [(1, 17, 1), (7, 64, 8), (64, 129, 16), (33, 1000, 64), (5, 255, 256), (4097, 96, 16)]
 
@@ -148,7 +148,8 @@ DECODE_KERNELS = [("cpu", None)] + [pytest.param("cuda", kern, marks=_CUDA.marks
 def test_lora_decode_matches_reference(device, kernel, dtype, M, k, d, r, bias, monkeypatch):
     # k = 100 (not a multiple of 8), r = 300 and fp32 exercise the composed fallback; the rest the
     # kernel, with u from cuBLAS where k % 32 != 0 (1544, 1032, 72) and from the shrink kernel's
-    # partial sums elsewhere (2080: three slices of K, the last partial; 9216: eight, the most).
+    # partial sums elsewhere (2080: one slice of K, 9216: three, the last partial; with 8-warp shrink
+    # blocks three and eight: test_decode_shrink_blocks_of_8_and_32_warps).
     if kernel is not None:
         monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", kernel)
     x = randn(M, k, dtype=dtype, device=device)
@@ -161,6 +162,45 @@ def test_lora_decode_matches_reference(device, kernel, dtype, M, k, d, r, bias, 
     ref = reference.lora_linear(x, w, a, b, 1.5, bias_t)
     same = x @ w.t() + 1.5 * ((x @ a.t()) @ b.t()) + (bias_t if bias else 0)
     assert_error_rule(y, ref, same, f"lora_decode M={M} {k}->{d} r={r} {dtype}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("warps", ["8", "32"])
+@pytest.mark.parametrize("M", [1, 16])
+# Slices of K with 32-warp blocks (8-warp): 1 (1), 1 (3, the last partial), 1 (4), 2 (5), 3 (8), 8 (8),
+# 8 (8: the most, slices longer than a batch).
+@pytest.mark.parametrize("k", [32, 2080, 4096, 4096 + 32, 9216, 8 * 4096, 8 * 4096 + 32])
+def test_decode_shrink_blocks_of_8_and_32_warps(warps, M, k, monkeypatch):
+    # LORA_FUSED_LORA_SHRINK_WARPS: the decode kernels' shrink (x @ lora_A^T as partial sums over
+    # slices of K) in blocks of 8 or 32 warps; lora_decode and the NF4 decode kernel read it.
+    import lora_fused
+    from lora_fused import nf4
+
+    monkeypatch.setenv("LORA_FUSED_LORA_SHRINK_WARPS", warps)
+    d, r = 264, 16
+    x = randn(M, k, dtype=torch.bfloat16, device="cuda")
+    w = randn(d, k, dtype=torch.bfloat16, device="cuda", scale=k**-0.5)
+    a = randn(r, k, dtype=torch.bfloat16, device="cuda", scale=k**-0.5)
+    b = randn(d, r, dtype=torch.bfloat16, device="cuda", scale=r**-0.5)
+    poison_allocator("cuda")
+    y = _ops.lora_decode(x, w, a, b, 1.5)
+    assert_error_rule(y, reference.lora_linear(x, w, a, b, 1.5), x @ w.t() + 1.5 * ((x @ a.t()) @ b.t()),
+                      f"lora_decode, {warps}-warp shrink, M={M} k={k}")
+    if k % 256 == 0:  # the NF4 decode kernel that reads the shrink's sums (block-aligned) takes k % 256 == 0
+        packed, state = nf4.quantize(w, blocksize=64)
+        yq = lora_fused.qlora_linear(x, packed, state, a, b, 1.5, training=False)
+        wq = nf4.dequantize(packed, state, torch.bfloat16)
+        assert_error_rule(yq, reference.nf4_linear(x, packed, state, None, a, b, 1.5),
+                          x @ wq.t() + 1.5 * ((x @ a.t()) @ b.t()), f"qlora decode, {warps}-warp shrink, M={M} k={k}")
+
+
+@requires_cuda
+def test_bad_shrink_warps_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LORA_FUSED_LORA_SHRINK_WARPS", "16")
+    x, w = randn(2, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 256, dtype=torch.bfloat16, device="cuda")
+    a, b = randn(8, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 8, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_LORA_SHRINK_WARPS must be 8 or 32 .*got '16'"):
+        _ops.lora_decode(x, w, a, b, 1.0)
 
 
 @pytest.mark.parametrize("device,kernel", DECODE_KERNELS)

@@ -5,13 +5,15 @@
 // instead of two kernels (mm, scale) in the decode's critical path.
 //
 // Block (split, tile): ranks 8 tile .. 8 tile + 7 over the split's slice of K (at most
-// kLoraShrinkMaxSplits slices of at least kLoraShrinkSplitCols columns, so that the decode kernel has few
-// partial sums to load); its 8 warps take every 8th 32-column chunk of the slice, two
+// kLoraShrinkMaxSplits slices of at least kLoraShrinkSplitCols columns, 4x that with 32-warp blocks, so
+// that the decode kernel has few partial sums to load); its warps take every kWarps-th 32-column chunk of the slice, two
 // mma.m16n8k16 each (x as the A operand, tokens past M reading token 0 and never stored; ranks past
 // r reading rank r - 1, never stored), the 16-byte loads of 4 chunks in flight at once. The warps'
 // sums meet in shared memory.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <string>
 
 #include "cuda/common.cuh"
 #include "cuda/mma_sm80.cuh"
@@ -22,12 +24,11 @@ namespace lora_fused {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 8;
-
 constexpr int kChunksPerWarp = 4;  // of 32 columns, per batch
-static_assert(kLoraShrinkSplitCols == 32 * kWarps * kChunksPerWarp, "one batch per split at the least width");
 
-template <typename T>
+// kWarps: 8, or 32 (lora_shrink_wide): a split's 4096 columns in one batch on one SM, so that the
+// shrink takes fewer of the SMs that the decode kernel's blocks (one an SM) would start on.
+template <typename T, int kWarps>
 __global__ void __launch_bounds__(32 * kWarps, 1) lora_shrink_partials_kernel(const T* __restrict__ x,
                                                                                 const T* __restrict__ lora_A,
                                                                                 float* __restrict__ parts, int m,
@@ -80,22 +81,37 @@ __global__ void __launch_bounds__(32 * kWarps, 1) lora_shrink_partials_kernel(co
 
 }  // namespace
 
+// Blocks of 32 warps (LORA_FUSED_LORA_SHRINK_WARPS=32, the default) or of 8 (=8, comparisons).
+bool lora_shrink_wide() {
+  const char* v = std::getenv("LORA_FUSED_LORA_SHRINK_WARPS");
+  if (v == nullptr || *v == '\0') return true;
+  const std::string s(v);
+  TORCH_CHECK(s == "8" || s == "32", "LORA_FUSED_LORA_SHRINK_WARPS must be 8 or 32 (warps a block of the LoRA shrink), got '",
+              s, "'");
+  return s == "32";
+}
+
 int lora_shrink_splits(int64_t k) {
-  return static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(k, kLoraShrinkSplitCols), kLoraShrinkMaxSplits));
+  const int cols = lora_shrink_wide() ? 4 * kLoraShrinkSplitCols : kLoraShrinkSplitCols;
+  return static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(k, cols), kLoraShrinkMaxSplits));
+}
+
+template <typename T, int kWarps>
+static void launch_shrink(const void* x, int64_t ldx, const void* lora_A, float* parts, int m, int r, int64_t k, cudaStream_t stream) {
+  const dim3 grid(lora_shrink_splits(k), static_cast<unsigned>(ceil_div(r, 8)));
+  lora_shrink_partials_kernel<T, kWarps><<<grid, 32 * kWarps, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(lora_A), parts, m, r, static_cast<int>(k), ldx);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void lora_shrink_partials_launch(const void* x, int64_t ldx, const void* lora_A, float* parts, int m, int r, int64_t k,
                                  at::ScalarType dtype, cudaStream_t stream) {
-  const dim3 grid(lora_shrink_splits(k), static_cast<unsigned>(ceil_div(r, 8)));
-  const int kk = static_cast<int>(k);
+  const bool wide = lora_shrink_wide();
   if (dtype == at::kBFloat16) {
-    lora_shrink_partials_kernel<at::BFloat16><<<grid, 32 * kWarps, 0, stream>>>(
-        static_cast<const at::BFloat16*>(x), static_cast<const at::BFloat16*>(lora_A), parts, m, r, kk, ldx);
+    (wide ? launch_shrink<at::BFloat16, 32> : launch_shrink<at::BFloat16, 8>)(x, ldx, lora_A, parts, m, r, k, stream);
   } else {
-    lora_shrink_partials_kernel<at::Half><<<grid, 32 * kWarps, 0, stream>>>(
-        static_cast<const at::Half*>(x), static_cast<const at::Half*>(lora_A), parts, m, r, kk, ldx);
+    (wide ? launch_shrink<at::Half, 32> : launch_shrink<at::Half, 8>)(x, ldx, lora_A, parts, m, r, k, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

@@ -11,7 +11,8 @@
 namespace lora_fused {
 namespace cuda {
 
-// Slices of at least kLoraShrinkSplitCols columns, at most kLoraShrinkMaxSplits of them.
+// Slices of at least kLoraShrinkSplitCols columns (4x that with 32-warp blocks, the default:
+// LORA_FUSED_LORA_SHRINK_WARPS), at most kLoraShrinkMaxSplits of them.
 constexpr int kLoraShrinkSplitCols = 1024;
 constexpr int kLoraShrinkMaxSplits = 8;
 int lora_shrink_splits(int64_t k);
