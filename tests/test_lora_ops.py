@@ -1,9 +1,11 @@
-"""lora_shrink and lora_expand against float64 references, gradients, opcheck, bad inputs."""
+"""lora_shrink, lora_expand and lora_decode (with the decode kernels' shrink) against float64 references,
+gradients, opcheck, bad inputs."""
 
 import pytest
 import torch
 
-from lora_fused import _ops, reference
+import lora_fused
+from lora_fused import _ops, nf4, reference
 from conftest import DEVICES, DTYPES, assert_error_rule, poison_allocator, randn, requires_cuda
 
 SHAPES = [(1, 17, 1), (7, 64, 8), (64, 129, 16), (33, 1000, 64), (5, 255, 256), (4097, 96, 16)]
@@ -173,9 +175,6 @@ def test_lora_decode_matches_reference(device, kernel, dtype, M, k, d, r, bias, 
 def test_decode_shrink_blocks_of_8_and_32_warps(warps, M, k, monkeypatch):
     # LORA_FUSED_LORA_SHRINK_WARPS: the decode kernels' shrink (x @ lora_A^T as partial sums over
     # slices of K) in blocks of 8 or 32 warps; lora_decode and the NF4 decode kernel read it.
-    import lora_fused
-    from lora_fused import nf4
-
     monkeypatch.setenv("LORA_FUSED_LORA_SHRINK_WARPS", warps)
     d, r = 264, 16
     x = randn(M, k, dtype=torch.bfloat16, device="cuda")
