@@ -1,9 +1,12 @@
 """lora_decode (the fused bf16 LoRA decode kernels, M <= 16) on the GPU at hand, beside the cuBLAS base
 GEMM x @ W^T alone (the goal: <= 1.0x of it) and eager PyTorch (base + LoRA as three GEMMs); also
-each of its two kernels forced (LORA_FUSED_DECODE_KERNEL=simt: CUDA-core dot products; =mma: tensor
-cores), and the default without programmatic dependent launch (LORA_FUSED_PDL=0).
+each of its kernels forced (LORA_FUSED_DECODE_KERNEL=simt: CUDA-core dot products; =mma: tensor
+cores; on sm_90 the default is =bulk, the weight by bulk copies), the default without programmatic
+dependent launch (LORA_FUSED_PDL=0), and with --variants the bulk-copy kernel's settings
+(rows=32: LORA_FUSED_DECODE_ROWS; stages=N: LORA_FUSED_DECODE_STAGES).
 
     python scripts/bench_lora_decode.py [--M 1,2,4,8,16] [--shapes 4096:4096,8192:28672] [--r 16]
+        [--variants rows=32,stages=3,stages=6]
 
 CUDA-graph medians (triton.testing.do_bench_cudagraph); every result checked against float64 first.
 """
@@ -24,6 +27,7 @@ def main():
     ap.add_argument("--M", default="1,2,4,8,16")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--variants", default="", help="bulk-copy kernel settings, each a column: rows=N or stages=N")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     dt, r, s = torch.bfloat16, args.r, 2.0
@@ -36,25 +40,25 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=dt)
             want_base = x.double() @ w.double().t()
             want = want_base + s * (x.double() @ a.double().t()) @ b.double().t()
-            fns = {
-                "lora_decode": (lambda: _ops.lora_decode(x, w, a, b, s), want),
-                "simt": (lambda: _ops.lora_decode(x, w, a, b, s), want),
-                "mma": (lambda: _ops.lora_decode(x, w, a, b, s), want),
-                "no PDL": (lambda: _ops.lora_decode(x, w, a, b, s), want),
-                "cuBLAS base": (lambda: torch.mm(x, w.t()), want_base),
-                "eager": (lambda: torch.mm(x, w.t()) + s * torch.mm(torch.mm(x, a.t()), b.t()), want),
-            }
+            run = lambda: _ops.lora_decode(x, w, a, b, s)  # noqa: E731
+            # column: (function, reference, environment while it is captured)
+            cols = {"lora_decode": (run, want, {}), "mma": (run, want, {"LORA_FUSED_DECODE_KERNEL": "mma"}),
+                    "simt": (run, want, {"LORA_FUSED_DECODE_KERNEL": "simt"}), "no PDL": (run, want, {"LORA_FUSED_PDL": "0"})}
+            for v in filter(None, args.variants.split(",")):
+                key, val = v.split("=")
+                cols[v] = (run, want, {{"rows": "LORA_FUSED_DECODE_ROWS", "stages": "LORA_FUSED_DECODE_STAGES"}[key]: val})
+            cols["cuBLAS base"] = (lambda: torch.mm(x, w.t()), want_base, {})
+            cols["eager"] = (lambda: torch.mm(x, w.t()) + s * torch.mm(torch.mm(x, a.t()), b.t()), want, {})
             row, times = f"{k:>5}->{d:<5} M={m:<2} r={r}", {}
-            for name, (fn, ref) in fns.items():
-                env = {"no PDL": ("LORA_FUSED_PDL", "0"), "simt": ("LORA_FUSED_DECODE_KERNEL", "simt"),
-                       "mma": ("LORA_FUSED_DECODE_KERNEL", "mma")}.get(name)
-                if env:
-                    os.environ[env[0]] = env[1]  # read as the graph is captured
-                err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
-                assert err < 2e-2, (name, err)
-                times[name] = graph_us(fn)
-                os.environ.pop("LORA_FUSED_PDL", None)
-                os.environ.pop("LORA_FUSED_DECODE_KERNEL", None)
+            for name, (fn, ref, env) in cols.items():
+                os.environ.update(env)  # read as the graph is captured
+                try:
+                    err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
+                    assert err < 2e-2, (name, err)
+                    times[name] = graph_us(fn)
+                finally:
+                    for key in env:
+                        os.environ.pop(key, None)
                 row += f" | {name} {times[name]:6.1f} us"
             row += f" | lora_decode / base {times['lora_decode'] / times['cuBLAS base']:.2f}"
             print(row, flush=True)

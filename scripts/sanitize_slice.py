@@ -36,7 +36,7 @@ def main():
     # u = x A^T and its backward). --no-cublas keeps to calls without them: qlora's decode kernel fed
     # by lora_shrink, no slab path (whose decode kernel is the only one left unchecked), no backward.
     no_cublas = "--no-cublas" in sys.argv
-    # lora_decode's two kernels, each forced (CUDA-core; tensor-core), u from the shrink kernel's partial
+    # lora_decode's kernels, each forced (CUDA-core; tensor-core; bulk copies on sm_90), u from the shrink kernel's partial
     # sums under programmatic dependent launch (k % 32 == 0) or from cuBLAS; odd d, strided lora_B.
     # initcheck (the --quick runs) does not see the writes of the cuBLAS kernel that makes u where k %
     # 32 != 0, so it reports every read of that u, torch's own included (scripts/initcheck_probe.py).
@@ -46,7 +46,7 @@ def main():
         x, w, a = rnd(M, k), rnd(d, k, sc=k**-0.5), rnd(r, k, sc=k**-0.5)
         b = rnd(r, d, sc=0.3).t() if M == 9 else rnd(d, r, sc=0.3)
         bias = rnd(d)
-        for kern in ("simt", "mma"):
+        for kern in ("simt", "mma") + (("bulk",) if torch.cuda.get_device_capability() == (9, 0) else ()):
             os.environ["LORA_FUSED_DECODE_KERNEL"] = kern
             close(_ops.lora_decode(x, w, a, b, 2.0, bias), reference.lora_linear(x, w, a, b, 2.0, bias),
                   f"lora_decode {kern} M={M} {k}->{d} r={r}", 2e-2)

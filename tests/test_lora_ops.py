@@ -135,9 +135,13 @@ def test_bad_inputs_give_clear_errors(device):
         assert torch.isfinite(_ops.lora_shrink(x, a)).all()
 
 
-# On CUDA each of lora_decode's two kernels is forced in turn (CUDA-core dot products; tensor cores).
+# On CUDA each of lora_decode's kernels is forced in turn (CUDA-core dot products; tensor cores; on
+# sm_90 the weight streamed by bulk copies, the default there).
 _CUDA = DEVICES[1]
+_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+requires_sm90 = pytest.mark.skipif(not _SM90, reason="the bulk-copy decode kernel needs an sm_90 GPU")
 DECODE_KERNELS = [("cpu", None)] + [pytest.param("cuda", kern, marks=_CUDA.marks, id=f"cuda-{kern}") for kern in ("simt", "mma")]
+DECODE_KERNELS.append(pytest.param("cuda", "bulk", marks=[*_CUDA.marks, requires_sm90], id="cuda-bulk"))
 
 
 @pytest.mark.parametrize("device,kernel", DECODE_KERNELS)
@@ -200,6 +204,57 @@ def test_bad_shrink_warps_is_a_clear_error(monkeypatch):
     a, b = randn(8, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 8, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(RuntimeError, match="LORA_FUSED_LORA_SHRINK_WARPS must be 8 or 32 .*got '16'"):
         _ops.lora_decode(x, w, a, b, 1.0)
+
+
+@requires_sm90
+@pytest.mark.parametrize("rows,stages", [("16", "2"), ("16", "3"), ("16", "8"), ("32", "2"), ("32", "5")])
+@pytest.mark.parametrize("M", [1, 8, 9, 16])
+# Stage tails (k % 512: 8, 0, 264), one stage and many; d: under a tile, a ragged last tile, and
+# enough tiles that blocks walk runs of several (the ring carried across tiles).
+@pytest.mark.parametrize("k,d", [(8, 33), (520, 7), (1024, 9000), (2824, 700), (9216, 1040)])
+def test_lora_decode_bulk_rows_and_stages(rows, stages, M, k, d, monkeypatch):
+    # The bulk-copy kernel's tiles of 16 or 32 weight rows and 2 to 8 ring stages
+    # (LORA_FUSED_DECODE_ROWS, LORA_FUSED_DECODE_STAGES), fp16 with bias and a strided lora_B.
+    monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "bulk")
+    monkeypatch.setenv("LORA_FUSED_DECODE_ROWS", rows)
+    monkeypatch.setenv("LORA_FUSED_DECODE_STAGES", stages)
+    r = 24
+    x = randn(M, k, dtype=torch.float16, device="cuda")
+    w = randn(d, k, dtype=torch.float16, device="cuda", scale=k**-0.5)
+    a = randn(r, k, dtype=torch.float16, device="cuda", scale=k**-0.5)
+    b = randn(r, d, dtype=torch.float16, device="cuda", scale=r**-0.5).t()
+    bias = randn(d, dtype=torch.float16, device="cuda")
+    poison_allocator("cuda")
+    y = _ops.lora_decode(x, w, a, b, 0.5, bias)
+    assert_error_rule(y, reference.lora_linear(x, w, a, b, 0.5, bias), x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()) + bias,
+                      f"lora_decode bulk rows={rows} stages={stages} M={M} {k}->{d}")
+
+
+@requires_cuda
+def test_bad_decode_kernel_settings_are_clear_errors(monkeypatch):
+    x, w = randn(2, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 256, dtype=torch.bfloat16, device="cuda")
+    a, b = randn(8, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 8, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "fast")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_KERNEL must be simt, mma or bulk; got 'fast'"):
+        _ops.lora_decode(x, w, a, b, 1.0)
+    if not _SM90:
+        monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "bulk")
+        with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_KERNEL=bulk needs an sm_90 GPU"):
+            _ops.lora_decode(x, w, a, b, 1.0)
+        return
+    monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "bulk")
+    monkeypatch.setenv("LORA_FUSED_DECODE_ROWS", "64")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_ROWS must be one of 16, 32; got '64'"):
+        _ops.lora_decode(x, w, a, b, 1.0)
+    monkeypatch.setenv("LORA_FUSED_DECODE_ROWS", "32")
+    monkeypatch.setenv("LORA_FUSED_DECODE_STAGES", "8")  # 8 x 34816 bytes of ring: more than a block may have
+    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_STAGES=8 with 32-row tiles needs"):
+        _ops.lora_decode(x, w, a, b, 1.0)
+    monkeypatch.setenv("LORA_FUSED_DECODE_STAGES", "1")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_STAGES must be one of 2, 3, 4, 5, 6, 7, 8; got '1'"):
+        _ops.lora_decode(x, w, a, b, 1.0)
+    monkeypatch.delenv("LORA_FUSED_DECODE_STAGES")
+    assert torch.isfinite(_ops.lora_decode(x, w, a, b, 1.0)).all()  # the context is still healthy
 
 
 @pytest.mark.parametrize("device,kernel", DECODE_KERNELS)

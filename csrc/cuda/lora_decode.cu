@@ -2,8 +2,9 @@
 // (M <= 16), where the layer is a matrix-vector product bound by streaming W once.
 // u = x @ A^T comes as partial sums over slices of K from lora_shrink_partials (k % 32 == 0; the
 // kernel here may start while it runs, programmatic dependent launch, and adds them once it has
-// waited for it), else from one small cuBLAS GEMM. From 2 tokens on (and for one where K <= 4096) the
-// tensor-core kernel of lora_decode_mma.cu streams W; else the kernel here, with 16-byte loads: a warp
+// waited for it), else from one small cuBLAS GEMM. On sm_90 the bulk-copy kernel of lora_decode_bulk.cu
+// streams W; elsewhere, from 2 tokens on (and for one where K <= 4096), the tensor-core kernel of
+// lora_decode_mma.cu; else the kernel here, with 16-byte loads: a warp
 // owns kRowsPerWarp output features and walks their rows with SEG 16-byte loads per row in flight,
 // the block's x is staged in shared memory SEG * 256 columns at a time, and scale * u sits in shared
 // memory so the LoRA term joins the same fp32 accumulators before one warp reduction and a single
@@ -19,6 +20,7 @@
 
 #include "checks.h"
 #include "cuda/common.cuh"
+#include "cuda/lora_decode_bulk.h"
 #include "cuda/lora_decode_mma.h"
 #include "cuda/lora_shrink_partials.h"
 #include "cuda/pdl.cuh"
@@ -159,15 +161,26 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The tensor-core kernel from 2 tokens on, and for one token where K <= 4096 (H200: 9.0 against 10.7
-// us at 4096->4096, 28.0 against 30.6 at 4096->11008; from K = 8192 the CUDA-core kernel streamed W
-// faster: 36.2 against 40.5 us at 8192->8192); LORA_FUSED_DECODE_KERNEL=simt|mma picks one.
-bool use_mma_kernel(int64_t m, int64_t k, int major) {
-  if (major < 8) return false;
+enum class DecodeKernel { kSimt, kMma, kBulk };
+
+// On sm_90 the bulk-copy kernel (lora_decode_bulk.cu). Elsewhere the tensor-core kernel from 2 tokens
+// on, and for one token where K <= 4096 (H200: 9.0 against 10.7 us at 4096->4096, 28.0 against 30.6
+// at 4096->11008; from K = 8192 the CUDA-core kernel streamed W faster: 36.2 against 40.5 us at
+// 8192->8192). LORA_FUSED_DECODE_KERNEL=simt|mma|bulk picks one.
+DecodeKernel pick_kernel(int64_t m, int64_t k, int major) {
   const char* env = std::getenv("LORA_FUSED_DECODE_KERNEL");
-  if (env != nullptr && std::strcmp(env, "mma") == 0) return true;
-  if (env != nullptr && std::strcmp(env, "simt") == 0) return false;
-  return m >= 2 || k <= 4096;
+  if (env != nullptr && *env != '\0') {
+    if (std::strcmp(env, "simt") == 0) return DecodeKernel::kSimt;
+    if (std::strcmp(env, "mma") == 0) return major >= 8 ? DecodeKernel::kMma : DecodeKernel::kSimt;
+    TORCH_CHECK(std::strcmp(env, "bulk") == 0, "lora_fused.lora_decode: LORA_FUSED_DECODE_KERNEL must be simt, mma or bulk; got '",
+                env, "'");
+    TORCH_CHECK(cuda::lora_decode_bulk_available(), "lora_fused.lora_decode: LORA_FUSED_DECODE_KERNEL=bulk needs an sm_90 GPU "
+                "and a build with sm_90 code (TORCH_CUDA_ARCH_LIST with 9.0a); this GPU is sm_", major, "x");
+    return DecodeKernel::kBulk;
+  }
+  if (cuda::lora_decode_bulk_available()) return DecodeKernel::kBulk;
+  if (major >= 8 && (m >= 2 || k <= 4096)) return DecodeKernel::kMma;
+  return DecodeKernel::kSimt;
 }
 
 // The LoRA input: u [M, r] (T), or the shrink kernel's partial sums (fp32 [splits][M][r]).
@@ -219,7 +232,8 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
     sh.u = at::mm(x, lora_a.t());  // [M, r], cuBLAS
   }
   at::Tensor out = at::empty({M, weight.size(0)}, x.options());
-  if (use_mma_kernel(M, K, props->major)) {
+  const DecodeKernel kernel = pick_kernel(M, K, props->major);
+  if (kernel != DecodeKernel::kSimt) {
     const bool has_u = sh.u.defined();
     const cuda::LoraDecodeArgs args{x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
                                     has_u ? sh.u.data_ptr() : nullptr, has_u ? sh.u.stride(0) : int64_t{0},
@@ -227,7 +241,11 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
                                     lora_b.stride(0), lora_b.stride(1), bias.has_value() ? bias->data_ptr() : nullptr,
                                     out.data_ptr(), static_cast<int>(M), static_cast<int>(R), K, weight.size(0),
                                     static_cast<float>(scale)};
-    cuda::lora_decode_mma_launch(args, dt, sh.pdl, at::cuda::getCurrentCUDAStream());
+    if (kernel == DecodeKernel::kBulk) {
+      cuda::lora_decode_bulk_launch(args, dt, sh.pdl, at::cuda::getCurrentCUDAStream());
+    } else {
+      cuda::lora_decode_mma_launch(args, dt, sh.pdl, at::cuda::getCurrentCUDAStream());
+    }
     return out;
   }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "lora_decode_cuda", [&] {
