@@ -41,16 +41,54 @@ constexpr int kRowBytes = kCols * 2 + 64;       // a padded row of a stage (bank
 constexpr int kWarpCols = kCols / kConsumers;   // 128 columns: 4 steps of 32 a warp and stage
 constexpr int kSteps = kWarpCols / 32;
 constexpr int kMaxStages = 8;
-constexpr int kBarBytes = 2 * kMaxStages * 8;   // full[kMaxStages], empty[kMaxStages]
+// full[kMaxStages], empty[kMaxStages], then the LoRA rows' bfull[2], bempty[2]; 256 keeps the ring 128-byte aligned.
+constexpr int kBarBytes = 256;
+static_assert((2 * kMaxStages + 4) * 8 <= kBarBytes, "the mbarriers overflow their bytes");
 constexpr int kRedLd = 17;                      // tokens of a row's partials (16) + 1
 constexpr int kMaxRank = 256;
 constexpr int kDefaultStages = 4;
 
 __host__ __device__ constexpr int stage_bytes(int rows) { return rows * kRowBytes; }
 
+// A staged lora_B row's length in 16-bit elements: 2 mod 4, so rows are an odd number of 4-byte
+// words apart and the epilogue's threads (one row each, same j) read distinct banks.
+__host__ __device__ constexpr int b_stride(int r) { return (r + 3) / 4 * 4 + 2; }
+
 size_t smem_bytes(int rows, int stages, int m, int r) {
   return kBarBytes + static_cast<size_t>(stages) * stage_bytes(rows) +
-         static_cast<size_t>(2 * kConsumers * rows * kRedLd) * 4 + static_cast<size_t>(m) * r * 4;
+         static_cast<size_t>(2 * kConsumers * rows * kRedLd) * 4 + static_cast<size_t>(m) * r * 4 +
+         static_cast<size_t>(2 * rows) * b_stride(r) * 2 + static_cast<size_t>(2 * rows) * 4;
+}
+
+// The copying warp stages tile `tile`'s lora_B rows [kRows][R] (rows past D repeat row D - 1) into
+// bt (row stride ldb) and its bias (fp32, 0 without) into bias_t, once the multiplying warps have
+// released the buffer (bempty, parity ph ^ 1); each lane's arrival on bfull releases its stores.
+// Loads in batches of 8 a lane, all in flight before their stores.
+template <typename T, int kRows>
+__device__ __forceinline__ void stage_lora_rows(const LoraDecodeArgs& a, T* bt, int ldb, float* bias_t, int64_t tile,
+                                                uint32_t bfull, uint32_t bempty, uint32_t ph, int lane) {
+  tx_mbarrier_wait(bempty, ph ^ 1);
+  const T* b = static_cast<const T*>(a.b);
+  const int n = kRows * a.R;
+  for (int e0 = 0; e0 < n; e0 += 8 * 32) {
+    T v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int e = e0 + i * 32 + lane, r = e / a.R, j = e % a.R;
+      const int64_t f = tile * kRows + r < a.D ? tile * kRows + r : a.D - 1;
+      v[i] = e < n ? b[f * a.b_sd + j * a.b_sr] : T(0.0f);
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int e = e0 + i * 32 + lane;
+      if (e < n) bt[(e / a.R) * ldb + e % a.R] = v[i];
+    }
+  }
+  if (lane < kRows) {
+    const int64_t f = tile * kRows + lane < a.D ? tile * kRows + lane : a.D - 1;
+    bias_t[lane] = a.bias != nullptr ? static_cast<float>(static_cast<const T*>(a.bias)[f]) : 0.0f;
+  }
+  tx_mbarrier_arrive(bfull);
 }
 
 // RG 16-row groups a tile; NT 8-token column blocks of the mma (M <= 8 * NT).
@@ -61,11 +99,20 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_bulk_kernel(const Lor
   const uint32_t full0 = smem_u32(smem), empty0 = full0 + kMaxStages * 8, ring = full0 + kBarBytes;
   float* red = reinterpret_cast<float*>(smem + kBarBytes + stages * stage_bytes(kRows));  // [2][kConsumers][kRows][kRedLd]
   float* us = red + 2 * kConsumers * kRows * kRedLd;                                       // [M][R], scaled
+  // The tile's lora_B rows and bias, staged by the copying warp: [2][kRows][b_stride(R)], [2][kRows].
+  T* bs = reinterpret_cast<T*>(us + a.M * a.R);
+  float* bias_s = reinterpret_cast<float*>(bs + 2 * kRows * b_stride(a.R));
+  const int ldb = b_stride(a.R);
+  const uint32_t bfull0 = full0 + 2 * kMaxStages * 8, bempty0 = bfull0 + 16;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) {
       tx_mbarrier_init(full0 + 8 * s, 1);
       tx_mbarrier_init(empty0 + 8 * s, kConsumers);
+    }
+    for (int i = 0; i < 2; ++i) {
+      tx_mbarrier_init(bfull0 + 8 * i, 32);
+      tx_mbarrier_init(bempty0 + 8 * i, kConsumers);
     }
     tx_mbarrier_init_fence();
   }
@@ -80,6 +127,8 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_bulk_kernel(const Lor
     int s = 0;
     uint32_t ph = 0;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
+      const int tb = static_cast<int>((tile - t_begin) & 1);
+      const uint32_t tph = static_cast<uint32_t>(((tile - t_begin) >> 1) & 1);
       const int64_t row = tile * kRows + lane < a.D ? tile * kRows + lane : a.D - 1;
       const char* src = static_cast<const char*>(a.w) + row * a.ldw * static_cast<int64_t>(sizeof(T));
       for (int64_t ks = 0; ks < ksteps; ++ks) {
@@ -91,6 +140,11 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_bulk_kernel(const Lor
         if (lane < kRows)
           bulk_copy_g2s(ring + s * stage_bytes(kRows) + lane * kRowBytes, src + k0 * sizeof(T), bytes, full0 + 8 * s);
         if (++s == stages) s = 0, ph ^= 1;
+        // The tile's lora_B rows and bias into shared memory, once its first stages are in flight
+        // (not before: they would delay the first copies), so the epilogue reads no global memory.
+        if (ks == (ksteps < stages ? ksteps : stages) - 1) stage_lora_rows<T, kRows>(a, bs + tb * kRows * ldb, ldb,
+                                                                                      bias_s + tb * kRows, tile, bfull0 + 8 * tb,
+                                                                                      bempty0 + 8 * tb, tph, lane);
       }
     }
     return;  // the multiplying warps wait for every copy before they finish
@@ -106,8 +160,6 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_bulk_kernel(const Lor
     xr[n] = static_cast<const T*>(a.x) + (xin[n] ? m : 0) * a.ldx + warp * kWarpCols + 8 * t;
   }
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  const T* bm = static_cast<const T*>(a.b);
-  const T* bias = static_cast<const T*>(a.bias);
   T* out = static_cast<T*>(a.out);
   int s = 0, buf = 0;
   uint32_t ph = 0;
@@ -168,6 +220,9 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_bulk_kernel(const Lor
         rb[(warp * kRows + r + 8) * kRedLd + m] = c[rg][n][2];
         rb[(warp * kRows + r + 8) * kRedLd + m + 1] = c[rg][n][3];
       }
+    const int tb = static_cast<int>((tile - t_begin) & 1);
+    tx_mbarrier_wait(bfull0 + 8 * tb, static_cast<uint32_t>(((tile - t_begin) >> 1) & 1));  // lora_B rows, bias
+    const T* bt = bs + tb * kRows * ldb;
     if (!have_u) {
       // u only now: the shrink kernel (programmatic dependent launch) ran beside the first tile.
       if (a.u == nullptr) pdl_wait();
@@ -187,12 +242,14 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_bulk_kernel(const Lor
       float v = 0.0f;
 #pragma unroll
       for (int w = 0; w < kConsumers; ++w) v += rb[(w * kRows + r) * kRedLd + m];
-      const T* brow = bm + f * a.b_sd;
+      const T* brow = bt + r * ldb;
 #pragma unroll 4
-      for (int j = 0; j < a.R; ++j) v = fmaf(us[m * a.R + j], static_cast<float>(brow[j * a.b_sr]), v);
-      if (bias != nullptr) v += static_cast<float>(bias[f]);
+      for (int j = 0; j < a.R; ++j) v = fmaf(us[m * a.R + j], static_cast<float>(brow[j]), v);
+      if (a.bias != nullptr) v += bias_s[tb * kRows + r];
       out[m * a.D + f] = static_cast<T>(v);
     }
+    __syncwarp();
+    if (lane == 0) tx_mbarrier_arrive(bempty0 + 8 * tb);
     buf ^= 1;
   }
 }
