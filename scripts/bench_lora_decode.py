@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--variants", default="", help="bulk-copy kernel settings, each a column: rows=N or stages=N")
+    ap.add_argument("--brief", action="store_true", help="only lora_decode, the variants and cuBLAS's base GEMM")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     dt, r, s = torch.bfloat16, args.r, 2.0
@@ -49,6 +50,8 @@ def main():
                 cols[v] = (run, want, {{"rows": "LORA_FUSED_DECODE_ROWS", "stages": "LORA_FUSED_DECODE_STAGES"}[key]: val})
             cols["cuBLAS base"] = (lambda: torch.mm(x, w.t()), want_base, {})
             cols["eager"] = (lambda: torch.mm(x, w.t()) + s * torch.mm(torch.mm(x, a.t()), b.t()), want, {})
+            if args.brief:
+                cols = {n: c for n, c in cols.items() if n not in ("mma", "simt", "no PDL", "eager")}
             row, times = f"{k:>5}->{d:<5} M={m:<2} r={r}", {}
             for name, (fn, ref, env) in cols.items():
                 os.environ.update(env)  # read as the graph is captured
