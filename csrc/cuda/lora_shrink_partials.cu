@@ -26,6 +26,13 @@ namespace {
 
 constexpr int kChunksPerWarp = 4;  // of 32 columns, per batch
 
+// Columns of K a block of kWarps warps takes in one batch: a slice is at least one batch.
+template <int kWarps>
+constexpr int batch_cols() {
+  return 32 * kChunksPerWarp * kWarps;
+}
+static_assert(batch_cols<8>() == kLoraShrinkSplitCols, "8-warp slices are kLoraShrinkSplitCols wide (the header says)");
+
 // kWarps: 8, or 32 (lora_shrink_wide): a split's 4096 columns in one batch on one SM, so that the
 // shrink takes fewer of the SMs that the decode kernel's blocks (one an SM) would start on.
 template <typename T, int kWarps>
@@ -92,7 +99,7 @@ bool lora_shrink_wide() {
 }
 
 int lora_shrink_splits(int64_t k) {
-  const int cols = lora_shrink_wide() ? 4 * kLoraShrinkSplitCols : kLoraShrinkSplitCols;
+  const int cols = lora_shrink_wide() ? batch_cols<32>() : batch_cols<8>();
   return static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(k, cols), kLoraShrinkMaxSplits));
 }
 
