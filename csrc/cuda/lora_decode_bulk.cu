@@ -2,19 +2,21 @@
 // bound by streaming W once. The two kernels of lora_decode.cu / lora_decode_mma.cu load W with
 // plain 16-byte loads, a few per lane in flight and none while they multiply; their stream ran 8-12%
 // behind cuBLAS's at 8192->8192 and 11008->4096 (H100). Here one warp of each block issues bulk
-// copies (TMA, one per weight row and stage: 512 columns, 1 KiB) into a ring of shared-memory
-// stages, so the copies of the next stages are in flight while four warps multiply, and the ring
-// runs on across the row tiles of a persistent block (no drain between tiles).
+// copies (TMA, one per row and stage: 512 columns, 1 KiB) of the tile's weight rows and of x's M rows
+// into a ring of shared-memory stages, so the next stages' copies are in flight while four warps
+// multiply, and the ring runs on across the row tiles of a persistent block (no drain between
+// tiles). x comes with each stage: loaded from global memory (L1/L2) by the multiplying warps, its
+// latency was paid once a stage (8192->8192 at 16 tokens: 71 us against cuBLAS's 46).
 // Tiling: a tile is 16 (or 32) weight rows x all of K; a stage is those rows x 512 columns; each
 // multiplying warp takes 128 columns of a stage as 4 steps of m16n8k16 with swapped operands (16
 // weight rows are the mma's rows, the tokens its 8 or 16 columns), each lane's A fragment 16 bytes
-// of two rows from shared memory and its B fragment 16 bytes of x from global memory (L1), with the
-// k order permuted alike inside a k16 step as in lora_decode_mma.cu. Rows are padded to 1088 bytes,
-// 64 bytes apart mod 128, so the 8 lanes of each quarter-warp of a 16-byte shared load (2 rows x 64
-// bytes) hit distinct banks. The 4 warps' fp32 partials meet in shared memory (two buffers, by
-// tile parity, so one named barrier a tile suffices), where the LoRA term (u from the shrink
-// kernel's partial sums, waited for only at the first tile's end) and the bias join before a single
-// rounding.
+// of two weight rows and its B fragment 16 bytes of one x row, the k order permuted alike inside a
+// k16 step as in lora_decode_mma.cu. Rows are padded to 1088 bytes, 64 bytes apart mod 128, so the 8
+// lanes of each quarter-warp of a 16-byte shared load (2 rows x 64 bytes) hit distinct banks. The 4
+// warps' fp32 partials meet in shared memory (two buffers, by tile parity, so one named barrier a
+// tile suffices), where the LoRA term (u from the shrink kernel's partial sums, waited for only at
+// the first tile's end; the tile's lora_B rows staged by the copying warp) and the bias join before
+// a single rounding.
 #include "cuda/lora_decode_bulk.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -46,7 +48,7 @@ constexpr int kBarBytes = 256;
 static_assert((2 * kMaxStages + 4) * 8 <= kBarBytes, "the mbarriers overflow their bytes");
 constexpr int kRedLd = 17;                      // tokens of a row's partials (16) + 1
 constexpr int kMaxRank = 256;
-constexpr int kDefaultStages = 4;
+constexpr int kMaxDefaultStages = 4;  // 6 were no faster than 4 at 8192->8192 (H100)
 
 __host__ __device__ constexpr int stage_bytes(int rows) { return rows * kRowBytes; }
 
@@ -54,10 +56,13 @@ __host__ __device__ constexpr int stage_bytes(int rows) { return rows * kRowByte
 // words apart and the epilogue's threads (one row each, same j) read distinct banks.
 __host__ __device__ constexpr int b_stride(int r) { return (r + 3) / 4 * 4 + 2; }
 
-size_t smem_bytes(int rows, int stages, int m, int r) {
-  return kBarBytes + static_cast<size_t>(stages) * stage_bytes(rows) +
-         static_cast<size_t>(2 * kConsumers * rows * kRedLd) * 4 + static_cast<size_t>(m) * r * 4 +
+// A stage holds `rows` weight rows and the M tokens' rows of x, as copied.
+size_t smem_fixed_bytes(int rows, int m, int r) {
+  return kBarBytes + static_cast<size_t>(2 * kConsumers * rows * kRedLd) * 4 + static_cast<size_t>(m) * r * 4 +
          static_cast<size_t>(2 * rows) * b_stride(r) * 2 + static_cast<size_t>(2 * rows) * 4;
+}
+size_t smem_bytes(int rows, int stages, int m, int r) {
+  return smem_fixed_bytes(rows, m, r) + static_cast<size_t>(stages) * stage_bytes(rows + m);
 }
 
 // The copying warp stages tile `tile`'s lora_B rows [kRows][R] (rows past D repeat row D - 1) into
@@ -97,7 +102,8 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_bulk_kernel(const Lor
   constexpr int kRows = 16 * RG;
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t full0 = smem_u32(smem), empty0 = full0 + kMaxStages * 8, ring = full0 + kBarBytes;
-  float* red = reinterpret_cast<float*>(smem + kBarBytes + stages * stage_bytes(kRows));  // [2][kConsumers][kRows][kRedLd]
+  const int sbytes = stage_bytes(kRows + a.M);  // kRows weight rows, then M rows of x
+  float* red = reinterpret_cast<float*>(smem + kBarBytes + stages * sbytes);  // [2][kConsumers][kRows][kRedLd]
   float* us = red + 2 * kConsumers * kRows * kRedLd;                                       // [M][R], scaled
   // The tile's lora_B rows and bias, staged by the copying warp: [2][kRows][b_stride(R)], [2][kRows].
   T* bs = reinterpret_cast<T*>(us + a.M * a.R);
@@ -123,26 +129,31 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_bulk_kernel(const Lor
   const int64_t ksteps = ceil_div<int64_t>(a.K, kCols);
 
   if (warp == kConsumers) {
-    // The copies: lane i, row i of the tile (rows past D repeat row D - 1; never stored).
+    // The copies: row i of a stage by lane i % 32: weight row i of the tile (rows past D repeat row
+    // D - 1; never stored), then x's rows.
     int s = 0;
     uint32_t ph = 0;
     for (int64_t tile = t_begin; tile < t_end; ++tile) {
       const int tb = static_cast<int>((tile - t_begin) & 1);
       const uint32_t tph = static_cast<uint32_t>(((tile - t_begin) >> 1) & 1);
       const int64_t row = tile * kRows + lane < a.D ? tile * kRows + lane : a.D - 1;
-      const char* src = static_cast<const char*>(a.w) + row * a.ldw * static_cast<int64_t>(sizeof(T));
+      const T* src = static_cast<const T*>(a.w) + row * a.ldw;
+      const int xm = kRows == 32 ? lane : lane - kRows;  // x's row this lane copies, if 0 <= xm < M
+      const T* xsrc = static_cast<const T*>(a.x) + (xm > 0 ? xm : 0) * a.ldx;
       for (int64_t ks = 0; ks < ksteps; ++ks) {
         const int64_t k0 = ks * kCols;
         const uint32_t bytes = static_cast<uint32_t>((a.K - k0 < kCols ? a.K - k0 : kCols) * sizeof(T));
         tx_mbarrier_wait(empty0 + 8 * s, ph ^ 1);  // the multiplying warps are done with this stage
-        if (lane == 0) tx_mbarrier_arrive_expect(full0 + 8 * s, bytes * kRows);
+        if (lane == 0) tx_mbarrier_arrive_expect(full0 + 8 * s, bytes * (kRows + a.M));
         __syncwarp();
-        if (lane < kRows)
-          bulk_copy_g2s(ring + s * stage_bytes(kRows) + lane * kRowBytes, src + k0 * sizeof(T), bytes, full0 + 8 * s);
+        const uint32_t dst = ring + s * sbytes, bar = full0 + 8 * s;
+        if (lane < kRows) bulk_copy_g2s(dst + lane * kRowBytes, src + k0, bytes, bar);
+        if (xm >= 0 && xm < a.M) bulk_copy_g2s(dst + (kRows + xm) * kRowBytes, xsrc + k0, bytes, bar);
         if (++s == stages) s = 0, ph ^= 1;
-        // The tile's lora_B rows and bias into shared memory, once its first stages are in flight
-        // (not before: they would delay the first copies), so the epilogue reads no global memory.
-        if (ks == (ksteps < stages ? ksteps : stages) - 1) stage_lora_rows<T, kRows>(a, bs + tb * kRows * ldb, ldb,
+        // The tile's lora_B rows and bias into shared memory once all its copies are issued (the
+        // ring's stages then cover the loads' latency; earlier they would delay the weight stream),
+        // so that the epilogue reads no global memory.
+        if (ks == ksteps - 1) stage_lora_rows<T, kRows>(a, bs + tb * kRows * ldb, ldb,
                                                                                       bias_s + tb * kRows, tile, bfull0 + 8 * tb,
                                                                                       bempty0 + 8 * tb, tph, lane);
       }
@@ -151,14 +162,9 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_bulk_kernel(const Lor
   }
 
   const int g = lane / 4, t = lane % 4;
-  const T* xr[NT];
   bool xin[NT];
 #pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    const int m = g + 8 * n;
-    xin[n] = m < a.M;
-    xr[n] = static_cast<const T*>(a.x) + (xin[n] ? m : 0) * a.ldx + warp * kWarpCols + 8 * t;
-  }
+  for (int n = 0; n < NT; ++n) xin[n] = g + 8 * n < a.M;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   T* out = static_cast<T*>(a.out);
   int s = 0, buf = 0;
@@ -173,23 +179,17 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_bulk_kernel(const Lor
     for (int64_t ks = 0; ks < ksteps; ++ks) {
       const int64_t k0 = ks * kCols;
       const int kc = static_cast<int>(a.K - k0 < kCols ? a.K - k0 : kCols);  // a multiple of 8
-      // x first: it does not wait for the stage (columns past K read column 0 and are zeroed).
-      uint4 vx[kSteps][NT];
-#pragma unroll
-      for (int i = 0; i < kSteps; ++i) {
-        const bool ok = warp * kWarpCols + i * 32 + 8 * t < kc;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          vx[i][n] = __ldg(reinterpret_cast<const uint4*>(xr[n] + (ok ? k0 + i * 32 : -(warp * kWarpCols + 8 * t))));
-          if (!ok || !xin[n]) vx[i][n] = zero;
-        }
-      }
       tx_mbarrier_wait(full0 + 8 * s, ph);
-      const unsigned char* st = smem + kBarBytes + s * stage_bytes(kRows);
+      const unsigned char* st = smem + kBarBytes + s * sbytes;
 #pragma unroll
       for (int i = 0; i < kSteps; ++i) {
         const int col = warp * kWarpCols + i * 32 + 8 * t;
-        const bool ok = col < kc;  // past K the stage holds stale bytes
+        const bool ok = col < kc;  // past K (and x's rows past M) the stage holds stale bytes
+        uint4 vx[NT];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          vx[n] = ok && xin[n] ? *reinterpret_cast<const uint4*>(st + (kRows + g + 8 * n) * kRowBytes + col * 2) : zero;
+        }
 #pragma unroll
         for (int rg = 0; rg < RG; ++rg) {
           uint4 va = *reinterpret_cast<const uint4*>(st + (rg * 16 + g) * kRowBytes + col * 2);
@@ -199,8 +199,8 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_bulk_kernel(const Lor
           const uint32_t a1[4] = {va.z, vb.z, va.w, vb.w};  // k 8t+4..8t+7
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
-            mma16816<T>(c[rg][n], a0, vx[i][n].x, vx[i][n].y);
-            mma16816<T>(c[rg][n], a1, vx[i][n].z, vx[i][n].w);
+            mma16816<T>(c[rg][n], a0, vx[n].x, vx[n].y);
+            mma16816<T>(c[rg][n], a1, vx[n].z, vx[n].w);
           }
         }
       }
@@ -269,6 +269,13 @@ template <typename T, int NT, int RG>
 void launch(const LoraDecodeArgs& a, int stages, bool pdl, cudaStream_t stream) {
   constexpr int kRows = 16 * RG;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (stages == 0) {
+    // By default as many stages (2 to 4) as let two blocks share an SM: 4 up to 8 tokens, 3 at 16 (16-row tiles).
+    const int64_t per_block = static_cast<int64_t>(prop->sharedMemPerMultiprocessor / 2) - prop->reservedSharedMemPerBlock -
+                              static_cast<int64_t>(smem_fixed_bytes(kRows, a.M, a.R));
+    const int64_t fit = per_block / stage_bytes(kRows + a.M);
+    stages = static_cast<int>(fit < 2 ? 2 : fit > kMaxDefaultStages ? kMaxDefaultStages : fit);
+  }
   const size_t smem = smem_bytes(kRows, stages, a.M, a.R);
   TORCH_CHECK(smem <= prop->sharedMemPerBlockOptin, "lora_fused.lora_decode: LORA_FUSED_DECODE_STAGES=", stages,
               " with ", kRows, "-row tiles needs ", smem, " bytes of shared memory a block; this GPU has ",
@@ -312,7 +319,7 @@ void lora_decode_bulk_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool
   TORCH_CHECK(a.M >= 1 && a.M <= 16 && a.R >= 1 && a.R <= kMaxRank && a.K % 8 == 0 && a.D >= 1,
               "lora_fused.lora_decode: internal: the bulk-copy kernel got M=", a.M, " R=", a.R, " K=", a.K, " D=", a.D);
   const int rows = env_choice("LORA_FUSED_DECODE_ROWS", 16, {16, 32});
-  const int stages = env_choice("LORA_FUSED_DECODE_STAGES", kDefaultStages, {2, 3, 4, 5, 6, 7, 8});
+  const int stages = env_choice("LORA_FUSED_DECODE_STAGES", 0, {2, 3, 4, 5, 6, 7, 8});  // 0: launch's default
   if (dtype == at::kBFloat16) {
     launch_rows<at::BFloat16>(a, rows, stages, pdl, stream);
   } else {

@@ -14,8 +14,8 @@ namespace cuda {
 bool lora_decode_bulk_available();
 
 // bf16 or fp16, M <= 16, R <= 256, K % 8 == 0, x and W rows 16-byte aligned (the caller checks).
-// LORA_FUSED_DECODE_ROWS (16 or 32 weight rows a tile) and LORA_FUSED_DECODE_STAGES (2..8 ring
-// stages) override the defaults, for comparisons.
+// LORA_FUSED_DECODE_ROWS (16 or 32 weight rows a tile; default 16) and LORA_FUSED_DECODE_STAGES
+// (2..8 ring stages; default as many as let two blocks share an SM, at most 4) override the defaults.
 void lora_decode_bulk_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool pdl, cudaStream_t stream);
 
 }  // namespace cuda
