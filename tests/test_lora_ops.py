@@ -136,7 +136,7 @@ def test_bad_inputs_give_clear_errors(device):
 
 
 # On CUDA each of lora_decode's kernels is forced in turn (CUDA-core dot products; tensor cores; on
-# sm_90 the weight streamed by bulk copies, the default there).
+# sm_90 the weight streamed by bulk copies).
 _CUDA = DEVICES[1]
 _SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 requires_sm90 = pytest.mark.skipif(not _SM90, reason="the bulk-copy decode kernel needs an sm_90 GPU")

@@ -2,9 +2,9 @@
 // (M <= 16), where the layer is a matrix-vector product bound by streaming W once.
 // u = x @ A^T comes as partial sums over slices of K from lora_shrink_partials (k % 32 == 0; the
 // kernel here may start while it runs, programmatic dependent launch, and adds them once it has
-// waited for it), else from one small cuBLAS GEMM. On sm_90 the bulk-copy kernel of lora_decode_bulk.cu
-// streams W; elsewhere, from 2 tokens on (and for one where K <= 4096), the tensor-core kernel of
-// lora_decode_mma.cu; else the kernel here, with 16-byte loads: a warp
+// waited for it), else from one small cuBLAS GEMM. From 2 tokens on (and for one where K <= 4096) the
+// tensor-core kernel of lora_decode_mma.cu streams W (or, asked for, the bulk-copy kernel of
+// lora_decode_bulk.cu on sm_90); else the kernel here, with 16-byte loads: a warp
 // owns kRowsPerWarp output features and walks their rows with SEG 16-byte loads per row in flight,
 // the block's x is staged in shared memory SEG * 256 columns at a time, and scale * u sits in shared
 // memory so the LoRA term joins the same fp32 accumulators before one warp reduction and a single
@@ -163,10 +163,11 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 enum class DecodeKernel { kSimt, kMma, kBulk };
 
-// On sm_90 the bulk-copy kernel (lora_decode_bulk.cu). Elsewhere the tensor-core kernel from 2 tokens
-// on, and for one token where K <= 4096 (H200: 9.0 against 10.7 us at 4096->4096, 28.0 against 30.6
-// at 4096->11008; from K = 8192 the CUDA-core kernel streamed W faster: 36.2 against 40.5 us at
-// 8192->8192). LORA_FUSED_DECODE_KERNEL=simt|mma|bulk picks one.
+// The tensor-core kernel from 2 tokens on, and for one token where K <= 4096 (H200: 9.0 against 10.7
+// us at 4096->4096, 28.0 against 30.6 at 4096->11008; from K = 8192 the CUDA-core kernel streamed W
+// faster: 36.2 against 40.5 us at 8192->8192). LORA_FUSED_DECODE_KERNEL=simt|mma|bulk picks one; the
+// bulk-copy kernel (lora_decode_bulk.cu, sm_90) is not the default: it lost to these two at 4096->4096
+// and at 16 tokens, and to the CUDA-core kernel at one token on the H200 (RESULTS.md, session 29).
 DecodeKernel pick_kernel(int64_t m, int64_t k, int major) {
   const char* env = std::getenv("LORA_FUSED_DECODE_KERNEL");
   if (env != nullptr && *env != '\0') {
@@ -178,7 +179,6 @@ DecodeKernel pick_kernel(int64_t m, int64_t k, int major) {
                 "and a build with sm_90 code (TORCH_CUDA_ARCH_LIST with 9.0a); this GPU is sm_", major, "x");
     return DecodeKernel::kBulk;
   }
-  if (cuda::lora_decode_bulk_available()) return DecodeKernel::kBulk;
   if (major >= 8 && (m >= 2 || k <= 4096)) return DecodeKernel::kMma;
   return DecodeKernel::kSimt;
 }

@@ -1,6 +1,7 @@
 // lora_decode's Hopper kernel (lora_decode_bulk.cu): out = x @ W^T + scale * u @ B^T + bias for
 // M = 1..16 tokens, W streamed into shared memory by bulk copies (TMA) in a ring that runs across a
-// persistent block's row tiles.
+// persistent block's row tiles. Not the default (LORA_FUSED_DECODE_KERNEL=bulk): slower than the
+// other two kernels where they are used (benchmarks/RESULTS.md, session 29).
 #pragma once
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
