@@ -1,9 +1,9 @@
 """lora_decode (the fused bf16 LoRA decode kernels, M <= 16) on the GPU at hand, beside the cuBLAS base
 GEMM x @ W^T alone (the goal: <= 1.0x of it) and eager PyTorch (base + LoRA as three GEMMs); also
 each of its kernels forced (LORA_FUSED_DECODE_KERNEL=simt: CUDA-core dot products; =mma: tensor
-cores; on sm_90 the default is =bulk, the weight by bulk copies), the default without programmatic
-dependent launch (LORA_FUSED_PDL=0), and with --variants the bulk-copy kernel's settings
-(rows=32: LORA_FUSED_DECODE_ROWS; stages=N: LORA_FUSED_DECODE_STAGES).
+cores; =bulk, sm_90 only: the weight by bulk copies), the default without programmatic dependent
+launch (LORA_FUSED_PDL=0), and with --variants the bulk-copy kernel with its settings (bulk: its
+defaults; rows=32: LORA_FUSED_DECODE_ROWS; stages=N: LORA_FUSED_DECODE_STAGES).
 
     python scripts/bench_lora_decode.py [--M 1,2,4,8,16] [--shapes 4096:4096,8192:28672] [--r 16]
         [--variants rows=32,stages=3,stages=6]
@@ -27,7 +27,7 @@ def main():
     ap.add_argument("--M", default="1,2,4,8,16")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--variants", default="", help="bulk-copy kernel settings, each a column: rows=N or stages=N")
+    ap.add_argument("--variants", default="", help="bulk-copy kernel settings, each a column: bulk, rows=N or stages=N")
     ap.add_argument("--brief", action="store_true", help="only lora_decode, the variants and cuBLAS's base GEMM")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -46,8 +46,11 @@ def main():
             cols = {"lora_decode": (run, want, {}), "mma": (run, want, {"LORA_FUSED_DECODE_KERNEL": "mma"}),
                     "simt": (run, want, {"LORA_FUSED_DECODE_KERNEL": "simt"}), "no PDL": (run, want, {"LORA_FUSED_PDL": "0"})}
             for v in filter(None, args.variants.split(",")):
-                key, val = v.split("=")
-                cols[v] = (run, want, {{"rows": "LORA_FUSED_DECODE_ROWS", "stages": "LORA_FUSED_DECODE_STAGES"}[key]: val})
+                env = {"LORA_FUSED_DECODE_KERNEL": "bulk"}
+                if v != "bulk":
+                    key, val = v.split("=")
+                    env[{"rows": "LORA_FUSED_DECODE_ROWS", "stages": "LORA_FUSED_DECODE_STAGES"}[key]] = val
+                cols[v] = (run, want, env)
             cols["cuBLAS base"] = (lambda: torch.mm(x, w.t()), want_base, {})
             cols["eager"] = (lambda: torch.mm(x, w.t()) + s * torch.mm(torch.mm(x, a.t()), b.t()), want, {})
             if args.brief:
