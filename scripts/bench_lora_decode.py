@@ -3,7 +3,8 @@ GEMM x @ W^T alone (the goal: <= 1.0x of it) and eager PyTorch (base + LoRA as t
 each of its kernels forced (LORA_FUSED_DECODE_KERNEL=simt: CUDA-core dot products; =mma: tensor
 cores; =bulk, sm_90 only: the weight by bulk copies), the default without programmatic dependent
 launch (LORA_FUSED_PDL=0), and with --variants the bulk-copy kernel with its settings (bulk: its
-defaults; rows=32: LORA_FUSED_DECODE_ROWS; stages=N: LORA_FUSED_DECODE_STAGES).
+defaults; rows=32: LORA_FUSED_DECODE_ROWS; stages=N: LORA_FUSED_DECODE_STAGES), mma32 (the tensor-core
+kernel with 32 weight rows a warp) and simtx (the CUDA-core kernel reading x directly).
 
     python scripts/bench_lora_decode.py [--M 1,2,4,8,16] [--shapes 4096:4096,8192:28672] [--r 16]
         [--variants rows=32,stages=3,stages=6]
@@ -20,6 +21,12 @@ from bench_nf4_decode import graph_us  # same folder: the same CUDA-graph timing
 from lora_fused import _ops
 
 SHAPES = "4096:4096,4096:11008,11008:4096,8192:8192,8192:28672"
+# --variants by name besides the bulk-copy kernel's: the tensor-core kernel with 32 weight rows a warp,
+# the CUDA-core kernel reading x straight from global memory.
+NAMED_VARIANTS = {
+    "mma32": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_MMA_ROWS": "32"},
+    "simtx": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_SIMT_X": "direct"},
+}
 
 
 def main():
@@ -27,8 +34,8 @@ def main():
     ap.add_argument("--M", default="1,2,4,8,16")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--variants", default="", help="bulk-copy kernel settings, each a column: bulk, rows=N or stages=N")
-    ap.add_argument("--brief", action="store_true", help="only lora_decode, the variants and cuBLAS's base GEMM")
+    ap.add_argument("--variants", default="", help="each a column: bulk, rows=N, stages=N (the bulk-copy kernel), mma32 or simtx")
+    ap.add_argument("--brief", action="store_true", help="leave out the no-PDL and eager columns")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     dt, r, s = torch.bfloat16, args.r, 2.0
@@ -47,14 +54,16 @@ def main():
                     "simt": (run, want, {"LORA_FUSED_DECODE_KERNEL": "simt"}), "no PDL": (run, want, {"LORA_FUSED_PDL": "0"})}
             for v in filter(None, args.variants.split(",")):
                 env = {"LORA_FUSED_DECODE_KERNEL": "bulk"}
-                if v != "bulk":
+                if v in NAMED_VARIANTS:
+                    env = NAMED_VARIANTS[v]
+                elif v != "bulk":
                     key, val = v.split("=")
                     env[{"rows": "LORA_FUSED_DECODE_ROWS", "stages": "LORA_FUSED_DECODE_STAGES"}[key]] = val
                 cols[v] = (run, want, env)
             cols["cuBLAS base"] = (lambda: torch.mm(x, w.t()), want_base, {})
             cols["eager"] = (lambda: torch.mm(x, w.t()) + s * torch.mm(torch.mm(x, a.t()), b.t()), want, {})
             if args.brief:
-                cols = {n: c for n, c in cols.items() if n not in ("mma", "simt", "no PDL", "eager")}
+                cols = {n: c for n, c in cols.items() if n not in ("no PDL", "eager")}
             row, times = f"{k:>5}->{d:<5} M={m:<2} r={r}", {}
             for name, (fn, ref, env) in cols.items():
                 os.environ.update(env)  # read as the graph is captured

@@ -46,11 +46,15 @@ def main():
         x, w, a = rnd(M, k), rnd(d, k, sc=k**-0.5), rnd(r, k, sc=k**-0.5)
         b = rnd(r, d, sc=0.3).t() if M == 9 else rnd(d, r, sc=0.3)
         bias = rnd(d)
-        for kern in ("simt", "mma") + (("bulk",) if torch.cuda.get_device_capability() == (9, 0) else ()):
-            os.environ["LORA_FUSED_DECODE_KERNEL"] = kern
+        kernels = ("simt", "simt+LORA_FUSED_DECODE_SIMT_X=direct", "mma", "mma+LORA_FUSED_DECODE_MMA_ROWS=32")
+        for kern in kernels + (("bulk",) if torch.cuda.get_device_capability() == (9, 0) else ()):
+            name, *extra = kern.split("+")
+            env = {"LORA_FUSED_DECODE_KERNEL": name, **dict(e.split("=") for e in extra)}
+            os.environ.update(env)
             close(_ops.lora_decode(x, w, a, b, 2.0, bias), reference.lora_linear(x, w, a, b, 2.0, bias),
                   f"lora_decode {kern} M={M} {k}->{d} r={r}", 2e-2)
-        del os.environ["LORA_FUSED_DECODE_KERNEL"]
+            for key in env:
+                del os.environ[key]
     if "--decode-only" in sys.argv:
         print("sanitize slice: all kernels ran and matched float64 (--decode-only)", flush=True)
         return

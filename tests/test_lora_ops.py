@@ -135,13 +135,28 @@ def test_bad_inputs_give_clear_errors(device):
         assert torch.isfinite(_ops.lora_shrink(x, a)).all()
 
 
-# On CUDA each of lora_decode's kernels is forced in turn (CUDA-core dot products; tensor cores; on
-# sm_90 the weight streamed by bulk copies).
+# On CUDA each of lora_decode's kernels is forced in turn (CUDA-core dot products, x staged or read
+# directly; tensor cores, 16 or 32 weight rows a warp; on sm_90 the weight streamed by bulk copies).
 _CUDA = DEVICES[1]
 _SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 requires_sm90 = pytest.mark.skipif(not _SM90, reason="the bulk-copy decode kernel needs an sm_90 GPU")
-DECODE_KERNELS = [("cpu", None)] + [pytest.param("cuda", kern, marks=_CUDA.marks, id=f"cuda-{kern}") for kern in ("simt", "mma")]
-DECODE_KERNELS.append(pytest.param("cuda", "bulk", marks=[*_CUDA.marks, requires_sm90], id="cuda-bulk"))
+# lora_decode's kernels forced, by id: the environment each sets.
+_DECODE_ENV = {
+    "simt": {"LORA_FUSED_DECODE_KERNEL": "simt"},
+    "simt-direct-x": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_SIMT_X": "direct"},
+    "mma": {"LORA_FUSED_DECODE_KERNEL": "mma"},
+    "mma-32rows": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_MMA_ROWS": "32"},
+    "bulk": {"LORA_FUSED_DECODE_KERNEL": "bulk"},
+}
+DECODE_KERNELS = [("cpu", None)] + [
+    pytest.param("cuda", kern, marks=[*_CUDA.marks, *([requires_sm90] if kern == "bulk" else [])], id=f"cuda-{kern}")
+    for kern in _DECODE_ENV
+]
+
+
+def force_decode_kernel(monkeypatch, kernel):
+    for name, value in _DECODE_ENV.get(kernel, {}).items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.mark.parametrize("device,kernel", DECODE_KERNELS)
@@ -156,8 +171,7 @@ def test_lora_decode_matches_reference(device, kernel, dtype, M, k, d, r, bias, 
     # kernel, with u from cuBLAS where k % 32 != 0 (1544, 1032, 72) and from the shrink kernel's
     # partial sums elsewhere (2080: one slice of K, 9216: three, the last partial; with 8-warp shrink
     # blocks three and eight: test_decode_shrink_blocks_of_8_and_32_warps).
-    if kernel is not None:
-        monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", kernel)
+    force_decode_kernel(monkeypatch, kernel)
     x = randn(M, k, dtype=dtype, device=device)
     w = randn(d, k, dtype=dtype, device=device, scale=k**-0.5)
     a = randn(r, k, dtype=dtype, device=device, scale=k**-0.5)
@@ -235,6 +249,16 @@ def test_lora_decode_bulk_rows_and_stages(rows, stages, M, k, d, monkeypatch):
 def test_bad_decode_kernel_settings_are_clear_errors(monkeypatch):
     x, w = randn(2, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 256, dtype=torch.bfloat16, device="cuda")
     a, b = randn(8, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 8, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "mma")
+    monkeypatch.setenv("LORA_FUSED_DECODE_MMA_ROWS", "48")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_MMA_ROWS must be 16 or 32 .*got '48'"):
+        _ops.lora_decode(x, w, a, b, 1.0)
+    monkeypatch.delenv("LORA_FUSED_DECODE_MMA_ROWS")
+    monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "simt")
+    monkeypatch.setenv("LORA_FUSED_DECODE_SIMT_X", "shared")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_SIMT_X must be staged or direct; got 'shared'"):
+        _ops.lora_decode(x, w, a, b, 1.0)
+    monkeypatch.delenv("LORA_FUSED_DECODE_SIMT_X")
     monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "fast")
     with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_KERNEL must be simt, mma or bulk; got 'fast'"):
         _ops.lora_decode(x, w, a, b, 1.0)
@@ -260,8 +284,7 @@ def test_bad_decode_kernel_settings_are_clear_errors(monkeypatch):
 
 @pytest.mark.parametrize("device,kernel", DECODE_KERNELS)
 def test_lora_decode_strided_x_and_opcheck(device, kernel, monkeypatch):
-    if kernel is not None:
-        monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", kernel)
+    force_decode_kernel(monkeypatch, kernel)
     x = randn(4, 264, dtype=torch.bfloat16, device=device)[:, 8:]  # row stride 264, 16-byte aligned rows
     w = randn(48, 256, dtype=torch.bfloat16, device=device, scale=1 / 16)
     a, b = randn(8, 256, dtype=torch.bfloat16, device=device, scale=1 / 16), randn(48, 8, dtype=torch.bfloat16, device=device)

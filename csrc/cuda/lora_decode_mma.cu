@@ -12,6 +12,9 @@
 
 #include <c10/cuda/CUDAException.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/common.cuh"
 #include "cuda/lora_shrink_partials.h"
 #include "cuda/mma_sm80.cuh"
@@ -21,27 +24,37 @@ namespace lora_fused {
 namespace cuda {
 namespace {
 
-// 16 rows per block (not 32): a block's share of W stays small, so the last partial wave of blocks
-// is short (32-row blocks ran 8192->28672 at 184 us against 162 for the 16-row CUDA-core kernel).
-constexpr int kGroups = 1;   // 16-row groups per block
-constexpr int kSplits = 8;   // warps splitting K per group
-constexpr int kThreads = kGroups * kSplits * 32;
-constexpr int kRows = kGroups * 16;
-constexpr int kUnroll = 4;   // 32-column steps whose loads are in flight together
+// G row groups of 16 per warp: the x fragments a step loads serve G groups, so x's traffic through
+// L1 per weight byte is 1/G (at 16 tokens, G = 1 loads as many bytes of x as of W). A block is 16G
+// rows: 16 by default (not 32: a block's share of W stays small, so the last partial wave of blocks
+// is short; 32-row blocks ran 8192->28672 at 184 us against 162 for the 16-row CUDA-core kernel).
+// LORA_FUSED_DECODE_MMA_ROWS=32 takes G = 2 (rows_per_warp).
+constexpr int kSplits = 8;   // warps splitting K per block
+constexpr int kThreads = kSplits * 32;
 constexpr int kMaxRank = 256;
 
+// U: 32-column steps whose loads are in flight together (4 with G = 1; 2 with G = 2, the same bytes of
+// W in flight a lane, within 128 registers).
+template <int G>
+constexpr int unroll() {
+  return G == 1 ? 4 : 2;
+}
 
-template <typename T, int NT>
+template <typename T, int NT, int G>
 __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const LoraDecodeArgs a) {
+  constexpr int kRows = 16 * G, kUnroll = unroll<G>();
   __shared__ float red[kSplits][kRows][16 + 1];
   __shared__ float us[16][kMaxRank];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int grp = warp / kSplits, ks = warp % kSplits;
+  const int ks = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kRows + grp * 16;
-  const int64_t ra = f0 + g < a.D ? f0 + g : a.D - 1, rb = f0 + g + 8 < a.D ? f0 + g + 8 : a.D - 1;
-  const T* wa = static_cast<const T*>(a.w) + ra * a.ldw + 8 * t;
-  const T* wb = static_cast<const T*>(a.w) + rb * a.ldw + 8 * t;
+  const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  // Row 8h + g of the block (rows past D read row D - 1; they are never stored).
+  const T* wr[2 * G];
+#pragma unroll
+  for (int h = 0; h < 2 * G; ++h) {
+    const int64_t row = f0 + 8 * h + g < a.D ? f0 + 8 * h + g : a.D - 1;
+    wr[h] = static_cast<const T*>(a.w) + row * a.ldw + 8 * t;
+  }
   const T* xr[NT];
   bool xin[NT];
 #pragma unroll
@@ -50,17 +63,19 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
     xin[n] = m < a.M;
     xr[n] = static_cast<const T*>(a.x) + (xin[n] ? m : 0) * a.ldx + 8 * t;
   }
-  float c[NT][4];
+  float c[G][NT][4];
 #pragma unroll
-  for (int n = 0; n < NT; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
+  for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) c[gi][n][0] = c[gi][n][1] = c[gi][n][2] = c[gi][n][3] = 0.0f;
 
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const int64_t steps = (a.K + 31) / 32;
-  // A warp's kUnroll steps of a batch are consecutive (256 contiguous bytes per row), the block's 8
-  // warps side by side: interleaving the warps' steps instead (512 bytes apart) ran 8192-wide rows
-  // at ~80% of cuBLAS's rate.
+  // A warp's kUnroll steps of a batch are consecutive (256 contiguous bytes per row with U = 4), the
+  // block's 8 warps side by side: interleaving the warps' steps instead (512 bytes apart) ran
+  // 8192-wide rows at ~80% of cuBLAS's rate.
   for (int64_t s0 = ks * kUnroll; s0 < steps; s0 += kSplits * kUnroll) {
-    uint4 va[kUnroll], vb[kUnroll], vx[kUnroll][NT];
+    uint4 vw[kUnroll][2 * G], vx[kUnroll][NT];
     bool ok[kUnroll];
     // Every load first (out-of-range steps read column 0 and are zeroed after): all in flight at once.
 #pragma unroll
@@ -68,35 +83,43 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
       const int64_t col = (s0 + i) * 32 + 8 * t;
       ok[i] = s0 + i < steps && col < a.K;
       const int64_t c0 = ok[i] ? col - 8 * t : 0;
-      va[i] = load_nc16(wa + c0);
-      vb[i] = load_nc16(wb + c0);
+#pragma unroll
+      for (int h = 0; h < 2 * G; ++h) vw[i][h] = load_nc16(wr[h] + c0);
 #pragma unroll
       for (int n = 0; n < NT; ++n) vx[i][n] = __ldg(reinterpret_cast<const uint4*>(xr[n] + c0));
     }
 #pragma unroll
     for (int i = 0; i < kUnroll; ++i) {
-      if (!ok[i]) va[i] = vb[i] = zero;
+#pragma unroll
+      for (int h = 0; h < 2 * G; ++h)
+        if (!ok[i]) vw[i][h] = zero;
 #pragma unroll
       for (int n = 0; n < NT; ++n)
         if (!ok[i] || !xin[n]) vx[i][n] = zero;
-      const uint32_t a0[4] = {va[i].x, vb[i].x, va[i].y, vb[i].y};  // k 8t..8t+3
-      const uint32_t a1[4] = {va[i].z, vb[i].z, va[i].w, vb[i].w};  // k 8t+4..8t+7
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        mma16816<T>(c[n], a0, vx[i][n].x, vx[i][n].y);
-        mma16816<T>(c[n], a1, vx[i][n].z, vx[i][n].w);
+      for (int gi = 0; gi < G; ++gi) {
+        const uint4 &va = vw[i][2 * gi], &vb = vw[i][2 * gi + 1];
+        const uint32_t a0[4] = {va.x, vb.x, va.y, vb.y};  // k 8t..8t+3
+        const uint32_t a1[4] = {va.z, vb.z, va.w, vb.w};  // k 8t+4..8t+7
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          mma16816<T>(c[gi][n], a0, vx[i][n].x, vx[i][n].y);
+          mma16816<T>(c[gi][n], a1, vx[i][n].z, vx[i][n].w);
+        }
       }
     }
   }
-  // c[n]: rows g, g + 8 of the group, tokens 2t, 2t + 1 (+ 8n).
+  // c[gi][n]: rows 16 gi + g, + 8 of the block, tokens 2t, 2t + 1 (+ 8n).
 #pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    const int m = 2 * t + 8 * n, r = grp * 16 + g;
-    red[ks][r][m] = c[n][0];
-    red[ks][r][m + 1] = c[n][1];
-    red[ks][r + 8][m] = c[n][2];
-    red[ks][r + 8][m + 1] = c[n][3];
-  }
+  for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int m = 2 * t + 8 * n, r = 16 * gi + g;
+      red[ks][r][m] = c[gi][n][0];
+      red[ks][r][m + 1] = c[gi][n][1];
+      red[ks][r + 8][m] = c[gi][n][2];
+      red[ks][r + 8][m + 1] = c[gi][n][3];
+    }
   // u only now: the shrink kernel (programmatic dependent launch) ran beside the weight stream.
   if (a.u == nullptr) pdl_wait();
   for (int i = threadIdx.x; i < a.M * a.R; i += kThreads) {
@@ -115,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
   T* out = static_cast<T*>(a.out);
   for (int i = threadIdx.x; i < kRows * a.M; i += kThreads) {
     const int r = i % kRows, m = i / kRows;  // consecutive threads: consecutive features
-    const int64_t f = static_cast<int64_t>(blockIdx.x) * kRows + r;
+    const int64_t f = f0 + r;
     if (f >= a.D) continue;
     float v = 0.0f;
 #pragma unroll
@@ -127,10 +150,30 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
   }
 }
 
-template <typename T, int NT>
+template <typename T, int NT, int G>
 void launch(const LoraDecodeArgs& a, bool pdl, cudaStream_t stream) {
-  const unsigned int grid = grid_x(ceil_div<int64_t>(a.D, kRows), "lora_fused.lora_decode");
-  launch_maybe_pdl(pdl, lora_decode_mma_kernel<T, NT>, dim3(grid), dim3(kThreads), 0, stream, a);
+  const unsigned int grid = grid_x(ceil_div<int64_t>(a.D, 16 * G), "lora_fused.lora_decode");
+  launch_maybe_pdl(pdl, lora_decode_mma_kernel<T, NT, G>, dim3(grid), dim3(kThreads), 0, stream, a);
+}
+
+// Row groups of 16 per warp: 1, or LORA_FUSED_DECODE_MMA_ROWS=32 for 2 (comparisons, tests).
+int rows_per_warp() {
+  const char* v = std::getenv("LORA_FUSED_DECODE_MMA_ROWS");
+  if (v == nullptr || *v == '\0') return 1;
+  TORCH_CHECK(std::strcmp(v, "16") == 0 || std::strcmp(v, "32") == 0,
+              "LORA_FUSED_DECODE_MMA_ROWS must be 16 or 32 (weight rows per warp of lora_decode's tensor-core kernel), got '",
+              v, "'");
+  return v[0] == '3' ? 2 : 1;
+}
+
+template <typename T>
+void launch_for(const LoraDecodeArgs& a, bool pdl, cudaStream_t stream) {
+  const bool two = rows_per_warp() == 2;
+  if (a.M <= 8) {
+    two ? launch<T, 1, 2>(a, pdl, stream) : launch<T, 1, 1>(a, pdl, stream);
+  } else {
+    two ? launch<T, 2, 2>(a, pdl, stream) : launch<T, 2, 1>(a, pdl, stream);
+  }
 }
 
 }  // namespace
@@ -139,10 +182,10 @@ void lora_decode_mma_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool 
   TORCH_CHECK(a.M >= 1 && a.M <= 16 && a.R >= 1 && a.R <= kMaxRank && a.K % 8 == 0,
               "lora_fused.lora_decode: internal: the tensor-core kernel got M=", a.M, " R=", a.R, " K=", a.K);
   if (dtype == at::kBFloat16) {
-    a.M <= 8 ? launch<at::BFloat16, 1>(a, pdl, stream) : launch<at::BFloat16, 2>(a, pdl, stream);
+    launch_for<at::BFloat16>(a, pdl, stream);
   } else {
     TORCH_CHECK(dtype == at::kHalf, "lora_fused.lora_decode: internal: the tensor-core kernel got ", dtype);
-    a.M <= 8 ? launch<at::Half, 1>(a, pdl, stream) : launch<at::Half, 2>(a, pdl, stream);
+    launch_for<at::Half>(a, pdl, stream);
   }
 }
 
