@@ -135,16 +135,17 @@ def test_bad_inputs_give_clear_errors(device):
         assert torch.isfinite(_ops.lora_shrink(x, a)).all()
 
 
-# On CUDA each of lora_decode's kernels is forced in turn (CUDA-core dot products, x staged or read
-# directly; tensor cores, 16 or 32 weight rows a warp; on sm_90 the weight streamed by bulk copies).
+# On CUDA each of lora_decode's kernels is forced in turn (CUDA-core dot products, 16 or (one token) 8
+# weight rows a block; tensor cores, 8, 16 or 32 rows; on sm_90 the weight streamed by bulk copies).
 _CUDA = DEVICES[1]
 _SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 requires_sm90 = pytest.mark.skipif(not _SM90, reason="the bulk-copy decode kernel needs an sm_90 GPU")
 # lora_decode's kernels forced, by id: the environment each sets.
 _DECODE_ENV = {
     "simt": {"LORA_FUSED_DECODE_KERNEL": "simt"},
-    "simt-direct-x": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_SIMT_X": "direct"},
+    "simt-8rows": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_SIMT_ROWS": "8"},
     "mma": {"LORA_FUSED_DECODE_KERNEL": "mma"},
+    "mma-8rows": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_MMA_ROWS": "8"},
     "mma-32rows": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_MMA_ROWS": "32"},
     "bulk": {"LORA_FUSED_DECODE_KERNEL": "bulk"},
 }
@@ -251,14 +252,14 @@ def test_bad_decode_kernel_settings_are_clear_errors(monkeypatch):
     a, b = randn(8, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 8, dtype=torch.bfloat16, device="cuda")
     monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "mma")
     monkeypatch.setenv("LORA_FUSED_DECODE_MMA_ROWS", "48")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_MMA_ROWS must be 16 or 32 .*got '48'"):
+    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_MMA_ROWS must be 8, 16 or 32 .*got '48'"):
         _ops.lora_decode(x, w, a, b, 1.0)
     monkeypatch.delenv("LORA_FUSED_DECODE_MMA_ROWS")
     monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "simt")
-    monkeypatch.setenv("LORA_FUSED_DECODE_SIMT_X", "shared")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_SIMT_X must be staged or direct; got 'shared'"):
-        _ops.lora_decode(x, w, a, b, 1.0)
-    monkeypatch.delenv("LORA_FUSED_DECODE_SIMT_X")
+    monkeypatch.setenv("LORA_FUSED_DECODE_SIMT_ROWS", "32")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_SIMT_ROWS must be 8 or 16; got '32'"):
+        _ops.lora_decode(x[:1], w, a, b, 1.0)
+    monkeypatch.delenv("LORA_FUSED_DECODE_SIMT_ROWS")
     monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "fast")
     with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_KERNEL must be simt, mma or bulk; got 'fast'"):
         _ops.lora_decode(x, w, a, b, 1.0)

@@ -17,8 +17,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <limits>
-#include <type_traits>
 
 #include "checks.h"
 #include "cuda/common.cuh"
@@ -33,14 +31,13 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRowsPerWarp = 2;
-constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int kMaxRank = 256;  // scale * u in shared memory: 16 x 256 x 4 B = 16 KB
-// 16-byte loads in flight per row and lane: 4 where the staged x (MT rows x SEG * 256 columns)
-// leaves room for u in 48 KiB of static shared memory.
-template <int MT>
+// RPW: rows per warp, 2 (or 1 for one token with LORA_FUSED_DECODE_SIMT_ROWS=8, for comparisons).
+// 16-byte loads in flight per row and lane: 4 (8 with one row a warp) where the staged x (MT rows x
+// SEG * 256 columns) leaves room for u in 48 KiB of static shared memory.
+template <int MT, int RPW>
 constexpr int segments() {
-  return MT <= 8 ? 4 : 2;
+  return (MT <= 8 ? 4 : 2) * (RPW == 1 ? 2 : 1);
 }
 constexpr int kMaxM = 16;
 
@@ -66,50 +63,15 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc)
   return acc;
 }
 
-// The products of one step: SEG 16-byte segments of kRowsPerWarp rows at columns c + 256 sg (lane's
-// c), columns at or past kc as zeros, with x's rows from xrow(m, column).
-template <typename T, int MT, int SEG, typename XRow>
-__device__ __forceinline__ void simt_step(const T* __restrict__ w, int64_t ldw, int64_t n0, int64_t D, int64_t wcol,
-                                          int c, int kc, XRow xrow, float (&acc)[kRowsPerWarp][MT]) {
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  // Every load first, unconditional (rows past D and columns past kc read row D - 1 / column c and
-  // are zeroed after), so that they are all in flight at once.
-  uint4 wv[SEG][kRowsPerWarp];
-#pragma unroll
-  for (int sg = 0; sg < SEG; ++sg)
-#pragma unroll
-    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-      const int64_t n = n0 + rr < D ? n0 + rr : D - 1;
-      const int cs = c + sg * 32 * 8 < kc ? c + sg * 32 * 8 : c;
-      wv[sg][rr] = cuda::load_nc16(w + n * ldw + wcol + cs);
-    }
-#pragma unroll
-  for (int sg = 0; sg < SEG; ++sg)
-#pragma unroll
-    for (int rr = 0; rr < kRowsPerWarp; ++rr)
-      if (n0 + rr >= D || c + sg * 32 * 8 >= kc) wv[sg][rr] = zero;
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int sg = 0; sg < SEG; ++sg) {
-      const int cs = c + sg * 32 * 8;
-      const uint4 xv = cs < kc ? xrow(m, cs) : zero;
-#pragma unroll
-      for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr][m] = dot8<T>(wv[sg][rr], xv, acc[rr][m]);
-    }
-}
-
 // u: [M, R] with row stride ldu, or (u == nullptr) splits partial sums parts [splits][M][R].
-// kDirect: x's rows read straight from global memory (L1) in the loop, with no block-wide barrier
-// per chunk (LORA_FUSED_DECODE_SIMT_X=direct, for comparison); else staged in shared memory.
-template <typename T, int MT, bool kDirect>
+template <typename T, int MT, int kRowsPerWarp>
 __global__ void __launch_bounds__(kThreads, 2)
     lora_decode_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ w, int64_t ldw,
                        const T* __restrict__ u, int64_t ldu, const float* __restrict__ parts, int splits,
                        const T* __restrict__ b, int64_t b_sd, int64_t b_sr, const T* __restrict__ bias,
                        T* __restrict__ out, int M, int64_t K, int64_t D, int R, float scale) {
-  constexpr int SEG = segments<MT>(), kChunk = SEG * 256;
-  __shared__ alignas(16) T xs[kDirect ? 1 : MT][kDirect ? 8 : kChunk];
+  constexpr int SEG = segments<MT, kRowsPerWarp>(), kChunk = SEG * 256, kRowsPerBlock = kWarps * kRowsPerWarp;
+  __shared__ alignas(16) T xs[MT][kChunk];
   __shared__ float us[MT][kMaxRank];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp * kRowsPerWarp;
@@ -121,25 +83,42 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int m = 0; m < MT; ++m) acc[rr][m] = 0.0f;
 
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  if constexpr (kDirect) {
-    const int kc = static_cast<int>(K);  // K < 2^31 (checked by the host)
-    auto xrow = [&](int m, int cs) {
-      return m < M ? __ldg(reinterpret_cast<const uint4*>(x + m * ldx + cs)) : zero;
-    };
-    for (int c = lane * 8; c < kc; c += SEG * 32 * 8) simt_step<T, MT, SEG>(w, ldw, n0, D, 0, c, kc, xrow, acc);
-  } else {
-    for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-      const int kc = static_cast<int>(K - k0 < kChunk ? K - k0 : kChunk);  // a multiple of 8
-      __syncthreads();  // the previous chunk is consumed
-      for (int i = threadIdx.x; i < MT * (kc / 8); i += kThreads) {
-        const int m = i / (kc / 8), c = (i % (kc / 8)) * 8;
-        *reinterpret_cast<uint4*>(&xs[m][c]) =
-            m < M ? *reinterpret_cast<const uint4*>(x + m * ldx + k0 + c) : zero;
-      }
-      __syncthreads();
-      auto xrow = [&](int m, int cs) { return *reinterpret_cast<const uint4*>(&xs[m][cs]); };
-      // SEG 16-byte segments per row per step, so each lane keeps SEG x kRowsPerWarp loads in flight.
-      for (int c = lane * 8; c < kc; c += SEG * 32 * 8) simt_step<T, MT, SEG>(w, ldw, n0, D, k0, c, kc, xrow, acc);
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int kc = static_cast<int>(K - k0 < kChunk ? K - k0 : kChunk);  // a multiple of 8
+    __syncthreads();  // the previous chunk is consumed
+    for (int i = threadIdx.x; i < MT * (kc / 8); i += kThreads) {
+      const int m = i / (kc / 8), c = (i % (kc / 8)) * 8;
+      *reinterpret_cast<uint4*>(&xs[m][c]) =
+          m < M ? *reinterpret_cast<const uint4*>(x + m * ldx + k0 + c) : zero;
+    }
+    __syncthreads();
+    // SEG 16-byte segments per row per step, so each lane keeps SEG x kRowsPerWarp loads in flight.
+    for (int c = lane * 8; c < kc; c += SEG * 32 * 8) {
+      // Every load first, unconditional (rows past D and columns past the chunk read row D - 1 /
+      // column c and are zeroed after), so that they are all in flight at once.
+      uint4 wv[SEG][kRowsPerWarp];
+#pragma unroll
+      for (int sg = 0; sg < SEG; ++sg)
+#pragma unroll
+        for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+          const int64_t n = n0 + rr < D ? n0 + rr : D - 1;
+          const int cs = c + sg * 32 * 8 < kc ? c + sg * 32 * 8 : c;
+          wv[sg][rr] = cuda::load_nc16(w + n * ldw + k0 + cs);
+        }
+#pragma unroll
+      for (int sg = 0; sg < SEG; ++sg)
+#pragma unroll
+        for (int rr = 0; rr < kRowsPerWarp; ++rr)
+          if (n0 + rr >= D || c + sg * 32 * 8 >= kc) wv[sg][rr] = zero;
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int sg = 0; sg < SEG; ++sg) {
+          const int cs = c + sg * 32 * 8;
+          const uint4 xv = cs < kc ? *reinterpret_cast<const uint4*>(&xs[m][cs]) : zero;
+#pragma unroll
+          for (int rr = 0; rr < kRowsPerWarp; ++rr) acc[rr][m] = dot8<T>(wv[sg][rr], xv, acc[rr][m]);
+        }
     }
   }
 
@@ -203,14 +182,13 @@ DecodeKernel pick_kernel(int64_t m, int64_t k, int major) {
   return DecodeKernel::kSimt;
 }
 
-// How the CUDA-core kernel reads x: staged in shared memory a chunk at a time (the default), or with
-// LORA_FUSED_DECODE_SIMT_X=direct straight from global memory (comparisons).
-bool simt_direct_x() {
-  const char* env = std::getenv("LORA_FUSED_DECODE_SIMT_X");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "staged") == 0) return false;
-  TORCH_CHECK(std::strcmp(env, "direct") == 0, "lora_fused.lora_decode: LORA_FUSED_DECODE_SIMT_X must be staged or direct; got '",
-              env, "'");
-  return true;
+// Weight rows per block of the CUDA-core kernel for one token: 16, or 8 with LORA_FUSED_DECODE_SIMT_ROWS=8
+// (comparisons).
+int simt_rows() {
+  const char* env = std::getenv("LORA_FUSED_DECODE_SIMT_ROWS");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "16") == 0) return 16;
+  TORCH_CHECK(std::strcmp(env, "8") == 0, "lora_fused.lora_decode: LORA_FUSED_DECODE_SIMT_ROWS must be 8 or 16; got '", env, "'");
+  return 8;
 }
 
 // The LoRA input: u [M, r] (T), or the shrink kernel's partial sums (fp32 [splits][M][r]).
@@ -220,13 +198,13 @@ struct ShrinkOut {
   bool pdl = false;
 };
 
-template <typename T, int MT, bool kDirect>
+template <typename T, int MT, int RPW = 2>
 void launch(const at::Tensor& x, const at::Tensor& w, const ShrinkOut& sh, const at::Tensor& b,
             const c10::optional<at::Tensor>& bias, at::Tensor& out, double scale, int64_t r) {
   const int64_t D = w.size(0);
-  const unsigned int grid = cuda::grid_x(cuda::ceil_div<int64_t>(D, kRowsPerBlock), "lora_fused.lora_decode");
+  const unsigned int grid = cuda::grid_x(cuda::ceil_div<int64_t>(D, kWarps * RPW), "lora_fused.lora_decode");
   const bool has_u = sh.u.defined();
-  cuda::launch_maybe_pdl(sh.pdl, lora_decode_kernel<T, MT, kDirect>, dim3(grid), dim3(kThreads), 0,
+  cuda::launch_maybe_pdl(sh.pdl, lora_decode_kernel<T, MT, RPW>, dim3(grid), dim3(kThreads), 0,
                          at::cuda::getCurrentCUDAStream(), x.data_ptr<T>(), x.stride(0), w.data_ptr<T>(), w.stride(0),
                          has_u ? sh.u.data_ptr<T>() : static_cast<T*>(nullptr), has_u ? sh.u.stride(0) : int64_t{0},
                          has_u ? static_cast<float*>(nullptr) : sh.parts.data_ptr<float>(), sh.splits,
@@ -278,18 +256,13 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
     }
     return out;
   }
-  const bool direct = simt_direct_x() && K <= std::numeric_limits<int>::max() - 4096;
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "lora_decode_cuda", [&] {
-    auto go = [&](auto mt) {
-      constexpr int MT = decltype(mt)::value;
-      direct ? launch<scalar_t, MT, true>(x, weight, sh, lora_b, bias, out, scale, R)
-             : launch<scalar_t, MT, false>(x, weight, sh, lora_b, bias, out, scale, R);
-    };
-    if (M == 1) go(std::integral_constant<int, 1>{});
-    else if (M <= 2) go(std::integral_constant<int, 2>{});
-    else if (M <= 4) go(std::integral_constant<int, 4>{});
-    else if (M <= 8) go(std::integral_constant<int, 8>{});
-    else go(std::integral_constant<int, 16>{});
+    if (M == 1 && simt_rows() == 8) launch<scalar_t, 1, 1>(x, weight, sh, lora_b, bias, out, scale, R);
+    else if (M == 1) launch<scalar_t, 1>(x, weight, sh, lora_b, bias, out, scale, R);
+    else if (M <= 2) launch<scalar_t, 2>(x, weight, sh, lora_b, bias, out, scale, R);
+    else if (M <= 4) launch<scalar_t, 4>(x, weight, sh, lora_b, bias, out, scale, R);
+    else if (M <= 8) launch<scalar_t, 8>(x, weight, sh, lora_b, bias, out, scale, R);
+    else launch<scalar_t, 16>(x, weight, sh, lora_b, bias, out, scale, R);
   });
   return out;
 }

@@ -14,6 +14,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/lora_shrink_partials.h"
@@ -24,34 +25,34 @@ namespace lora_fused {
 namespace cuda {
 namespace {
 
-// G row groups of 16 per warp: the x fragments a step loads serve G groups, so x's traffic through
-// L1 per weight byte is 1/G (at 16 tokens, G = 1 loads as many bytes of x as of W). A block is 16G
-// rows: 16 by default (not 32: a block's share of W stays small, so the last partial wave of blocks
-// is short; 32-row blocks ran 8192->28672 at 184 us against 162 for the 16-row CUDA-core kernel).
-// LORA_FUSED_DECODE_MMA_ROWS=32 takes G = 2 (rows_per_warp).
+// H: weight rows per warp and block in eights (8H rows), in G = ceil(H / 2) mma row groups of 16 (with
+// H = 1 the group's rows 8-15 are zeros). The x fragments a step loads serve all of them, so x's
+// traffic through L1 per weight byte is 1/H. H = 2 by default: 16 rows a block (a block's share of W
+// small, so the last partial wave of blocks is short; 32-row blocks ran 8192->28672 at 184 us
+// against 162 for the 16-row CUDA-core kernel). LORA_FUSED_DECODE_MMA_ROWS=8 or 32 (rows_per_warp)
+// for comparisons.
 constexpr int kSplits = 8;   // warps splitting K per block
 constexpr int kThreads = kSplits * 32;
 constexpr int kMaxRank = 256;
 
-// U: 32-column steps whose loads are in flight together (4 with G = 1; 2 with G = 2, the same bytes of
-// W in flight a lane, within 128 registers).
-template <int G>
+// U: 32-column steps whose loads are in flight together: 8 / H, the same bytes of W in flight a lane.
+template <int H>
 constexpr int unroll() {
-  return G == 1 ? 4 : 2;
+  return 8 / H;
 }
 
-template <typename T, int NT, int G>
+template <typename T, int NT, int H>
 __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const LoraDecodeArgs a) {
-  constexpr int kRows = 16 * G, kUnroll = unroll<G>();
+  constexpr int kRows = 8 * H, G = (H + 1) / 2, kUnroll = unroll<H>();
   __shared__ float red[kSplits][kRows][16 + 1];
   __shared__ float us[16][kMaxRank];
   const int ks = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kRows;
   // Row 8h + g of the block (rows past D read row D - 1; they are never stored).
-  const T* wr[2 * G];
+  const T* wr[H];
 #pragma unroll
-  for (int h = 0; h < 2 * G; ++h) {
+  for (int h = 0; h < H; ++h) {
     const int64_t row = f0 + 8 * h + g < a.D ? f0 + 8 * h + g : a.D - 1;
     wr[h] = static_cast<const T*>(a.w) + row * a.ldw + 8 * t;
   }
@@ -75,7 +76,7 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
   // block's 8 warps side by side: interleaving the warps' steps instead (512 bytes apart) ran
   // 8192-wide rows at ~80% of cuBLAS's rate.
   for (int64_t s0 = ks * kUnroll; s0 < steps; s0 += kSplits * kUnroll) {
-    uint4 vw[kUnroll][2 * G], vx[kUnroll][NT];
+    uint4 vw[kUnroll][H], vx[kUnroll][NT];
     bool ok[kUnroll];
     // Every load first (out-of-range steps read column 0 and are zeroed after): all in flight at once.
 #pragma unroll
@@ -84,21 +85,21 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
       ok[i] = s0 + i < steps && col < a.K;
       const int64_t c0 = ok[i] ? col - 8 * t : 0;
 #pragma unroll
-      for (int h = 0; h < 2 * G; ++h) vw[i][h] = load_nc16(wr[h] + c0);
+      for (int h = 0; h < H; ++h) vw[i][h] = load_nc16(wr[h] + c0);
 #pragma unroll
       for (int n = 0; n < NT; ++n) vx[i][n] = __ldg(reinterpret_cast<const uint4*>(xr[n] + c0));
     }
 #pragma unroll
     for (int i = 0; i < kUnroll; ++i) {
 #pragma unroll
-      for (int h = 0; h < 2 * G; ++h)
+      for (int h = 0; h < H; ++h)
         if (!ok[i]) vw[i][h] = zero;
 #pragma unroll
       for (int n = 0; n < NT; ++n)
         if (!ok[i] || !xin[n]) vx[i][n] = zero;
 #pragma unroll
       for (int gi = 0; gi < G; ++gi) {
-        const uint4 &va = vw[i][2 * gi], &vb = vw[i][2 * gi + 1];
+        const uint4 va = vw[i][2 * gi], vb = 2 * gi + 1 < H ? vw[i][2 * gi + 1] : zero;
         const uint32_t a0[4] = {va.x, vb.x, va.y, vb.y};  // k 8t..8t+3
         const uint32_t a1[4] = {va.z, vb.z, va.w, vb.w};  // k 8t+4..8t+7
 #pragma unroll
@@ -109,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
       }
     }
   }
-  // c[gi][n]: rows 16 gi + g, + 8 of the block, tokens 2t, 2t + 1 (+ 8n).
+  // c[gi][n]: rows 16 gi + g, + 8 (if H > 2 gi + 1) of the block, tokens 2t, 2t + 1 (+ 8n).
 #pragma unroll
   for (int gi = 0; gi < G; ++gi)
 #pragma unroll
@@ -117,8 +118,10 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
       const int m = 2 * t + 8 * n, r = 16 * gi + g;
       red[ks][r][m] = c[gi][n][0];
       red[ks][r][m + 1] = c[gi][n][1];
-      red[ks][r + 8][m] = c[gi][n][2];
-      red[ks][r + 8][m + 1] = c[gi][n][3];
+      if (2 * gi + 1 < H) {
+        red[ks][r + 8][m] = c[gi][n][2];
+        red[ks][r + 8][m + 1] = c[gi][n][3];
+      }
     }
   // u only now: the shrink kernel (programmatic dependent launch) ran beside the weight stream.
   if (a.u == nullptr) pdl_wait();
@@ -150,30 +153,33 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
   }
 }
 
-template <typename T, int NT, int G>
+template <typename T, int NT, int H>
 void launch(const LoraDecodeArgs& a, bool pdl, cudaStream_t stream) {
-  const unsigned int grid = grid_x(ceil_div<int64_t>(a.D, 16 * G), "lora_fused.lora_decode");
-  launch_maybe_pdl(pdl, lora_decode_mma_kernel<T, NT, G>, dim3(grid), dim3(kThreads), 0, stream, a);
+  const unsigned int grid = grid_x(ceil_div<int64_t>(a.D, 8 * H), "lora_fused.lora_decode");
+  launch_maybe_pdl(pdl, lora_decode_mma_kernel<T, NT, H>, dim3(grid), dim3(kThreads), 0, stream, a);
 }
 
-// Row groups of 16 per warp: 1, or LORA_FUSED_DECODE_MMA_ROWS=32 for 2 (comparisons, tests).
+// Weight rows per warp in eights: 2, or LORA_FUSED_DECODE_MMA_ROWS=8 / 32 for 1 / 4 (comparisons, tests).
 int rows_per_warp() {
   const char* v = std::getenv("LORA_FUSED_DECODE_MMA_ROWS");
-  if (v == nullptr || *v == '\0') return 1;
-  TORCH_CHECK(std::strcmp(v, "16") == 0 || std::strcmp(v, "32") == 0,
-              "LORA_FUSED_DECODE_MMA_ROWS must be 16 or 32 (weight rows per warp of lora_decode's tensor-core kernel), got '",
-              v, "'");
-  return v[0] == '3' ? 2 : 1;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "16") == 0) return 2;
+  TORCH_CHECK(std::strcmp(v, "8") == 0 || std::strcmp(v, "32") == 0,
+              "LORA_FUSED_DECODE_MMA_ROWS must be 8, 16 or 32 (weight rows per warp of lora_decode's tensor-core kernel), ",
+              "got '", v, "'");
+  return v[0] == '8' ? 1 : 4;
 }
 
 template <typename T>
 void launch_for(const LoraDecodeArgs& a, bool pdl, cudaStream_t stream) {
-  const bool two = rows_per_warp() == 2;
-  if (a.M <= 8) {
-    two ? launch<T, 1, 2>(a, pdl, stream) : launch<T, 1, 1>(a, pdl, stream);
-  } else {
-    two ? launch<T, 2, 2>(a, pdl, stream) : launch<T, 2, 1>(a, pdl, stream);
-  }
+  auto by_rows = [&](auto nt) {
+    constexpr int NT = decltype(nt)::value;
+    switch (rows_per_warp()) {
+      case 1: return launch<T, NT, 1>(a, pdl, stream);
+      case 4: return launch<T, NT, 4>(a, pdl, stream);
+      default: return launch<T, NT, 2>(a, pdl, stream);
+    }
+  };
+  a.M <= 8 ? by_rows(std::integral_constant<int, 1>{}) : by_rows(std::integral_constant<int, 2>{});
 }
 
 }  // namespace
