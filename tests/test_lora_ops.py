@@ -136,7 +136,8 @@ def test_bad_inputs_give_clear_errors(device):
 
 
 # On CUDA each of lora_decode's kernels is forced in turn (CUDA-core dot products, 16 or (one token) 8
-# weight rows a block; tensor cores, 8, 16 or 32 rows; on sm_90 the weight streamed by bulk copies).
+# weight rows a block; tensor cores, 8, 16 or 32 rows; either with streaming hints on the weight's loads;
+# on sm_90 the weight streamed by bulk copies).
 _CUDA = DEVICES[1]
 _SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 requires_sm90 = pytest.mark.skipif(not _SM90, reason="the bulk-copy decode kernel needs an sm_90 GPU")
@@ -147,6 +148,8 @@ _DECODE_ENV = {
     "mma": {"LORA_FUSED_DECODE_KERNEL": "mma"},
     "mma-8rows": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_MMA_ROWS": "8"},
     "mma-32rows": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_MMA_ROWS": "32"},
+    "simt-hints": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_STREAM_HINTS": "1"},
+    "mma-hints": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_STREAM_HINTS": "1"},
     "bulk": {"LORA_FUSED_DECODE_KERNEL": "bulk"},
 }
 DECODE_KERNELS = [("cpu", None)] + [
@@ -260,6 +263,10 @@ def test_bad_decode_kernel_settings_are_clear_errors(monkeypatch):
     with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_SIMT_ROWS must be 8 or 16; got '32'"):
         _ops.lora_decode(x[:1], w, a, b, 1.0)
     monkeypatch.delenv("LORA_FUSED_DECODE_SIMT_ROWS")
+    monkeypatch.setenv("LORA_FUSED_DECODE_STREAM_HINTS", "yes")
+    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_STREAM_HINTS must be 0 or 1, got 'yes'"):
+        _ops.lora_decode(x[:1], w, a, b, 1.0)
+    monkeypatch.delenv("LORA_FUSED_DECODE_STREAM_HINTS")
     monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "fast")
     with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_KERNEL must be simt, mma or bulk; got 'fast'"):
         _ops.lora_decode(x, w, a, b, 1.0)

@@ -24,6 +24,7 @@
 #include "cuda/lora_decode_mma.h"
 #include "cuda/lora_shrink_partials.h"
 #include "cuda/pdl.cuh"
+#include "cuda/stream_load.cuh"
 #include "lora_linear_composed.h"
 
 namespace lora_fused {
@@ -64,7 +65,7 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc)
 }
 
 // u: [M, R] with row stride ldu, or (u == nullptr) splits partial sums parts [splits][M][R].
-template <typename T, int MT, int kRowsPerWarp>
+template <typename T, int MT, int kRowsPerWarp, bool kStream>
 __global__ void __launch_bounds__(kThreads, 2)
     lora_decode_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ w, int64_t ldw,
                        const T* __restrict__ u, int64_t ldu, const float* __restrict__ parts, int splits,
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int rr = 0; rr < kRowsPerWarp; ++rr) {
           const int64_t n = n0 + rr < D ? n0 + rr : D - 1;
           const int cs = c + sg * 32 * 8 < kc ? c + sg * 32 * 8 : c;
-          wv[sg][rr] = cuda::load_nc16(w + n * ldw + k0 + cs);
+          wv[sg][rr] = cuda::load_nc16_hinted<kStream>(w + n * ldw + k0 + cs);
         }
 #pragma unroll
       for (int sg = 0; sg < SEG; ++sg)
@@ -198,13 +199,13 @@ struct ShrinkOut {
   bool pdl = false;
 };
 
-template <typename T, int MT, int RPW = 2>
+template <typename T, int MT, int RPW = 2, bool kStream = false>
 void launch(const at::Tensor& x, const at::Tensor& w, const ShrinkOut& sh, const at::Tensor& b,
             const c10::optional<at::Tensor>& bias, at::Tensor& out, double scale, int64_t r) {
   const int64_t D = w.size(0);
   const unsigned int grid = cuda::grid_x(cuda::ceil_div<int64_t>(D, kWarps * RPW), "lora_fused.lora_decode");
   const bool has_u = sh.u.defined();
-  cuda::launch_maybe_pdl(sh.pdl, lora_decode_kernel<T, MT, RPW>, dim3(grid), dim3(kThreads), 0,
+  cuda::launch_maybe_pdl(sh.pdl, lora_decode_kernel<T, MT, RPW, kStream>, dim3(grid), dim3(kThreads), 0,
                          at::cuda::getCurrentCUDAStream(), x.data_ptr<T>(), x.stride(0), w.data_ptr<T>(), w.stride(0),
                          has_u ? sh.u.data_ptr<T>() : static_cast<T*>(nullptr), has_u ? sh.u.stride(0) : int64_t{0},
                          has_u ? static_cast<float*>(nullptr) : sh.parts.data_ptr<float>(), sh.splits,
@@ -258,6 +259,7 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
   }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "lora_decode_cuda", [&] {
     if (M == 1 && simt_rows() == 8) launch<scalar_t, 1, 1>(x, weight, sh, lora_b, bias, out, scale, R);
+    else if (M == 1 && cuda::lora_decode_stream_hints()) launch<scalar_t, 1, 2, true>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M == 1) launch<scalar_t, 1>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M <= 2) launch<scalar_t, 2>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M <= 4) launch<scalar_t, 4>(x, weight, sh, lora_b, bias, out, scale, R);

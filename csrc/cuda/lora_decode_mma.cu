@@ -20,9 +20,18 @@
 #include "cuda/lora_shrink_partials.h"
 #include "cuda/mma_sm80.cuh"
 #include "cuda/pdl.cuh"
+#include "cuda/stream_load.cuh"
 
 namespace lora_fused {
 namespace cuda {
+
+bool lora_decode_stream_hints() {
+  const char* v = std::getenv("LORA_FUSED_DECODE_STREAM_HINTS");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "1") == 0, "LORA_FUSED_DECODE_STREAM_HINTS must be 0 or 1, got '", v, "'");
+  return true;
+}
+
 namespace {
 
 // H: weight rows per warp and block in eights (8H rows), in G = ceil(H / 2) mma row groups of 16 (with
@@ -41,7 +50,9 @@ constexpr int unroll() {
   return 8 / H;
 }
 
-template <typename T, int NT, int H>
+// kStream: the weight's loads with streaming hints (load_nc16_hinted; LORA_FUSED_DECODE_STREAM_HINTS=1,
+// comparisons).
+template <typename T, int NT, int H, bool kStream>
 __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const LoraDecodeArgs a) {
   constexpr int kRows = 8 * H, G = (H + 1) / 2, kUnroll = unroll<H>();
   __shared__ float red[kSplits][kRows][16 + 1];
@@ -85,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
       ok[i] = s0 + i < steps && col < a.K;
       const int64_t c0 = ok[i] ? col - 8 * t : 0;
 #pragma unroll
-      for (int h = 0; h < H; ++h) vw[i][h] = load_nc16(wr[h] + c0);
+      for (int h = 0; h < H; ++h) vw[i][h] = load_nc16_hinted<kStream>(wr[h] + c0);
 #pragma unroll
       for (int n = 0; n < NT; ++n) vx[i][n] = __ldg(reinterpret_cast<const uint4*>(xr[n] + c0));
     }
@@ -153,10 +164,10 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
   }
 }
 
-template <typename T, int NT, int H>
+template <typename T, int NT, int H, bool kStream = false>
 void launch(const LoraDecodeArgs& a, bool pdl, cudaStream_t stream) {
   const unsigned int grid = grid_x(ceil_div<int64_t>(a.D, 8 * H), "lora_fused.lora_decode");
-  launch_maybe_pdl(pdl, lora_decode_mma_kernel<T, NT, H>, dim3(grid), dim3(kThreads), 0, stream, a);
+  launch_maybe_pdl(pdl, lora_decode_mma_kernel<T, NT, H, kStream>, dim3(grid), dim3(kThreads), 0, stream, a);
 }
 
 // Weight rows per warp in eights: 2, or LORA_FUSED_DECODE_MMA_ROWS=8 / 32 for 1 / 4 (comparisons, tests).
@@ -176,7 +187,7 @@ void launch_for(const LoraDecodeArgs& a, bool pdl, cudaStream_t stream) {
     switch (rows_per_warp()) {
       case 1: return launch<T, NT, 1>(a, pdl, stream);
       case 4: return launch<T, NT, 4>(a, pdl, stream);
-      default: return launch<T, NT, 2>(a, pdl, stream);
+      default: return lora_decode_stream_hints() ? launch<T, NT, 2, true>(a, pdl, stream) : launch<T, NT, 2>(a, pdl, stream);
     }
   };
   a.M <= 8 ? by_rows(std::integral_constant<int, 1>{}) : by_rows(std::integral_constant<int, 2>{});

@@ -27,6 +27,10 @@ struct LoraDecodeArgs {
   float scale;
 };
 
+// Whether the decode kernels load the weight with streaming hints (LORA_FUSED_DECODE_STREAM_HINTS=1,
+// comparisons: the tensor-core kernel's 16-row warps and the CUDA-core kernel's one-token blocks).
+bool lora_decode_stream_hints();
+
 // bf16 or fp16, M <= 16, R <= 256, sm_80+; pdl: launched to overlap the shrink kernel before it
 // (it then waits for it before it reads parts).
 void lora_decode_mma_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool pdl, cudaStream_t stream);
