@@ -7,7 +7,9 @@
 #     OUT=/tmp/out scripts/ncu_nf4_decode.sh [--shape 8192:28672] [--sass] default rows16:LORA_FUSED_NF4_GEMV_ROWS=16
 #
 # NCU_TARGETS picks other ncu_targets.py targets (default "nf4_decode_m1 nf4_decode_m16"; e.g.
-# "nf4_decode_m16 qlora_decode_m16" to see both kernels' shared-memory configurations).
+# "nf4_decode_m16 qlora_decode_m16" to see both kernels' shared-memory configurations), NCU_KERNELS
+# the kernels profiled (default regex:nf4_gemv; e.g. "regex:lora_decode|gemv|gemm" with the targets
+# "lora_decode_m1 cublas_m1" for lora_decode's kernels beside cuBLAS's).
 # --sass: also each target's per-SASS-instruction stall samples (the source page, one report a target)
 # and their summary (probe_nf4_ss_gemm/ncu_summary.py), to see which instructions the warps wait at.
 cd "$(dirname "$0")"
@@ -27,14 +29,14 @@ for variant in "${@:-default}"; do
   label=${variant%%:*}
   envs=(); [ "$variant" != "$label" ] && IFS=, read -ra envs <<< "${variant#*:}"
   rep="$OUT/ncu_nf4_decode_${label}_${SHAPE/:/x}.txt"
-  env "${envs[@]}" timeout 240 "$NCU" --clock-control none --profile-from-start off --kernel-name regex:nf4_gemv \
+  env "${envs[@]}" timeout 240 "$NCU" --clock-control none --profile-from-start off --kernel-name "${NCU_KERNELS:-regex:nf4_gemv}" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats --section LaunchStats \
     --section Occupancy --section SourceCounters --print-details all \
     --metrics "$(echo smsp__average_warps_issue_stalled_{barrier,long_scoreboard,short_scoreboard,mio_throttle,lg_throttle,math_pipe_throttle,wait,not_selected,selected,dispatch_stall,no_instruction,misc,tex_throttle,drain,membar,branch_resolving}_per_issue_active.ratio | tr ' ' ,)" \
     python3 ncu_targets.py --shape "$SHAPE" ${NCU_TARGETS:-nf4_decode_m1 nf4_decode_m16} > "$rep" 2>&1
   echo "== $label (${envs[*]}): $rep"
-  grep -E "nf4_gemv_blockaligned_kernel<|Duration|DRAM Throughput|L1/TEX Cache Throughput|L1/TEX Hit Rate|Issue Slots Busy|Registers Per|Shared Memory Configuration Size|Dynamic Shared Memory Per Block|Wavefronts|issue_stalled" "$rep" | head -70
+  grep -E "Context 1, Stream|Duration|DRAM Throughput|L1/TEX Cache Throughput|L1/TEX Hit Rate|Issue Slots Busy|Registers Per|Shared Memory Configuration Size|Dynamic Shared Memory Per Block|Wavefronts|issue_stalled" "$rep" | head -70
 done
 if [ $SASS = 1 ]; then
   for target in ${NCU_TARGETS:-nf4_decode_m1 nf4_decode_m16}; do
