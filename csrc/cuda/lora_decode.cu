@@ -2,8 +2,8 @@
 // (M <= 16), where the layer is a matrix-vector product bound by streaming W once.
 // u = x @ A^T comes as partial sums over slices of K from lora_shrink_partials (k % 32 == 0; the
 // kernel here may start while it runs, programmatic dependent launch, and adds them once it has
-// waited for it), else from one small cuBLAS GEMM. From 2 tokens on (and for one where K <= 4096) the
-// tensor-core kernel of lora_decode_mma.cu streams W (or, asked for, the bulk-copy kernel of
+// waited for it), else from one small cuBLAS GEMM. From 2 tokens on (and for one where K <= 4096 or W
+// is larger than the L2) the tensor-core kernel of lora_decode_mma.cu streams W (or, asked for, the bulk-copy kernel of
 // lora_decode_bulk.cu on sm_90); else the kernel here, with 16-byte loads: a warp
 // owns kRowsPerWarp output features and walks their rows with SEG 16-byte loads per row in flight,
 // the block's x is staged in shared memory SEG * 256 columns at a time, and scale * u sits in shared
@@ -165,10 +165,11 @@ enum class DecodeKernel { kSimt, kMma, kBulk };
 
 // The tensor-core kernel from 2 tokens on, and for one token where K <= 4096 (H200: 9.0 against 10.7
 // us at 4096->4096, 28.0 against 30.6 at 4096->11008; from K = 8192 the CUDA-core kernel streamed W
-// faster: 36.2 against 40.5 us at 8192->8192). LORA_FUSED_DECODE_KERNEL=simt|mma|bulk picks one; the
+// faster: 36.2 against 40.5 us at 8192->8192) or where the weight's loads take streaming hints (H100:
+// 48.1 against the CUDA-core kernel's 49.4 with them, 50.4 without, at 8192->8192). LORA_FUSED_DECODE_KERNEL=simt|mma|bulk picks one; the
 // bulk-copy kernel (lora_decode_bulk.cu, sm_90) is not the default: it lost to these two at 4096->4096
 // and at 16 tokens, and to the CUDA-core kernel at one token on the H200 (RESULTS.md, session 29).
-DecodeKernel pick_kernel(int64_t m, int64_t k, int major) {
+DecodeKernel pick_kernel(int64_t m, int64_t k, int major, bool hints) {
   const char* env = std::getenv("LORA_FUSED_DECODE_KERNEL");
   if (env != nullptr && *env != '\0') {
     if (std::strcmp(env, "simt") == 0) return DecodeKernel::kSimt;
@@ -179,7 +180,7 @@ DecodeKernel pick_kernel(int64_t m, int64_t k, int major) {
                 "and a build with sm_90 code (TORCH_CUDA_ARCH_LIST with 9.0a); this GPU is sm_", major, "x");
     return DecodeKernel::kBulk;
   }
-  if (major >= 8 && (m >= 2 || k <= 4096)) return DecodeKernel::kMma;
+  if (major >= 8 && (m >= 2 || k <= 4096 || hints)) return DecodeKernel::kMma;
   return DecodeKernel::kSimt;
 }
 
@@ -241,7 +242,8 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
     sh.u = at::mm(x, lora_a.t());  // [M, r], cuBLAS
   }
   at::Tensor out = at::empty({M, weight.size(0)}, x.options());
-  const DecodeKernel kernel = pick_kernel(M, K, props->major);
+  const bool hints = cuda::lora_decode_stream_hints(weight.size(0) * K * static_cast<int64_t>(weight.element_size()));
+  const DecodeKernel kernel = pick_kernel(M, K, props->major, hints);
   if (kernel != DecodeKernel::kSimt) {
     const bool has_u = sh.u.defined();
     const cuda::LoraDecodeArgs args{x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
@@ -253,13 +255,13 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
     if (kernel == DecodeKernel::kBulk) {
       cuda::lora_decode_bulk_launch(args, dt, sh.pdl, at::cuda::getCurrentCUDAStream());
     } else {
-      cuda::lora_decode_mma_launch(args, dt, sh.pdl, at::cuda::getCurrentCUDAStream());
+      cuda::lora_decode_mma_launch(args, dt, sh.pdl, hints, at::cuda::getCurrentCUDAStream());
     }
     return out;
   }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "lora_decode_cuda", [&] {
     if (M == 1 && simt_rows() == 8) launch<scalar_t, 1, 1>(x, weight, sh, lora_b, bias, out, scale, R);
-    else if (M == 1 && cuda::lora_decode_stream_hints()) launch<scalar_t, 1, 2, true>(x, weight, sh, lora_b, bias, out, scale, R);
+    else if (M == 1 && hints) launch<scalar_t, 1, 2, true>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M == 1) launch<scalar_t, 1>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M <= 2) launch<scalar_t, 2>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M <= 4) launch<scalar_t, 4>(x, weight, sh, lora_b, bias, out, scale, R);

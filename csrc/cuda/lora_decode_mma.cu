@@ -10,6 +10,7 @@
 // bias join before a single rounding.
 #include "cuda/lora_decode_mma.h"
 
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <cstdlib>
@@ -25,11 +26,12 @@
 namespace lora_fused {
 namespace cuda {
 
-bool lora_decode_stream_hints() {
+bool lora_decode_stream_hints(int64_t weight_bytes) {
   const char* v = std::getenv("LORA_FUSED_DECODE_STREAM_HINTS");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(v, "1") == 0, "LORA_FUSED_DECODE_STREAM_HINTS must be 0 or 1, got '", v, "'");
-  return true;
+  if (v == nullptr || *v == '\0') return weight_bytes > at::cuda::getCurrentDeviceProperties()->l2CacheSize;
+  TORCH_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "LORA_FUSED_DECODE_STREAM_HINTS must be 0 or 1, got '", v,
+              "'");
+  return v[0] == '1';
 }
 
 namespace {
@@ -181,13 +183,13 @@ int rows_per_warp() {
 }
 
 template <typename T>
-void launch_for(const LoraDecodeArgs& a, bool pdl, cudaStream_t stream) {
+void launch_for(const LoraDecodeArgs& a, bool pdl, bool hints, cudaStream_t stream) {
   auto by_rows = [&](auto nt) {
     constexpr int NT = decltype(nt)::value;
     switch (rows_per_warp()) {
       case 1: return launch<T, NT, 1>(a, pdl, stream);
       case 4: return launch<T, NT, 4>(a, pdl, stream);
-      default: return lora_decode_stream_hints() ? launch<T, NT, 2, true>(a, pdl, stream) : launch<T, NT, 2>(a, pdl, stream);
+      default: return hints ? launch<T, NT, 2, true>(a, pdl, stream) : launch<T, NT, 2>(a, pdl, stream);
     }
   };
   a.M <= 8 ? by_rows(std::integral_constant<int, 1>{}) : by_rows(std::integral_constant<int, 2>{});
@@ -195,14 +197,14 @@ void launch_for(const LoraDecodeArgs& a, bool pdl, cudaStream_t stream) {
 
 }  // namespace
 
-void lora_decode_mma_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool pdl, cudaStream_t stream) {
+void lora_decode_mma_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool pdl, bool stream_hints, cudaStream_t stream) {
   TORCH_CHECK(a.M >= 1 && a.M <= 16 && a.R >= 1 && a.R <= kMaxRank && a.K % 8 == 0,
               "lora_fused.lora_decode: internal: the tensor-core kernel got M=", a.M, " R=", a.R, " K=", a.K);
   if (dtype == at::kBFloat16) {
-    launch_for<at::BFloat16>(a, pdl, stream);
+    launch_for<at::BFloat16>(a, pdl, stream_hints, stream);
   } else {
     TORCH_CHECK(dtype == at::kHalf, "lora_fused.lora_decode: internal: the tensor-core kernel got ", dtype);
-    launch_for<at::Half>(a, pdl, stream);
+    launch_for<at::Half>(a, pdl, stream_hints, stream);
   }
 }
 
