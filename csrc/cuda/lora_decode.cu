@@ -2,9 +2,10 @@
 // (M <= 16), where the layer is a matrix-vector product bound by streaming W once.
 // u = x @ A^T comes as partial sums over slices of K from lora_shrink_partials (k % 32 == 0; the
 // kernel here may start while it runs, programmatic dependent launch, and adds them once it has
-// waited for it), else from one small cuBLAS GEMM. From 2 tokens on (and for one where K <= 4096) the
-// tensor-core kernel of lora_decode_mma.cu streams W (or, asked for, the bulk-copy kernel of
-// lora_decode_bulk.cu on sm_90); else the kernel here, with 16-byte loads: a warp
+// waited for it), else from one small cuBLAS GEMM. From 2 tokens on (and for one where K <= 4096 or
+// the weight is larger than L2, streamed with no-allocate hints) the tensor-core kernel of
+// lora_decode_mma.cu streams W (or, asked for, the bulk-copy kernel of lora_decode_bulk.cu on
+// sm_90); else the kernel here, with 16-byte loads: a warp
 // owns kRowsPerWarp output features and walks their rows with SEG 16-byte loads per row in flight,
 // the block's x is staged in shared memory SEG * 256 columns at a time, and scale * u sits in shared
 // memory so the LoRA term joins the same fp32 accumulators before one warp reduction and a single
