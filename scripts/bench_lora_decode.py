@@ -30,6 +30,8 @@ NAMED_VARIANTS = {
     "simt8": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_SIMT_ROWS": "8"},
     "mmah": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_STREAM_HINTS": "1"},
     "simth": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_STREAM_HINTS": "1"},
+    "mma-noh": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_STREAM_HINTS": "0"},
+    "simt-noh": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_STREAM_HINTS": "0"},
 }
 
 
@@ -38,7 +40,7 @@ def main():
     ap.add_argument("--M", default="1,2,4,8,16")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--variants", default="", help="each a column: bulk, rows=N, stages=N (the bulk-copy kernel), mma8, mma32, simt8, mmah or simth")
+    ap.add_argument("--variants", default="", help="each a column: bulk, rows=N, stages=N (the bulk-copy kernel), mma8, mma32, simt8, mmah, simth, mma-noh or simt-noh")
     ap.add_argument("--brief", action="store_true", help="leave out the no-PDL and eager columns")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
