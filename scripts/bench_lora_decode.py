@@ -3,9 +3,9 @@ GEMM x @ W^T alone (the goal: <= 1.0x of it) and eager PyTorch (base + LoRA as t
 each of its kernels forced (LORA_FUSED_DECODE_KERNEL=simt: CUDA-core dot products; =mma: tensor
 cores; =bulk, sm_90 only: the weight by bulk copies), the default without programmatic dependent
 launch (LORA_FUSED_PDL=0), and with --variants the bulk-copy kernel with its settings (bulk: its
-defaults; rows=32: LORA_FUSED_DECODE_ROWS; stages=N: LORA_FUSED_DECODE_STAGES), mma8 / mma32 (the tensor-core
-kernel with 8 / 32 weight rows a warp), simt8 (the CUDA-core kernel with 8 rows a block), mmah / simth (either
-with streaming hints on the weight's loads).
+defaults; rows=32: LORA_FUSED_DECODE_ROWS; stages=N: LORA_FUSED_DECODE_STAGES), mmah / simth (the
+tensor-core / CUDA-core kernel with streaming hints on the weight's loads), mma-noh / simt-noh (either
+without them; by default they are on where the weight is larger than L2).
 
     python scripts/bench_lora_decode.py [--M 1,2,4,8,16] [--shapes 4096:4096,8192:28672] [--r 16]
         [--variants rows=32,stages=3,stages=6]
@@ -26,12 +26,8 @@ from bench_nf4_decode import graph_us  # same folder: the same CUDA-graph timing
 from lora_fused import _ops
 
 SHAPES = "4096:4096,4096:11008,11008:4096,8192:8192,8192:28672"
-# --variants by name besides the bulk-copy kernel's: the tensor-core kernel with 8 or 32 weight rows a
-# warp, the CUDA-core kernel with 8 rows a block (one token), either with streaming hints.
+# --variants by name besides the bulk-copy kernel's: either kernel with or without streaming hints.
 NAMED_VARIANTS = {
-    "mma8": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_MMA_ROWS": "8"},
-    "mma32": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_MMA_ROWS": "32"},
-    "simt8": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_SIMT_ROWS": "8"},
     "mmah": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_STREAM_HINTS": "1"},
     "simth": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_STREAM_HINTS": "1"},
     "mma-noh": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_STREAM_HINTS": "0"},
@@ -55,7 +51,7 @@ def main():
     ap.add_argument("--M", default="1,2,4,8,16")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--variants", default="", help="each a column: bulk, rows=N, stages=N (the bulk-copy kernel), mma8, mma32, simt8, mmah, simth, mma-noh or simt-noh")
+    ap.add_argument("--variants", default="", help="each a column: bulk, rows=N, stages=N (the bulk-copy kernel), mmah, simth, mma-noh or simt-noh")
     ap.add_argument("--brief", action="store_true", help="leave out the no-PDL and eager columns")
     ap.add_argument("--cold", action="store_true", help="rotate over copies of the layer that fill L2 three times")
     args = ap.parse_args()

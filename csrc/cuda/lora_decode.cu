@@ -34,12 +34,12 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxRank = 256;  // scale * u in shared memory: 16 x 256 x 4 B = 16 KB
-// RPW: rows per warp, 2 (or 1 for one token with LORA_FUSED_DECODE_SIMT_ROWS=8, for comparisons).
-// 16-byte loads in flight per row and lane: 4 (8 with one row a warp) where the staged x (MT rows x
-// SEG * 256 columns) leaves room for u in 48 KiB of static shared memory.
-template <int MT, int RPW>
+constexpr int kRowsPerWarp = 2;  // 1 (8 rows a block, one token) ran within 1% (session 30)
+// 16-byte loads in flight per row and lane: 4 where the staged x (MT rows x SEG * 256 columns) leaves
+// room for u in 48 KiB of static shared memory.
+template <int MT>
 constexpr int segments() {
-  return (MT <= 8 ? 4 : 2) * (RPW == 1 ? 2 : 1);
+  return MT <= 8 ? 4 : 2;
 }
 constexpr int kMaxM = 16;
 
@@ -66,13 +66,13 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc)
 }
 
 // u: [M, R] with row stride ldu, or (u == nullptr) splits partial sums parts [splits][M][R].
-template <typename T, int MT, int kRowsPerWarp, bool kStream>
+template <typename T, int MT, bool kStream>
 __global__ void __launch_bounds__(kThreads, 2)
     lora_decode_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ w, int64_t ldw,
                        const T* __restrict__ u, int64_t ldu, const float* __restrict__ parts, int splits,
                        const T* __restrict__ b, int64_t b_sd, int64_t b_sr, const T* __restrict__ bias,
                        T* __restrict__ out, int M, int64_t K, int64_t D, int R, float scale) {
-  constexpr int SEG = segments<MT, kRowsPerWarp>(), kChunk = SEG * 256, kRowsPerBlock = kWarps * kRowsPerWarp;
+  constexpr int SEG = segments<MT>(), kChunk = SEG * 256, kRowsPerBlock = kWarps * kRowsPerWarp;
   __shared__ alignas(16) T xs[MT][kChunk];
   __shared__ float us[MT][kMaxRank];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -185,15 +185,6 @@ DecodeKernel pick_kernel(int64_t m, int64_t k, int major, bool hints) {
   return DecodeKernel::kSimt;
 }
 
-// Weight rows per block of the CUDA-core kernel for one token: 16, or 8 with LORA_FUSED_DECODE_SIMT_ROWS=8
-// (comparisons).
-int simt_rows() {
-  const char* env = std::getenv("LORA_FUSED_DECODE_SIMT_ROWS");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "16") == 0) return 16;
-  TORCH_CHECK(std::strcmp(env, "8") == 0, "lora_fused.lora_decode: LORA_FUSED_DECODE_SIMT_ROWS must be 8 or 16; got '", env, "'");
-  return 8;
-}
-
 // The LoRA input: u [M, r] (T), or the shrink kernel's partial sums (fp32 [splits][M][r]).
 struct ShrinkOut {
   at::Tensor u, parts;
@@ -201,13 +192,13 @@ struct ShrinkOut {
   bool pdl = false;
 };
 
-template <typename T, int MT, int RPW = 2, bool kStream = false>
+template <typename T, int MT, bool kStream = false>
 void launch(const at::Tensor& x, const at::Tensor& w, const ShrinkOut& sh, const at::Tensor& b,
             const c10::optional<at::Tensor>& bias, at::Tensor& out, double scale, int64_t r) {
   const int64_t D = w.size(0);
-  const unsigned int grid = cuda::grid_x(cuda::ceil_div<int64_t>(D, kWarps * RPW), "lora_fused.lora_decode");
+  const unsigned int grid = cuda::grid_x(cuda::ceil_div<int64_t>(D, kWarps * kRowsPerWarp), "lora_fused.lora_decode");
   const bool has_u = sh.u.defined();
-  cuda::launch_maybe_pdl(sh.pdl, lora_decode_kernel<T, MT, RPW, kStream>, dim3(grid), dim3(kThreads), 0,
+  cuda::launch_maybe_pdl(sh.pdl, lora_decode_kernel<T, MT, kStream>, dim3(grid), dim3(kThreads), 0,
                          at::cuda::getCurrentCUDAStream(), x.data_ptr<T>(), x.stride(0), w.data_ptr<T>(), w.stride(0),
                          has_u ? sh.u.data_ptr<T>() : static_cast<T*>(nullptr), has_u ? sh.u.stride(0) : int64_t{0},
                          has_u ? static_cast<float*>(nullptr) : sh.parts.data_ptr<float>(), sh.splits,
@@ -261,8 +252,7 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
     return out;
   }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "lora_decode_cuda", [&] {
-    if (M == 1 && simt_rows() == 8) launch<scalar_t, 1, 1>(x, weight, sh, lora_b, bias, out, scale, R);
-    else if (M == 1 && hints) launch<scalar_t, 1, 2, true>(x, weight, sh, lora_b, bias, out, scale, R);
+    if (M == 1 && hints) launch<scalar_t, 1, true>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M == 1) launch<scalar_t, 1>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M <= 2) launch<scalar_t, 2>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M <= 4) launch<scalar_t, 4>(x, weight, sh, lora_b, bias, out, scale, R);
