@@ -155,7 +155,8 @@ struct SmemLayout {
   }
 };
 
-// The copies of one warp: the step at window c (columns 256c ...) of strip `strip` (16R rows). In
+// The copies of one warp: the step at window c (columns 256c ...) of strip `strip` (16R rows), the
+// warp's windows of a strip walked forwards (dir 1: tw, tw + 8, ...) or backwards (dir -1). In
 // each row tile, lane l copies chunk l & 7 of rows (l >> 3) + 4i, and a scale word of row l & 15
 // (lanes 0-15: the 4 block codes or, without double quantization, the 4 fp32 scales; lanes 16-31:
 // the row's nested scale). Block indices are 32-bit (nf4_gemv_blockaligned_takes); 64-bit products
@@ -166,24 +167,28 @@ struct Producer {
   int32_t blk;       // first block of the step in row (lane & 15) of the first tile
   int64_t strip;
   int c;
+  int dir;
   int rows;  // rows of the strip that exist (<= 0: past the last strip)
 
-  __device__ __forceinline__ void start(const GemvArgs& a, int64_t s, int first_c) {
+  __device__ __forceinline__ void start(const GemvArgs& a, int64_t s, int first_c, int d) {
     const int lane = threadIdx.x & 31;
     strip = s;
     c = first_c;
+    dir = d;
     rows = static_cast<int>(std::min<int64_t>(16 * R, a.n - s * 16 * R));
     const int64_t row0 = rows > 0 ? s * 16 * R : 0;
     w = a.packed + (row0 + (lane >> 3)) * (a.k / 2) + kRowBytes * c + 16 * (lane & 7);
     blk = static_cast<int32_t>((row0 + (lane & 15)) * (a.k >> 6) + 4 * c);
   }
-  __device__ __forceinline__ void advance(const GemvArgs& a, int windows, int64_t strip_stride, int first_c) {
-    c += kGemvWarps;
-    if (c < windows) {
-      w += kRowBytes * kGemvWarps;
-      blk += 4 * kGemvWarps;
+  // first_c / last_c: the warp's first and last window of a strip (forwards).
+  __device__ __forceinline__ void advance(const GemvArgs& a, int windows, int64_t strip_stride, int first_c, int last_c) {
+    c += kGemvWarps * dir;
+    if (dir > 0 ? c < windows : c >= 0) {
+      w += kRowBytes * kGemvWarps * dir;
+      blk += 4 * kGemvWarps * dir;
     } else {
-      start(a, strip + strip_stride, first_c);
+      const int d = a.serpentine ? -dir : 1;
+      start(a, strip + strip_stride, d > 0 ? first_c : last_c, d);
     }
   }
 };
@@ -342,13 +347,14 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   const bool loads_u = static_cast<int>(threadIdx.x) < mr;
   float u_part[kLoraShrinkMaxSplits];
   const ScaleSource ss = scale_source<kNested>(args);
+  const int last_c = tw + kGemvWarps * (steps - 1);
   Producer<R> prod;
-  prod.start(args, first_strip, tw);
+  prod.start(args, first_strip, tw, 1);
   if (steps > 0) {
 #pragma unroll 1
     for (int s = 0; s < S - 1; ++s) {
       issue_step<kNested, R>(ring_s + s * kSlot, args, prod, dst, ss);
-      prod.advance(args, windows, strip_stride, tw);
+      prod.advance(args, windows, strip_stride, tw, last_c);
     }
   }
   // u's first kThreads elements, the shrink kernel's partial sums only once that grid has completed
@@ -420,9 +426,11 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[ti][j][q] = 0.0f;
+    // The strip's windows in the order the producer copies them (serpentine: odd strips backwards).
+    const int dir = args.serpentine && (nth & 1) ? -1 : 1;
     const T* xw[NT];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) xw[j] = x_lane[j];
+    for (int j = 0; j < NT; ++j) xw[j] = x_lane[j] + (dir > 0 ? 0 : kStepCols * (last_c - tw));
 #pragma unroll 1
     for (int i = 0; i < steps; ++i) {
       cp_async_wait<S - 2>();
@@ -463,7 +471,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       // Refill the slot read one step ago: every lane has passed this step's __syncwarp, so all
       // of them have read it.
       issue_step<kNested, R>(ring_s + prev, args, prod, dst, ss);
-      prod.advance(args, windows, strip_stride, tw);
+      prod.advance(args, windows, strip_stride, tw, last_c);
       prev = slot;
       slot = slot == (S - 1) * kSlot ? 0 : slot + kSlot;
 
@@ -510,7 +518,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
             for (int q = 0; q < 4; ++q) acc[ti][j][q] = fma_acc(scale[ti][q >> 1][p], part[ti][j][q], acc[ti][j][q]);
       }
 #pragma unroll
-      for (int j = 0; j < NT; ++j) xw[j] += kStepCols * kGemvWarps;
+      for (int j = 0; j < NT; ++j) xw[j] += kStepCols * kGemvWarps * dir;
     }
     if (args.defer_sums) {
       // Strip nth's partials into buffer nth % 2 once strip nth - 2's sums have read it, then strip
@@ -640,6 +648,19 @@ bool nf4_gemv_defer_sums() {
   const std::string s(v);
   TORCH_CHECK(s == "0" || s == "1", "LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 (whether the decode kernel defers its strip ",
               "sums), got '", s, "'");
+  return s == "1";
+}
+
+// Serpentine strips (LORA_FUSED_NF4_GEMV_SERPENTINE=1; off by default until measured): with 16
+// tokens x is 2-4x the weight's bytes through L1 and 256 KiB at K = 8192, more than L1 holds, so each
+// strip reads it from L2 again; a strip walked backwards starts on the windows of x the previous
+// strip ended on. The sums' order changes with the direction (results differ in rounding only).
+bool nf4_gemv_serpentine() {
+  const char* v = std::getenv("LORA_FUSED_NF4_GEMV_SERPENTINE");
+  if (v == nullptr || *v == '\0') return false;
+  const std::string s(v);
+  TORCH_CHECK(s == "0" || s == "1", "LORA_FUSED_NF4_GEMV_SERPENTINE must be 0 or 1 (whether the decode kernel's strips ",
+              "alternate their direction over K), got '", s, "'");
   return s == "1";
 }
 
