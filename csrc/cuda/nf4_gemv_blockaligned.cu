@@ -638,17 +638,23 @@ bool nf4_gemv_blockaligned_fits(const GemvArgs& a, at::ScalarType dtype) {
   return need <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
 }
 
+namespace {
+// An on/off setting of the decode kernel: `unset` when the variable is empty or unset, else 0 or 1.
+bool env_switch(const char* name, bool unset, const char* what) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return unset;
+  const std::string s(v);
+  TORCH_CHECK(s == "0" || s == "1", name, " must be 0 or 1 (", what, "), got '", s, "'");
+  return s == "1";
+}
+}  // namespace
+
 // Deferred strip sums (session 27, the H100, 8192 -> 28672 at 1 / 4 / 16 tokens without LoRA: 52.6 /
 // 56.2 / 75.3 us with the team's two barriers a strip, 51.4 / 54.0 / 71.2 deferred; 4096 -> 11008
 // 14.8 / 15.6 / 20.5 against 14.3 / 14.6 / 19.4). LORA_FUSED_NF4_GEMV_DEFER=0 turns them off
 // (tests, comparisons).
 bool nf4_gemv_defer_sums() {
-  const char* v = std::getenv("LORA_FUSED_NF4_GEMV_DEFER");
-  if (v == nullptr || *v == '\0') return true;
-  const std::string s(v);
-  TORCH_CHECK(s == "0" || s == "1", "LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 (whether the decode kernel defers its strip ",
-              "sums), got '", s, "'");
-  return s == "1";
+  return env_switch("LORA_FUSED_NF4_GEMV_DEFER", true, "whether the decode kernel defers its strip sums");
 }
 
 // Serpentine strips (LORA_FUSED_NF4_GEMV_SERPENTINE=1; off by default until measured): with 16
@@ -656,12 +662,7 @@ bool nf4_gemv_defer_sums() {
 // strip reads it from L2 again; a strip walked backwards starts on the windows of x the previous
 // strip ended on. The sums' order changes with the direction (results differ in rounding only).
 bool nf4_gemv_serpentine() {
-  const char* v = std::getenv("LORA_FUSED_NF4_GEMV_SERPENTINE");
-  if (v == nullptr || *v == '\0') return false;
-  const std::string s(v);
-  TORCH_CHECK(s == "0" || s == "1", "LORA_FUSED_NF4_GEMV_SERPENTINE must be 0 or 1 (whether the decode kernel's strips ",
-              "alternate their direction over K), got '", s, "'");
-  return s == "1";
+  return env_switch("LORA_FUSED_NF4_GEMV_SERPENTINE", false, "whether the decode kernel's strips alternate their direction over K");
 }
 
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl) {
