@@ -180,15 +180,16 @@ struct Producer {
     w = a.packed + (row0 + (lane >> 3)) * (a.k / 2) + kRowBytes * c + 16 * (lane & 7);
     blk = static_cast<int32_t>((row0 + (lane & 15)) * (a.k >> 6) + 4 * c);
   }
-  // first_c / last_c: the warp's first and last window of a strip (forwards).
-  __device__ __forceinline__ void advance(const GemvArgs& a, int windows, int64_t strip_stride, int first_c, int last_c) {
+  // first_c: the warp's first window of a strip (forwards); its last one is worked out at the turn
+  // (a register less in the loop).
+  __device__ __forceinline__ void advance(const GemvArgs& a, int windows, int64_t strip_stride, int first_c) {
     c += kGemvWarps * dir;
     if (dir > 0 ? c < windows : c >= 0) {
       w += kRowBytes * kGemvWarps * dir;
       blk += 4 * kGemvWarps * dir;
     } else {
       const int d = a.serpentine ? -dir : 1;
-      start(a, strip + strip_stride, d > 0 ? first_c : last_c, d);
+      start(a, strip + strip_stride, d > 0 ? first_c : first_c + kGemvWarps * ((windows - 1 - first_c) / kGemvWarps), d);
     }
   }
 };
@@ -347,14 +348,13 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   const bool loads_u = static_cast<int>(threadIdx.x) < mr;
   float u_part[kLoraShrinkMaxSplits];
   const ScaleSource ss = scale_source<kNested>(args);
-  const int last_c = tw + kGemvWarps * (steps - 1);
   Producer<R> prod;
   prod.start(args, first_strip, tw, 1);
   if (steps > 0) {
 #pragma unroll 1
     for (int s = 0; s < S - 1; ++s) {
       issue_step<kNested, R>(ring_s + s * kSlot, args, prod, dst, ss);
-      prod.advance(args, windows, strip_stride, tw, last_c);
+      prod.advance(args, windows, strip_stride, tw);
     }
   }
   // u's first kThreads elements, the shrink kernel's partial sums only once that grid has completed
@@ -430,7 +430,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
     const int dir = args.serpentine && (nth & 1) ? -1 : 1;
     const T* xw[NT];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) xw[j] = x_lane[j] + (dir > 0 ? 0 : kStepCols * (last_c - tw));
+    for (int j = 0; j < NT; ++j) xw[j] = x_lane[j] + (dir > 0 ? 0 : kStepCols * kGemvWarps * (steps - 1));
 #pragma unroll 1
     for (int i = 0; i < steps; ++i) {
       cp_async_wait<S - 2>();
@@ -471,7 +471,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       // Refill the slot read one step ago: every lane has passed this step's __syncwarp, so all
       // of them have read it.
       issue_step<kNested, R>(ring_s + prev, args, prod, dst, ss);
-      prod.advance(args, windows, strip_stride, tw, last_c);
+      prod.advance(args, windows, strip_stride, tw);
       prev = slot;
       slot = slot == (S - 1) * kSlot ? 0 : slot + kSlot;
 
