@@ -7,8 +7,8 @@ installed, and cuBLAS bf16 x @ W^T, with the fraction of the measured copy bandw
 --rows adds the block-aligned kernel forced to 16 and to 32 weight rows per warp step
 (LORA_FUSED_NF4_GEMV_ROWS), --slots 32 rows with 3 ring slots (LORA_FUSED_NF4_GEMV_SLOTS; the
 default is 2), --barriers the strip sums made with the team's barriers instead of deferred
-(LORA_FUSED_NF4_GEMV_DEFER=0), --serpentine a team's strips alternately backwards over K
-(LORA_FUSED_NF4_GEMV_SERPENTINE=1), each timed beside the default choice.
+(LORA_FUSED_NF4_GEMV_DEFER=0), --serpentine every strip forwards over K
+(LORA_FUSED_NF4_GEMV_SERPENTINE=0; by default a team's strips alternate), each timed beside the default choice.
 
 Kernel times are CUDA-graph replays (triton.testing.do_bench_cudagraph, median), so the host's
 launch cost is not in them; every result is checked against x @ dequantize(W).T first.
@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--rows", action="store_true", help="also time 16 and 32 rows per warp step")
     ap.add_argument("--slots", action="store_true", help="also time 32 rows per warp step with 3 ring slots")
     ap.add_argument("--barriers", action="store_true", help="also time the strip sums with the team's barriers")
-    ap.add_argument("--serpentine", action="store_true", help="also time strips alternately backwards over K")
+    ap.add_argument("--serpentine", action="store_true", help="also time every strip forwards over K (the default alternates)")
     args = ap.parse_args()
     try:
         import bitsandbytes as bnb
@@ -77,7 +77,7 @@ def main():
             if args.barriers:
                 variants.update({"barriers": {"": "blockaligned", "DEFER": "0"}})
             if args.serpentine:
-                variants.update({"serpentine": {"": "blockaligned", "SERPENTINE": "1"}})
+                variants.update({"forward": {"": "blockaligned", "SERPENTINE": "0"}})
             knobs = {key for env in variants.values() for key in env}
             for name, env in variants.items():
                 for key in knobs:

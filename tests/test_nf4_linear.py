@@ -117,10 +117,10 @@ DECODE_CASES = [(1, 4096 + 1, 4096, 64), (1, 9605, 256, 64), (5, 333, 192, 64), 
 
 
 # -nodefer: the strip sums with the team's barriers (LORA_FUSED_NF4_GEMV_DEFER=0) instead of deferred;
-# -serpentine: a team's strips alternately backwards over K (LORA_FUSED_NF4_GEMV_SERPENTINE=1).
+# -forward: every strip forwards over K (LORA_FUSED_NF4_GEMV_SERPENTINE=0) instead of alternately backwards.
 DECODE_KERNELS = ["default", "general", "blockaligned-16rows", "blockaligned-32rows", "blockaligned-32rows-3slots",
-                  "blockaligned-16rows-nodefer", "blockaligned-32rows-nodefer", "blockaligned-16rows-serpentine",
-                  "blockaligned-32rows-serpentine"]
+                  "blockaligned-16rows-nodefer", "blockaligned-32rows-nodefer", "blockaligned-16rows-forward",
+                  "blockaligned-32rows-forward"]
 
 
 @requires_cuda
@@ -136,8 +136,8 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", "3")
     if kernel.endswith("-nodefer"):
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV_DEFER", "0")
-    if kernel.endswith("-serpentine"):
-        monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SERPENTINE", "1")
+    if kernel.endswith("-forward"):
+        monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SERPENTINE", "0")
     packed, state = _weight(N, K, "cuda", blocksize, double_quant)
     x = randn(M, K, dtype=dtype, device="cuda")
     bias = randn(N, dtype=dtype, device="cuda")
@@ -212,12 +212,13 @@ def test_decode_deferred_strip_sums_are_bitwise_the_barriers(rows, M, lora, monk
 @requires_cuda
 @pytest.mark.parametrize("rows,M", [("16", 1), ("16", 16), ("32", 1), ("32", 9), ("32", 16)])
 @pytest.mark.parametrize("defer", ["0", "1"])
-def test_decode_serpentine_strips(rows, M, defer, monkeypatch):
+@pytest.mark.parametrize("serpentine", ["0", "1"])
+def test_decode_serpentine_strips(rows, M, defer, serpentine, monkeypatch):
     # About 5 strips a team (20000 + 8 rows), 10 windows of K for 8 warps (two warps with 2 steps, so
     # that a backwards strip's order differs), the ring's copies running ahead across every turn.
     monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", rows)
     monkeypatch.setenv("LORA_FUSED_NF4_GEMV_DEFER", defer)
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SERPENTINE", "1")
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SERPENTINE", serpentine)
     N, K = 20000 + 8, 2560
     packed, state = _weight(N, K, "cuda")
     x = randn(M, K, dtype=torch.bfloat16, device="cuda")

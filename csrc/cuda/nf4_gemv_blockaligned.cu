@@ -657,12 +657,12 @@ bool nf4_gemv_defer_sums() {
   return env_switch("LORA_FUSED_NF4_GEMV_DEFER", true, "whether the decode kernel defers its strip sums");
 }
 
-// Serpentine strips (LORA_FUSED_NF4_GEMV_SERPENTINE=1; off by default until measured): with 16
-// tokens x is 2-4x the weight's bytes through L1 and 256 KiB at K = 8192, more than L1 holds, so each
-// strip reads it from L2 again; a strip walked backwards starts on the windows of x the previous
-// strip ended on. The sums' order changes with the direction (results differ in rounding only).
+// Serpentine strips (on unless LORA_FUSED_NF4_GEMV_SERPENTINE=0; measured in benchmarks/RESULTS.md,
+// session 32): with 16 tokens x is 2-4x the weight's bytes through L1 and 256 KiB at K = 8192, more
+// than L1 holds, so each strip would read it from L2 again; a strip walked backwards starts on the
+// windows of x the previous strip ended on. The sums' order changes with the direction (rounding only).
 bool nf4_gemv_serpentine() {
-  return env_switch("LORA_FUSED_NF4_GEMV_SERPENTINE", false, "whether the decode kernel's strips alternate their direction over K");
+  return env_switch("LORA_FUSED_NF4_GEMV_SERPENTINE", true, "whether the decode kernel's strips alternate their direction over K");
 }
 
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl) {
