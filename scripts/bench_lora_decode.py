@@ -3,14 +3,18 @@ GEMM x @ W^T alone (the goal: <= 1.0x of it) and eager PyTorch (base + LoRA as t
 each of its kernels forced (LORA_FUSED_DECODE_KERNEL=simt: CUDA-core dot products; =mma: tensor
 cores; =bulk, sm_90 only: the weight by bulk copies), the default without programmatic dependent
 launch (LORA_FUSED_PDL=0), and with --variants the bulk-copy kernel with its settings (bulk: its
-defaults; rows=32: LORA_FUSED_DECODE_ROWS; stages=N: LORA_FUSED_DECODE_STAGES), mma8 / mma32 (the tensor-core
-kernel with 8 / 32 weight rows a warp), simt8 (the CUDA-core kernel with 8 rows a block), mmah / simth (either
-with streaming hints on the weight's loads).
+defaults; rows=32: LORA_FUSED_DECODE_ROWS; stages=N: LORA_FUSED_DECODE_STAGES), mmah / simth (the
+tensor-core / CUDA-core kernel with streaming hints on the weight's loads), mma-noh / simt-noh (either
+without them; by default they are on where the weight is larger than L2).
 
     python scripts/bench_lora_decode.py [--M 1,2,4,8,16] [--shapes 4096:4096,8192:28672] [--r 16]
         [--variants rows=32,stages=3,stages=6]
 
 CUDA-graph medians (triton.testing.do_bench_cudagraph); every result checked against float64 first.
+Replays of one layer keep a weight smaller than L2 (4096->4096 bf16: 32 MiB of the H100's 50) in L2,
+which a model's decode step does not (the other layers evict it); --cold times each column over
+enough copies of the layer (weight, lora_A, lora_B) to fill L2 three times over, one call on each
+copy in turn, and reports the time per call.
 """
 
 import argparse
@@ -22,15 +26,24 @@ from bench_nf4_decode import graph_us  # same folder: the same CUDA-graph timing
 from lora_fused import _ops
 
 SHAPES = "4096:4096,4096:11008,11008:4096,8192:8192,8192:28672"
-# --variants by name besides the bulk-copy kernel's: the tensor-core kernel with 8 or 32 weight rows a
-# warp, the CUDA-core kernel with 8 rows a block (one token), either with streaming hints.
+# --variants by name besides the bulk-copy kernel's: either kernel with or without streaming hints.
 NAMED_VARIANTS = {
-    "mma8": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_MMA_ROWS": "8"},
-    "mma32": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_MMA_ROWS": "32"},
-    "simt8": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_SIMT_ROWS": "8"},
     "mmah": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_STREAM_HINTS": "1"},
     "simth": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_STREAM_HINTS": "1"},
+    "mma-noh": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_STREAM_HINTS": "0"},
+    "simt-noh": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_STREAM_HINTS": "0"},
 }
+
+
+def rotating(call, layers):
+    """A function that calls call(w, a, b) on each layer in turn and returns the last result."""
+
+    def fn():
+        for w, a, b in layers:
+            out = call(w, a, b)
+        return out
+
+    return fn
 
 
 def main():
@@ -38,21 +51,25 @@ def main():
     ap.add_argument("--M", default="1,2,4,8,16")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--variants", default="", help="each a column: bulk, rows=N, stages=N (the bulk-copy kernel), mma8, mma32, simt8, mmah or simth")
+    ap.add_argument("--variants", default="", help="each a column: bulk, rows=N, stages=N (the bulk-copy kernel), mmah, simth, mma-noh or simt-noh")
     ap.add_argument("--brief", action="store_true", help="leave out the no-PDL and eager columns")
+    ap.add_argument("--cold", action="store_true", help="rotate over copies of the layer that fill L2 three times")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     dt, r, s = torch.bfloat16, args.r, 2.0
     for shape in args.shapes.split(","):
         k, d = (int(v) for v in shape.split(":"))
-        w = (torch.randn(d, k, device="cuda") * k**-0.5).to(dt)
-        a = (torch.randn(r, k, device="cuda") * k**-0.5).to(dt)
-        b = (torch.randn(d, r, device="cuda") * 0.1).to(dt)
+        copies = 1
+        if args.cold:
+            copies = -(-3 * torch.cuda.get_device_properties(0).L2_cache_size // (d * k * 2))
+        layers = [((torch.randn(d, k, device="cuda") * k**-0.5).to(dt), (torch.randn(r, k, device="cuda") * k**-0.5).to(dt),
+                   (torch.randn(d, r, device="cuda") * 0.1).to(dt)) for _ in range(copies)]
+        w, a, b = layers[-1]  # the copy whose result is checked: the last call's
         for m in (int(v) for v in args.M.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=dt)
             want_base = x.double() @ w.double().t()
             want = want_base + s * (x.double() @ a.double().t()) @ b.double().t()
-            run = lambda: _ops.lora_decode(x, w, a, b, s)  # noqa: E731
+            run = rotating(lambda w, a, b: _ops.lora_decode(x, w, a, b, s), layers)
             # column: (function, reference, environment while it is captured)
             cols = {"lora_decode": (run, want, {}), "mma": (run, want, {"LORA_FUSED_DECODE_KERNEL": "mma"}),
                     "simt": (run, want, {"LORA_FUSED_DECODE_KERNEL": "simt"}), "no PDL": (run, want, {"LORA_FUSED_PDL": "0"})}
@@ -64,17 +81,17 @@ def main():
                     key, val = v.split("=")
                     env[{"rows": "LORA_FUSED_DECODE_ROWS", "stages": "LORA_FUSED_DECODE_STAGES"}[key]] = val
                 cols[v] = (run, want, env)
-            cols["cuBLAS base"] = (lambda: torch.mm(x, w.t()), want_base, {})
-            cols["eager"] = (lambda: torch.mm(x, w.t()) + s * torch.mm(torch.mm(x, a.t()), b.t()), want, {})
+            cols["cuBLAS base"] = (rotating(lambda w, a, b: torch.mm(x, w.t()), layers), want_base, {})
+            cols["eager"] = (rotating(lambda w, a, b: torch.mm(x, w.t()) + s * torch.mm(torch.mm(x, a.t()), b.t()), layers), want, {})
             if args.brief:
                 cols = {n: c for n, c in cols.items() if n not in ("no PDL", "eager")}
-            row, times = f"{k:>5}->{d:<5} M={m:<2} r={r}", {}
+            row, times = f"{k:>5}->{d:<5} M={m:<2} r={r}" + (f" cold({copies})" if args.cold else ""), {}
             for name, (fn, ref, env) in cols.items():
                 os.environ.update(env)  # read as the graph is captured
                 try:
                     err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
                     assert err < 2e-2, (name, err)
-                    times[name] = graph_us(fn)
+                    times[name] = graph_us(fn) / copies
                 finally:
                     for key in env:
                         os.environ.pop(key, None)

@@ -2,12 +2,13 @@
 K % blocksize == 0) beside the general one (LORA_FUSED_NF4_GEMV=general), bitsandbytes' gemv when
 installed, and cuBLAS bf16 x @ W^T, with the fraction of the measured copy bandwidth each reaches.
 
-    python scripts/bench_nf4_decode.py [--M 1,4,8,16] [--shapes 4096:4096,8192:28672] [--rows] [--slots] [--barriers]
+    python scripts/bench_nf4_decode.py [--M 1,4,8,16] [--shapes 4096:4096,8192:28672] [--rows] [--slots] [--barriers] [--serpentine]
 
 --rows adds the block-aligned kernel forced to 16 and to 32 weight rows per warp step
 (LORA_FUSED_NF4_GEMV_ROWS), --slots 32 rows with 3 ring slots (LORA_FUSED_NF4_GEMV_SLOTS; the
 default is 2), --barriers the strip sums made with the team's barriers instead of deferred
-(LORA_FUSED_NF4_GEMV_DEFER=0), each timed beside the default choice.
+(LORA_FUSED_NF4_GEMV_DEFER=0), --serpentine every strip forwards over K
+(LORA_FUSED_NF4_GEMV_SERPENTINE=0; by default a team's strips alternate), each timed beside the default choice.
 
 Kernel times are CUDA-graph replays (triton.testing.do_bench_cudagraph, median), so the host's
 launch cost is not in them; every result is checked against x @ dequantize(W).T first.
@@ -44,6 +45,7 @@ def main():
     ap.add_argument("--rows", action="store_true", help="also time 16 and 32 rows per warp step")
     ap.add_argument("--slots", action="store_true", help="also time 32 rows per warp step with 3 ring slots")
     ap.add_argument("--barriers", action="store_true", help="also time the strip sums with the team's barriers")
+    ap.add_argument("--serpentine", action="store_true", help="also time every strip forwards over K (the default alternates)")
     args = ap.parse_args()
     try:
         import bitsandbytes as bnb
@@ -74,6 +76,8 @@ def main():
                 variants.update({"rows32_3slots": {"": "blockaligned", "ROWS": "32", "SLOTS": "3"}})
             if args.barriers:
                 variants.update({"barriers": {"": "blockaligned", "DEFER": "0"}})
+            if args.serpentine:
+                variants.update({"forward": {"": "blockaligned", "SERPENTINE": "0"}})
             knobs = {key for env in variants.values() for key in env}
             for name, env in variants.items():
                 for key in knobs:

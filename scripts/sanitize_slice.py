@@ -46,9 +46,7 @@ def main():
         x, w, a = rnd(M, k), rnd(d, k, sc=k**-0.5), rnd(r, k, sc=k**-0.5)
         b = rnd(r, d, sc=0.3).t() if M == 9 else rnd(d, r, sc=0.3)
         bias = rnd(d)
-        kernels = ("simt", "simt+LORA_FUSED_DECODE_SIMT_ROWS=8", "mma", "mma+LORA_FUSED_DECODE_MMA_ROWS=8",
-                   "mma+LORA_FUSED_DECODE_MMA_ROWS=32", "simt+LORA_FUSED_DECODE_STREAM_HINTS=1",
-                   "mma+LORA_FUSED_DECODE_STREAM_HINTS=1")
+        kernels = ("simt", "mma", "simt+LORA_FUSED_DECODE_STREAM_HINTS=1", "mma+LORA_FUSED_DECODE_STREAM_HINTS=1")
         for kern in kernels + (("bulk",) if torch.cuda.get_device_capability() == (9, 0) else ()):
             name, *extra = kern.split("+")
             env = {"LORA_FUSED_DECODE_KERNEL": name, **dict(e.split("=") for e in extra)}

@@ -116,9 +116,11 @@ DECODE_CASES = [(1, 4096 + 1, 4096, 64), (1, 9605, 256, 64), (5, 333, 192, 64), 
                 (2, 77, 320, 32), (16, 8192 + 16, 4096, 64)]
 
 
-# -nodefer: the strip sums with the team's barriers (LORA_FUSED_NF4_GEMV_DEFER=0) instead of deferred.
+# -nodefer: the strip sums with the team's barriers (LORA_FUSED_NF4_GEMV_DEFER=0) instead of deferred;
+# -forward: every strip forwards over K (LORA_FUSED_NF4_GEMV_SERPENTINE=0) instead of alternately backwards.
 DECODE_KERNELS = ["default", "general", "blockaligned-16rows", "blockaligned-32rows", "blockaligned-32rows-3slots",
-                  "blockaligned-16rows-nodefer", "blockaligned-32rows-nodefer"]
+                  "blockaligned-16rows-nodefer", "blockaligned-32rows-nodefer", "blockaligned-16rows-forward",
+                  "blockaligned-32rows-forward"]
 
 
 @requires_cuda
@@ -134,6 +136,8 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SLOTS", "3")
     if kernel.endswith("-nodefer"):
         monkeypatch.setenv("LORA_FUSED_NF4_GEMV_DEFER", "0")
+    if kernel.endswith("-forward"):
+        monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SERPENTINE", "0")
     packed, state = _weight(N, K, "cuda", blocksize, double_quant)
     x = randn(M, K, dtype=dtype, device="cuda")
     bias = randn(N, dtype=dtype, device="cuda")
@@ -160,7 +164,8 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
 @requires_cuda
 @pytest.mark.parametrize("env,message", [({"ROWS": "24"}, "LORA_FUSED_NF4_GEMV_ROWS must be 16 or 32 .*got '24'"),
                                          ({"ROWS": "32", "SLOTS": "5"}, "LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 .*got '5'"),
-                                         ({"DEFER": "2"}, "LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 .*got '2'")])
+                                         ({"DEFER": "2"}, "LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 .*got '2'"),
+                                         ({"SERPENTINE": "yes"}, "LORA_FUSED_NF4_GEMV_SERPENTINE must be 0 or 1 .*got 'yes'")])
 def test_bad_decode_option_is_a_clear_error(env, message, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(f"LORA_FUSED_NF4_GEMV_{key}", value)
@@ -202,6 +207,31 @@ def test_decode_deferred_strip_sums_are_bitwise_the_barriers(rows, M, lora, monk
     want = run()
     assert not want.isnan().any()
     assert torch.equal(got, want), (got - want).abs().max()
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows,M", [("16", 1), ("16", 16), ("32", 1), ("32", 9), ("32", 16)])
+@pytest.mark.parametrize("defer", ["0", "1"])
+@pytest.mark.parametrize("serpentine", ["0", "1"])
+def test_decode_serpentine_strips(rows, M, defer, serpentine, monkeypatch):
+    # About 5 strips a team (20000 + 8 rows), 10 windows of K for 8 warps (two warps with 2 steps, so
+    # that a backwards strip's order differs), the ring's copies running ahead across every turn.
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", rows)
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_DEFER", defer)
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_SERPENTINE", serpentine)
+    N, K = 20000 + 8, 2560
+    packed, state = _weight(N, K, "cuda")
+    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
+    bias = randn(N, dtype=torch.bfloat16, device="cuda")
+    a = randn(16, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
+    b = randn(N, 16, dtype=torch.bfloat16, device="cuda", scale=0.5)
+    poison_allocator("cuda")
+    y = lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias, training=False)
+    w = nf4.dequantize(packed, state, torch.bfloat16)
+    same = x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()) + bias
+    assert_error_rule(y, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), same, "decode serpentine")
+    y0 = lora_fused.nf4_linear(x, packed, state)
+    assert_error_rule(y0, reference.nf4_linear(x, packed, state), x @ w.t(), "decode serpentine, no LoRA")
 
 
 @pytest.mark.parametrize("device", DEVICES)

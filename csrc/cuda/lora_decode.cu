@@ -2,9 +2,10 @@
 // (M <= 16), where the layer is a matrix-vector product bound by streaming W once.
 // u = x @ A^T comes as partial sums over slices of K from lora_shrink_partials (k % 32 == 0; the
 // kernel here may start while it runs, programmatic dependent launch, and adds them once it has
-// waited for it), else from one small cuBLAS GEMM. From 2 tokens on (and for one where K <= 4096) the
-// tensor-core kernel of lora_decode_mma.cu streams W (or, asked for, the bulk-copy kernel of
-// lora_decode_bulk.cu on sm_90); else the kernel here, with 16-byte loads: a warp
+// waited for it), else from one small cuBLAS GEMM. From 2 tokens on (and for one where K <= 4096 or
+// the weight is larger than L2, streamed with no-allocate hints) the tensor-core kernel of
+// lora_decode_mma.cu streams W (or, asked for, the bulk-copy kernel of lora_decode_bulk.cu on
+// sm_90); else the kernel here, with 16-byte loads: a warp
 // owns kRowsPerWarp output features and walks their rows with SEG 16-byte loads per row in flight,
 // the block's x is staged in shared memory SEG * 256 columns at a time, and scale * u sits in shared
 // memory so the LoRA term joins the same fp32 accumulators before one warp reduction and a single
@@ -33,12 +34,12 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxRank = 256;  // scale * u in shared memory: 16 x 256 x 4 B = 16 KB
-// RPW: rows per warp, 2 (or 1 for one token with LORA_FUSED_DECODE_SIMT_ROWS=8, for comparisons).
-// 16-byte loads in flight per row and lane: 4 (8 with one row a warp) where the staged x (MT rows x
-// SEG * 256 columns) leaves room for u in 48 KiB of static shared memory.
-template <int MT, int RPW>
+constexpr int kRowsPerWarp = 2;  // 1 (8 rows a block, one token) ran within 1% (session 30)
+// 16-byte loads in flight per row and lane: 4 where the staged x (MT rows x SEG * 256 columns) leaves
+// room for u in 48 KiB of static shared memory.
+template <int MT>
 constexpr int segments() {
-  return (MT <= 8 ? 4 : 2) * (RPW == 1 ? 2 : 1);
+  return MT <= 8 ? 4 : 2;
 }
 constexpr int kMaxM = 16;
 
@@ -65,13 +66,13 @@ __device__ __forceinline__ float dot8(const uint4& w, const uint4& x, float acc)
 }
 
 // u: [M, R] with row stride ldu, or (u == nullptr) splits partial sums parts [splits][M][R].
-template <typename T, int MT, int kRowsPerWarp, bool kStream>
+template <typename T, int MT, bool kStream>
 __global__ void __launch_bounds__(kThreads, 2)
     lora_decode_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ w, int64_t ldw,
                        const T* __restrict__ u, int64_t ldu, const float* __restrict__ parts, int splits,
                        const T* __restrict__ b, int64_t b_sd, int64_t b_sr, const T* __restrict__ bias,
                        T* __restrict__ out, int M, int64_t K, int64_t D, int R, float scale) {
-  constexpr int SEG = segments<MT, kRowsPerWarp>(), kChunk = SEG * 256, kRowsPerBlock = kWarps * kRowsPerWarp;
+  constexpr int SEG = segments<MT>(), kChunk = SEG * 256, kRowsPerBlock = kWarps * kRowsPerWarp;
   __shared__ alignas(16) T xs[MT][kChunk];
   __shared__ float us[MT][kMaxRank];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -165,10 +166,11 @@ enum class DecodeKernel { kSimt, kMma, kBulk };
 
 // The tensor-core kernel from 2 tokens on, and for one token where K <= 4096 (H200: 9.0 against 10.7
 // us at 4096->4096, 28.0 against 30.6 at 4096->11008; from K = 8192 the CUDA-core kernel streamed W
-// faster: 36.2 against 40.5 us at 8192->8192). LORA_FUSED_DECODE_KERNEL=simt|mma|bulk picks one; the
+// faster: 36.2 against 40.5 us at 8192->8192) or where the weight's loads take streaming hints (H100:
+// 48.1 against the CUDA-core kernel's 49.4 with them, 50.4 without, at 8192->8192). LORA_FUSED_DECODE_KERNEL=simt|mma|bulk picks one; the
 // bulk-copy kernel (lora_decode_bulk.cu, sm_90) is not the default: it lost to these two at 4096->4096
 // and at 16 tokens, and to the CUDA-core kernel at one token on the H200 (RESULTS.md, session 29).
-DecodeKernel pick_kernel(int64_t m, int64_t k, int major) {
+DecodeKernel pick_kernel(int64_t m, int64_t k, int major, bool hints) {
   const char* env = std::getenv("LORA_FUSED_DECODE_KERNEL");
   if (env != nullptr && *env != '\0') {
     if (std::strcmp(env, "simt") == 0) return DecodeKernel::kSimt;
@@ -179,17 +181,8 @@ DecodeKernel pick_kernel(int64_t m, int64_t k, int major) {
                 "and a build with sm_90 code (TORCH_CUDA_ARCH_LIST with 9.0a); this GPU is sm_", major, "x");
     return DecodeKernel::kBulk;
   }
-  if (major >= 8 && (m >= 2 || k <= 4096)) return DecodeKernel::kMma;
+  if (major >= 8 && (m >= 2 || k <= 4096 || hints)) return DecodeKernel::kMma;
   return DecodeKernel::kSimt;
-}
-
-// Weight rows per block of the CUDA-core kernel for one token: 16, or 8 with LORA_FUSED_DECODE_SIMT_ROWS=8
-// (comparisons).
-int simt_rows() {
-  const char* env = std::getenv("LORA_FUSED_DECODE_SIMT_ROWS");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "16") == 0) return 16;
-  TORCH_CHECK(std::strcmp(env, "8") == 0, "lora_fused.lora_decode: LORA_FUSED_DECODE_SIMT_ROWS must be 8 or 16; got '", env, "'");
-  return 8;
 }
 
 // The LoRA input: u [M, r] (T), or the shrink kernel's partial sums (fp32 [splits][M][r]).
@@ -199,13 +192,13 @@ struct ShrinkOut {
   bool pdl = false;
 };
 
-template <typename T, int MT, int RPW = 2, bool kStream = false>
+template <typename T, int MT, bool kStream = false>
 void launch(const at::Tensor& x, const at::Tensor& w, const ShrinkOut& sh, const at::Tensor& b,
             const c10::optional<at::Tensor>& bias, at::Tensor& out, double scale, int64_t r) {
   const int64_t D = w.size(0);
-  const unsigned int grid = cuda::grid_x(cuda::ceil_div<int64_t>(D, kWarps * RPW), "lora_fused.lora_decode");
+  const unsigned int grid = cuda::grid_x(cuda::ceil_div<int64_t>(D, kWarps * kRowsPerWarp), "lora_fused.lora_decode");
   const bool has_u = sh.u.defined();
-  cuda::launch_maybe_pdl(sh.pdl, lora_decode_kernel<T, MT, RPW, kStream>, dim3(grid), dim3(kThreads), 0,
+  cuda::launch_maybe_pdl(sh.pdl, lora_decode_kernel<T, MT, kStream>, dim3(grid), dim3(kThreads), 0,
                          at::cuda::getCurrentCUDAStream(), x.data_ptr<T>(), x.stride(0), w.data_ptr<T>(), w.stride(0),
                          has_u ? sh.u.data_ptr<T>() : static_cast<T*>(nullptr), has_u ? sh.u.stride(0) : int64_t{0},
                          has_u ? static_cast<float*>(nullptr) : sh.parts.data_ptr<float>(), sh.splits,
@@ -241,7 +234,8 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
     sh.u = at::mm(x, lora_a.t());  // [M, r], cuBLAS
   }
   at::Tensor out = at::empty({M, weight.size(0)}, x.options());
-  const DecodeKernel kernel = pick_kernel(M, K, props->major);
+  const bool hints = cuda::lora_decode_stream_hints(weight.size(0) * K * static_cast<int64_t>(weight.element_size()));
+  const DecodeKernel kernel = pick_kernel(M, K, props->major, hints);
   if (kernel != DecodeKernel::kSimt) {
     const bool has_u = sh.u.defined();
     const cuda::LoraDecodeArgs args{x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0),
@@ -253,13 +247,12 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
     if (kernel == DecodeKernel::kBulk) {
       cuda::lora_decode_bulk_launch(args, dt, sh.pdl, at::cuda::getCurrentCUDAStream());
     } else {
-      cuda::lora_decode_mma_launch(args, dt, sh.pdl, at::cuda::getCurrentCUDAStream());
+      cuda::lora_decode_mma_launch(args, dt, sh.pdl, hints, at::cuda::getCurrentCUDAStream());
     }
     return out;
   }
   AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "lora_decode_cuda", [&] {
-    if (M == 1 && simt_rows() == 8) launch<scalar_t, 1, 1>(x, weight, sh, lora_b, bias, out, scale, R);
-    else if (M == 1 && cuda::lora_decode_stream_hints()) launch<scalar_t, 1, 2, true>(x, weight, sh, lora_b, bias, out, scale, R);
+    if (M == 1 && hints) launch<scalar_t, 1, true>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M == 1) launch<scalar_t, 1>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M <= 2) launch<scalar_t, 2>(x, weight, sh, lora_b, bias, out, scale, R);
     else if (M <= 4) launch<scalar_t, 4>(x, weight, sh, lora_b, bias, out, scale, R);

@@ -10,11 +10,11 @@
 // bias join before a single rounding.
 #include "cuda/lora_decode_mma.h"
 
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/lora_shrink_partials.h"
@@ -25,45 +25,38 @@
 namespace lora_fused {
 namespace cuda {
 
-bool lora_decode_stream_hints() {
+bool lora_decode_stream_hints(int64_t weight_bytes) {
   const char* v = std::getenv("LORA_FUSED_DECODE_STREAM_HINTS");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(v, "1") == 0, "LORA_FUSED_DECODE_STREAM_HINTS must be 0 or 1, got '", v, "'");
-  return true;
+  if (v == nullptr || *v == '\0') return weight_bytes > at::cuda::getCurrentDeviceProperties()->l2CacheSize;
+  TORCH_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "LORA_FUSED_DECODE_STREAM_HINTS must be 0 or 1, got '", v,
+              "'");
+  return v[0] == '1';
 }
 
 namespace {
 
-// H: weight rows per warp and block in eights (8H rows), in G = ceil(H / 2) mma row groups of 16 (with
-// H = 1 the group's rows 8-15 are zeros). The x fragments a step loads serve all of them, so x's
-// traffic through L1 per weight byte is 1/H. H = 2 by default: 16 rows a block (a block's share of W
-// small, so the last partial wave of blocks is short; 32-row blocks ran 8192->28672 at 184 us
-// against 162 for the 16-row CUDA-core kernel). LORA_FUSED_DECODE_MMA_ROWS=8 or 32 (rows_per_warp)
-// for comparisons.
+// 16 weight rows a block (each warp's mma rows: rows g and g + 8 of the block), so that a block's share
+// of W is small and the last partial wave of blocks short (32-row blocks ran 8192->28672 at 184 us
+// against 162 for the 16-row CUDA-core kernel; 32 and 8 rows a warp both lost to 16, session 30).
+constexpr int kRows = 16;
 constexpr int kSplits = 8;   // warps splitting K per block
 constexpr int kThreads = kSplits * 32;
 constexpr int kMaxRank = 256;
+constexpr int kUnroll = 4;   // 32-column steps whose loads are in flight together
 
-// U: 32-column steps whose loads are in flight together: 8 / H, the same bytes of W in flight a lane.
-template <int H>
-constexpr int unroll() {
-  return 8 / H;
-}
-
-// kStream: the weight's loads with streaming hints (load_nc16_hinted; LORA_FUSED_DECODE_STREAM_HINTS=1,
-// comparisons).
-template <typename T, int NT, int H, bool kStream>
+// kStream: the weight's loads with streaming hints (load_nc16_hinted), where the weight is larger than L2
+// (lora_decode_stream_hints).
+template <typename T, int NT, bool kStream>
 __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const LoraDecodeArgs a) {
-  constexpr int kRows = 8 * H, G = (H + 1) / 2, kUnroll = unroll<H>();
   __shared__ float red[kSplits][kRows][16 + 1];
   __shared__ float us[16][kMaxRank];
   const int ks = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  // Row 8h + g of the block (rows past D read row D - 1; they are never stored).
-  const T* wr[H];
+  // Rows g and 8 + g of the block (rows past D read row D - 1; they are never stored).
+  const T* wr[2];
 #pragma unroll
-  for (int h = 0; h < H; ++h) {
+  for (int h = 0; h < 2; ++h) {
     const int64_t row = f0 + 8 * h + g < a.D ? f0 + 8 * h + g : a.D - 1;
     wr[h] = static_cast<const T*>(a.w) + row * a.ldw + 8 * t;
   }
@@ -75,11 +68,9 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
     xin[n] = m < a.M;
     xr[n] = static_cast<const T*>(a.x) + (xin[n] ? m : 0) * a.ldx + 8 * t;
   }
-  float c[G][NT][4];
+  float c[NT][4];
 #pragma unroll
-  for (int gi = 0; gi < G; ++gi)
-#pragma unroll
-    for (int n = 0; n < NT; ++n) c[gi][n][0] = c[gi][n][1] = c[gi][n][2] = c[gi][n][3] = 0.0f;
+  for (int n = 0; n < NT; ++n) c[n][0] = c[n][1] = c[n][2] = c[n][3] = 0.0f;
 
   const uint4 zero = make_uint4(0, 0, 0, 0);
   const int64_t steps = (a.K + 31) / 32;
@@ -87,7 +78,7 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
   // block's 8 warps side by side: interleaving the warps' steps instead (512 bytes apart) ran
   // 8192-wide rows at ~80% of cuBLAS's rate.
   for (int64_t s0 = ks * kUnroll; s0 < steps; s0 += kSplits * kUnroll) {
-    uint4 vw[kUnroll][H], vx[kUnroll][NT];
+    uint4 vw[kUnroll][2], vx[kUnroll][NT];
     bool ok[kUnroll];
     // Every load first (out-of-range steps read column 0 and are zeroed after): all in flight at once.
 #pragma unroll
@@ -96,44 +87,37 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
       ok[i] = s0 + i < steps && col < a.K;
       const int64_t c0 = ok[i] ? col - 8 * t : 0;
 #pragma unroll
-      for (int h = 0; h < H; ++h) vw[i][h] = load_nc16_hinted<kStream>(wr[h] + c0);
+      for (int h = 0; h < 2; ++h) vw[i][h] = load_nc16_hinted<kStream>(wr[h] + c0);
 #pragma unroll
       for (int n = 0; n < NT; ++n) vx[i][n] = __ldg(reinterpret_cast<const uint4*>(xr[n] + c0));
     }
 #pragma unroll
     for (int i = 0; i < kUnroll; ++i) {
 #pragma unroll
-      for (int h = 0; h < H; ++h)
+      for (int h = 0; h < 2; ++h)
         if (!ok[i]) vw[i][h] = zero;
 #pragma unroll
       for (int n = 0; n < NT; ++n)
         if (!ok[i] || !xin[n]) vx[i][n] = zero;
+      const uint4 va = vw[i][0], vb = vw[i][1];
+      const uint32_t a0[4] = {va.x, vb.x, va.y, vb.y};  // k 8t..8t+3
+      const uint32_t a1[4] = {va.z, vb.z, va.w, vb.w};  // k 8t+4..8t+7
 #pragma unroll
-      for (int gi = 0; gi < G; ++gi) {
-        const uint4 va = vw[i][2 * gi], vb = 2 * gi + 1 < H ? vw[i][2 * gi + 1] : zero;
-        const uint32_t a0[4] = {va.x, vb.x, va.y, vb.y};  // k 8t..8t+3
-        const uint32_t a1[4] = {va.z, vb.z, va.w, vb.w};  // k 8t+4..8t+7
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          mma16816<T>(c[gi][n], a0, vx[i][n].x, vx[i][n].y);
-          mma16816<T>(c[gi][n], a1, vx[i][n].z, vx[i][n].w);
-        }
+      for (int n = 0; n < NT; ++n) {
+        mma16816<T>(c[n], a0, vx[i][n].x, vx[i][n].y);
+        mma16816<T>(c[n], a1, vx[i][n].z, vx[i][n].w);
       }
     }
   }
-  // c[gi][n]: rows 16 gi + g, + 8 (if H > 2 gi + 1) of the block, tokens 2t, 2t + 1 (+ 8n).
+  // c[n]: rows g, g + 8 of the block, tokens 2t, 2t + 1 (+ 8n).
 #pragma unroll
-  for (int gi = 0; gi < G; ++gi)
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const int m = 2 * t + 8 * n, r = 16 * gi + g;
-      red[ks][r][m] = c[gi][n][0];
-      red[ks][r][m + 1] = c[gi][n][1];
-      if (2 * gi + 1 < H) {
-        red[ks][r + 8][m] = c[gi][n][2];
-        red[ks][r + 8][m + 1] = c[gi][n][3];
-      }
-    }
+  for (int n = 0; n < NT; ++n) {
+    const int m = 2 * t + 8 * n;
+    red[ks][g][m] = c[n][0];
+    red[ks][g][m + 1] = c[n][1];
+    red[ks][g + 8][m] = c[n][2];
+    red[ks][g + 8][m + 1] = c[n][3];
+  }
   // u only now: the shrink kernel (programmatic dependent launch) ran beside the weight stream.
   if (a.u == nullptr) pdl_wait();
   for (int i = threadIdx.x; i < a.M * a.R; i += kThreads) {
@@ -164,45 +148,31 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
   }
 }
 
-template <typename T, int NT, int H, bool kStream = false>
+template <typename T, int NT, bool kStream>
 void launch(const LoraDecodeArgs& a, bool pdl, cudaStream_t stream) {
-  const unsigned int grid = grid_x(ceil_div<int64_t>(a.D, 8 * H), "lora_fused.lora_decode");
-  launch_maybe_pdl(pdl, lora_decode_mma_kernel<T, NT, H, kStream>, dim3(grid), dim3(kThreads), 0, stream, a);
-}
-
-// Weight rows per warp in eights: 2, or LORA_FUSED_DECODE_MMA_ROWS=8 / 32 for 1 / 4 (comparisons, tests).
-int rows_per_warp() {
-  const char* v = std::getenv("LORA_FUSED_DECODE_MMA_ROWS");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "16") == 0) return 2;
-  TORCH_CHECK(std::strcmp(v, "8") == 0 || std::strcmp(v, "32") == 0,
-              "LORA_FUSED_DECODE_MMA_ROWS must be 8, 16 or 32 (weight rows per warp of lora_decode's tensor-core kernel), ",
-              "got '", v, "'");
-  return v[0] == '8' ? 1 : 4;
+  const unsigned int grid = grid_x(ceil_div<int64_t>(a.D, kRows), "lora_fused.lora_decode");
+  launch_maybe_pdl(pdl, lora_decode_mma_kernel<T, NT, kStream>, dim3(grid), dim3(kThreads), 0, stream, a);
 }
 
 template <typename T>
-void launch_for(const LoraDecodeArgs& a, bool pdl, cudaStream_t stream) {
-  auto by_rows = [&](auto nt) {
-    constexpr int NT = decltype(nt)::value;
-    switch (rows_per_warp()) {
-      case 1: return launch<T, NT, 1>(a, pdl, stream);
-      case 4: return launch<T, NT, 4>(a, pdl, stream);
-      default: return lora_decode_stream_hints() ? launch<T, NT, 2, true>(a, pdl, stream) : launch<T, NT, 2>(a, pdl, stream);
-    }
-  };
-  a.M <= 8 ? by_rows(std::integral_constant<int, 1>{}) : by_rows(std::integral_constant<int, 2>{});
+void launch_for(const LoraDecodeArgs& a, bool pdl, bool hints, cudaStream_t stream) {
+  if (a.M <= 8) {
+    hints ? launch<T, 1, true>(a, pdl, stream) : launch<T, 1, false>(a, pdl, stream);
+  } else {
+    hints ? launch<T, 2, true>(a, pdl, stream) : launch<T, 2, false>(a, pdl, stream);
+  }
 }
 
 }  // namespace
 
-void lora_decode_mma_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool pdl, cudaStream_t stream) {
+void lora_decode_mma_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool pdl, bool stream_hints, cudaStream_t stream) {
   TORCH_CHECK(a.M >= 1 && a.M <= 16 && a.R >= 1 && a.R <= kMaxRank && a.K % 8 == 0,
               "lora_fused.lora_decode: internal: the tensor-core kernel got M=", a.M, " R=", a.R, " K=", a.K);
   if (dtype == at::kBFloat16) {
-    launch_for<at::BFloat16>(a, pdl, stream);
+    launch_for<at::BFloat16>(a, pdl, stream_hints, stream);
   } else {
     TORCH_CHECK(dtype == at::kHalf, "lora_fused.lora_decode: internal: the tensor-core kernel got ", dtype);
-    launch_for<at::Half>(a, pdl, stream);
+    launch_for<at::Half>(a, pdl, stream_hints, stream);
   }
 }
 

@@ -27,13 +27,16 @@ struct LoraDecodeArgs {
   float scale;
 };
 
-// Whether the decode kernels load the weight with streaming hints (LORA_FUSED_DECODE_STREAM_HINTS=1,
-// comparisons: the tensor-core kernel's 16-row warps and the CUDA-core kernel's one-token blocks).
-bool lora_decode_stream_hints();
+// Whether the decode kernels load a weight of weight_bytes with streaming hints (stream_load.cuh): where
+// it is larger than the GPU's L2 (on the H100 3-8% faster at 90 and 134 MB, and 37-64% slower at 32 MB,
+// which stays in L2 across CUDA-graph replays: RESULTS.md, session 30); LORA_FUSED_DECODE_STREAM_HINTS
+// = 0 / 1 forces them off / on (the tensor-core kernel's 16-row warps and the CUDA-core kernel's
+// one-token blocks).
+bool lora_decode_stream_hints(int64_t weight_bytes);
 
 // bf16 or fp16, M <= 16, R <= 256, sm_80+; pdl: launched to overlap the shrink kernel before it
-// (it then waits for it before it reads parts).
-void lora_decode_mma_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool pdl, cudaStream_t stream);
+// (it then waits for it before it reads parts); stream_hints: lora_decode_stream_hints.
+void lora_decode_mma_launch(const LoraDecodeArgs& a, at::ScalarType dtype, bool pdl, bool stream_hints, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lora_fused

@@ -265,6 +265,7 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
       deferred.defer_sums = true;
       a.defer_sums = cuda::nf4_gemv_blockaligned_fits(deferred, t);
     }
+    a.serpentine = cuda::nf4_gemv_serpentine();
     cuda::nf4_gemv_blockaligned_launch(a, t, stream, sms, pdl);
     return true;
   }

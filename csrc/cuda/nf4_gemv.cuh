@@ -40,6 +40,9 @@ struct GemvArgs {
   // mbarriers instead of two team barriers a strip (nf4_gemv_defer_sums; with lora_smem, four
   // lora_B buffers a team instead of two).
   bool defer_sums;
+  // Block-aligned kernel: a team's strips walk K alternately forwards and backwards, so that a strip
+  // starts on the columns of x that the last one ended on, still in L1 (nf4_gemv_serpentine).
+  bool serpentine;
   void* out;  // [m, n]
 };
 
@@ -199,6 +202,7 @@ bool nf4_gemv_blockaligned_fits(const GemvArgs& a, at::ScalarType dtype);
 // Whether to defer the block-aligned kernel's strip sums where they fit: yes, unless
 // LORA_FUSED_NF4_GEMV_DEFER=0.
 bool nf4_gemv_defer_sums();
+bool nf4_gemv_serpentine();
 // pdl: the kernel may start while the previous kernel in the stream (the shrink) still runs.
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl);
 

@@ -155,7 +155,8 @@ struct SmemLayout {
   }
 };
 
-// The copies of one warp: the step at window c (columns 256c ...) of strip `strip` (16R rows). In
+// The copies of one warp: the step at window c (columns 256c ...) of strip `strip` (16R rows), the
+// warp's windows of a strip walked forwards (dir 1: tw, tw + 8, ...) or backwards (dir -1). In
 // each row tile, lane l copies chunk l & 7 of rows (l >> 3) + 4i, and a scale word of row l & 15
 // (lanes 0-15: the 4 block codes or, without double quantization, the 4 fp32 scales; lanes 16-31:
 // the row's nested scale). Block indices are 32-bit (nf4_gemv_blockaligned_takes); 64-bit products
@@ -166,24 +167,29 @@ struct Producer {
   int32_t blk;       // first block of the step in row (lane & 15) of the first tile
   int64_t strip;
   int c;
+  int dir;
   int rows;  // rows of the strip that exist (<= 0: past the last strip)
 
-  __device__ __forceinline__ void start(const GemvArgs& a, int64_t s, int first_c) {
+  __device__ __forceinline__ void start(const GemvArgs& a, int64_t s, int first_c, int d) {
     const int lane = threadIdx.x & 31;
     strip = s;
     c = first_c;
+    dir = d;
     rows = static_cast<int>(std::min<int64_t>(16 * R, a.n - s * 16 * R));
     const int64_t row0 = rows > 0 ? s * 16 * R : 0;
     w = a.packed + (row0 + (lane >> 3)) * (a.k / 2) + kRowBytes * c + 16 * (lane & 7);
     blk = static_cast<int32_t>((row0 + (lane & 15)) * (a.k >> 6) + 4 * c);
   }
+  // first_c: the warp's first window of a strip (forwards); its last one is worked out at the turn
+  // (a register less in the loop).
   __device__ __forceinline__ void advance(const GemvArgs& a, int windows, int64_t strip_stride, int first_c) {
-    c += kGemvWarps;
-    if (c < windows) {
-      w += kRowBytes * kGemvWarps;
-      blk += 4 * kGemvWarps;
+    c += kGemvWarps * dir;
+    if (dir > 0 ? c < windows : c >= 0) {
+      w += kRowBytes * kGemvWarps * dir;
+      blk += 4 * kGemvWarps * dir;
     } else {
-      start(a, strip + strip_stride, first_c);
+      const int d = a.serpentine ? -dir : 1;
+      start(a, strip + strip_stride, d > 0 ? first_c : first_c + kGemvWarps * ((windows - 1 - first_c) / kGemvWarps), d);
     }
   }
 };
@@ -343,7 +349,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   float u_part[kLoraShrinkMaxSplits];
   const ScaleSource ss = scale_source<kNested>(args);
   Producer<R> prod;
-  prod.start(args, first_strip, tw);
+  prod.start(args, first_strip, tw, 1);
   if (steps > 0) {
 #pragma unroll 1
     for (int s = 0; s < S - 1; ++s) {
@@ -420,9 +426,11 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[ti][j][q] = 0.0f;
+    // The strip's windows in the order the producer copies them (serpentine: odd strips backwards).
+    const int dir = args.serpentine && (nth & 1) ? -1 : 1;
     const T* xw[NT];
 #pragma unroll
-    for (int j = 0; j < NT; ++j) xw[j] = x_lane[j];
+    for (int j = 0; j < NT; ++j) xw[j] = x_lane[j] + (dir > 0 ? 0 : kStepCols * kGemvWarps * (steps - 1));
 #pragma unroll 1
     for (int i = 0; i < steps; ++i) {
       cp_async_wait<S - 2>();
@@ -510,7 +518,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
             for (int q = 0; q < 4; ++q) acc[ti][j][q] = fma_acc(scale[ti][q >> 1][p], part[ti][j][q], acc[ti][j][q]);
       }
 #pragma unroll
-      for (int j = 0; j < NT; ++j) xw[j] += kStepCols * kGemvWarps;
+      for (int j = 0; j < NT; ++j) xw[j] += kStepCols * kGemvWarps * dir;
     }
     if (args.defer_sums) {
       // Strip nth's partials into buffer nth % 2 once strip nth - 2's sums have read it, then strip
@@ -630,17 +638,31 @@ bool nf4_gemv_blockaligned_fits(const GemvArgs& a, at::ScalarType dtype) {
   return need <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
 }
 
+namespace {
+// An on/off setting of the decode kernel: `unset` when the variable is empty or unset, else 0 or 1.
+bool env_switch(const char* name, bool unset, const char* what) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return unset;
+  const std::string s(v);
+  TORCH_CHECK(s == "0" || s == "1", name, " must be 0 or 1 (", what, "), got '", s, "'");
+  return s == "1";
+}
+}  // namespace
+
 // Deferred strip sums (session 27, the H100, 8192 -> 28672 at 1 / 4 / 16 tokens without LoRA: 52.6 /
 // 56.2 / 75.3 us with the team's two barriers a strip, 51.4 / 54.0 / 71.2 deferred; 4096 -> 11008
 // 14.8 / 15.6 / 20.5 against 14.3 / 14.6 / 19.4). LORA_FUSED_NF4_GEMV_DEFER=0 turns them off
 // (tests, comparisons).
 bool nf4_gemv_defer_sums() {
-  const char* v = std::getenv("LORA_FUSED_NF4_GEMV_DEFER");
-  if (v == nullptr || *v == '\0') return true;
-  const std::string s(v);
-  TORCH_CHECK(s == "0" || s == "1", "LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 (whether the decode kernel defers its strip ",
-              "sums), got '", s, "'");
-  return s == "1";
+  return env_switch("LORA_FUSED_NF4_GEMV_DEFER", true, "whether the decode kernel defers its strip sums");
+}
+
+// Serpentine strips (on unless LORA_FUSED_NF4_GEMV_SERPENTINE=0; measured in benchmarks/RESULTS.md,
+// session 32): with 16 tokens x is 2-4x the weight's bytes through L1 and 256 KiB at K = 8192, more
+// than L1 holds, so each strip would read it from L2 again; a strip walked backwards starts on the
+// windows of x the previous strip ended on. The sums' order changes with the direction (rounding only).
+bool nf4_gemv_serpentine() {
+  return env_switch("LORA_FUSED_NF4_GEMV_SERPENTINE", true, "whether the decode kernel's strips alternate their direction over K");
 }
 
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl) {
