@@ -308,6 +308,12 @@ def test_lora_decode_strided_x_and_opcheck(device, kernel, monkeypatch):
     w_s = randn(48, 264, dtype=torch.bfloat16, device=device, scale=1 / 16)[:, :256]  # weight row stride 264
     assert_error_rule(_ops.lora_decode(x, w_s, a, b_t, 2.0), reference.lora_linear(x, w_s, a, b_t, 2.0),
                       x @ w_s.t() + 2.0 * ((x @ a.t()) @ b_t.t()), "strided weight and lora_B")
+    # lora_B rows not 16-byte aligned (row stride 12; then the storage's second element): the
+    # tensor-core kernel stages them with element loads instead of 16-byte copies.
+    for b_odd in (randn(48, 12, dtype=torch.bfloat16, device=device)[:, :8],
+                  randn(48 * 8 + 1, dtype=torch.bfloat16, device=device)[1:].view(48, 8)):
+        assert_error_rule(_ops.lora_decode(x, w, a, b_odd, 2.0), reference.lora_linear(x, w, a, b_odd, 2.0),
+                          x @ w.t() + 2.0 * ((x @ a.t()) @ b_odd.t()), f"lora_B strides {b_odd.stride()}")
     x_odd = randn(3, 257, dtype=torch.bfloat16, device=device)[:, 1:]  # misaligned rows: fallback path
     assert_error_rule(_ops.lora_decode(x_odd, w, a, b, 2.0), reference.lora_linear(x_odd, w, a, b, 2.0),
                       x_odd @ w.t() + 2.0 * ((x_odd @ a.t()) @ b.t()), "misaligned x")

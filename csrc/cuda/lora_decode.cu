@@ -26,6 +26,7 @@
 #include "cuda/lora_shrink_partials.h"
 #include "cuda/pdl.cuh"
 #include "cuda/stream_load.cuh"
+#include "cuda/unpack16.cuh"
 #include "lora_linear_composed.h"
 
 namespace lora_fused {
@@ -43,12 +44,7 @@ constexpr int segments() {
 }
 constexpr int kMaxM = 16;
 
-__device__ __forceinline__ float2 unpack2(uint32_t v, at::BFloat16) {
-  return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
-}
-__device__ __forceinline__ float2 unpack2(uint32_t v, at::Half) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&v));
-}
+using cuda::unpack2;
 
 
 // acc += dot(w[0:8], x[0:8]) for 8 packed 16-bit values each.

@@ -7,7 +7,10 @@
 // product does not see. No shared memory on the weight path, U steps of loads in flight per lane.
 // A block: 16 weight rows x 8 warps splitting K; their fp32 partials meet in
 // shared memory, where the LoRA term (u from the shrink kernel's partial sums, scaled once) and the
-// bias join before a single rounding.
+// bias join before a single rounding. The block's 16 lora_B rows are copied to shared memory
+// (cp.async) as the kernel starts, so their loads hide behind the weight stream: read from global
+// memory in the epilogue, a thread's serial loads of one B row cost r round trips a block (r = 64 at
+// 16 tokens took 1.3-1.9x the r = 16 time, session 34).
 #include "cuda/lora_decode_mma.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -21,6 +24,7 @@
 #include "cuda/mma_sm80.cuh"
 #include "cuda/pdl.cuh"
 #include "cuda/stream_load.cuh"
+#include "cuda/unpack16.cuh"
 
 namespace lora_fused {
 namespace cuda {
@@ -43,16 +47,53 @@ constexpr int kSplits = 8;   // warps splitting K per block
 constexpr int kThreads = kSplits * 32;
 constexpr int kMaxRank = 256;
 constexpr int kUnroll = 4;   // 32-column steps whose loads are in flight together
+// lora_B rows in shared memory: r rounded up to 8, then to 64, plus 8 elements, so that the 16 rows'
+// 16-byte chunks at one column fall on distinct bank groups (two wavefronts for 16 rows).
+constexpr int kBStrideMax = kMaxRank + 8;
+__host__ __device__ constexpr int b_stride(int r8) { return ((r8 + 63) / 64) * 64 + 8; }
+static_assert(b_stride(kMaxRank) == kBStrideMax, "the shared lora_B tile holds the widest rank");
+
+// acc + the dot product of 8 packed 16-bit values of b with 8 floats (u0, u1).
+template <typename T>
+__device__ __forceinline__ float dot8_f32(const uint4& b, const float4& u0, const float4& u1, float acc) {
+  float2 v = unpack2(b.x, T());
+  acc = fmaf(u0.x, v.x, acc);
+  acc = fmaf(u0.y, v.y, acc);
+  v = unpack2(b.y, T());
+  acc = fmaf(u0.z, v.x, acc);
+  acc = fmaf(u0.w, v.y, acc);
+  v = unpack2(b.z, T());
+  acc = fmaf(u1.x, v.x, acc);
+  acc = fmaf(u1.y, v.y, acc);
+  v = unpack2(b.w, T());
+  acc = fmaf(u1.z, v.x, acc);
+  acc = fmaf(u1.w, v.y, acc);
+  return acc;
+}
 
 // kStream: the weight's loads with streaming hints (load_nc16_hinted), where the weight is larger than L2
 // (lora_decode_stream_hints).
 template <typename T, int NT, bool kStream>
 __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const LoraDecodeArgs a) {
   __shared__ float red[kSplits][kRows][16 + 1];
-  __shared__ float us[16][kMaxRank];
+  __shared__ __align__(16) float us[16][kMaxRank];
+  __shared__ __align__(16) uint16_t bs[kRows * kBStrideMax];  // the block's lora_B rows (T's bits)
   const int ks = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const T* bm = static_cast<const T*>(a.b);
+  const int r8 = (a.R + 7) / 8 * 8, bstride = b_stride(r8);
+  // Rows of 16-byte chunks: cp.async now, waited for in the epilogue (rows past D copy row D - 1).
+  const bool b_async = a.b_sr == 1 && a.b_sd % 8 == 0 && a.R % 8 == 0 && reinterpret_cast<uintptr_t>(a.b) % 16 == 0;
+  if (b_async) {
+    const int chunks = r8 / 8;
+    for (int i = threadIdx.x; i < kRows * chunks; i += kThreads) {
+      const int r = i / chunks, q = i % chunks;
+      const int64_t f = f0 + r < a.D ? f0 + r : a.D - 1;
+      cp_async_16(smem_u32(bs + r * bstride + 8 * q), bm + f * a.b_sd + 8 * q, 16);
+    }
+    cp_async_commit();
+  }
   // Rows g and 8 + g of the block (rows past D read row D - 1; they are never stored).
   const T* wr[2];
 #pragma unroll
@@ -120,29 +161,47 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
   }
   // u only now: the shrink kernel (programmatic dependent launch) ran beside the weight stream.
   if (a.u == nullptr) pdl_wait();
-  for (int i = threadIdx.x; i < a.M * a.R; i += kThreads) {
-    const int m = i / a.R, j = i % a.R;
-    float v = 0.0f;
-    if (a.u != nullptr) {
+  for (int i = threadIdx.x; i < a.M * r8; i += kThreads) {
+    const int m = i / r8, j = i % r8;
+    float v = 0.0f;  // ranks r..r8 - 1: zeros
+    if (j < a.R && a.u != nullptr) {
       v = static_cast<float>(static_cast<const T*>(a.u)[m * a.ldu + j]);
-    } else {
+    } else if (j < a.R) {
       v = lora_shrink_sum(a.parts, a.splits, a.M, a.R, m, j);
     }
     us[m][j] = v * a.scale;
   }
+  if (!b_async) {  // any strides: element loads, coalesced along a row
+#pragma unroll 4
+    for (int i = threadIdx.x; i < kRows * r8; i += kThreads) {
+      const int r = i / r8, j = i % r8;
+      const int64_t f = f0 + r < a.D ? f0 + r : a.D - 1;
+      bs[r * bstride + j] = j < a.R ? bm[f * a.b_sd + j * a.b_sr].x : uint16_t{0};
+    }
+  }
+  cp_async_wait<0>();
   __syncthreads();
-  const T* bm = static_cast<const T*>(a.b);
+  // The LoRA term of output (row r, token m) from P threads (consecutive lanes, each every P-th
+  // 8-rank chunk, summed in a fixed order by shuffles): P = 16 at one token, 1 at 16.
+  const int outs = kRows * a.M;
+  int P = 16;
+  while (P > 1 && P * outs > kThreads) P /= 2;
+  const int o = threadIdx.x / P, p = threadIdx.x % P, r = o % kRows, m = o / kRows;
+  float lv = 0.0f;
+  if (o < outs) {
+    const uint4* brow = reinterpret_cast<const uint4*>(bs + r * bstride);
+    const float4* urow = reinterpret_cast<const float4*>(us[m]);
+    for (int q = p; q < r8 / 8; q += P) lv = dot8_f32<T>(brow[q], urow[2 * q], urow[2 * q + 1], lv);
+  }
+  for (int off = P / 2; off > 0; off /= 2) lv += __shfl_xor_sync(0xffffffffu, lv, off);
   const T* bias = static_cast<const T*>(a.bias);
   T* out = static_cast<T*>(a.out);
-  for (int i = threadIdx.x; i < kRows * a.M; i += kThreads) {
-    const int r = i % kRows, m = i / kRows;  // consecutive threads: consecutive features
-    const int64_t f = f0 + r;
-    if (f >= a.D) continue;
+  const int64_t f = f0 + r;
+  if (o < outs && p == 0 && f < a.D) {
     float v = 0.0f;
 #pragma unroll
     for (int sp = 0; sp < kSplits; ++sp) v += red[sp][r][m];
-    const T* brow = bm + f * a.b_sd;
-    for (int j = 0; j < a.R; ++j) v = fmaf(us[m][j], static_cast<float>(brow[j * a.b_sr]), v);
+    v += lv;
     if (bias != nullptr) v += static_cast<float>(bias[f]);
     out[m * a.D + f] = static_cast<T>(v);
   }
