@@ -4,8 +4,11 @@ nf4_linear given u from cuBLAS mm + scale (the path before), nf4_linear given a 
 (u ready: the decode kernel's LoRA staging and epilogue alone, no shrink), the shrink alone two ways (cuBLAS
 mm + scale, and lora_fused's own lora_shrink kernel), qlora_linear without programmatic dependent
 launch (LORA_FUSED_PDL=0), qlora_linear and nf4_linear with the decode kernel's strip sums made
-with the team's barriers instead of deferred (LORA_FUSED_NF4_GEMV_DEFER=0), and qlora_linear with the
-shrink in blocks of 8 warps instead of 32 (LORA_FUSED_LORA_SHRINK_WARPS=8). Ratio: qlora / nf4.
+with the team's barriers instead of deferred (LORA_FUSED_NF4_GEMV_DEFER=0), qlora_linear with the
+shrink in blocks of 8 warps instead of 32 (LORA_FUSED_LORA_SHRINK_WARPS=8), and qlora_linear and
+nf4_linear with 32-row warp steps (LORA_FUSED_NF4_GEMV_ROWS=32; the default below 2^25 weights is 16,
+whose shared-memory layout, by its arithmetic, has no room for the LoRA staging at r = 64 with 16
+tokens, so the LoRA term is read from global memory there). Ratios: / nf4.
 
     python scripts/bench_qlora_decode.py [--M 1,16] [--shapes 4096:11008,8192:28672] [--r 16] [--cold]
 
@@ -77,7 +80,11 @@ def main():
             envs = {"qlora no PDL": ("qlora", {"LORA_FUSED_PDL": "0"}),
                     "qlora barriers": ("qlora", {"LORA_FUSED_NF4_GEMV_DEFER": "0"}),
                     "nf4 barriers": ("nf4", {"LORA_FUSED_NF4_GEMV_DEFER": "0"}),
-                    "qlora 8-warp shrink": ("qlora", {"LORA_FUSED_LORA_SHRINK_WARPS": "8"})}
+                    "qlora 8-warp shrink": ("qlora", {"LORA_FUSED_LORA_SHRINK_WARPS": "8"}),
+                    # 32-row warp steps where the default takes 16 (under 2^25 weights): there the
+                    # LoRA staging (and the deferred sums) fit in shared memory at r = 64, 16 tokens
+                    "qlora 32 rows": ("qlora", {"LORA_FUSED_NF4_GEMV_ROWS": "32"}),
+                    "nf4 32 rows": ("nf4", {"LORA_FUSED_NF4_GEMV_ROWS": "32"})}
             times = {}
             for name, (op, _) in envs.items():
                 fns[name] = fns[op]
@@ -96,6 +103,7 @@ def main():
                 row += f" | {name} {times[name]:6.1f} us"
             row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f}, with barriers {times['qlora barriers'] / times['nf4 barriers']:.3f}, u ready/nf4 {times['u ready'] / times['nf4']:.3f}"
             row += f", with the 8-warp shrink {times['qlora 8-warp shrink'] / times['nf4']:.3f}"
+            row += f", with 32-row steps {times['qlora 32 rows'] / times['nf4']:.3f} (nf4 alone {times['nf4 32 rows'] / times['nf4']:.3f})"
             print(row, flush=True)
 
 
