@@ -21,7 +21,7 @@ import argparse
 import os
 
 import torch
-from bench_nf4_decode import graph_us  # same folder: the same CUDA-graph timing
+from bench_nf4_decode import graph_us, rotating  # same folder: the same CUDA-graph timing
 
 from lora_fused import _ops
 
@@ -33,17 +33,6 @@ NAMED_VARIANTS = {
     "mma-noh": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_STREAM_HINTS": "0"},
     "simt-noh": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_STREAM_HINTS": "0"},
 }
-
-
-def rotating(call, layers):
-    """A function that calls call(w, a, b) on each layer in turn and returns the last result."""
-
-    def fn():
-        for w, a, b in layers:
-            out = call(w, a, b)
-        return out
-
-    return fn
 
 
 def main():
@@ -69,7 +58,7 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=dt)
             want_base = x.double() @ w.double().t()
             want = want_base + s * (x.double() @ a.double().t()) @ b.double().t()
-            run = rotating(lambda w, a, b: _ops.lora_decode(x, w, a, b, s), layers)
+            run = rotating(lambda L: _ops.lora_decode(x, *L, s), layers)
             # column: (function, reference, environment while it is captured)
             cols = {"lora_decode": (run, want, {}), "mma": (run, want, {"LORA_FUSED_DECODE_KERNEL": "mma"}),
                     "simt": (run, want, {"LORA_FUSED_DECODE_KERNEL": "simt"}), "no PDL": (run, want, {"LORA_FUSED_PDL": "0"})}
@@ -81,8 +70,8 @@ def main():
                     key, val = v.split("=")
                     env[{"rows": "LORA_FUSED_DECODE_ROWS", "stages": "LORA_FUSED_DECODE_STAGES"}[key]] = val
                 cols[v] = (run, want, env)
-            cols["cuBLAS base"] = (rotating(lambda w, a, b: torch.mm(x, w.t()), layers), want_base, {})
-            cols["eager"] = (rotating(lambda w, a, b: torch.mm(x, w.t()) + s * torch.mm(torch.mm(x, a.t()), b.t()), layers), want, {})
+            cols["cuBLAS base"] = (rotating(lambda L: torch.mm(x, L[0].t()), layers), want_base, {})
+            cols["eager"] = (rotating(lambda L: torch.mm(x, L[0].t()) + s * torch.mm(torch.mm(x, L[1].t()), L[2].t()), layers), want, {})
             if args.brief:
                 cols = {n: c for n, c in cols.items() if n not in ("no PDL", "eager")}
             row, times = f"{k:>5}->{d:<5} M={m:<2} r={r}" + (f" cold({copies})" if args.cold else ""), {}

@@ -31,6 +31,18 @@ def graph_us(fn):
     return tt.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
 
 
+def rotating(call, layers):
+    """A function that calls call(layer) on each of layers in turn (copies of a layer that together
+    overflow L2, for cold-L2 timings) and returns the last result."""
+
+    def fn():
+        for layer in layers:
+            out = call(layer)
+        return out
+
+    return fn
+
+
 def weight_bytes(packed, state):
     n = packed.numel() + state.absmax.numel() * state.absmax.element_size()
     if state.state2 is not None:

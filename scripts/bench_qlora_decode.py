@@ -22,22 +22,11 @@ import argparse
 import os
 
 import torch
-from bench_nf4_decode import graph_us  # same folder: the same CUDA-graph timing
+from bench_nf4_decode import graph_us, rotating  # same folder: the same CUDA-graph timing
 
 import lora_fused
 from lora_fused import _ops, nf4
 from lora_fused.functional import _nf4_args, _scaled_mm
-
-
-def rotating(call, layers):
-    """A function that calls call(layer) on each layer in turn and returns the last result."""
-
-    def fn():
-        for layer in layers:
-            out = call(layer)
-        return out
-
-    return fn
 
 
 def main():
