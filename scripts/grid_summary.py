@@ -14,7 +14,7 @@ for x in d['results']:
     T[(x['op'], x['mode'], x['provider'], x['k'], x['d'], x['M'], x['r'])] = x['ms']
 shapes = [(4096,4096),(4096,11008),(11008,4096),(8192,8192),(4096,14336),(8192,28672)]
 def t(op, mode, prov, k, dd, M, r): return T.get((op, mode, prov, k, dd, M, r))
-def us(v): return f"{v*1000:.1f}" if v < 1 else f"{v*1000:.0f}"
+def us(v): return "-" if v is None else f"{v*1000:.1f}" if v < 1 else f"{v*1000:.0f}"
 def rat(a, b): return f"{a/b:.2f}" if a and b else "-"
 print("lora_linear, r = 16: our time (us) and ours / cuBLAS base (< 1: cheaper than the base GEMM alone); fwd+bwd ours / base, and eager torch / ours, PEFT / ours (> 1: ours faster)\n")
 print("| k->d | fwd M=1 | fwd M=16 | fwd M=512 | fwd M=4096 | fwd M=16384 | fwd+bwd M=4096 | fwd+bwd M=16384 | torch/ours fwd+bwd 4096 | PEFT/ours fwd+bwd 4096 |")
