@@ -176,9 +176,9 @@ def test_bad_decode_option_is_a_clear_error(env, message, monkeypatch):
 
 @requires_cuda
 @pytest.mark.parametrize("rows,M", [("16", 1), ("16", 5), ("32", 1), ("32", 5), ("32", 16)])
-# LoRA: none, staged in shared memory (from the shrink's partial sums, or u given), or rank 12 (not a
-# multiple of 8: from global memory).
-@pytest.mark.parametrize("lora", ["none", "staged", "u given", "rank 12"])
+# LoRA: none, staged in shared memory (from the shrink's partial sums, or u given; ranks 16 and 64,
+# whose staged rows are padded to 24 and 72), or rank 12 (not a multiple of 8: from global memory).
+@pytest.mark.parametrize("lora", ["none", "staged", "staged r64", "u given", "rank 12"])
 def test_decode_deferred_strip_sums_are_bitwise_the_barriers(rows, M, lora, monkeypatch):
     # About 14 strips a team (57344 + 8 rows), so that the mbarrier phases of the two reduction
     # buffers and of the four lora_B buffers wrap several times; deferred, the sums add the same
@@ -188,7 +188,7 @@ def test_decode_deferred_strip_sums_are_bitwise_the_barriers(rows, M, lora, monk
     packed, state = _weight(N, K, "cuda")
     x = randn(M, K, dtype=torch.bfloat16, device="cuda")
     bias = randn(N, dtype=torch.bfloat16, device="cuda")
-    r = 12 if lora == "rank 12" else 16
+    r = {"rank 12": 12, "staged r64": 64}.get(lora, 16)
     a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
     b = randn(N, r, dtype=torch.bfloat16, device="cuda", scale=0.5)
     s2 = state.state2
@@ -196,7 +196,7 @@ def test_decode_deferred_strip_sums_are_bitwise_the_barriers(rows, M, lora, monk
 
     def run():
         poison_allocator("cuda")
-        if lora in ("staged", "rank 12"):
+        if lora in ("staged", "staged r64", "rank 12"):
             return lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias, training=False)
         if lora == "u given":
             return _ops.nf4_linear(x, *args, bias, 0.5 * (x @ a.t()), b)

@@ -86,14 +86,14 @@ __device__ __forceinline__ uint32_t table_address(uint32_t w, uint32_t base_lo, 
 }
 
 // Shared memory for the LoRA term when it is staged (a.lora_smem): u [m][r] fp32, lora_buffers(a)
-// buffers per team of a strip's lora_B rows [16R][r] (the next strip's land while this one's are used:
+// buffers per team of a strip's lora_B rows [16R][lora_b_stride(r)] (the next strip's land while this one's are used:
 // under a saturated memory system a copy takes about as long as a strip's steps), and an mbarrier (8
 // bytes) per buffer. Two buffers, or four with a.defer_sums: strip n's rows are read by strip n + 1's
 // sums there, and strip n + 1's copy may then start while a slow warp still makes strip n - 2's sums.
 __host__ __device__ inline int lora_buffers(const GemvArgs& a) { return a.defer_sums ? 4 : 2; }
 template <int R>
 __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
-  return a.lora_smem ? static_cast<uint32_t>(4 * a.m * a.r + Tiling<R>::kTeams * lora_buffers(a) * (16 * R * 2 * a.r + 8))
+  return a.lora_smem ? static_cast<uint32_t>(4 * a.m * a.r + Tiling<R>::kTeams * lora_buffers(a) * (16 * R * 2 * lora_b_stride(a.r) + 8))
                      : 0u;
 }
 
@@ -238,16 +238,18 @@ __device__ __forceinline__ void issue_step(uint32_t slot, const GemvArgs& a, con
   cp_async_commit();
 }
 
-// Team `team`'s copies of the lora_B rows of strip `strip` ([16R][r], rows past n as zeros) into
+// Team `team`'s copies of the lora_B rows of strip `strip` ([16R][r] at row stride lora_b_stride(r),
+// rows past n as zeros) into
 // b_s, then every thread's arrival on the team's mbarrier, which completes when they have landed.
 template <typename T, int R>
 __device__ __forceinline__ void stage_lora_rows(const GemvArgs& a, T* b_s, uint32_t mbar, int64_t strip, int tid) {
   const T* lb = static_cast<const T*>(a.lora_B);
-  const int per_row = a.r / 8;  // 16-byte chunks
+  const int per_row = a.r / 8, stride = lora_b_stride(a.r);  // 16-byte chunks; elements
   for (int c = tid; c < 16 * R * per_row; c += kGemvThreads) {  // R passes up to r = 128
     const int64_t row = strip * 16 * R + c / per_row;
     const bool ok = row < a.n;
-    cp_async_16(smem_u32(b_s) + 16 * c, ok ? lb + row * a.r + 8 * (c % per_row) : lb, ok ? 16 : 0);
+    const uint32_t dst = smem_u32(b_s) + 2 * ((c / per_row) * stride + 8 * (c % per_row));
+    cp_async_16(dst, ok ? lb + row * a.r + 8 * (c % per_row) : lb, ok ? 16 : 0);
   }
   cp_async_arrive_on(mbar);
 }
@@ -323,7 +325,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   // The LoRA staging: u, this team's lora_B buffers (nb: 2, or 4 with defer_sums) and their mbarriers.
   const int nb = lora_buffers(args);
   float* u_s = reinterpret_cast<float*>(smem + layout.lora);
-  const uint32_t b_bytes = 32 * R * args.r, b_off = layout.lora + 4 * args.m * args.r + team * nb * b_bytes;
+  const uint32_t b_bytes = 32 * R * lora_b_stride(args.r), b_off = layout.lora + 4 * args.m * args.r + team * nb * b_bytes;
   auto b_s = [&](int buf) { return reinterpret_cast<T*>(smem + b_off + buf * b_bytes); };  // arithmetic: no local array
   const uint32_t mbar0 = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * nb * b_bytes + 8 * nb * team);
   if (threadIdx.x % kGemvThreads == 0) {
