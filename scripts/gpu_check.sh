@@ -12,6 +12,9 @@
 #                                   (the whole --cuda-cases suite fits two calls: test_lora_ops.py,
 #                                   test_cuda_graphs.py and test_determinism.py took 54-69 s with
 #                                   LORA_FUSED_XDIST=15 on an H100, the other files 302 s; session 34)
+#   LORA_FUSED_TEST_TIMEOUT=400 scripts/gpu_check.sh ...   stop the tests after 400 s with pytest's summary
+#                                   of what ran (session 35's group B, cut by an outer timeout at 98.6%,
+#                                   printed nothing)
 #   LORA_FUSED_BENCH_ARGS="--ops qlora_linear --M 4096" scripts/gpu_check.sh        a chosen benchmark grid
 #   scripts/gpu_check.sh --prebuilt ...   install .prebuilt/'s wheel (scripts/build_prebuilt.sh, made
 #                                   on the CPU machine from these same sources; carry ".prebuilt")
@@ -105,7 +108,13 @@ cp -r tests examples "$RUN_DIR/"
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n ${LORA_FUSED_XDIST:-4}")
 TEST_RC=0
 if [ $TESTS = 1 ]; then
-  (cd "$RUN_DIR" && "$PY" -m pytest ${LORA_FUSED_TESTS:-tests} -q -rs -p no:cacheprovider $XDIST --junitxml="$OUT/junit.xml" 2>&1) > "$OUT/pytest.log"
+  # LORA_FUSED_TEST_TIMEOUT=S interrupts pytest (SIGINT) after S seconds: it still prints its summary
+  # (what passed and failed so far) and writes junit.xml, which names the tests that ran; an outer
+  # `timeout` kills it silently. --durations: the slowest tests, to plan the next call's split.
+  STOP=()
+  [ -n "${LORA_FUSED_TEST_TIMEOUT:-}" ] && STOP=(timeout -s INT -k 30 "$LORA_FUSED_TEST_TIMEOUT")
+  (cd "$RUN_DIR" && "${STOP[@]}" "$PY" -m pytest ${LORA_FUSED_TESTS:-tests} -q -rs -p no:cacheprovider $XDIST --durations=30 \
+     --junitxml="$OUT/junit.xml" 2>&1) > "$OUT/pytest.log"
   TEST_RC=$?
   tail -25 "$OUT/pytest.log"
 fi
