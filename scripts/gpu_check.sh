@@ -11,7 +11,8 @@
 #   LORA_FUSED_TESTS="tests/test_distributed.py" scripts/gpu_check.sh --no-bench   a subset of the tests
 #                                   (the whole --cuda-cases suite fits two calls: test_lora_ops.py,
 #                                   test_cuda_graphs.py and test_determinism.py took 54-69 s with
-#                                   LORA_FUSED_XDIST=15 on an H100, the other files 302 s; session 34)
+#                                   LORA_FUSED_XDIST=15 on an H100, the other files 302 s in session 34
+#                                   and more than 420 s in session 35)
 #   LORA_FUSED_TEST_TIMEOUT=400 scripts/gpu_check.sh ...   stop the tests after 400 s with pytest's summary
 #                                   of what ran (session 35's group B, cut by an outer timeout at 98.6%,
 #                                   printed nothing)
