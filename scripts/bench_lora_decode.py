@@ -18,10 +18,9 @@ copy in turn, and reports the time per call.
 """
 
 import argparse
-import os
 
 import torch
-from bench_nf4_decode import graph_us, rotating  # same folder: the same CUDA-graph timing
+from bench_nf4_decode import checked_graph_us, rotating  # same folder: the same CUDA-graph timing
 
 from lora_fused import _ops
 
@@ -76,14 +75,7 @@ def main():
                 cols = {n: c for n, c in cols.items() if n not in ("no PDL", "eager")}
             row, times = f"{k:>5}->{d:<5} M={m:<2} r={r}" + (f" cold({copies})" if args.cold else ""), {}
             for name, (fn, ref, env) in cols.items():
-                os.environ.update(env)  # read as the graph is captured
-                try:
-                    err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
-                    assert err < 2e-2, (name, err)
-                    times[name] = graph_us(fn) / copies
-                finally:
-                    for key in env:
-                        os.environ.pop(key, None)
+                times[name] = checked_graph_us(fn, ref, env, name) / copies
                 row += f" | {name} {times[name]:6.1f} us"
             row += f" | lora_decode / base {times['lora_decode'] / times['cuBLAS base']:.2f}"
             print(row, flush=True)

@@ -31,6 +31,19 @@ def graph_us(fn):
     return tt.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
 
 
+def checked_graph_us(fn, ref, env, name):
+    """graph_us(fn) under the environment variables env (read as the graph is captured, then removed),
+    after fn's result is checked against ref (float64): relative max error under 2e-2."""
+    os.environ.update(env)
+    try:
+        err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err < 2e-2, (name, err)
+        return graph_us(fn)
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+
+
 def rotating(call, layers):
     """A function that calls call(layer) on each of layers in turn (copies of a layer that together
     overflow L2, for cold-L2 timings) and returns the last result."""

@@ -19,10 +19,9 @@ call on each copy in turn, as a model's decode step meets them, and reports the 
 """
 
 import argparse
-import os
 
 import torch
-from bench_nf4_decode import graph_us, rotating  # same folder: the same CUDA-graph timing
+from bench_nf4_decode import checked_graph_us, rotating  # same folder: the same CUDA-graph timing
 
 import lora_fused
 from lora_fused import _ops, nf4
@@ -80,15 +79,7 @@ def main():
                 refs[name] = refs[op]
             for name, fn in fns.items():
                 env = envs[name][1] if name in envs else {}
-                os.environ.update(env)  # read as the graph is captured
-                try:
-                    ref = refs[name]
-                    err = (fn().double() - ref).abs().max().item() / ref.abs().max().item()
-                    assert err < 2e-2, (name, err)
-                    times[name] = graph_us(fn) / copies
-                finally:
-                    for var in env:
-                        os.environ.pop(var, None)
+                times[name] = checked_graph_us(fn, refs[name], env, name) / copies
                 row += f" | {name} {times[name]:6.1f} us"
             row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f}, with barriers {times['qlora barriers'] / times['nf4 barriers']:.3f}, u ready/nf4 {times['u ready'] / times['nf4']:.3f}"
             row += f", with the 8-warp shrink {times['qlora 8-warp shrink'] / times['nf4']:.3f}"
