@@ -241,20 +241,13 @@ def test_decode_u_loaded_together_is_bitwise_one_by_one(M, r, k, monkeypatch):
 
 
 @requires_cuda
-def test_bad_decode_u_together_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("LORA_FUSED_DECODE_U_TOGETHER", "yes")
+@pytest.mark.parametrize("name,value,message", [("LORA_FUSED_LORA_SHRINK_WARPS", "16", "must be 8 or 32 .*got '16'"),
+                                                ("LORA_FUSED_DECODE_U_TOGETHER", "yes", "must be 0 or 1, got 'yes'")])
+def test_bad_decode_setting_is_a_clear_error(name, value, message, monkeypatch):
+    monkeypatch.setenv(name, value)
     x, w = randn(2, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 256, dtype=torch.bfloat16, device="cuda")
     a, b = randn(8, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 8, dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_DECODE_U_TOGETHER must be 0 or 1, got 'yes'"):
-        _ops.lora_decode(x, w, a, b, 1.0)
-
-
-@requires_cuda
-def test_bad_shrink_warps_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("LORA_FUSED_LORA_SHRINK_WARPS", "16")
-    x, w = randn(2, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 256, dtype=torch.bfloat16, device="cuda")
-    a, b = randn(8, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 8, dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_LORA_SHRINK_WARPS must be 8 or 32 .*got '16'"):
+    with pytest.raises(RuntimeError, match=f"{name} {message}"):
         _ops.lora_decode(x, w, a, b, 1.0)
 
 
