@@ -231,6 +231,7 @@ def test_decode_u_loaded_together_is_bitwise_one_by_one(M, r, k, monkeypatch):
         poison_allocator("cuda")
         return _ops.lora_decode(x, w, a, b, 1.5, bias)
 
+    monkeypatch.setenv("LORA_FUSED_DECODE_U_TOGETHER", "1")
     got = run()
     assert_error_rule(got, reference.lora_linear(x, w, a, b, 1.5, bias), x @ w.t() + 1.5 * ((x @ a.t()) @ b.t()) + bias,
                       f"lora_decode, u loaded together, M={M} k={k} r={r}")

@@ -261,6 +261,7 @@ def test_decode_u_loaded_together_is_bitwise_one_by_one(rows, M, r, source, monk
             return lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias, training=False)
         return _ops.nf4_linear(x, *args, bias, u, b)
 
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_U_TOGETHER", "1")
     got = run()
     w = nf4.dequantize(packed, state, torch.bfloat16)
     assert_error_rule(got, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), x @ w.t() + u @ b.t() + bias,
