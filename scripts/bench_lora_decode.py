@@ -5,7 +5,8 @@ cores; =bulk, sm_90 only: the weight by bulk copies), the default without progra
 launch (LORA_FUSED_PDL=0), and with --variants the bulk-copy kernel with its settings (bulk: its
 defaults; rows=32: LORA_FUSED_DECODE_ROWS; stages=N: LORA_FUSED_DECODE_STAGES), mmah / simth (the
 tensor-core / CUDA-core kernel with streaming hints on the weight's loads), mma-noh / simt-noh (either
-without them; by default they are on where the weight is larger than L2).
+without them; by default they are on where the weight is larger than L2), u1by1 (the default kernel,
+its elements of u loaded one by one: LORA_FUSED_DECODE_U_TOGETHER=0).
 
     python scripts/bench_lora_decode.py [--M 1,2,4,8,16] [--shapes 4096:4096,8192:28672] [--r 16]
         [--variants rows=32,stages=3,stages=6]
@@ -30,6 +31,7 @@ NAMED_VARIANTS = {
     "mmah": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_STREAM_HINTS": "1"},
     "simth": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_STREAM_HINTS": "1"},
     "mma-noh": {"LORA_FUSED_DECODE_KERNEL": "mma", "LORA_FUSED_DECODE_STREAM_HINTS": "0"},
+    "u1by1": {"LORA_FUSED_DECODE_U_TOGETHER": "0"},
     "simt-noh": {"LORA_FUSED_DECODE_KERNEL": "simt", "LORA_FUSED_DECODE_STREAM_HINTS": "0"},
 }
 
@@ -39,7 +41,7 @@ def main():
     ap.add_argument("--M", default="1,2,4,8,16")
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--variants", default="", help="each a column: bulk, rows=N, stages=N (the bulk-copy kernel), mmah, simth, mma-noh or simt-noh")
+    ap.add_argument("--variants", default="", help="each a column: bulk, rows=N, stages=N (the bulk-copy kernel), mmah, simth, mma-noh, simt-noh or u1by1")
     ap.add_argument("--brief", action="store_true", help="leave out the no-PDL and eager columns")
     ap.add_argument("--cold", action="store_true", help="rotate over copies of the layer that fill L2 three times")
     args = ap.parse_args()

@@ -213,11 +213,42 @@ def test_decode_shrink_blocks_of_8_and_32_warps(warps, M, k, monkeypatch):
 
 
 @requires_cuda
-def test_bad_shrink_warps_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("LORA_FUSED_LORA_SHRINK_WARPS", "16")
+@pytest.mark.parametrize("M", [2, 5, 9, 16])
+@pytest.mark.parametrize("r", [12, 16, 64, 256])
+@pytest.mark.parametrize("k", [2080, 9216, 1544])  # u from the shrink's 1 or 3 partial sums, or from cuBLAS
+def test_decode_u_loaded_together_is_bitwise_one_by_one(M, r, k, monkeypatch):
+    # LORA_FUSED_DECODE_U_TOGETHER: the tensor-core kernel loads a thread's 4 elements of u (ranks
+    # r..r8 - 1 as zeros: r = 12) in one round trip, or (0) one at a time; the same sums either way.
+    monkeypatch.setenv("LORA_FUSED_DECODE_KERNEL", "mma")
+    d = 264
+    x = randn(M, k, dtype=torch.bfloat16, device="cuda")
+    w = randn(d, k, dtype=torch.bfloat16, device="cuda", scale=k**-0.5)
+    a = randn(r, k, dtype=torch.bfloat16, device="cuda", scale=k**-0.5)
+    b = randn(d, r, dtype=torch.bfloat16, device="cuda", scale=r**-0.5)
+    bias = randn(d, dtype=torch.bfloat16, device="cuda")
+
+    def run():
+        poison_allocator("cuda")
+        return _ops.lora_decode(x, w, a, b, 1.5, bias)
+
+    monkeypatch.setenv("LORA_FUSED_DECODE_U_TOGETHER", "1")
+    got = run()
+    assert_error_rule(got, reference.lora_linear(x, w, a, b, 1.5, bias), x @ w.t() + 1.5 * ((x @ a.t()) @ b.t()) + bias,
+                      f"lora_decode, u loaded together, M={M} k={k} r={r}")
+    monkeypatch.setenv("LORA_FUSED_DECODE_U_TOGETHER", "0")
+    want = run()
+    assert not want.isnan().any()
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+@requires_cuda
+@pytest.mark.parametrize("name,value,message", [("LORA_FUSED_LORA_SHRINK_WARPS", "16", "must be 8 or 32 .*got '16'"),
+                                                ("LORA_FUSED_DECODE_U_TOGETHER", "yes", "must be 0 or 1, got 'yes'")])
+def test_bad_decode_setting_is_a_clear_error(name, value, message, monkeypatch):
+    monkeypatch.setenv(name, value)
     x, w = randn(2, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 256, dtype=torch.bfloat16, device="cuda")
     a, b = randn(8, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 8, dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(RuntimeError, match="LORA_FUSED_LORA_SHRINK_WARPS must be 8 or 32 .*got '16'"):
+    with pytest.raises(RuntimeError, match=f"{name} {message}"):
         _ops.lora_decode(x, w, a, b, 1.0)
 
 

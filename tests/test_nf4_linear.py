@@ -165,7 +165,8 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
 @pytest.mark.parametrize("env,message", [({"ROWS": "24"}, "LORA_FUSED_NF4_GEMV_ROWS must be 16 or 32 .*got '24'"),
                                          ({"ROWS": "32", "SLOTS": "5"}, "LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 .*got '5'"),
                                          ({"DEFER": "2"}, "LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 .*got '2'"),
-                                         ({"SERPENTINE": "yes"}, "LORA_FUSED_NF4_GEMV_SERPENTINE must be 0 or 1 .*got 'yes'")])
+                                         ({"SERPENTINE": "yes"}, "LORA_FUSED_NF4_GEMV_SERPENTINE must be 0 or 1 .*got 'yes'"),
+                                         ({"U_TOGETHER": "2"}, "LORA_FUSED_NF4_GEMV_U_TOGETHER must be 0 or 1 .*got '2'")])
 def test_bad_decode_option_is_a_clear_error(env, message, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(f"LORA_FUSED_NF4_GEMV_{key}", value)
@@ -232,6 +233,43 @@ def test_decode_serpentine_strips(rows, M, defer, serpentine, monkeypatch):
     assert_error_rule(y, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), same, "decode serpentine")
     y0 = lora_fused.nf4_linear(x, packed, state)
     assert_error_rule(y0, reference.nf4_linear(x, packed, state), x @ w.t(), "decode serpentine, no LoRA")
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows", ["16", "32"])
+@pytest.mark.parametrize("M", [1, 7, 9, 16])
+@pytest.mark.parametrize("r", [32, 64, 128, 256])
+@pytest.mark.parametrize("source", ["shrink", "u given"])
+def test_decode_u_loaded_together_is_bitwise_one_by_one(rows, M, r, source, monkeypatch):
+    # LORA_FUSED_NF4_GEMV_U_TOGETHER: the block-aligned kernel loads a thread's elements of u (all of
+    # them up to 64 ranks, the rest one by one after) in one round trip, or (0) one by one; the same
+    # numbers are added in the same order. u from the shrink's three partial sums (K = 9216) or given.
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", rows)
+    N, K = 1032, 9216
+    packed, state = _weight(N, K, "cuda")
+    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
+    bias = randn(N, dtype=torch.bfloat16, device="cuda")
+    a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
+    b = randn(N, r, dtype=torch.bfloat16, device="cuda", scale=r**-0.5)
+    s2 = state.state2
+    args = (packed, state.absmax, s2.absmax, s2.code, state.offset or 0.0, state.blocksize, s2.blocksize, N)
+    u = 0.5 * (x @ a.t())
+
+    def run():
+        poison_allocator("cuda")
+        if source == "shrink":
+            return lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias, training=False)
+        return _ops.nf4_linear(x, *args, bias, u, b)
+
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_U_TOGETHER", "1")
+    got = run()
+    w = nf4.dequantize(packed, state, torch.bfloat16)
+    assert_error_rule(got, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), x @ w.t() + u @ b.t() + bias,
+                      f"decode, u loaded together, rows={rows} M={M} r={r} {source}")
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_U_TOGETHER", "0")
+    want = run()
+    assert not want.isnan().any()
+    assert torch.equal(got, want), (got - want).abs().max()
 
 
 @pytest.mark.parametrize("device", DEVICES)

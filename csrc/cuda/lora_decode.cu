@@ -239,7 +239,7 @@ at::Tensor lora_decode_cuda(const at::Tensor& x_in, const at::Tensor& weight, co
                                     has_u ? nullptr : sh.parts.data_ptr<float>(), sh.splits, lora_b.data_ptr(),
                                     lora_b.stride(0), lora_b.stride(1), bias.has_value() ? bias->data_ptr() : nullptr,
                                     out.data_ptr(), static_cast<int>(M), static_cast<int>(R), K, weight.size(0),
-                                    static_cast<float>(scale)};
+                                    static_cast<float>(scale), cuda::lora_decode_u_together()};
     if (kernel == DecodeKernel::kBulk) {
       cuda::lora_decode_bulk_launch(args, dt, sh.pdl, at::cuda::getCurrentCUDAStream());
     } else {

@@ -37,6 +37,14 @@ bool lora_decode_stream_hints(int64_t weight_bytes) {
   return v[0] == '1';
 }
 
+bool lora_decode_u_together() {
+  const char* v = std::getenv("LORA_FUSED_DECODE_U_TOGETHER");
+  if (v == nullptr || *v == '\0') return true;
+  TORCH_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "LORA_FUSED_DECODE_U_TOGETHER must be 0 or 1, got '", v,
+              "'");
+  return v[0] == '1';
+}
+
 namespace {
 
 // 16 weight rows a block (each warp's mma rows: rows g and g + 8 of the block), so that a block's share
@@ -47,6 +55,7 @@ constexpr int kSplits = 8;   // warps splitting K per block
 constexpr int kThreads = kSplits * 32;
 constexpr int kMaxRank = 256;
 constexpr int kUnroll = 4;   // 32-column steps whose loads are in flight together
+constexpr int kUBatch = 4;   // elements of u a thread loads together
 // lora_B rows in shared memory: r rounded up to 8, then to 64, plus 8 elements, so that the 16 rows'
 // 16-byte chunks at one column fall on distinct bank groups (two wavefronts for 16 rows).
 constexpr int kBStrideMax = kMaxRank + 8;
@@ -160,16 +169,37 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_mma_kernel(const Lora
     red[ks][g + 8][m + 1] = c[n][3];
   }
   // u only now: the shrink kernel (programmatic dependent launch) ran beside the weight stream.
+  // Nothing hides these loads, so a thread's kUBatch elements (u [16][64]: all of them) are loaded
+  // together, then summed in split order; a.u_together off: one element (a round trip) at a time.
   if (a.u == nullptr) pdl_wait();
-  for (int i = threadIdx.x; i < a.M * r8; i += kThreads) {
-    const int m = i / r8, j = i % r8;
-    float v = 0.0f;  // ranks r..r8 - 1: zeros
-    if (j < a.R && a.u != nullptr) {
-      v = static_cast<float>(static_cast<const T*>(a.u)[m * a.ldu + j]);
-    } else if (j < a.R) {
-      v = lora_shrink_sum(a.parts, a.splits, a.M, a.R, m, j);
+  const int ub = a.u_together ? kUBatch : 1;
+  for (int i0 = threadIdx.x; i0 < a.M * r8; i0 += ub * kThreads) {
+    float v[kUBatch][kLoraShrinkMaxSplits];
+#pragma unroll
+    for (int e = 0; e < kUBatch; ++e) {
+      const int i = i0 + e * kThreads, m = i / r8, j = i % r8;
+      const bool in = e < ub && i < a.M * r8 && j < a.R;  // ranks r..r8 - 1: zeros
+#pragma unroll
+      for (int sp = 0; sp < kLoraShrinkMaxSplits; ++sp) {
+        v[e][sp] = 0.0f;
+        if (in && a.u != nullptr && sp == 0) v[e][0] = static_cast<float>(static_cast<const T*>(a.u)[m * a.ldu + j]);
+        if (in && a.u == nullptr && sp < a.splits) v[e][sp] = a.parts[(sp * a.M + m) * a.R + j];
+      }
     }
-    us[m][j] = v * a.scale;
+#pragma unroll
+    for (int e = 0; e < kUBatch; ++e) {
+      const int i = i0 + e * kThreads;
+      if (e < ub && i < a.M * r8) {
+        float s = v[e][0];  // lora_shrink_sum's order: 0 + parts[0] + parts[1] + ...
+        if (a.u == nullptr) {
+          s = 0.0f;
+#pragma unroll
+          for (int sp = 0; sp < kLoraShrinkMaxSplits; ++sp)
+            if (sp < a.splits) s += v[e][sp];
+        }
+        us[i / r8][i % r8] = s * a.scale;
+      }
+    }
   }
   if (!b_async) {  // any strides: element loads, coalesced along a row
 #pragma unroll 4

@@ -25,6 +25,9 @@ struct LoraDecodeArgs {
   int M, R;
   int64_t K, D;      // K % 8 == 0
   float scale;
+  // The tensor-core kernel: a thread's elements of u loaded together, not one by one
+  // (lora_decode_u_together).
+  bool u_together;
 };
 
 // Whether the decode kernels load a weight of weight_bytes with streaming hints (stream_load.cuh): where
@@ -33,6 +36,11 @@ struct LoraDecodeArgs {
 // = 0 / 1 forces them off / on (the tensor-core kernel's 16-row warps and the CUDA-core kernel's
 // one-token blocks).
 bool lora_decode_stream_hints(int64_t weight_bytes);
+
+// Whether lora_decode's tensor-core kernel loads a thread's elements of u together, one round trip
+// instead of one each (r = 64 at 16 tokens: 4 elements a thread): yes, unless
+// LORA_FUSED_DECODE_U_TOGETHER=0.
+bool lora_decode_u_together();
 
 // bf16 or fp16, M <= 16, R <= 256, sm_80+; pdl: launched to overlap the shrink kernel before it
 // (it then waits for it before it reads parts); stream_hints: lora_decode_stream_hints.

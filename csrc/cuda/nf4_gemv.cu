@@ -266,6 +266,7 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
       a.defer_sums = cuda::nf4_gemv_blockaligned_fits(deferred, t);
     }
     a.serpentine = cuda::nf4_gemv_serpentine();
+    a.u_together = cuda::nf4_gemv_u_together();
     cuda::nf4_gemv_blockaligned_launch(a, t, stream, sms, pdl);
     return true;
   }

@@ -43,6 +43,9 @@ struct GemvArgs {
   // Block-aligned kernel: a team's strips walk K alternately forwards and backwards, so that a strip
   // starts on the columns of x that the last one ended on, still in L1 (nf4_gemv_serpentine).
   bool serpentine;
+  // Block-aligned kernel: a thread's elements of u (up to 64 ranks) loaded together, in one round
+  // trip, instead of one by one (nf4_gemv_u_together).
+  bool u_together;
   void* out;  // [m, n]
 };
 
@@ -210,6 +213,7 @@ bool nf4_gemv_blockaligned_fits(const GemvArgs& a, at::ScalarType dtype);
 // LORA_FUSED_NF4_GEMV_DEFER=0.
 bool nf4_gemv_defer_sums();
 bool nf4_gemv_serpentine();
+bool nf4_gemv_u_together();
 // pdl: the kernel may start while the previous kernel in the stream (the shrink) still runs.
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl);
 

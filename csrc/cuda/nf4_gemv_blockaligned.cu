@@ -348,7 +348,12 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   dst[1] = chunk_offset((lane >> 3) + 4, lane & 7) - 4 * kRowBytes;
   const int mr = args.lora_smem ? args.m * args.r : 0;
   const bool loads_u = static_cast<int>(threadIdx.x) < mr;
-  float u_part[kLoraShrinkMaxSplits];
+  // A thread's elements of u threadIdx.x + p kThreads, p < u_parts, load together (one round trip):
+  // all of u up to 64 ranks of the kernel's 8 NT tokens. One by one (args.u_together off) they cost
+  // a round trip each; at r = 64 with 16 tokens, 2-4 of them before the first strip (session 35).
+  constexpr int kUParts = 8 * NT * 64 / kThreads > 1 ? 8 * NT * 64 / kThreads : 1;
+  const int u_parts = args.u_together ? kUParts : 1;
+  float u_part[kUParts][kLoraShrinkMaxSplits];
   const ScaleSource ss = scale_source<kNested>(args);
   Producer<R> prod;
   prod.start(args, first_strip, tw, 1);
@@ -359,13 +364,17 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       prod.advance(args, windows, strip_stride, tw);
     }
   }
-  // u's first kThreads elements, the shrink kernel's partial sums only once that grid has completed
+  // u's first u_parts kThreads elements, the shrink kernel's partial sums only once that grid has completed
   // (this kernel may have started before it): only the threads that load u wait, after the ring's
   // first copies, so that the weight's stream need not wait for the shrink. (Waiting before the
   // copies, u's loads first, measured the same on the H100 in session 25: within 0.2 us.)
   if (loads_u) {
     if (args.lora_parts != nullptr) pdl_wait();
-    load_u_parts<T>(args, threadIdx.x, u_part);
+#pragma unroll
+    for (int p = 0; p < kUParts; ++p) {
+      const int idx = threadIdx.x + p * kThreads;
+      if (p < u_parts && idx < mr) load_u_parts<T>(args, idx, u_part[p]);
+    }
   }
   // The table fills while the ring does. Thread i writes column i % 64 of rows i / 64 + P it (P =
   // kThreads / 64 rows a pass): the high nibble of row b0 + P it is (P it) >> 4 (a constant once
@@ -387,11 +396,17 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
         table[(b0 + P * it) * 64 + q] = __float_as_uint(__ldg(args.scales.nested_code + b0 + P * it));
     }
   }
-  // u into shared memory (its elements past the first kThreads loaded only now).
-  if (loads_u) u_s[threadIdx.x] = sum_u_parts(args, u_part);
-  for (int idx = threadIdx.x + kThreads; idx < mr; idx += kThreads) {
-    load_u_parts<T>(args, idx, u_part);
-    u_s[idx] = sum_u_parts(args, u_part);
+  // u into shared memory (its elements past the first u_parts kThreads loaded only now, r > 64).
+  if (loads_u) {
+#pragma unroll
+    for (int p = 0; p < kUParts; ++p) {
+      const int idx = threadIdx.x + p * kThreads;
+      if (p < u_parts && idx < mr) u_s[idx] = sum_u_parts(args, u_part[p]);
+    }
+  }
+  for (int idx = threadIdx.x + u_parts * kThreads; idx < mr; idx += kThreads) {
+    load_u_parts<T>(args, idx, u_part[0]);
+    u_s[idx] = sum_u_parts(args, u_part[0]);
   }
   __syncthreads();  // the table, u, the mbarriers' initialisation
 
@@ -666,6 +681,12 @@ bool nf4_gemv_defer_sums() {
 // on. The sums' order changes with the direction (rounding only).
 bool nf4_gemv_serpentine() {
   return env_switch("LORA_FUSED_NF4_GEMV_SERPENTINE", true, "whether the decode kernel's strips alternate their direction over K");
+}
+
+// u's elements loaded together before the first strip (on unless LORA_FUSED_NF4_GEMV_U_TOGETHER=0,
+// which loads those past a thread's first one by one, a round trip each, as before session 36).
+bool nf4_gemv_u_together() {
+  return env_switch("LORA_FUSED_NF4_GEMV_U_TOGETHER", true, "whether the decode kernel loads a thread's elements of u together");
 }
 
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl) {
