@@ -7,8 +7,8 @@ launch (LORA_FUSED_PDL=0), qlora_linear and nf4_linear with the decode kernel's 
 with the team's barriers instead of deferred (LORA_FUSED_NF4_GEMV_DEFER=0), qlora_linear with the
 shrink in blocks of 8 warps instead of 32 (LORA_FUSED_LORA_SHRINK_WARPS=8), and qlora_linear and
 nf4_linear with 32-row warp steps (LORA_FUSED_NF4_GEMV_ROWS=32; the default below 2^25 weights is 16,
-whose shared-memory layout, by its arithmetic, has no room for the LoRA staging at r = 64 with 16
-tokens, so the LoRA term is read from global memory there), and qlora_linear and u ready with u's
+except where 16-row steps have no room for the LoRA staging, as at r = 64 with 16 tokens), qlora_linear
+with 16-row steps forced (LORA_FUSED_NF4_GEMV_ROWS=16: there the LoRA term read from global memory), and qlora_linear and u ready with u's
 elements staged one by one (LORA_FUSED_NF4_GEMV_U_TOGETHER=0). Ratios: / nf4.
 
     python scripts/bench_qlora_decode.py [--M 1,16] [--shapes 4096:11008,8192:28672] [--r 16] [--cold]
@@ -70,10 +70,11 @@ def main():
                     "qlora barriers": ("qlora", {"LORA_FUSED_NF4_GEMV_DEFER": "0"}),
                     "nf4 barriers": ("nf4", {"LORA_FUSED_NF4_GEMV_DEFER": "0"}),
                     "qlora 8-warp shrink": ("qlora", {"LORA_FUSED_LORA_SHRINK_WARPS": "8"}),
-                    # 32-row warp steps where the default takes 16 (under 2^25 weights): there the
-                    # LoRA staging (and the deferred sums) fit in shared memory at r = 64, 16 tokens
+                    # 32-row warp steps where the default takes 16 (under 2^25 weights, where they
+                    # have room for the LoRA staging), and 16 where it takes 32 for the staging
                     "qlora 32 rows": ("qlora", {"LORA_FUSED_NF4_GEMV_ROWS": "32"}),
                     "nf4 32 rows": ("nf4", {"LORA_FUSED_NF4_GEMV_ROWS": "32"}),
+                    "qlora 16 rows": ("qlora", {"LORA_FUSED_NF4_GEMV_ROWS": "16"}),
                     # u's elements staged one by one, a round trip each (before session 36)
                     "qlora u 1-by-1": ("qlora", {"LORA_FUSED_NF4_GEMV_U_TOGETHER": "0"}),
                     "u ready 1-by-1": ("u ready", {"LORA_FUSED_NF4_GEMV_U_TOGETHER": "0"})}
@@ -88,6 +89,7 @@ def main():
             row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f}, with barriers {times['qlora barriers'] / times['nf4 barriers']:.3f}, u ready/nf4 {times['u ready'] / times['nf4']:.3f}"
             row += f", with the 8-warp shrink {times['qlora 8-warp shrink'] / times['nf4']:.3f}"
             row += f", with 32-row steps {times['qlora 32 rows'] / times['nf4']:.3f} (nf4 alone {times['nf4 32 rows'] / times['nf4']:.3f})"
+            row += f", with 16-row steps {times['qlora 16 rows'] / times['nf4']:.3f}"
             row += f", u one by one {times['qlora u 1-by-1'] / times['nf4']:.3f} (u ready {times['u ready 1-by-1'] / times['nf4']:.3f})"
             print(row, flush=True)
 

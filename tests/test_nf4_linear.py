@@ -272,6 +272,30 @@ def test_decode_u_loaded_together_is_bitwise_one_by_one(rows, M, r, source, monk
     assert torch.equal(got, want), (got - want).abs().max()
 
 
+@requires_cuda
+# (tokens, rank, the warp steps the dispatch should take): under 2^25 weights 16-row steps unless they
+# cannot stage the LoRA term in shared memory and 32-row steps can; cases a few KiB or more from the
+# H100's and H200's 227 KiB either way (16-row steps at r = 64 with 9 tokens: about 232 KiB).
+@pytest.mark.parametrize("M,r,rows", [(16, 64, "32"), (9, 64, "32"), (1, 128, "32"), (16, 16, "16"), (1, 16, "16")])
+def test_decode_takes_32_row_steps_where_only_they_stage_the_lora_term(M, r, rows, monkeypatch):
+    # The default dispatch gives bitwise the output of the forced configuration (a LoRA term read from
+    # global memory, from u rounded to bf16, would differ in its last bits).
+    N, K = 4096, 4096
+    packed, state = _weight(N, K, "cuda")
+    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
+    a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
+    b = randn(N, r, dtype=torch.bfloat16, device="cuda", scale=r**-0.5)
+    poison_allocator("cuda")
+    got = lora_fused.qlora_linear(x, packed, state, a, b, 0.5, training=False)
+    w = nf4.dequantize(packed, state, torch.bfloat16)
+    assert_error_rule(got, reference.nf4_linear(x, packed, state, None, a, b, 0.5), x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()),
+                      f"decode M={M} r={r}")
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", rows)
+    poison_allocator("cuda")
+    forced = lora_fused.qlora_linear(x, packed, state, a, b, 0.5, training=False)
+    assert torch.equal(got, forced), (got - forced).abs().max()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp32_adapters_on_a_bf16_model(device):
     packed, state = _weight(64, 96, device)

@@ -46,6 +46,9 @@ struct GemvArgs {
   // Block-aligned kernel: a thread's elements of u (up to 64 ranks) loaded together, in one round
   // trip, instead of one by one (nf4_gemv_u_together).
   bool u_together;
+  // Block-aligned kernel: 32-row warp steps below 2^25 weights too (where 16-row steps have no room
+  // for the LoRA staging and 32-row steps do).
+  bool two_rows;
   void* out;  // [m, n]
 };
 

@@ -590,8 +590,9 @@ void launch(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
 
 // Row tiles per warp step: 2 from 2^25 weights up, 1 below (the H100 at ee198a6, 16 -> 32 rows: 8192
 // -> 28672 at 1/8/16 tokens 58.1/75.6/95.8 -> 57.3/63.9/77.6 us, 11008 -> 4096 13.4/15.8/19.3 ->
-// 13.1/14.1/17.1; 4096 -> 4096, 128 strips of 32 rows for 132 SMs, 7.8/8.5/9.8 -> 8.5/8.8/10.2).
-// LORA_FUSED_NF4_GEMV_ROWS=16 or 32 forces 1 or 2 (tests, comparisons).
+// 13.1/14.1/17.1; 4096 -> 4096, 128 strips of 32 rows for 132 SMs, 7.8/8.5/9.8 -> 8.5/8.8/10.2),
+// or 2 where a.two_rows asks (nf4_gemv.cu: below 2^25 where only 32-row steps can stage the LoRA
+// term). LORA_FUSED_NF4_GEMV_ROWS=16 or 32 forces 1 or 2 (tests, comparisons).
 int row_tiles(const GemvArgs& a) {
   const char* force = std::getenv("LORA_FUSED_NF4_GEMV_ROWS");
   if (force != nullptr && *force != '\0') {
@@ -599,7 +600,7 @@ int row_tiles(const GemvArgs& a) {
     TORCH_CHECK(v == "16" || v == "32", "LORA_FUSED_NF4_GEMV_ROWS must be 16 or 32 (weight rows per warp step), got '", v, "'");
     return v == "16" ? 1 : 2;
   }
-  return a.n * a.k >= (int64_t{1} << 25) ? 2 : 1;
+  return a.two_rows || a.n * a.k >= (int64_t{1} << 25) ? 2 : 1;
 }
 
 // Ring slots for R = 2: 2, or LORA_FUSED_NF4_GEMV_SLOTS=3 (comparisons). Two slots were as fast as
