@@ -276,7 +276,7 @@ def test_decode_u_loaded_together_is_bitwise_one_by_one(rows, M, r, source, monk
 # (tokens, rank, the warp steps the dispatch should take): under 2^25 weights 16-row steps unless they
 # cannot stage the LoRA term in shared memory and 32-row steps can. Cases 2 KiB or more from the
 # H100's and H200's 227 KiB either way, by SmemLayout's arithmetic: 16-row steps staging r = 64 for 9
-# tokens or r = 128 for one need 229 KiB, r = 64 for 8 tokens 220.5 KiB.
+# tokens or r = 128 for one need 229 KiB, r = 64 for 8 tokens 220.5 KiB (scripts/nf4_decode_smem_layout.py).
 @pytest.mark.parametrize("M,r,rows", [(16, 64, "32"), (9, 64, "32"), (1, 128, "32"), (8, 64, "16"), (16, 16, "16"),
                                       (1, 16, "16")])
 def test_decode_takes_32_row_steps_where_only_they_stage_the_lora_term(M, r, rows, monkeypatch):
