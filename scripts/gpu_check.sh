@@ -9,10 +9,11 @@
 #                                   with device "cpu" (CI runs those): about half the tests
 #   scripts/gpu_check.sh --full --no-tests   build + full benchmark grid only
 #   LORA_FUSED_TESTS="tests/test_distributed.py" scripts/gpu_check.sh --no-bench   a subset of the tests
-#                                   (the whole --cuda-cases suite fits two calls: test_lora_ops.py,
-#                                   test_cuda_graphs.py and test_determinism.py took 54-69 s with
-#                                   LORA_FUSED_XDIST=15 on an H100, the other files 302 s in session 34
-#                                   and more than 420 s in session 35)
+#                                   (the whole --cuda-cases suite, LORA_FUSED_XDIST=15 on an H100:
+#                                   test_lora_ops.py, test_cuda_graphs.py and test_determinism.py took
+#                                   54-76 s; the other 16 files 302 s in session 34 and more than 420 s
+#                                   in session 35, of which test_nf4_linear.py's decode tests alone
+#                                   198 s in session 36: give test_nf4_linear.py a call of its own)
 #   LORA_FUSED_TEST_TIMEOUT=400 scripts/gpu_check.sh ...   stop the tests after 400 s with pytest's summary
 #                                   of what ran (session 35's group B, cut by an outer timeout at 98.6%,
 #                                   printed nothing)
