@@ -240,7 +240,7 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
       staged.lora_smem = true;
       a.lora_smem = cuda::nf4_gemv_blockaligned_fits(staged, t);
       // 16-row steps (weights under 2^25 elements) have no room for the staging at r = 32 with 10-16
-      // tokens, r = 64 with 9-16 or r = 128 at all (RESULTS.md, session 34); 32-row steps do, and the
+      // tokens, r = 64 with 9-16 or r >= 128 (scripts/nf4_decode_smem_layout.py); 32-row steps do, and the
       // term then costs less than read from global memory (the H100, session 36: 4096->4096, r = 64,
       // 16 tokens 19.1 -> 14.4 us; NF4 alone 10.5 and 10.6 us with 16- and 32-row steps).
       staged.two_rows = true;

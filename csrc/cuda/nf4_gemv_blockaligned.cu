@@ -350,7 +350,8 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   const bool loads_u = static_cast<int>(threadIdx.x) < mr;
   // A thread's elements of u threadIdx.x + p kThreads, p < u_parts, load together (one round trip):
   // all of u up to 64 ranks of the kernel's 8 NT tokens. One by one (args.u_together off) they cost
-  // a round trip each; at r = 64 with 16 tokens, 2-4 of them before the first strip (session 35).
+  // a round trip each (the H100, session 36, r = 64 with 16 tokens: 0.6-1.1 us of qlora_linear's
+  // 25-84, where the shrink's sums are read; nothing with u given).
   constexpr int kUParts = 8 * NT * 64 / kThreads > 1 ? 8 * NT * 64 / kThreads : 1;
   const int u_parts = args.u_together ? kUParts : 1;
   float u_part[kUParts][kLoraShrinkMaxSplits];
@@ -364,8 +365,8 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       prod.advance(args, windows, strip_stride, tw);
     }
   }
-  // u's first u_parts kThreads elements, the shrink kernel's partial sums only once that grid has completed
-  // (this kernel may have started before it): only the threads that load u wait, after the ring's
+  // u's first u_parts kThreads elements, the shrink kernel's partial sums only once that grid has
+  // completed (this kernel may have started before it): only the threads that load u wait, after the ring's
   // first copies, so that the weight's stream need not wait for the shrink. (Waiting before the
   // copies, u's loads first, measured the same on the H100 in session 25: within 0.2 us.)
   if (loads_u) {
