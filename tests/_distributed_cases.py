@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -34,10 +35,16 @@ def init(rank: int, world: int, port: int, backend: str) -> torch.device:
 
 
 def finish() -> None:
-    """Every rank reaches here before any tears the group down: a rank that exits while the other
-    still runs a collective aborts in gloo's teardown ("terminate called without an active exception")."""
+    """Every rank reaches here, with all its checks passed, before any tears the group down; then the
+    process leaves without interpreter finalization. FSDP2's meshes keep the gloo group alive past
+    destroy_process_group, and its worker threads, torn down during finalization, can abort the
+    process ("terminate called without an active exception", SIGABRT). CI saw that once in
+    test_fsdp2_bf16_mixed_precision_keeps_nf4_storage, with no Python traceback from either rank."""
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # exit code 0 is what mp.spawn checks; a failed assert above exits 1 with its traceback
 
 
 def build_model(device: torch.device, seed: int = 1234) -> nn.Sequential:
