@@ -9,9 +9,11 @@ shrink in blocks of 8 warps instead of 32 (LORA_FUSED_LORA_SHRINK_WARPS=8), and 
 nf4_linear with 32-row warp steps (LORA_FUSED_NF4_GEMV_ROWS=32; the default below 2^25 weights is 16,
 except where 16-row steps have no room for the LoRA staging, as at r = 64 with 16 tokens), qlora_linear
 with 16-row steps forced (LORA_FUSED_NF4_GEMV_ROWS=16: there the LoRA term read from global memory), and qlora_linear and u ready with u's
-elements staged one by one (LORA_FUSED_NF4_GEMV_U_TOGETHER=0). Ratios: / nf4.
+elements staged one by one (LORA_FUSED_NF4_GEMV_U_TOGETHER=0), and qlora_linear with the shrink inside
+the decode kernel, made by clusters of 1, 2, 4 or 8 blocks (LORA_FUSED_NF4_GEMV_CLUSTER). Ratios: / nf4.
 
     python scripts/bench_qlora_decode.py [--M 1,16] [--shapes 4096:11008,8192:28672] [--r 16] [--cold]
+                                         [--columns qlora,nf4,u ready,qlora cluster 4]
 
 CUDA-graph medians (triton.testing.do_bench_cudagraph); results are checked against float64 first.
 Replays of one layer keep an NF4 weight smaller than L2 there (4096->4096: 8 MiB); --cold times each
@@ -35,6 +37,7 @@ def main():
     ap.add_argument("--shapes", default="4096:4096,4096:11008,8192:28672")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--cold", action="store_true", help="rotate over copies of the layer that fill L2 three times")
+    ap.add_argument("--columns", default="", help="comma-separated columns to time (default: all)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     dt, r, s = torch.bfloat16, args.r, 2.0
@@ -77,20 +80,30 @@ def main():
                     "qlora 16 rows": ("qlora", {"LORA_FUSED_NF4_GEMV_ROWS": "16"}),
                     # u's elements staged one by one, a round trip each (before session 36)
                     "qlora u 1-by-1": ("qlora", {"LORA_FUSED_NF4_GEMV_U_TOGETHER": "0"}),
-                    "u ready 1-by-1": ("u ready", {"LORA_FUSED_NF4_GEMV_U_TOGETHER": "0"})}
+                    "u ready 1-by-1": ("u ready", {"LORA_FUSED_NF4_GEMV_U_TOGETHER": "0"}),
+                    # the shrink inside the decode kernel, clusters of 1 (every block makes all of u) to 8 blocks
+                    **{f"qlora cluster {c}": ("qlora", {"LORA_FUSED_NF4_GEMV_CLUSTER": str(c)}) for c in (1, 2, 4, 8)}}
             times = {}
             for name, (op, _) in envs.items():
                 fns[name] = fns[op]
                 refs[name] = refs[op]
+            wanted = [c.strip() for c in args.columns.split(",") if c.strip()]
+            unknown = sorted(set(wanted) - set(fns))
+            if unknown:
+                raise SystemExit(f"unknown columns {unknown}; known: {sorted(fns)}")
             for name, fn in fns.items():
+                if wanted and name not in wanted:
+                    continue
                 env = envs[name][1] if name in envs else {}
                 times[name] = checked_graph_us(fn, refs[name], env, name) / copies
                 row += f" | {name} {times[name]:6.1f} us"
-            row += f" | qlora/nf4 {times['qlora'] / times['nf4']:.3f}, with barriers {times['qlora barriers'] / times['nf4 barriers']:.3f}, u ready/nf4 {times['u ready'] / times['nf4']:.3f}"
-            row += f", with the 8-warp shrink {times['qlora 8-warp shrink'] / times['nf4']:.3f}"
-            row += f", with 32-row steps {times['qlora 32 rows'] / times['nf4']:.3f} (nf4 alone {times['nf4 32 rows'] / times['nf4']:.3f})"
-            row += f", with 16-row steps {times['qlora 16 rows'] / times['nf4']:.3f}"
-            row += f", u one by one {times['qlora u 1-by-1'] / times['nf4']:.3f} (u ready {times['u ready 1-by-1'] / times['nf4']:.3f})"
+            ratios = [("qlora/nf4", "qlora", "nf4"), ("with barriers", "qlora barriers", "nf4 barriers"),
+                      ("u ready/nf4", "u ready", "nf4"), ("with the 8-warp shrink", "qlora 8-warp shrink", "nf4"),
+                      ("with 32-row steps", "qlora 32 rows", "nf4"), ("nf4 alone with 32-row steps", "nf4 32 rows", "nf4"),
+                      ("with 16-row steps", "qlora 16 rows", "nf4"), ("u one by one", "qlora u 1-by-1", "nf4"),
+                      ("u ready one by one", "u ready 1-by-1", "nf4")]
+            ratios += [(f"cluster {c}", f"qlora cluster {c}", "nf4") for c in (1, 2, 4, 8)]
+            row += " | " + ", ".join(f"{label} {times[a] / times[b]:.3f}" for label, a, b in ratios if a in times and b in times)
             print(row, flush=True)
 
 

@@ -166,13 +166,19 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
                                          ({"ROWS": "32", "SLOTS": "5"}, "LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 .*got '5'"),
                                          ({"DEFER": "2"}, "LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 .*got '2'"),
                                          ({"SERPENTINE": "yes"}, "LORA_FUSED_NF4_GEMV_SERPENTINE must be 0 or 1 .*got 'yes'"),
-                                         ({"U_TOGETHER": "2"}, "LORA_FUSED_NF4_GEMV_U_TOGETHER must be 0 or 1 .*got '2'")])
+                                         ({"U_TOGETHER": "2"}, "LORA_FUSED_NF4_GEMV_U_TOGETHER must be 0 or 1 .*got '2'"),
+                                         ({"CLUSTER": "3"}, "LORA_FUSED_NF4_GEMV_CLUSTER must be 0, 1, 2, 4 or 8 .*got '3'")])
 def test_bad_decode_option_is_a_clear_error(env, message, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(f"LORA_FUSED_NF4_GEMV_{key}", value)
     packed, state = _weight(64, 256, "cuda")
+    x = randn(4, 256, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(RuntimeError, match=message):
-        lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
+        if "CLUSTER" in env:  # read where qlora_linear's decode makes u
+            a, b = randn(16, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 16, dtype=torch.bfloat16, device="cuda")
+            lora_fused.qlora_linear(x, packed, state, a, b, 0.5, training=False)
+        else:
+            lora_fused.nf4_linear(x, packed, state)
 
 
 @requires_cuda
@@ -270,6 +276,51 @@ def test_decode_u_loaded_together_is_bitwise_one_by_one(rows, M, r, source, monk
     want = run()
     assert not want.isnan().any()
     assert torch.equal(got, want), (got - want).abs().max()
+
+
+@requires_cuda
+@pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("rows", ["16", "32"])
+# K: 8 chunks of 32 columns (one a block with 8-block clusters), 72 (9 or 18 a block), 128; r = 8 (one
+# rank tile: 16 or 8 groups of chunks), 24 (3 tiles: some warps idle), 64, 128 (as many tiles as warps
+# or more); N not a multiple of a strip; tokens 1, 7, 9, 16.
+@pytest.mark.parametrize("M,N,K,r", [(1, 1031, 256, 8), (7, 520, 2304, 24), (9, 1031, 4096, 64), (16, 264, 2304, 128),
+                                     (16, 4104, 4096, 16), (1, 96, 4096, 128)])
+def test_decode_lora_shrink_inside_the_kernel(cluster, rows, M, N, K, r, monkeypatch):
+    # LORA_FUSED_NF4_GEMV_CLUSTER: u = s x A^T made inside the decode kernel by clusters of 1-8 blocks
+    # (each over its share of K, added in rank order through distributed shared memory) instead of
+    # the shrink kernel's partial sums. Against float64, deterministic, NaN-free over a poisoned
+    # allocator, and the same when replayed from a CUDA graph (a cluster launch captured).
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", rows)
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_CLUSTER", cluster)
+    packed, state = _weight(N, K, "cuda")
+    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
+    bias = randn(N, dtype=torch.bfloat16, device="cuda")
+    a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
+    b = randn(N, r, dtype=torch.bfloat16, device="cuda", scale=r**-0.5)
+
+    def run():
+        return lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias, training=False)
+
+    poison_allocator("cuda")
+    got = run()
+    w = nf4.dequantize(packed, state, torch.bfloat16)
+    same = x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()) + bias
+    assert_error_rule(got, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), same,
+                      f"decode, shrink in clusters of {cluster}, rows={rows} M={M} r={r} K={K}")
+    poison_allocator("cuda")
+    assert torch.equal(run(), got)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, got)
 
 
 @requires_cuda

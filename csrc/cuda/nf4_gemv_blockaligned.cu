@@ -32,10 +32,15 @@
 
 #include <array>
 #include <cstdlib>
+#include <limits>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "cuda/common.cuh"
+#include "cuda/lora_shrink_cluster.cuh"
 #include "cuda/mma_sm80.cuh"
 #include "cuda/nf4_decode.cuh"
 #include "cuda/nf4_gemv.cuh"
@@ -90,10 +95,12 @@ __device__ __forceinline__ uint32_t table_address(uint32_t w, uint32_t base_lo, 
 // under a saturated memory system a copy takes about as long as a strip's steps), and an mbarrier (8
 // bytes) per buffer. Two buffers, or four with a.defer_sums: strip n's rows are read by strip n + 1's
 // sums there, and strip n + 1's copy may then start while a slow warp still makes strip n - 2's sums.
+// With a.shrink_here, then the block's partial product of u [m][r] fp32, which its cluster reads.
 __host__ __device__ inline int lora_buffers(const GemvArgs& a) { return a.defer_sums ? 4 : 2; }
 template <int R>
 __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
-  return a.lora_smem ? static_cast<uint32_t>(4 * a.m * a.r + Tiling<R>::kTeams * lora_buffers(a) * (16 * R * 2 * lora_b_stride(a.r) + 8))
+  return a.lora_smem ? static_cast<uint32_t>((a.shrink_here ? 8 : 4) * a.m * a.r +
+                                             Tiling<R>::kTeams * lora_buffers(a) * (16 * R * 2 * lora_b_stride(a.r) + 8))
                      : 0u;
 }
 
@@ -302,7 +309,8 @@ __device__ __forceinline__ void deferred_sums(const GemvArgs& a, const float* re
   mbarrier_arrive(mbar_red + 16 + 8 * buf);
 }
 
-template <typename T, int NT, int R, bool kNested, int S>
+// kHere: args.shrink_here (its own instantiation, so that the other kernels keep their registers).
+template <typename T, int NT, int R, bool kNested, int S, bool kHere>
 __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
   constexpr int kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
   constexpr int kTile = tile_bytes<kNested>(), kSlot = R * kTile;
@@ -328,6 +336,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   const uint32_t b_bytes = 32 * R * lora_b_stride(args.r), b_off = layout.lora + 4 * args.m * args.r + team * nb * b_bytes;
   auto b_s = [&](int buf) { return reinterpret_cast<T*>(smem + b_off + buf * b_bytes); };  // arithmetic: no local array
   const uint32_t mbar0 = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * nb * b_bytes + 8 * nb * team);
+  float* part_s = reinterpret_cast<float*>(smem + layout.lora + 4 * args.m * args.r + kTeams * nb * (b_bytes + 8));
   if (threadIdx.x % kGemvThreads == 0) {
     if (args.lora_smem)
       for (int b = 0; b < nb; ++b) mbarrier_init(mbar0 + 8 * b, kGemvThreads);
@@ -346,7 +355,8 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   uint32_t dst[2];
   dst[0] = chunk_offset(lane >> 3, lane & 7);
   dst[1] = chunk_offset((lane >> 3) + 4, lane & 7) - 4 * kRowBytes;
-  const int mr = args.lora_smem ? args.m * args.r : 0;
+  // u from the shrink kernel's sums or given (else made here: shrink_here).
+  const int mr = args.lora_smem && !kHere ? args.m * args.r : 0;
   const bool loads_u = static_cast<int>(threadIdx.x) < mr;
   // A thread's elements of u threadIdx.x + p kThreads, p < u_parts, load together (one round trip):
   // all of u up to 64 ranks of the kernel's 8 NT tokens. One by one (args.u_together off) they cost
@@ -358,6 +368,10 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   const ScaleSource ss = scale_source<kNested>(args);
   Producer<R> prod;
   prod.start(args, first_strip, tw, 1);
+  // shrink_here: the warp's first batch of the shrink's loads, before the ring's copies.
+  // (Loads of 2 chunks a batch with 16-row steps, whose 128 registers hold the ring's addresses too.)
+  ClusterShrink<T, kThreads / 32, R == 1 ? 2 : 4> shrink(args);
+  if (kHere && shrink.active()) shrink.load(args);
   if (steps > 0) {
 #pragma unroll 1
     for (int s = 0; s < S - 1; ++s) {
@@ -396,6 +410,16 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       for (int it = 0; it < 256 / P; ++it)
         table[(b0 + P * it) * 64 + q] = __float_as_uint(__ldg(args.scales.nested_code + b0 + P * it));
     }
+  }
+  if (kHere) {
+    // The block's share of the shrink; its sums in the first team's reduction buffer (the host checked
+    // that they fit), which the strips use only after the __syncthreads below.
+    float* scratch = reinterpret_cast<float*>(smem + layout.red + 32);
+    if (shrink.active())
+      while (shrink.step(args, scratch)) {
+      }
+    __syncthreads();
+    cluster_shrink_finish<kThreads, kThreads / 32>(args, scratch, part_s, u_s);
   }
   // u into shared memory (its elements past the first u_parts kThreads loaded only now, r > 64).
   if (loads_u) {
@@ -558,19 +582,20 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
     deferred_sums<T, R, NT>(args, red + ((nth - 1) & 1) * kRedFloats, mbar_red, mbar0, u_s, b_s(0), b_bytes, nb, nth - 1,
                             first_strip + (nth - 1) * strip_stride, tid);
   cp_async_wait<0>();  // the steps issued past the team's last strip
+  if (kHere) cluster_wait();  // the cluster's reads of this block's part_s are done
 }
 
 // The kernel's dynamic shared memory for a; it starts after the reserved bytes (1 KiB on sm80-sm90)
 // and the kernel's static shared memory (none; cudaFuncGetAttributes may count the reserved bytes
 // in it, so both readings are sized for and the kernel checks its own).
-template <typename T, int NT, int R, bool kNested, int S>
+template <typename T, int NT, int R, bool kNested, int S, bool kHere>
 size_t smem_bytes(const GemvArgs& a) {
   using Tl = Tiling<R, S>;
   static const std::array<uint32_t, 2> offsets = [] {
     int reserved = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, at::cuda::current_device()));
     cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kHere>));
     return std::array<uint32_t, 2>{static_cast<uint32_t>(reserved), static_cast<uint32_t>(reserved + attr.sharedSizeBytes)};
   }();
   const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = red_bytes<R, NT>(a), lora = lora_smem_bytes<R>(a);
@@ -578,15 +603,70 @@ size_t smem_bytes(const GemvArgs& a) {
                   SmemLayout(offsets[1], Tl::kTeams, ring, red, lora).end);
 }
 
-template <typename T, int NT, int R, bool kNested, int S>
+// Clusters of a.cluster blocks of this configuration that can run at once (0: none, or a binary
+// without sm_90 code); a.cluster = 1 needs no cluster launch. Asked once per configuration, size and
+// shared memory.
+template <typename T, int NT, int R, bool kNested, int S, bool kHere>
+int active_clusters(const GemvArgs& a) {
+  if (a.cluster <= 1) return std::numeric_limits<int>::max();
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kHere>;
+  const size_t smem = smem_bytes<T, NT, R, kNested, S, kHere>(a);
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, size_t>, int> known;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(static_cast<int>(at::cuda::current_device()), a.cluster, smem);
+  const auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  int n = 0;
+  if (attr.binaryVersion >= 90) {
+    opt_in_dynamic_smem<kernel>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(a.cluster);
+    cfg.blockDim = dim3(Tiling<R, S>::kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr_c{};
+    attr_c.id = cudaLaunchAttributeClusterDimension;
+    attr_c.val.clusterDim.x = a.cluster;
+    attr_c.val.clusterDim.y = attr_c.val.clusterDim.z = 1;
+    cfg.attrs = &attr_c;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg));
+  }
+  known.emplace(key, n);
+  return n;
+}
+
+template <typename T, int NT, int R, bool kNested, int S, bool kHere>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
   using Tl = Tiling<R, S>;
-  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>;
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kHere>;
   // Opted in to the GPU's limit once, as the LoRA staging makes the size vary by call.
   opt_in_dynamic_smem<kernel>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const int64_t strips = ceil_div<int64_t>(a.n, 16 * R);
-  const int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, Tl::kTeams), sms));
-  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested, S>(a), stream, a);
+  int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, Tl::kTeams), sms));
+  const size_t smem = smem_bytes<T, NT, R, kNested, S, kHere>(a);
+  if (a.shrink_here && a.cluster > 1) {
+    // Whole clusters, no more than run at once (the grid is persistent over the strips).
+    const int c = a.cluster, most = active_clusters<T, NT, R, kNested, S, kHere>(a);
+    TORCH_CHECK(most > 0, "nf4_linear decode: no cluster of ", c, " blocks fits this GPU (nf4_gemv_blockaligned_cluster_runs checks first)");
+    grid = std::min(static_cast<int>(ceil_div(grid, c)), most) * c;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(Tl::kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = c;
+    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
+    return;
+  }
+  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem, stream, a);
 }
 
 // Row tiles per warp step: 2 from 2^25 weights up, 1 below (the H100 at ee198a6, 16 -> 32 rows: 8192
@@ -626,27 +706,31 @@ auto with_config(const GemvArgs& a, F&& f) {
   using I4 = std::integral_constant<int, 4>;
   const bool nested = a.scales.absmax == nullptr, two_rows = row_tiles(a) == 2;
   const bool three_slots = ring_slots() == 3;
-  auto by_nested = [&](auto nt, auto rows, auto s) {
-    return nested ? f(nt, rows, std::true_type{}, s) : f(nt, rows, std::false_type{}, s);
+  auto by_nested = [&](auto nt, auto rows, auto s, auto here) {
+    return nested ? f(nt, rows, std::true_type{}, s, here) : f(nt, rows, std::false_type{}, s, here);
   };
   auto by_rows = [&](auto nt) {
-    if (!two_rows) return by_nested(nt, I1{}, I4{});
-    return three_slots ? by_nested(nt, I2{}, I3{}) : by_nested(nt, I2{}, I2{});
+    // The in-kernel shrink is instantiated with the default ring slots only.
+    if (a.shrink_here) return two_rows ? by_nested(nt, I2{}, I2{}, std::true_type{}) : by_nested(nt, I1{}, I4{}, std::true_type{});
+    if (!two_rows) return by_nested(nt, I1{}, I4{}, std::false_type{});
+    return three_slots ? by_nested(nt, I2{}, I3{}, std::false_type{}) : by_nested(nt, I2{}, I2{}, std::false_type{});
   };
   return a.m <= 8 ? by_rows(I1{}) : by_rows(I2{});
 }
 
 template <typename T>
 size_t smem_bytes_for(const GemvArgs& a) {
-  return with_config(a, [&](auto nt, auto rows, auto nested, auto slots) {
-    return smem_bytes<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value>(a);
+  return with_config(a, [&](auto nt, auto rows, auto nested, auto slots, auto here) {
+    return smem_bytes<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value,
+                      decltype(here)::value>(a);
   });
 }
 
 template <typename T>
 void launch_for(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
-  with_config(a, [&](auto nt, auto rows, auto nested, auto slots) {
-    launch<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value>(a, stream, sms, pdl);
+  with_config(a, [&](auto nt, auto rows, auto nested, auto slots, auto here) {
+    launch<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value, decltype(here)::value>(
+        a, stream, sms, pdl);
   });
 }
 
@@ -655,6 +739,20 @@ void launch_for(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
 bool nf4_gemv_blockaligned_fits(const GemvArgs& a, at::ScalarType dtype) {
   const size_t need = dtype == at::kBFloat16 ? smem_bytes_for<at::BFloat16>(a) : smem_bytes_for<at::Half>(a);
   return need <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+}
+
+bool nf4_gemv_blockaligned_cluster_runs(const GemvArgs& a, at::ScalarType dtype) {
+  if (!a.shrink_here || a.r % 8 != 0 || a.r > 128 || !nf4_gemv_blockaligned_fits(a, dtype)) return false;
+  auto check = [&](auto type) {
+    using T = decltype(type);
+    return with_config(a, [&](auto nt, auto rows, auto nested, auto slots, auto here) {
+      constexpr int NT = decltype(nt)::value, R = decltype(rows)::value, S = decltype(slots)::value;
+      // The warps' sums wait in the first team's reduction buffer.
+      if (shrink_scratch_bytes(Tiling<R>::kWarps, a.m, a.r) > gemv_reduction_bytes<R, NT>()) return false;
+      return active_clusters<T, NT, R, decltype(nested)::value, S, decltype(here)::value>(a) > 0;
+    });
+  };
+  return dtype == at::kBFloat16 ? check(at::BFloat16{}) : check(at::Half{});
 }
 
 namespace {
@@ -689,6 +787,16 @@ bool nf4_gemv_serpentine() {
 // which loads those past a thread's first one by one, a round trip each, as before session 36).
 bool nf4_gemv_u_together() {
   return env_switch("LORA_FUSED_NF4_GEMV_U_TOGETHER", true, "whether the decode kernel loads a thread's elements of u together");
+}
+
+// Off by default: the separate shrink kernel stays the default until the H100 measures this one.
+int nf4_gemv_cluster() {
+  const char* v = std::getenv("LORA_FUSED_NF4_GEMV_CLUSTER");
+  if (v == nullptr || *v == '\0') return 0;
+  const std::string s(v);
+  TORCH_CHECK(s == "0" || s == "1" || s == "2" || s == "4" || s == "8",
+              "LORA_FUSED_NF4_GEMV_CLUSTER must be 0, 1, 2, 4 or 8 (blocks a cluster of the in-kernel LoRA shrink), got '", s, "'");
+  return s[0] - '0';
 }
 
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl) {
