@@ -272,3 +272,60 @@ def test_transformers_model_with_bnb_layers_keeps_its_state_dict():
             assert json.loads(bytes(after[k].tolist())) == json.loads(bytes(v.tolist())), k
         else:
             assert torch.equal(after[k].cpu(), v.cpu()), k
+
+
+# Small configs of the architectures users fine-tune with PEFT (dropout off: the comparison reruns the
+# model), and what patch() must fuse: every linear layer that PEFT's "all-linear" adapts (lm_head
+# excepted), two decoder layers each; GPT-2's Conv1D projections (weights stored transposed) are left
+# to PEFT and reported.
+_SMALL = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=32)
+_ARCHS = {
+    "llama": ("LlamaConfig", _SMALL, 14),
+    "mistral": ("MistralConfig", _SMALL, 14),
+    "qwen2": ("Qwen2Config", _SMALL, 14),  # q, k, v with bias
+    "qwen3": ("Qwen3Config", dict(_SMALL, head_dim=16), 14),
+    "gemma": ("GemmaConfig", dict(_SMALL, head_dim=16), 14),
+    "phi3": ("Phi3Config", dict(_SMALL, pad_token_id=0), 8),  # fused qkv_proj and gate_up_proj
+    "opt": ("OPTConfig", dict(vocab_size=64, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=32, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
+                              activation_dropout=0.0, layerdrop=0.0), 12),
+    "gpt2": ("GPT2Config", dict(vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
+                                embd_pdrop=0.0, attn_pdrop=0.0), 0),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", list(_ARCHS))
+def test_peft_all_linear_on_transformers_architectures(arch, device):
+    transformers = pytest.importorskip("transformers")
+    config_class, kwargs, fused = _ARCHS[arch]
+    config = getattr(transformers, config_class)(**kwargs)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(device)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 64, (2, 12), device=device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        y = model(input_ids=ids).logits
+        y.square().mean().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    y0, g0 = step()
+    report = lora_fused.patch(model)
+    assert len(report.patched) == fused, report
+    if fused == 0:  # GPT-2: every adapted layer is a Conv1D, left and reported
+        assert len(report.left) == 8 and all("Conv1D" in why for why in report.left.values()), report
+    else:
+        assert not report.left, report
+    y1, g1 = step()
+    assert rel_err(y1, y0) < 1e-5, rel_err(y1, y0)
+    assert g1.keys() == g0.keys() and any("lora_A" in n for n in g0)
+    for n in g0:
+        assert rel_err(g1[n], g0[n]) < 1e-4, (n, rel_err(g1[n], g0[n]))
+    assert len(lora_fused.unpatch(model)) == fused
+    torch.testing.assert_close(step()[0], y0)
