@@ -54,6 +54,28 @@ def test_peft_model_same_outputs_gradients_and_parameters(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("option", [dict(use_rslora=True), dict(rank_pattern={"v_proj": 8}, alpha_pattern={"v_proj": 32}),
+                                    dict(bias="all"), dict(bias="lora_only"), dict(init_lora_weights="gaussian"),
+                                    dict(lora_dropout=0.2)], ids=["rslora", "rank_pattern", "bias_all", "bias_lora_only",
+                                                                  "gaussian", "dropout_eval"])
+def test_peft_config_options_fuse_with_the_same_results(option, device):
+    # LoraConfig options that change the scaling, the rank per layer, which biases train, or the
+    # init: the fused layers read PEFT's own scaling and parameters. Dropout is compared in eval mode.
+    model = _peft_model(device, **option)
+    if "lora_dropout" in option:
+        model.eval()
+    x = torch.randn(5, 32, device=device)
+    y0, g0 = _step(model, x)
+    report = lora_fused.patch(model)
+    assert len(report.patched) == 2 and not report.left, report
+    y1, g1 = _step(model, x)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    assert g1.keys() == g0.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_optimizer_made_before_the_patch_trains_the_same_tensors(device):
     ref, fused = _peft_model(device), _peft_model(device)
     x = torch.randn(16, 32, device=device)
