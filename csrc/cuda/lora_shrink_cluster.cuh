@@ -88,7 +88,8 @@ struct ClusterShrink {
   uint4 xa[kBatch], xb[kBatch], av[kBatch];
   float c[4];
 
-  __device__ __forceinline__ explicit ClusterShrink(const GemvArgs& a) {
+  // Where the warp starts (a.r % 8 == 0, a.r > 0).
+  __device__ __forceinline__ void init(const GemvArgs& a) {
     tiles = a.r / 8;
     groups = shrink_groups(kW, a.r);
     lanes = groups * tiles;

@@ -95,11 +95,12 @@ __device__ __forceinline__ uint32_t table_address(uint32_t w, uint32_t base_lo, 
 // under a saturated memory system a copy takes about as long as a strip's steps), and an mbarrier (8
 // bytes) per buffer. Two buffers, or four with a.defer_sums: strip n's rows are read by strip n + 1's
 // sums there, and strip n + 1's copy may then start while a slow warp still makes strip n - 2's sums.
-// With a.shrink_here, then the block's partial product of u [m][r] fp32, which its cluster reads.
+// With the shrink in the kernel (kHere), then the block's partial product of u [m][r] fp32, which its
+// cluster reads.
 __host__ __device__ inline int lora_buffers(const GemvArgs& a) { return a.defer_sums ? 4 : 2; }
-template <int R>
+template <int R, bool kHere>
 __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
-  return a.lora_smem ? static_cast<uint32_t>((a.shrink_here ? 8 : 4) * a.m * a.r +
+  return a.lora_smem ? static_cast<uint32_t>((kHere ? 8 : 4) * a.m * a.r +
                                              Tiling<R>::kTeams * lora_buffers(a) * (16 * R * 2 * lora_b_stride(a.r) + 8))
                      : 0u;
 }
@@ -315,7 +316,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   constexpr int kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
   constexpr int kTile = tile_bytes<kNested>(), kSlot = R * kTile;
   extern __shared__ float4 smem_raw[];
-  const SmemLayout layout(smem_u32(smem_raw), kTeams, S * kSlot, red_bytes<R, NT>(args), lora_smem_bytes<R>(args));
+  const SmemLayout layout(smem_u32(smem_raw), kTeams, S * kSlot, red_bytes<R, NT>(args), lora_smem_bytes<R, kHere>(args));
   uint32_t smem_bytes;
   asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(smem_bytes));
   if (layout.end > smem_bytes) __trap();  // the host sized it for another base address
@@ -370,8 +371,11 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   prod.start(args, first_strip, tw, 1);
   // shrink_here: the warp's first batch of the shrink's loads, before the ring's copies.
   // (Loads of 2 chunks a batch with 16-row steps, whose 128 registers hold the ring's addresses too.)
-  ClusterShrink<T, kThreads / 32, R == 1 ? 2 : 4> shrink(args);
-  if (kHere && shrink.active()) shrink.load(args);
+  ClusterShrink<T, kThreads / 32, R == 1 ? 2 : 4> shrink;
+  if (kHere) {
+    shrink.init(args);
+    if (shrink.active()) shrink.load(args);
+  }
   if (steps > 0) {
 #pragma unroll 1
     for (int s = 0; s < S - 1; ++s) {
@@ -598,7 +602,7 @@ size_t smem_bytes(const GemvArgs& a) {
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kHere>));
     return std::array<uint32_t, 2>{static_cast<uint32_t>(reserved), static_cast<uint32_t>(reserved + attr.sharedSizeBytes)};
   }();
-  const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = red_bytes<R, NT>(a), lora = lora_smem_bytes<R>(a);
+  const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = red_bytes<R, NT>(a), lora = lora_smem_bytes<R, kHere>(a);
   return std::max(SmemLayout(offsets[0], Tl::kTeams, ring, red, lora).end,
                   SmemLayout(offsets[1], Tl::kTeams, ring, red, lora).end);
 }
