@@ -325,7 +325,9 @@ def test_peft_all_linear_on_transformers_architectures(arch, device):
     config = getattr(transformers, config_class)(**kwargs)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(device)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    # (GPT-2's Conv1D stores its weight transposed: PEFT wants fan_in_fan_out there.)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", fan_in_fan_out=arch == "gpt2")
+    model = peft.get_peft_model(model, lora)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p, std=0.1)
