@@ -7,7 +7,8 @@
 #   scripts/gpu_call_decode_cluster.sh        (about 8 minutes on an H100)
 set -u
 cd "$(dirname "$0")/.."
-set -u
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
 scripts/gpu_check.sh --prebuilt --no-tests --no-bench > $OUT/install.log 2>&1; echo "install rc $?"; tail -5 $OUT/install.log
 OUT=$OUT/cl LORA_FUSED_TESTS="tests/test_nf4_linear.py -k inside_the_kernel" LORA_FUSED_XDIST=15 LORA_FUSED_TEST_TIMEOUT=120 scripts/gpu_check.sh --no-build --no-bench --cuda-cases > /dev/null 2>&1; echo "cluster tests rc $?"
 tail -15 $OUT/cl/pytest.log
