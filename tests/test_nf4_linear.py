@@ -167,14 +167,15 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
                                          ({"DEFER": "2"}, "LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 .*got '2'"),
                                          ({"SERPENTINE": "yes"}, "LORA_FUSED_NF4_GEMV_SERPENTINE must be 0 or 1 .*got 'yes'"),
                                          ({"U_TOGETHER": "2"}, "LORA_FUSED_NF4_GEMV_U_TOGETHER must be 0 or 1 .*got '2'"),
-                                         ({"CLUSTER": "3"}, "LORA_FUSED_NF4_GEMV_CLUSTER must be 0, 1, 2, 4 or 8 .*got '3'")])
+                                         ({"CLUSTER": "3"}, "LORA_FUSED_NF4_GEMV_CLUSTER must be 0, 1, 2, 4 or 8 .*got '3'"),
+                                         ({"LATE_U": "on"}, "LORA_FUSED_NF4_GEMV_LATE_U must be 0 or 1 .*got 'on'")])
 def test_bad_decode_option_is_a_clear_error(env, message, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(f"LORA_FUSED_NF4_GEMV_{key}", value)
     packed, state = _weight(64, 256, "cuda")
     x = randn(4, 256, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(RuntimeError, match=message):
-        if "CLUSTER" in env:  # read where qlora_linear's decode makes u
+        if "CLUSTER" in env or "LATE_U" in env:  # read where qlora_linear's decode makes u
             a, b = randn(16, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 16, dtype=torch.bfloat16, device="cuda")
             lora_fused.qlora_linear(x, packed, state, a, b, 0.5, training=False)
         else:
@@ -321,6 +322,50 @@ def test_decode_lora_shrink_inside_the_kernel(cluster, rows, M, N, K, r, monkeyp
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(replayed, got)
+
+
+@requires_cuda
+@pytest.mark.parametrize("defer", ["1", "0"])
+@pytest.mark.parametrize("rows", ["16", "32"])
+# One strip a team or none (N = 40: most teams idle, their threads still write u), several strips a
+# team (N = 20488), ranks 8-128 (r = 128 with 16 tokens: two of u's elements a thread), tokens 1-16.
+@pytest.mark.parametrize("M,N,K,r", [(1, 40, 256, 16), (7, 20488, 512, 8), (16, 4104, 1024, 64), (16, 1032, 512, 128),
+                                     (1, 4096, 4096, 16)])
+def test_decode_late_u_is_bitwise_the_default(defer, rows, M, N, K, r, monkeypatch):
+    # LORA_FUSED_NF4_GEMV_LATE_U: the shrink kernel's sums read at the first strip sums instead of
+    # before the first strip; u, and so every sum, the same. Against float64 and bitwise the default,
+    # NaN-free over a poisoned allocator, and the same when replayed from a CUDA graph.
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", rows)
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_DEFER", defer)
+    packed, state = _weight(N, K, "cuda")
+    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
+    bias = randn(N, dtype=torch.bfloat16, device="cuda")
+    a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
+    b = randn(N, r, dtype=torch.bfloat16, device="cuda", scale=r**-0.5)
+
+    def op():
+        return lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias, training=False)
+
+    poison_allocator("cuda")
+    want = op()
+    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_LATE_U", "1")
+    poison_allocator("cuda")
+    got = op()
+    w = nf4.dequantize(packed, state, torch.bfloat16)
+    assert_error_rule(got, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()) + bias,
+                      f"decode, late u, rows={rows} defer={defer} M={M} r={r}")
+    assert torch.equal(got, want), (got - want).abs().max()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = op()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, want)
 
 
 @requires_cuda

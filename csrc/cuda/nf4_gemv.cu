@@ -267,6 +267,10 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
       cuda::lora_shrink_partials_launch(x.data_ptr(), k, a_lora.data_ptr(), parts.data_ptr<float>(), a.m, a.r, k, t, stream);
       a.lora_parts = parts.data_ptr<float>();
       pdl = cuda::pdl_enabled(props->major);
+      // Opt-in (LORA_FUSED_NF4_GEMV_LATE_U): the decode kernel waits for those sums only at its
+      // first strip sums, where its 8 more bytes of shared memory fit.
+      a.late_u = aligned && cuda::nf4_gemv_late_u();
+      if (a.late_u && !cuda::nf4_gemv_blockaligned_fits(a, t)) a.late_u = false;
     }
   } else if (lora) {
     u = lora_A.has_value() ? nf4_lora_u(x, *lora_A, lora_scale) : lora_u->contiguous();

@@ -90,18 +90,24 @@ __device__ __forceinline__ uint32_t table_address(uint32_t w, uint32_t base_lo, 
   return __byte_perm(w, base_lo, 0x7604u | (static_cast<uint32_t>(i) << 4));
 }
 
+// Where the kernel's u comes from (its template parameter kU): the shrink kernel's sums (or u given)
+// loaded before the first strip; made in the kernel by clusters (GemvArgs::shrink_here); the shrink
+// kernel's sums loaded before the first strip sums (GemvArgs::late_u).
+enum USource : int { kUBefore = 0, kUHere = 1, kULate = 2 };
+
 // Shared memory for the LoRA term when it is staged (a.lora_smem): u [m][r] fp32, lora_buffers(a)
 // buffers per team of a strip's lora_B rows [16R][lora_b_stride(r)] (the next strip's land while this one's are used:
 // under a saturated memory system a copy takes about as long as a strip's steps), and an mbarrier (8
 // bytes) per buffer. Two buffers, or four with a.defer_sums: strip n's rows are read by strip n + 1's
 // sums there, and strip n + 1's copy may then start while a slow warp still makes strip n - 2's sums.
-// With the shrink in the kernel (kHere), then the block's partial product of u [m][r] fp32, which its
-// cluster reads.
+// With the shrink in the kernel (kUHere), then the block's partial product of u [m][r] fp32, which its
+// cluster reads; with u read late (kULate), then the mbarrier of u's writes.
 __host__ __device__ inline int lora_buffers(const GemvArgs& a) { return a.defer_sums ? 4 : 2; }
-template <int R, bool kHere>
+template <int R, int kU>
 __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
-  return a.lora_smem ? static_cast<uint32_t>((kHere ? 8 : 4) * a.m * a.r +
-                                             Tiling<R>::kTeams * lora_buffers(a) * (16 * R * 2 * lora_b_stride(a.r) + 8))
+  return a.lora_smem ? static_cast<uint32_t>((kU == kUHere ? 8 : 4) * a.m * a.r +
+                                             Tiling<R>::kTeams * lora_buffers(a) * (16 * R * 2 * lora_b_stride(a.r) + 8) +
+                                             (kU == kULate ? 8 : 0))
                      : 0u;
 }
 
@@ -310,13 +316,15 @@ __device__ __forceinline__ void deferred_sums(const GemvArgs& a, const float* re
   mbarrier_arrive(mbar_red + 16 + 8 * buf);
 }
 
-// kHere: args.shrink_here (its own instantiation, so that the other kernels keep their registers).
-template <typename T, int NT, int R, bool kNested, int S, bool kHere>
+// kU: where u comes from (USource; each its own instantiation, so that the default kernels keep their
+// registers).
+template <typename T, int NT, int R, bool kNested, int S, int kU>
 __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
+  constexpr bool kHere = kU == kUHere, kLate = kU == kULate;
   constexpr int kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
   constexpr int kTile = tile_bytes<kNested>(), kSlot = R * kTile;
   extern __shared__ float4 smem_raw[];
-  const SmemLayout layout(smem_u32(smem_raw), kTeams, S * kSlot, red_bytes<R, NT>(args), lora_smem_bytes<R, kHere>(args));
+  const SmemLayout layout(smem_u32(smem_raw), kTeams, S * kSlot, red_bytes<R, NT>(args), lora_smem_bytes<R, kU>(args));
   uint32_t smem_bytes;
   asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(smem_bytes));
   if (layout.end > smem_bytes) __trap();  // the host sized it for another base address
@@ -338,11 +346,13 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   auto b_s = [&](int buf) { return reinterpret_cast<T*>(smem + b_off + buf * b_bytes); };  // arithmetic: no local array
   const uint32_t mbar0 = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * nb * b_bytes + 8 * nb * team);
   float* part_s = reinterpret_cast<float*>(smem + layout.lora + 4 * args.m * args.r + kTeams * nb * (b_bytes + 8));
+  const uint32_t mbar_u = smem_u32(part_s);  // kLate: the same place
   if (threadIdx.x % kGemvThreads == 0) {
     if (args.lora_smem)
       for (int b = 0; b < nb; ++b) mbarrier_init(mbar0 + 8 * b, kGemvThreads);
     if (args.defer_sums)
       for (int b = 0; b < 4; ++b) mbarrier_init(mbar_red + 8 * b, kGemvThreads);
+    if (kLate && threadIdx.x == 0) mbarrier_init(mbar_u, min(args.m * args.r, kThreads));
   }
 
   const int64_t strips = ceil_div<int64_t>(args.n, 16 * R), strip_stride = int64_t{kTeams} * gridDim.x;
@@ -387,7 +397,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   // completed (this kernel may have started before it): only the threads that load u wait, after the ring's
   // first copies, so that the weight's stream need not wait for the shrink. (Waiting before the
   // copies, u's loads first, measured the same on the H100 in session 25: within 0.2 us.)
-  if (loads_u) {
+  if (!kLate && loads_u) {
     if (args.lora_parts != nullptr) pdl_wait();
 #pragma unroll
     for (int p = 0; p < kUParts; ++p) {
@@ -426,18 +436,41 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
     cluster_shrink_finish<kThreads, kThreads / 32>(args, scratch, part_s, u_s);
   }
   // u into shared memory (its elements past the first u_parts kThreads loaded only now, r > 64).
-  if (loads_u) {
+  auto store_u = [&] {
+    if (loads_u) {
 #pragma unroll
-    for (int p = 0; p < kUParts; ++p) {
-      const int idx = threadIdx.x + p * kThreads;
-      if (p < u_parts && idx < mr) u_s[idx] = sum_u_parts(args, u_part[p]);
+      for (int p = 0; p < kUParts; ++p) {
+        const int idx = threadIdx.x + p * kThreads;
+        if (p < u_parts && idx < mr) u_s[idx] = sum_u_parts(args, u_part[p]);
+      }
     }
-  }
-  for (int idx = threadIdx.x + u_parts * kThreads; idx < mr; idx += kThreads) {
-    load_u_parts<T>(args, idx, u_part[0]);
-    u_s[idx] = sum_u_parts(args, u_part[0]);
-  }
+    for (int idx = threadIdx.x + u_parts * kThreads; idx < mr; idx += kThreads) {
+      load_u_parts<T>(args, idx, u_part[0]);
+      u_s[idx] = sum_u_parts(args, u_part[0]);
+    }
+  };
+  if (!kLate) store_u();
   __syncthreads();  // the table, u, the mbarriers' initialisation
+  // kLate: u's loads wait for the shrink grid only before the team's first strip sums, which need u,
+  // so that the first strip's steps overlap the shrink's completion instead of following it. Its
+  // writers arrive on mbar_u (release) and every thread waits for it (acquire) across the teams; no
+  // thread waits on another team before its own writes, so none can block a writer.
+  bool u_waited = !kLate;
+  auto wait_u = [&] {
+    if (u_waited) return;
+    u_waited = true;
+    if (loads_u) {
+      pdl_wait();
+#pragma unroll
+      for (int p = 0; p < kUParts; ++p) {
+        const int idx = threadIdx.x + p * kThreads;
+        if (p < u_parts && idx < mr) load_u_parts<T>(args, idx, u_part[p]);
+      }
+      store_u();
+      mbarrier_arrive(mbar_u);
+    }
+    mbarrier_wait_parity(mbar_u, 0);
+  };
 
   // x: token 8j + g, this lane's 16 columns of each piece; tokens past M read token 0 (their mma
   // columns are independent of the others and never stored).
@@ -573,15 +606,18 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       if (nth >= 2) mbarrier_wait_parity(mbar_red + 16 + 8 * buf, ((nth - 2) >> 1) & 1);
       gemv_strip_partials<R, NT>(red + buf * kRedFloats, acc, tid);
       mbarrier_arrive(mbar_red + 8 * buf);
+      if (nth >= 1) wait_u();
       if (nth >= 1) deferred_sums<T, R, NT>(args, red + (buf ^ 1) * kRedFloats, mbar_red, mbar0, u_s, b_s(0), b_bytes, nb,
                                             nth - 1, strip - strip_stride, tid);
     } else if (args.lora_smem) {
+      wait_u();
       mbarrier_wait_parity(mbar0 + 8 * (nth & 1), (nth >> 1) & 1);
       gemv_finish_strip<T, R, NT>(args, red, acc, strip * 16 * R, tid, 1 + team, u_s, b_s(nth & 1));
     } else {
       gemv_finish_strip<T, R, NT>(args, red, acc, strip * 16 * R, tid, 1 + team);
     }
   }
+  wait_u();  // the team's last strip's sums need u; a team without strips still writes its part
   if (args.defer_sums && nth >= 1)  // the team's last strip's sums
     deferred_sums<T, R, NT>(args, red + ((nth - 1) & 1) * kRedFloats, mbar_red, mbar0, u_s, b_s(0), b_bytes, nb, nth - 1,
                             first_strip + (nth - 1) * strip_stride, tid);
@@ -592,17 +628,17 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
 // The kernel's dynamic shared memory for a; it starts after the reserved bytes (1 KiB on sm80-sm90)
 // and the kernel's static shared memory (none; cudaFuncGetAttributes may count the reserved bytes
 // in it, so both readings are sized for and the kernel checks its own).
-template <typename T, int NT, int R, bool kNested, int S, bool kHere>
+template <typename T, int NT, int R, bool kNested, int S, int kU>
 size_t smem_bytes(const GemvArgs& a) {
   using Tl = Tiling<R, S>;
   static const std::array<uint32_t, 2> offsets = [] {
     int reserved = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, at::cuda::current_device()));
     cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kHere>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kU>));
     return std::array<uint32_t, 2>{static_cast<uint32_t>(reserved), static_cast<uint32_t>(reserved + attr.sharedSizeBytes)};
   }();
-  const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = red_bytes<R, NT>(a), lora = lora_smem_bytes<R, kHere>(a);
+  const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = red_bytes<R, NT>(a), lora = lora_smem_bytes<R, kU>(a);
   return std::max(SmemLayout(offsets[0], Tl::kTeams, ring, red, lora).end,
                   SmemLayout(offsets[1], Tl::kTeams, ring, red, lora).end);
 }
@@ -610,11 +646,11 @@ size_t smem_bytes(const GemvArgs& a) {
 // Clusters of a.cluster blocks of this configuration that can run at once (0: none, or a binary
 // without sm_90 code); a.cluster = 1 needs no cluster launch. Asked once per configuration, size and
 // shared memory.
-template <typename T, int NT, int R, bool kNested, int S, bool kHere>
+template <typename T, int NT, int R, bool kNested, int S, int kU>
 int active_clusters(const GemvArgs& a) {
   if (a.cluster <= 1) return std::numeric_limits<int>::max();
-  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kHere>;
-  const size_t smem = smem_bytes<T, NT, R, kNested, S, kHere>(a);
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kU>;
+  const size_t smem = smem_bytes<T, NT, R, kNested, S, kU>(a);
   static std::mutex mu;
   static std::map<std::tuple<int, int, size_t>, int> known;
   const std::lock_guard<std::mutex> lock(mu);
@@ -642,18 +678,18 @@ int active_clusters(const GemvArgs& a) {
   return n;
 }
 
-template <typename T, int NT, int R, bool kNested, int S, bool kHere>
+template <typename T, int NT, int R, bool kNested, int S, int kU>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
   using Tl = Tiling<R, S>;
-  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kHere>;
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kU>;
   // Opted in to the GPU's limit once, as the LoRA staging makes the size vary by call.
   opt_in_dynamic_smem<kernel>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const int64_t strips = ceil_div<int64_t>(a.n, 16 * R);
   int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, Tl::kTeams), sms));
-  const size_t smem = smem_bytes<T, NT, R, kNested, S, kHere>(a);
+  const size_t smem = smem_bytes<T, NT, R, kNested, S, kU>(a);
   if (a.shrink_here && a.cluster > 1) {
     // Whole clusters, no more than run at once (the grid is persistent over the strips).
-    const int c = a.cluster, most = active_clusters<T, NT, R, kNested, S, kHere>(a);
+    const int c = a.cluster, most = active_clusters<T, NT, R, kNested, S, kU>(a);
     TORCH_CHECK(most > 0, "nf4_linear decode: no cluster of ", c, " blocks fits this GPU (nf4_gemv_blockaligned_cluster_runs checks first)");
     grid = std::min(static_cast<int>(ceil_div(grid, c)), most) * c;
     cudaLaunchConfig_t cfg{};
@@ -713,11 +749,16 @@ auto with_config(const GemvArgs& a, F&& f) {
   auto by_nested = [&](auto nt, auto rows, auto s, auto here) {
     return nested ? f(nt, rows, std::true_type{}, s, here) : f(nt, rows, std::false_type{}, s, here);
   };
+  using Before = std::integral_constant<int, kUBefore>;
+  using Here = std::integral_constant<int, kUHere>;
+  using Late = std::integral_constant<int, kULate>;
   auto by_rows = [&](auto nt) {
-    // The in-kernel shrink is instantiated with the default ring slots only.
-    if (a.shrink_here) return two_rows ? by_nested(nt, I2{}, I2{}, std::true_type{}) : by_nested(nt, I1{}, I4{}, std::true_type{});
-    if (!two_rows) return by_nested(nt, I1{}, I4{}, std::false_type{});
-    return three_slots ? by_nested(nt, I2{}, I3{}, std::false_type{}) : by_nested(nt, I2{}, I2{}, std::false_type{});
+    // The in-kernel shrink and the late u are instantiated with the default ring slots only.
+    if (a.shrink_here) return two_rows ? by_nested(nt, I2{}, I2{}, Here{}) : by_nested(nt, I1{}, I4{}, Here{});
+    if (a.late_u && a.lora_parts != nullptr)
+      return two_rows ? by_nested(nt, I2{}, I2{}, Late{}) : by_nested(nt, I1{}, I4{}, Late{});
+    if (!two_rows) return by_nested(nt, I1{}, I4{}, Before{});
+    return three_slots ? by_nested(nt, I2{}, I3{}, Before{}) : by_nested(nt, I2{}, I2{}, Before{});
   };
   return a.m <= 8 ? by_rows(I1{}) : by_rows(I2{});
 }
@@ -801,6 +842,10 @@ int nf4_gemv_cluster() {
   TORCH_CHECK(s == "0" || s == "1" || s == "2" || s == "4" || s == "8",
               "LORA_FUSED_NF4_GEMV_CLUSTER must be 0, 1, 2, 4 or 8 (blocks a cluster of the in-kernel LoRA shrink), got '", s, "'");
   return s[0] - '0';
+}
+
+bool nf4_gemv_late_u() {
+  return env_switch("LORA_FUSED_NF4_GEMV_LATE_U", false, "whether the decode kernel waits for the shrink's sums only at its first strip sums");
 }
 
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl) {
