@@ -43,6 +43,37 @@ def _x(m, k, dtype, device, layout):
     return randn(m, k, dtype=dtype, device=device)
 
 
+def _qlora_decode_case(M, N, K, r):
+    """qlora_linear at inference on fresh CUDA inputs (bias, scaling 0.5), and its float64 and
+    same-dtype (bf16 PyTorch) references for assert_error_rule."""
+    packed, state = _weight(N, K, "cuda")
+    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
+    bias = randn(N, dtype=torch.bfloat16, device="cuda")
+    a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
+    b = randn(N, r, dtype=torch.bfloat16, device="cuda", scale=r**-0.5)
+
+    def op():
+        return lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias, training=False)
+
+    w = nf4.dequantize(packed, state, torch.bfloat16)
+    return op, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()) + bias
+
+
+def _graph_replay(op):
+    """op's output replayed from a CUDA graph (captured after a warm-up on a side stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = op()
+    graph.replay()
+    torch.cuda.synchronize()
+    return replayed
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,N,K", SHAPES)
@@ -294,34 +325,13 @@ def test_decode_lora_shrink_inside_the_kernel(cluster, rows, M, N, K, r, monkeyp
     # allocator, and the same when replayed from a CUDA graph (a cluster launch captured).
     monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", rows)
     monkeypatch.setenv("LORA_FUSED_NF4_GEMV_CLUSTER", cluster)
-    packed, state = _weight(N, K, "cuda")
-    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
-    bias = randn(N, dtype=torch.bfloat16, device="cuda")
-    a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
-    b = randn(N, r, dtype=torch.bfloat16, device="cuda", scale=r**-0.5)
-
-    def run():
-        return lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias, training=False)
-
+    run, want64, same = _qlora_decode_case(M, N, K, r)
     poison_allocator("cuda")
     got = run()
-    w = nf4.dequantize(packed, state, torch.bfloat16)
-    same = x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()) + bias
-    assert_error_rule(got, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), same,
-                      f"decode, shrink in clusters of {cluster}, rows={rows} M={M} r={r} K={K}")
+    assert_error_rule(got, want64, same, f"decode, shrink in clusters of {cluster}, rows={rows} M={M} r={r} K={K}")
     poison_allocator("cuda")
     assert torch.equal(run(), got)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = run()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(replayed, got)
+    assert torch.equal(_graph_replay(run), got)
 
 
 @requires_cuda
@@ -337,35 +347,15 @@ def test_decode_late_u_is_bitwise_the_default(defer, rows, M, N, K, r, monkeypat
     # NaN-free over a poisoned allocator, and the same when replayed from a CUDA graph.
     monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", rows)
     monkeypatch.setenv("LORA_FUSED_NF4_GEMV_DEFER", defer)
-    packed, state = _weight(N, K, "cuda")
-    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
-    bias = randn(N, dtype=torch.bfloat16, device="cuda")
-    a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
-    b = randn(N, r, dtype=torch.bfloat16, device="cuda", scale=r**-0.5)
-
-    def op():
-        return lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias, training=False)
-
+    op, want64, same = _qlora_decode_case(M, N, K, r)
     poison_allocator("cuda")
     want = op()
     monkeypatch.setenv("LORA_FUSED_NF4_GEMV_LATE_U", "1")
     poison_allocator("cuda")
     got = op()
-    w = nf4.dequantize(packed, state, torch.bfloat16)
-    assert_error_rule(got, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()) + bias,
-                      f"decode, late u, rows={rows} defer={defer} M={M} r={r}")
+    assert_error_rule(got, want64, same, f"decode, late u, rows={rows} defer={defer} M={M} r={r}")
     assert torch.equal(got, want), (got - want).abs().max()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        op()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = op()
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(replayed, want)
+    assert torch.equal(_graph_replay(op), want)
 
 
 @requires_cuda
