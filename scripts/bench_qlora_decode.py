@@ -9,12 +9,10 @@ shrink in blocks of 8 warps instead of 32 (LORA_FUSED_LORA_SHRINK_WARPS=8), and 
 nf4_linear with 32-row warp steps (LORA_FUSED_NF4_GEMV_ROWS=32; the default below 2^25 weights is 16,
 except where 16-row steps have no room for the LoRA staging, as at r = 64 with 16 tokens), qlora_linear
 with 16-row steps forced (LORA_FUSED_NF4_GEMV_ROWS=16: there the LoRA term read from global memory), and qlora_linear and u ready with u's
-elements staged one by one (LORA_FUSED_NF4_GEMV_U_TOGETHER=0), and qlora_linear with the shrink inside
-the decode kernel, made by clusters of 1, 2, 4 or 8 blocks (LORA_FUSED_NF4_GEMV_CLUSTER), and qlora_linear
-waiting for the shrink's sums only at its first strip sums (LORA_FUSED_NF4_GEMV_LATE_U=1). Ratios: / nf4.
+elements staged one by one (LORA_FUSED_NF4_GEMV_U_TOGETHER=0). Ratios: / nf4.
 
     python scripts/bench_qlora_decode.py [--M 1,16] [--shapes 4096:11008,8192:28672] [--r 16] [--cold]
-                                         [--columns qlora,nf4,u ready,qlora cluster 4]
+                                         [--columns "qlora,nf4,u ready"]
 
 CUDA-graph medians (triton.testing.do_bench_cudagraph); results are checked against float64 first.
 Replays of one layer keep an NF4 weight smaller than L2 there (4096->4096: 8 MiB); --cold times each
@@ -81,11 +79,7 @@ def main():
                     "qlora 16 rows": ("qlora", {"LORA_FUSED_NF4_GEMV_ROWS": "16"}),
                     # u's elements staged one by one, a round trip each (before session 36)
                     "qlora u 1-by-1": ("qlora", {"LORA_FUSED_NF4_GEMV_U_TOGETHER": "0"}),
-                    "u ready 1-by-1": ("u ready", {"LORA_FUSED_NF4_GEMV_U_TOGETHER": "0"}),
-                    # the shrink inside the decode kernel, clusters of 1 (every block makes all of u) to 8 blocks
-                    **{f"qlora cluster {c}": ("qlora", {"LORA_FUSED_NF4_GEMV_CLUSTER": str(c)}) for c in (1, 2, 4, 8)},
-                    # the shrink kernel's sums waited for only at the first strip sums
-                    "qlora late u": ("qlora", {"LORA_FUSED_NF4_GEMV_LATE_U": "1"})}
+                    "u ready 1-by-1": ("u ready", {"LORA_FUSED_NF4_GEMV_U_TOGETHER": "0"})}
             times = {}
             for name, (op, _) in envs.items():
                 fns[name] = fns[op]
@@ -105,7 +99,6 @@ def main():
                       ("with 32-row steps", "qlora 32 rows", "nf4"), ("nf4 alone with 32-row steps", "nf4 32 rows", "nf4"),
                       ("with 16-row steps", "qlora 16 rows", "nf4"), ("u one by one", "qlora u 1-by-1", "nf4"),
                       ("u ready one by one", "u ready 1-by-1", "nf4")]
-            ratios += [(f"cluster {c}", f"qlora cluster {c}", "nf4") for c in (1, 2, 4, 8)] + [("late u", "qlora late u", "nf4")]
             row += " | " + ", ".join(f"{label} {times[a] / times[b]:.3f}" for label, a, b in ratios if a in times and b in times)
             print(row, flush=True)
 

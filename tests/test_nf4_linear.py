@@ -43,37 +43,6 @@ def _x(m, k, dtype, device, layout):
     return randn(m, k, dtype=dtype, device=device)
 
 
-def _qlora_decode_case(M, N, K, r):
-    """qlora_linear at inference on fresh CUDA inputs (bias, scaling 0.5), and its float64 and
-    same-dtype (bf16 PyTorch) references for assert_error_rule."""
-    packed, state = _weight(N, K, "cuda")
-    x = randn(M, K, dtype=torch.bfloat16, device="cuda")
-    bias = randn(N, dtype=torch.bfloat16, device="cuda")
-    a = randn(r, K, dtype=torch.bfloat16, device="cuda", scale=K**-0.5)
-    b = randn(N, r, dtype=torch.bfloat16, device="cuda", scale=r**-0.5)
-
-    def op():
-        return lora_fused.qlora_linear(x, packed, state, a, b, 0.5, bias, training=False)
-
-    w = nf4.dequantize(packed, state, torch.bfloat16)
-    return op, reference.nf4_linear(x, packed, state, bias, a, b, 0.5), x @ w.t() + 0.5 * ((x @ a.t()) @ b.t()) + bias
-
-
-def _graph_replay(op):
-    """op's output replayed from a CUDA graph (captured after a warm-up on a side stream)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        op()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = op()
-    graph.replay()
-    torch.cuda.synchronize()
-    return replayed
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,N,K", SHAPES)
@@ -197,20 +166,13 @@ def test_decode_kernels(kernel, dtype, M, N, K, blocksize, double_quant, monkeyp
                                          ({"ROWS": "32", "SLOTS": "5"}, "LORA_FUSED_NF4_GEMV_SLOTS must be 2 or 3 .*got '5'"),
                                          ({"DEFER": "2"}, "LORA_FUSED_NF4_GEMV_DEFER must be 0 or 1 .*got '2'"),
                                          ({"SERPENTINE": "yes"}, "LORA_FUSED_NF4_GEMV_SERPENTINE must be 0 or 1 .*got 'yes'"),
-                                         ({"U_TOGETHER": "2"}, "LORA_FUSED_NF4_GEMV_U_TOGETHER must be 0 or 1 .*got '2'"),
-                                         ({"CLUSTER": "3"}, "LORA_FUSED_NF4_GEMV_CLUSTER must be 0, 1, 2, 4 or 8 .*got '3'"),
-                                         ({"LATE_U": "on"}, "LORA_FUSED_NF4_GEMV_LATE_U must be 0 or 1 .*got 'on'")])
+                                         ({"U_TOGETHER": "2"}, "LORA_FUSED_NF4_GEMV_U_TOGETHER must be 0 or 1 .*got '2'")])
 def test_bad_decode_option_is_a_clear_error(env, message, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(f"LORA_FUSED_NF4_GEMV_{key}", value)
     packed, state = _weight(64, 256, "cuda")
-    x = randn(4, 256, dtype=torch.bfloat16, device="cuda")
     with pytest.raises(RuntimeError, match=message):
-        if "CLUSTER" in env or "LATE_U" in env:  # read where qlora_linear's decode makes u
-            a, b = randn(16, 256, dtype=torch.bfloat16, device="cuda"), randn(64, 16, dtype=torch.bfloat16, device="cuda")
-            lora_fused.qlora_linear(x, packed, state, a, b, 0.5, training=False)
-        else:
-            lora_fused.nf4_linear(x, packed, state)
+        lora_fused.nf4_linear(randn(4, 256, dtype=torch.bfloat16, device="cuda"), packed, state)
 
 
 @requires_cuda
@@ -308,54 +270,6 @@ def test_decode_u_loaded_together_is_bitwise_one_by_one(rows, M, r, source, monk
     want = run()
     assert not want.isnan().any()
     assert torch.equal(got, want), (got - want).abs().max()
-
-
-@requires_cuda
-@pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
-@pytest.mark.parametrize("rows", ["16", "32"])
-# K: 8 chunks of 32 columns (one a block with 8-block clusters), 72 (9 or 18 a block), 128; r = 8 (one
-# rank tile: 16 or 8 groups of chunks), 24 (3 tiles: some warps idle), 64, 128 (as many tiles as warps
-# or more); N not a multiple of a strip; tokens 1, 7, 9, 16.
-@pytest.mark.parametrize("M,N,K,r", [(1, 1031, 256, 8), (7, 520, 2304, 24), (9, 1031, 4096, 64), (16, 264, 2304, 128),
-                                     (16, 4104, 4096, 16), (1, 96, 4096, 128)])
-def test_decode_lora_shrink_inside_the_kernel(cluster, rows, M, N, K, r, monkeypatch):
-    # LORA_FUSED_NF4_GEMV_CLUSTER: u = s x A^T made inside the decode kernel by clusters of 1-8 blocks
-    # (each over its share of K, added in rank order through distributed shared memory) instead of
-    # the shrink kernel's partial sums. Against float64, deterministic, NaN-free over a poisoned
-    # allocator, and the same when replayed from a CUDA graph (a cluster launch captured).
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", rows)
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_CLUSTER", cluster)
-    run, want64, same = _qlora_decode_case(M, N, K, r)
-    poison_allocator("cuda")
-    got = run()
-    assert_error_rule(got, want64, same, f"decode, shrink in clusters of {cluster}, rows={rows} M={M} r={r} K={K}")
-    poison_allocator("cuda")
-    assert torch.equal(run(), got)
-    assert torch.equal(_graph_replay(run), got)
-
-
-@requires_cuda
-@pytest.mark.parametrize("defer", ["1", "0"])
-@pytest.mark.parametrize("rows", ["16", "32"])
-# One strip a team or none (N = 40: most teams idle, their threads still write u), several strips a
-# team (N = 20488), ranks 8-128 (r = 128 with 16 tokens: two of u's elements a thread), tokens 1-16.
-@pytest.mark.parametrize("M,N,K,r", [(1, 40, 256, 16), (7, 20488, 512, 8), (16, 4104, 1024, 64), (16, 1032, 512, 128),
-                                     (1, 4096, 4096, 16)])
-def test_decode_late_u_is_bitwise_the_default(defer, rows, M, N, K, r, monkeypatch):
-    # LORA_FUSED_NF4_GEMV_LATE_U: the shrink kernel's sums read at the first strip sums instead of
-    # before the first strip; u, and so every sum, the same. Against float64 and bitwise the default,
-    # NaN-free over a poisoned allocator, and the same when replayed from a CUDA graph.
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_ROWS", rows)
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_DEFER", defer)
-    op, want64, same = _qlora_decode_case(M, N, K, r)
-    poison_allocator("cuda")
-    want = op()
-    monkeypatch.setenv("LORA_FUSED_NF4_GEMV_LATE_U", "1")
-    poison_allocator("cuda")
-    got = op()
-    assert_error_rule(got, want64, same, f"decode, late u, rows={rows} defer={defer} M={M} r={r}")
-    assert torch.equal(got, want), (got - want).abs().max()
-    assert torch.equal(_graph_replay(op), want)
 
 
 @requires_cuda

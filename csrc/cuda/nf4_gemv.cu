@@ -253,25 +253,12 @@ bool nf4_gemv_cuda(const at::Tensor& x_in, const Nf4Weight& w, const c10::option
     // overlap (sm_90), added and scaled by the decode kernel.
     a_lora = lora_A->contiguous();
     if (reinterpret_cast<uintptr_t>(a_lora.data_ptr()) % 16 != 0) a_lora = a_lora.clone();
+    a.lora_splits = cuda::lora_shrink_splits(k);
+    parts = at::empty({a.lora_splits, m, a.r}, x.options().dtype(at::kFloat));
+    cuda::lora_shrink_partials_launch(x.data_ptr(), k, a_lora.data_ptr(), parts.data_ptr<float>(), a.m, a.r, k, t, stream);
+    a.lora_parts = parts.data_ptr<float>();
     a.lora_scale = static_cast<float>(lora_scale);
-    // Opt-in (LORA_FUSED_NF4_GEMV_CLUSTER): the shrink inside the decode kernel, where it runs.
-    GemvArgs here = a;
-    here.cluster = cuda::nf4_gemv_cluster();
-    here.shrink_here = aligned && here.cluster > 0 && (here.cluster == 1 || props->major >= 9);
-    here.lora_A = a_lora.data_ptr();
-    if (here.shrink_here && cuda::nf4_gemv_blockaligned_cluster_runs(here, t)) {
-      a = here;
-    } else {
-      a.lora_splits = cuda::lora_shrink_splits(k);
-      parts = at::empty({a.lora_splits, m, a.r}, x.options().dtype(at::kFloat));
-      cuda::lora_shrink_partials_launch(x.data_ptr(), k, a_lora.data_ptr(), parts.data_ptr<float>(), a.m, a.r, k, t, stream);
-      a.lora_parts = parts.data_ptr<float>();
-      pdl = cuda::pdl_enabled(props->major);
-      // Opt-in (LORA_FUSED_NF4_GEMV_LATE_U): the decode kernel waits for those sums only at its
-      // first strip sums, where its 8 more bytes of shared memory fit.
-      a.late_u = aligned && cuda::nf4_gemv_late_u();
-      if (a.late_u && !cuda::nf4_gemv_blockaligned_fits(a, t)) a.late_u = false;
-    }
+    pdl = cuda::pdl_enabled(props->major);
   } else if (lora) {
     u = lora_A.has_value() ? nf4_lora_u(x, *lora_A, lora_scale) : lora_u->contiguous();
     a.lora_u = u.data_ptr();

@@ -49,15 +49,6 @@ struct GemvArgs {
   // Block-aligned kernel: 32-row warp steps below 2^25 weights too (where 16-row steps have no room
   // for the LoRA staging and 32-row steps do).
   bool two_rows;
-  // Block-aligned kernel with lora_smem, instead of lora_parts: u = lora_scale x @ lora_A^T made in the
-  // kernel by every cluster of `cluster` blocks, each over its share of K (lora_shrink_cluster.cuh;
-  // LORA_FUSED_NF4_GEMV_CLUSTER). lora_A [r, k] contiguous and 16-byte aligned, r % 8 == 0, r <= 128.
-  bool shrink_here;
-  int cluster;
-  const void* lora_A;
-  // Block-aligned kernel with lora_parts: u's sums read (and the shrink grid waited for) only before a
-  // team's first strip sums, not before its first strip (nf4_gemv_late_u).
-  bool late_u;
   void* out;  // [m, n]
 };
 
@@ -226,15 +217,6 @@ bool nf4_gemv_blockaligned_fits(const GemvArgs& a, at::ScalarType dtype);
 bool nf4_gemv_defer_sums();
 bool nf4_gemv_serpentine();
 bool nf4_gemv_u_together();
-// Clusters for the in-kernel LoRA shrink (GemvArgs::shrink_here): LORA_FUSED_NF4_GEMV_CLUSTER = 1, 2,
-// 4 or 8 blocks; 0 (unset) leaves the shrink to its own kernel.
-int nf4_gemv_cluster();
-// Whether the block-aligned kernel waits for the shrink's sums only at its first strip sums
-// (GemvArgs::late_u): LORA_FUSED_NF4_GEMV_LATE_U=1; off by default until the H100 measures it.
-bool nf4_gemv_late_u();
-// Whether a with shrink_here (and a.cluster) runs: r % 8 == 0 and r <= 128, its shared memory and the
-// warps' sums fit, and (a.cluster > 1) the binary has sm_90 code and such a cluster fits the GPU.
-bool nf4_gemv_blockaligned_cluster_runs(const GemvArgs& a, at::ScalarType dtype);
 // pdl: the kernel may start while the previous kernel in the stream (the shrink) still runs.
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl);
 

@@ -32,15 +32,10 @@
 
 #include <array>
 #include <cstdlib>
-#include <limits>
-#include <map>
-#include <mutex>
 #include <string>
-#include <tuple>
 #include <type_traits>
 
 #include "cuda/common.cuh"
-#include "cuda/lora_shrink_cluster.cuh"
 #include "cuda/mma_sm80.cuh"
 #include "cuda/nf4_decode.cuh"
 #include "cuda/nf4_gemv.cuh"
@@ -90,24 +85,15 @@ __device__ __forceinline__ uint32_t table_address(uint32_t w, uint32_t base_lo, 
   return __byte_perm(w, base_lo, 0x7604u | (static_cast<uint32_t>(i) << 4));
 }
 
-// Where the kernel's u comes from (its template parameter kU): the shrink kernel's sums (or u given)
-// loaded before the first strip; made in the kernel by clusters (GemvArgs::shrink_here); the shrink
-// kernel's sums loaded before the first strip sums (GemvArgs::late_u).
-enum USource : int { kUBefore = 0, kUHere = 1, kULate = 2 };
-
 // Shared memory for the LoRA term when it is staged (a.lora_smem): u [m][r] fp32, lora_buffers(a)
 // buffers per team of a strip's lora_B rows [16R][lora_b_stride(r)] (the next strip's land while this one's are used:
 // under a saturated memory system a copy takes about as long as a strip's steps), and an mbarrier (8
 // bytes) per buffer. Two buffers, or four with a.defer_sums: strip n's rows are read by strip n + 1's
 // sums there, and strip n + 1's copy may then start while a slow warp still makes strip n - 2's sums.
-// With the shrink in the kernel (kUHere), then the block's partial product of u [m][r] fp32, which its
-// cluster reads; with u read late (kULate), then the mbarrier of u's writes.
 __host__ __device__ inline int lora_buffers(const GemvArgs& a) { return a.defer_sums ? 4 : 2; }
-template <int R, int kU>
+template <int R>
 __host__ __device__ inline uint32_t lora_smem_bytes(const GemvArgs& a) {
-  return a.lora_smem ? static_cast<uint32_t>((kU == kUHere ? 8 : 4) * a.m * a.r +
-                                             Tiling<R>::kTeams * lora_buffers(a) * (16 * R * 2 * lora_b_stride(a.r) + 8) +
-                                             (kU == kULate ? 8 : 0))
+  return a.lora_smem ? static_cast<uint32_t>(4 * a.m * a.r + Tiling<R>::kTeams * lora_buffers(a) * (16 * R * 2 * lora_b_stride(a.r) + 8))
                      : 0u;
 }
 
@@ -316,15 +302,12 @@ __device__ __forceinline__ void deferred_sums(const GemvArgs& a, const float* re
   mbarrier_arrive(mbar_red + 16 + 8 * buf);
 }
 
-// kU: where u comes from (USource; each its own instantiation, so that the default kernels keep their
-// registers).
-template <typename T, int NT, int R, bool kNested, int S, int kU>
+template <typename T, int NT, int R, bool kNested, int S>
 __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_kernel(const GemvArgs args) {
-  constexpr bool kHere = kU == kUHere, kLate = kU == kULate;
   constexpr int kTeams = Tiling<R>::kTeams, kThreads = Tiling<R>::kThreads;
   constexpr int kTile = tile_bytes<kNested>(), kSlot = R * kTile;
   extern __shared__ float4 smem_raw[];
-  const SmemLayout layout(smem_u32(smem_raw), kTeams, S * kSlot, red_bytes<R, NT>(args), lora_smem_bytes<R, kU>(args));
+  const SmemLayout layout(smem_u32(smem_raw), kTeams, S * kSlot, red_bytes<R, NT>(args), lora_smem_bytes<R>(args));
   uint32_t smem_bytes;
   asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(smem_bytes));
   if (layout.end > smem_bytes) __trap();  // the host sized it for another base address
@@ -345,14 +328,11 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   const uint32_t b_bytes = 32 * R * lora_b_stride(args.r), b_off = layout.lora + 4 * args.m * args.r + team * nb * b_bytes;
   auto b_s = [&](int buf) { return reinterpret_cast<T*>(smem + b_off + buf * b_bytes); };  // arithmetic: no local array
   const uint32_t mbar0 = smem_u32(smem + layout.lora + 4 * args.m * args.r + kTeams * nb * b_bytes + 8 * nb * team);
-  float* part_s = reinterpret_cast<float*>(smem + layout.lora + 4 * args.m * args.r + kTeams * nb * (b_bytes + 8));
-  const uint32_t mbar_u = smem_u32(part_s);  // kLate: the same place
   if (threadIdx.x % kGemvThreads == 0) {
     if (args.lora_smem)
       for (int b = 0; b < nb; ++b) mbarrier_init(mbar0 + 8 * b, kGemvThreads);
     if (args.defer_sums)
       for (int b = 0; b < 4; ++b) mbarrier_init(mbar_red + 8 * b, kGemvThreads);
-    if (kLate && threadIdx.x == 0) mbarrier_init(mbar_u, min(args.m * args.r, kThreads));
   }
 
   const int64_t strips = ceil_div<int64_t>(args.n, 16 * R), strip_stride = int64_t{kTeams} * gridDim.x;
@@ -366,8 +346,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   uint32_t dst[2];
   dst[0] = chunk_offset(lane >> 3, lane & 7);
   dst[1] = chunk_offset((lane >> 3) + 4, lane & 7) - 4 * kRowBytes;
-  // u from the shrink kernel's sums or given (else made here: shrink_here).
-  const int mr = args.lora_smem && !kHere ? args.m * args.r : 0;
+  const int mr = args.lora_smem ? args.m * args.r : 0;
   const bool loads_u = static_cast<int>(threadIdx.x) < mr;
   // A thread's elements of u threadIdx.x + p kThreads, p < u_parts, load together (one round trip):
   // all of u up to 64 ranks of the kernel's 8 NT tokens. One by one (args.u_together off) they cost
@@ -379,13 +358,6 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   const ScaleSource ss = scale_source<kNested>(args);
   Producer<R> prod;
   prod.start(args, first_strip, tw, 1);
-  // shrink_here: the warp's first batch of the shrink's loads, before the ring's copies.
-  // (Loads of 2 chunks a batch with 16-row steps, whose 128 registers hold the ring's addresses too.)
-  ClusterShrink<T, kThreads / 32, R == 1 ? 2 : 4> shrink;
-  if (kHere) {
-    shrink.init(args);
-    if (shrink.active()) shrink.load(args);
-  }
   if (steps > 0) {
 #pragma unroll 1
     for (int s = 0; s < S - 1; ++s) {
@@ -397,7 +369,7 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
   // completed (this kernel may have started before it): only the threads that load u wait, after the ring's
   // first copies, so that the weight's stream need not wait for the shrink. (Waiting before the
   // copies, u's loads first, measured the same on the H100 in session 25: within 0.2 us.)
-  if (!kLate && loads_u) {
+  if (loads_u) {
     if (args.lora_parts != nullptr) pdl_wait();
 #pragma unroll
     for (int p = 0; p < kUParts; ++p) {
@@ -425,52 +397,19 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
         table[(b0 + P * it) * 64 + q] = __float_as_uint(__ldg(args.scales.nested_code + b0 + P * it));
     }
   }
-  if (kHere) {
-    // The block's share of the shrink; its sums in the first team's reduction buffer (the host checked
-    // that they fit), which the strips use only after the __syncthreads below.
-    float* scratch = reinterpret_cast<float*>(smem + layout.red + 32);
-    if (shrink.active())
-      while (shrink.step(args, scratch)) {
-      }
-    __syncthreads();
-    cluster_shrink_finish<kThreads, kThreads / 32>(args, scratch, part_s, u_s);
-  }
   // u into shared memory (its elements past the first u_parts kThreads loaded only now, r > 64).
-  auto store_u = [&] {
-    if (loads_u) {
+  if (loads_u) {
 #pragma unroll
-      for (int p = 0; p < kUParts; ++p) {
-        const int idx = threadIdx.x + p * kThreads;
-        if (p < u_parts && idx < mr) u_s[idx] = sum_u_parts(args, u_part[p]);
-      }
+    for (int p = 0; p < kUParts; ++p) {
+      const int idx = threadIdx.x + p * kThreads;
+      if (p < u_parts && idx < mr) u_s[idx] = sum_u_parts(args, u_part[p]);
     }
-    for (int idx = threadIdx.x + u_parts * kThreads; idx < mr; idx += kThreads) {
-      load_u_parts<T>(args, idx, u_part[0]);
-      u_s[idx] = sum_u_parts(args, u_part[0]);
-    }
-  };
-  if (!kLate) store_u();
+  }
+  for (int idx = threadIdx.x + u_parts * kThreads; idx < mr; idx += kThreads) {
+    load_u_parts<T>(args, idx, u_part[0]);
+    u_s[idx] = sum_u_parts(args, u_part[0]);
+  }
   __syncthreads();  // the table, u, the mbarriers' initialisation
-  // kLate: u's loads wait for the shrink grid only before the team's first strip sums, which need u,
-  // so that the first strip's steps overlap the shrink's completion instead of following it. Its
-  // writers arrive on mbar_u (release) and every thread waits for it (acquire) across the teams; no
-  // thread waits on another team before its own writes, so none can block a writer.
-  bool u_waited = !kLate;
-  auto wait_u = [&] {
-    if (u_waited) return;
-    u_waited = true;
-    if (loads_u) {
-      pdl_wait();
-#pragma unroll
-      for (int p = 0; p < kUParts; ++p) {
-        const int idx = threadIdx.x + p * kThreads;
-        if (p < u_parts && idx < mr) load_u_parts<T>(args, idx, u_part[p]);
-      }
-      store_u();
-      mbarrier_arrive(mbar_u);
-    }
-    mbarrier_wait_parity(mbar_u, 0);
-  };
 
   // x: token 8j + g, this lane's 16 columns of each piece; tokens past M read token 0 (their mma
   // columns are independent of the others and never stored).
@@ -606,107 +545,48 @@ __global__ void __launch_bounds__(Tiling<R>::kThreads, 1) nf4_gemv_blockaligned_
       if (nth >= 2) mbarrier_wait_parity(mbar_red + 16 + 8 * buf, ((nth - 2) >> 1) & 1);
       gemv_strip_partials<R, NT>(red + buf * kRedFloats, acc, tid);
       mbarrier_arrive(mbar_red + 8 * buf);
-      if (nth >= 1) wait_u();
       if (nth >= 1) deferred_sums<T, R, NT>(args, red + (buf ^ 1) * kRedFloats, mbar_red, mbar0, u_s, b_s(0), b_bytes, nb,
                                             nth - 1, strip - strip_stride, tid);
     } else if (args.lora_smem) {
-      wait_u();
       mbarrier_wait_parity(mbar0 + 8 * (nth & 1), (nth >> 1) & 1);
       gemv_finish_strip<T, R, NT>(args, red, acc, strip * 16 * R, tid, 1 + team, u_s, b_s(nth & 1));
     } else {
       gemv_finish_strip<T, R, NT>(args, red, acc, strip * 16 * R, tid, 1 + team);
     }
   }
-  wait_u();  // the team's last strip's sums need u; a team without strips still writes its part
   if (args.defer_sums && nth >= 1)  // the team's last strip's sums
     deferred_sums<T, R, NT>(args, red + ((nth - 1) & 1) * kRedFloats, mbar_red, mbar0, u_s, b_s(0), b_bytes, nb, nth - 1,
                             first_strip + (nth - 1) * strip_stride, tid);
   cp_async_wait<0>();  // the steps issued past the team's last strip
-  if (kHere) cluster_wait();  // the cluster's reads of this block's part_s are done
 }
 
 // The kernel's dynamic shared memory for a; it starts after the reserved bytes (1 KiB on sm80-sm90)
 // and the kernel's static shared memory (none; cudaFuncGetAttributes may count the reserved bytes
 // in it, so both readings are sized for and the kernel checks its own).
-template <typename T, int NT, int R, bool kNested, int S, int kU>
+template <typename T, int NT, int R, bool kNested, int S>
 size_t smem_bytes(const GemvArgs& a) {
   using Tl = Tiling<R, S>;
   static const std::array<uint32_t, 2> offsets = [] {
     int reserved = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, at::cuda::current_device()));
     cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kU>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>));
     return std::array<uint32_t, 2>{static_cast<uint32_t>(reserved), static_cast<uint32_t>(reserved + attr.sharedSizeBytes)};
   }();
-  const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = red_bytes<R, NT>(a), lora = lora_smem_bytes<R, kU>(a);
+  const uint32_t ring = Tl::kSlots * R * tile_bytes<kNested>(), red = red_bytes<R, NT>(a), lora = lora_smem_bytes<R>(a);
   return std::max(SmemLayout(offsets[0], Tl::kTeams, ring, red, lora).end,
                   SmemLayout(offsets[1], Tl::kTeams, ring, red, lora).end);
 }
 
-// Clusters of a.cluster blocks of this configuration that can run at once (0: none, or a binary
-// without sm_90 code); a.cluster = 1 needs no cluster launch. Asked once per configuration, size and
-// shared memory.
-template <typename T, int NT, int R, bool kNested, int S, int kU>
-int active_clusters(const GemvArgs& a) {
-  if (a.cluster <= 1) return std::numeric_limits<int>::max();
-  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kU>;
-  const size_t smem = smem_bytes<T, NT, R, kNested, S, kU>(a);
-  static std::mutex mu;
-  static std::map<std::tuple<int, int, size_t>, int> known;
-  const std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(static_cast<int>(at::cuda::current_device()), a.cluster, smem);
-  const auto it = known.find(key);
-  if (it != known.end()) return it->second;
-  cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  int n = 0;
-  if (attr.binaryVersion >= 90) {
-    opt_in_dynamic_smem<kernel>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(a.cluster);
-    cfg.blockDim = dim3(Tiling<R, S>::kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr_c{};
-    attr_c.id = cudaLaunchAttributeClusterDimension;
-    attr_c.val.clusterDim.x = a.cluster;
-    attr_c.val.clusterDim.y = attr_c.val.clusterDim.z = 1;
-    cfg.attrs = &attr_c;
-    cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg));
-  }
-  known.emplace(key, n);
-  return n;
-}
-
-template <typename T, int NT, int R, bool kNested, int S, int kU>
+template <typename T, int NT, int R, bool kNested, int S>
 void launch(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
   using Tl = Tiling<R, S>;
-  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S, kU>;
+  constexpr auto kernel = nf4_gemv_blockaligned_kernel<T, NT, R, kNested, S>;
   // Opted in to the GPU's limit once, as the LoRA staging makes the size vary by call.
   opt_in_dynamic_smem<kernel>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const int64_t strips = ceil_div<int64_t>(a.n, 16 * R);
-  int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, Tl::kTeams), sms));
-  const size_t smem = smem_bytes<T, NT, R, kNested, S, kU>(a);
-  if (a.shrink_here && a.cluster > 1) {
-    // Whole clusters, no more than run at once (the grid is persistent over the strips).
-    const int c = a.cluster, most = active_clusters<T, NT, R, kNested, S, kU>(a);
-    TORCH_CHECK(most > 0, "nf4_linear decode: no cluster of ", c, " blocks fits this GPU (nf4_gemv_blockaligned_cluster_runs checks first)");
-    grid = std::min(static_cast<int>(ceil_div(grid, c)), most) * c;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(Tl::kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = c;
-    attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
-    return;
-  }
-  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem, stream, a);
+  const int grid = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(strips, Tl::kTeams), sms));
+  launch_maybe_pdl(pdl, kernel, dim3(grid), dim3(Tl::kThreads), smem_bytes<T, NT, R, kNested, S>(a), stream, a);
 }
 
 // Row tiles per warp step: 2 from 2^25 weights up, 1 below (the H100 at ee198a6, 16 -> 32 rows: 8192
@@ -746,36 +626,27 @@ auto with_config(const GemvArgs& a, F&& f) {
   using I4 = std::integral_constant<int, 4>;
   const bool nested = a.scales.absmax == nullptr, two_rows = row_tiles(a) == 2;
   const bool three_slots = ring_slots() == 3;
-  auto by_nested = [&](auto nt, auto rows, auto s, auto here) {
-    return nested ? f(nt, rows, std::true_type{}, s, here) : f(nt, rows, std::false_type{}, s, here);
+  auto by_nested = [&](auto nt, auto rows, auto s) {
+    return nested ? f(nt, rows, std::true_type{}, s) : f(nt, rows, std::false_type{}, s);
   };
-  using Before = std::integral_constant<int, kUBefore>;
-  using Here = std::integral_constant<int, kUHere>;
-  using Late = std::integral_constant<int, kULate>;
   auto by_rows = [&](auto nt) {
-    // The in-kernel shrink and the late u are instantiated with the default ring slots only.
-    if (a.shrink_here) return two_rows ? by_nested(nt, I2{}, I2{}, Here{}) : by_nested(nt, I1{}, I4{}, Here{});
-    if (a.late_u && a.lora_parts != nullptr)
-      return two_rows ? by_nested(nt, I2{}, I2{}, Late{}) : by_nested(nt, I1{}, I4{}, Late{});
-    if (!two_rows) return by_nested(nt, I1{}, I4{}, Before{});
-    return three_slots ? by_nested(nt, I2{}, I3{}, Before{}) : by_nested(nt, I2{}, I2{}, Before{});
+    if (!two_rows) return by_nested(nt, I1{}, I4{});
+    return three_slots ? by_nested(nt, I2{}, I3{}) : by_nested(nt, I2{}, I2{});
   };
   return a.m <= 8 ? by_rows(I1{}) : by_rows(I2{});
 }
 
 template <typename T>
 size_t smem_bytes_for(const GemvArgs& a) {
-  return with_config(a, [&](auto nt, auto rows, auto nested, auto slots, auto here) {
-    return smem_bytes<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value,
-                      decltype(here)::value>(a);
+  return with_config(a, [&](auto nt, auto rows, auto nested, auto slots) {
+    return smem_bytes<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value>(a);
   });
 }
 
 template <typename T>
 void launch_for(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
-  with_config(a, [&](auto nt, auto rows, auto nested, auto slots, auto here) {
-    launch<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value, decltype(here)::value>(
-        a, stream, sms, pdl);
+  with_config(a, [&](auto nt, auto rows, auto nested, auto slots) {
+    launch<T, decltype(nt)::value, decltype(rows)::value, decltype(nested)::value, decltype(slots)::value>(a, stream, sms, pdl);
   });
 }
 
@@ -784,20 +655,6 @@ void launch_for(const GemvArgs& a, cudaStream_t stream, int sms, bool pdl) {
 bool nf4_gemv_blockaligned_fits(const GemvArgs& a, at::ScalarType dtype) {
   const size_t need = dtype == at::kBFloat16 ? smem_bytes_for<at::BFloat16>(a) : smem_bytes_for<at::Half>(a);
   return need <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-}
-
-bool nf4_gemv_blockaligned_cluster_runs(const GemvArgs& a, at::ScalarType dtype) {
-  if (!a.shrink_here || a.r % 8 != 0 || a.r > 128 || !nf4_gemv_blockaligned_fits(a, dtype)) return false;
-  auto check = [&](auto type) {
-    using T = decltype(type);
-    return with_config(a, [&](auto nt, auto rows, auto nested, auto slots, auto here) {
-      constexpr int NT = decltype(nt)::value, R = decltype(rows)::value, S = decltype(slots)::value;
-      // The warps' sums wait in the first team's reduction buffer.
-      if (shrink_scratch_bytes(Tiling<R>::kWarps, a.m, a.r) > gemv_reduction_bytes<R, NT>()) return false;
-      return active_clusters<T, NT, R, decltype(nested)::value, S, decltype(here)::value>(a) > 0;
-    });
-  };
-  return dtype == at::kBFloat16 ? check(at::BFloat16{}) : check(at::Half{});
 }
 
 namespace {
@@ -832,20 +689,6 @@ bool nf4_gemv_serpentine() {
 // which loads those past a thread's first one by one, a round trip each, as before session 36).
 bool nf4_gemv_u_together() {
   return env_switch("LORA_FUSED_NF4_GEMV_U_TOGETHER", true, "whether the decode kernel loads a thread's elements of u together");
-}
-
-// Off by default: the separate shrink kernel stays the default until the H100 measures this one.
-int nf4_gemv_cluster() {
-  const char* v = std::getenv("LORA_FUSED_NF4_GEMV_CLUSTER");
-  if (v == nullptr || *v == '\0') return 0;
-  const std::string s(v);
-  TORCH_CHECK(s == "0" || s == "1" || s == "2" || s == "4" || s == "8",
-              "LORA_FUSED_NF4_GEMV_CLUSTER must be 0, 1, 2, 4 or 8 (blocks a cluster of the in-kernel LoRA shrink), got '", s, "'");
-  return s[0] - '0';
-}
-
-bool nf4_gemv_late_u() {
-  return env_switch("LORA_FUSED_NF4_GEMV_LATE_U", false, "whether the decode kernel waits for the shrink's sums only at its first strip sums");
 }
 
 void nf4_gemv_blockaligned_launch(const GemvArgs& a, at::ScalarType dtype, cudaStream_t stream, int sms, bool pdl) {
